@@ -1,0 +1,1 @@
+"""curvprune's own plugins, registered through the same hooks as installed plugins."""

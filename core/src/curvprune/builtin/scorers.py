@@ -1,0 +1,169 @@
+"""Builtin saliency scorers: ``magnitude`` and ``obs`` (Optimal Brain Surgeon over any estimator).
+
+OBS (Hassibi & Stork, 1993), in the form WoodFisher (Singh & Alistarh, 2020, Eq. 4-5) and M-FAC
+(Frantar et al., 2021) use it: with the local quadratic model L(w + δw) ≈ L(w) + ½ δwᵀFδw around
+a trained point,
+
+* the saliency of weight q is ρ_q = w_q² / (2 [F⁻¹]_qq), the loss increase of removing q alone
+  after the optimal compensation;
+* the compensation for a removed set P is δw = −F⁻¹u with u_q = w_q / [F⁻¹]_qq on P and 0
+  elsewhere: the sum of the single-weight updates, one inverse-Hessian-vector product, so it works
+  for unblocked low-rank estimators (M-FAC) as well as for blocks;
+* with ``joint = true``, the exact update for removing the whole set at once,
+  δw = −F⁻¹ E_P ([F⁻¹]_PP)⁻¹ w_P, solved per block (P restricted to a block), with predicted loss
+  increase ½ w_Pᵀ ([F⁻¹]_PP)⁻¹ w_P (WoodFisher, Appendix on pruning multiple weights).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+from torch import Tensor
+
+from curvprune.errors import ConfigError
+from curvprune.interfaces import PruneContext, SaliencyScorer
+from curvprune.plugins import hookimpl
+from curvprune.registry import Register
+
+__all__ = ["MagnitudeConfig", "MagnitudeScorer", "OBSConfig", "OBSScorer"]
+
+
+@attrs.frozen(kw_only=True)
+class MagnitudeConfig:
+    """Options of the ``magnitude`` scorer.
+
+    Attributes:
+        granularity: ``weight`` (score |w|) or ``channel`` (norm of each output channel).
+        norm: ``l1`` or ``l2``, the channel norm (ignored for weights).
+    """
+
+    granularity: Literal["weight", "channel"] = "weight"
+    norm: Literal["l1", "l2"] = "l2"
+
+
+class MagnitudeScorer(SaliencyScorer):
+    """Magnitude pruning: the smallest |w| (or channel norm) goes first. No data needed."""
+
+    def __init__(self, config: MagnitudeConfig | None = None) -> None:
+        super().__init__(config or MagnitudeConfig())
+        self.granularity = self.config.granularity
+
+    def score(self, ctx: PruneContext) -> Tensor:
+        """|w| per weight ``[d]``, or the L1/L2 norm per output channel ``[n_channels]``."""
+        w = ctx.weights * ctx.mask
+        if self.granularity == "weight":
+            return w.abs()
+        channel = ctx.layout.channel_index(w.device)
+        n_channels = sum(ctx.layout.channels)
+        values = w.abs() if self.config.norm == "l1" else w.square()
+        out = torch.zeros(n_channels, device=w.device, dtype=w.dtype)
+        out.index_add_(0, channel, values)
+        return out if self.config.norm == "l1" else out.sqrt()
+
+
+@attrs.frozen(kw_only=True)
+class OBSConfig:
+    """Options of the ``obs`` scorer.
+
+    Attributes:
+        update: apply the compensating weight update (false: rank by OBS saliency only).
+        joint: solve the exact multi-weight update within each block instead of summing
+            single-weight updates (needs a blocked estimator).
+        max_joint_group: the largest number of weights pruned in one block that the joint solve
+            accepts (its cost is that cubed, per block).
+    """
+
+    update: bool = True
+    joint: bool = False
+    max_joint_group: int = attrs.field(default=2048, validator=attrs.validators.ge(1))
+
+
+class OBSScorer(SaliencyScorer):
+    """Optimal Brain Surgeon saliency and compensation over any curvature estimator."""
+
+    needs_curvature = True
+
+    def __init__(self, config: OBSConfig | None = None) -> None:
+        super().__init__(config or OBSConfig())
+        self._diag: Tensor | None = None
+        self._joint_loss: Tensor | None = None
+
+    def _inverse_diagonal(self, ctx: PruneContext) -> Tensor:
+        assert ctx.estimator is not None
+        diag = ctx.estimator.inverse_diagonal()
+        # Guard round-off (a float32 diagonal can cancel to <= 0 when 1/damping is huge).
+        floor = torch.finfo(diag.dtype).eps * diag.abs().max()
+        return diag.clamp_min(floor)
+
+    def score(self, ctx: PruneContext) -> Tensor:
+        """ρ_q = w_q² / (2 [F⁻¹]_qq), ``[d]`` (WoodFisher Eq. 5)."""
+        self._diag = self._inverse_diagonal(ctx)
+        w = (ctx.weights * ctx.mask).to(self._diag.dtype)
+        return w.square() / (2 * self._diag)
+
+    def compensate(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
+        """δw = −F⁻¹u (sum of single-weight OBS updates), or the exact joint update per block."""
+        self._joint_loss = None
+        if not self.config.update:
+            return None
+        assert ctx.estimator is not None
+        diag = self._diag if self._diag is not None else self._inverse_diagonal(ctx)
+        w = ctx.weights.to(diag.dtype)
+        if not self.config.joint:
+            u = torch.where(pruned, w / diag, torch.zeros_like(w))
+            return -ctx.estimator.ihvp(u)
+        return self._joint_update(ctx, pruned, w)
+
+    def _joint_update(self, ctx: PruneContext, pruned: Tensor, w: Tensor) -> Tensor:
+        estimator = ctx.estimator
+        assert estimator is not None
+        blocks = estimator.block_layout
+        device = w.device
+        idx = pruned.nonzero().squeeze(1)  # ascending, so grouped by block
+        if idx.numel() == 0:
+            return torch.zeros_like(w)
+        block = blocks.block_of(device)[idx]
+        counts = torch.bincount(block, minlength=blocks.n_blocks)
+        width = int(counts.max())
+        if width > self.config.max_joint_group:
+            raise ConfigError(
+                f"joint OBS would solve a {width}x{width} system in one block (max_joint_group="
+                f"{self.config.max_joint_group}); use a smaller block_size, more pruning steps, "
+                "or joint = false @ scorer.joint"
+            )
+        first = torch.cumsum(counts, 0) - counts
+        position = torch.arange(idx.numel(), device=device) - first[block]
+        present = counts > 0
+        row_of_block = torch.cumsum(present.long(), 0) - 1
+        row = row_of_block[block]
+        groups = torch.full((int(present.sum()), width), -1, dtype=torch.long, device=device)
+        groups[row, position] = idx
+        m = estimator.inverse_columns(groups).to(w.dtype)  # [n, K, K], padded with identity
+        rhs = torch.where(groups >= 0, w[groups.clamp_min(0)], torch.zeros((), dtype=w.dtype,
+                                                                             device=device))
+        chol, info = torch.linalg.cholesky_ex(m)
+        if bool(info.any()):
+            solution = torch.linalg.solve(m, rhs.unsqueeze(-1)).squeeze(-1)
+        else:
+            solution = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+        u = torch.zeros_like(w)
+        u[idx] = solution[row, position]
+        self._joint_loss = 0.5 * (w[idx] * u[idx]).sum()
+        return -estimator.ihvp(u)
+
+    def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
+        """Σ_P ρ_q for single-weight updates; ½ w_Pᵀ([F⁻¹]_PP)⁻¹w_P for the joint update."""
+        if self._joint_loss is not None:
+            return self._joint_loss
+        diag = self._diag if self._diag is not None else self._inverse_diagonal(ctx)
+        w = ctx.weights.to(diag.dtype)
+        return (torch.where(pruned, w.square() / (2 * diag), torch.zeros_like(w))).sum()
+
+
+@hookimpl
+def curvprune_register_saliency_scorers(register: Register) -> None:
+    """Register ``magnitude`` and ``obs``."""
+    register("magnitude", MagnitudeScorer, config=MagnitudeConfig)
+    register("obs", OBSScorer, config=OBSConfig)

@@ -1,0 +1,222 @@
+"""Gradients of the selected parameters, as rows of a ``[k, d]`` matrix.
+
+Per-sample gradients come from ``torch.func``: ``vmap(grad(functional_call))`` over chunks of
+samples, so one chunk costs about one batched backward pass instead of k separate ones. With
+``fisher_mini_batch = b > 1`` every row is the gradient of the mean loss over b samples (the
+reference codes' "mini-batch Fisher"), still vectorised over rows.
+
+Labels come from the data (empirical Fisher) or are sampled from the model's predictive
+distribution (true Fisher, ``fisher = "true"``). The model runs in eval mode (BatchNorm uses its
+running statistics; Dropout is off) and its mode is restored afterwards. Gradients of pruned
+weights are multiplied by the mask, so a pruned coordinate has g = 0.
+
+Non-finite values are tracked on the device without a host sync per chunk; call
+:meth:`GradientSource.check_finite` once after collection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from curvprune.errors import ConfigError, NumericalError
+from curvprune.layout import ParamLayout
+
+__all__ = ["GradientSource", "LossFn", "default_loss"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Gradient bytes one chunk may hold when no chunk size is given (the output rows, ~3 copies).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy: the loss of classification models."""
+    return F.cross_entropy(outputs, targets)
+
+
+class GradientSource:
+    """Yields gradients of the selected parameters in ``[k, d]`` chunks.
+
+    Args:
+        model: the model (its parameters are read, never modified).
+        layout: the selected parameters; rows are flattened in this layout.
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss over a batch (default: cross
+            entropy). It must be a pure tensor function (it runs under ``vmap``).
+        fisher_mini_batch: samples averaged into one gradient row (1: per-sample gradients).
+        fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the
+            model's softmax output).
+        mask: bool ``[d]`` keep-mask; pruned coordinates of every row are zeroed.
+        chunk_size: rows per vectorised chunk (None: sized so a chunk's gradients stay under
+            :data:`DEFAULT_CHUNK_BYTES`).
+        generator: random generator for sampled labels (on the model's device).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParamLayout,
+        loss_fn: LossFn | None = None,
+        *,
+        fisher_mini_batch: int = 1,
+        fisher: Literal["empirical", "true"] = "empirical",
+        mask: Tensor | None = None,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if fisher_mini_batch < 1:
+            raise ConfigError(f"fisher_mini_batch must be >= 1, got {fisher_mini_batch}")
+        if fisher not in ("empirical", "true"):
+            raise ConfigError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        self.model = model
+        self.layout = layout
+        self.loss_fn = loss_fn or default_loss
+        self.fisher_mini_batch = fisher_mini_batch
+        self.fisher = fisher
+        self.mask = mask
+        self.generator = generator
+        if chunk_size is None:
+            chunk_size = max(1, DEFAULT_CHUNK_BYTES // (12 * max(layout.d, 1)))
+            chunk_size = min(chunk_size, max(1, 4096 // fisher_mini_batch))
+        self.chunk_size = chunk_size
+        self.samples_used = 0
+        self._bad_coords: Tensor | None = None
+        self._bad_loss: Tensor | None = None
+
+    # -- main entry point ------------------------------------------------------------------------
+    def iter_grads(self, batches: Iterable[Any], num_grads: int) -> Iterator[Tensor]:
+        """Yield chunks ``[k, d]`` (float32, on the model's device) with ``num_grads`` rows in all.
+
+        Args:
+            batches: an iterable of ``(inputs, targets)`` batches; re-iterated from the start if
+                it runs out (a DataLoader), or an error if it cannot be (an iterator).
+            num_grads: total number of gradient rows.
+
+        Raises:
+            ConfigError: the data holds no sample, or runs out and cannot be restarted.
+        """
+        if num_grads < 1:
+            return
+        params = dict(self.model.named_parameters())
+        selected = {n: params[n].detach() for n in self.layout.names}
+        frozen = {n: p.detach() for n, p in params.items() if n not in selected}
+        frozen.update(dict(self.model.named_buffers()))
+        device = next(iter(selected.values())).device
+        per_chunk = self.chunk_size * self.fisher_mini_batch
+        compute = self._vectorised(frozen)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            produced = 0
+            for xs, ys in self._sample_chunks(batches, num_grads * self.fisher_mini_batch, per_chunk):
+                xs, ys = xs.to(device), ys.to(device)
+                if self.fisher == "true":
+                    ys = self._sample_labels(xs, selected, frozen)
+                rows = xs.shape[0] // self.fisher_mini_batch
+                xs = xs.reshape(rows, self.fisher_mini_batch, *xs.shape[1:])
+                ys = ys.reshape(rows, self.fisher_mini_batch, *ys.shape[1:])
+                grads, losses = compute(selected, xs, ys)
+                flat = self.layout.flatten([grads[n] for n in self.layout.names])
+                if self.mask is not None:
+                    flat = flat * self.mask.to(flat.device)
+                self._track(flat, losses)
+                produced += rows
+                yield flat
+        finally:
+            self.model.train(was_training)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NumericalError` if any gradient or loss seen so far was NaN or infinite.
+
+        One host sync; the message names the first parameter with non-finite gradients.
+        """
+        if self._bad_loss is not None and bool(self._bad_loss):
+            raise NumericalError(
+                "non-finite loss while collecting gradients; check the inputs, the model's "
+                "outputs and loss_fn"
+            )
+        if self._bad_coords is not None and bool(self._bad_coords.any()):
+            index = self.layout.param_index(self._bad_coords.device)
+            bad_params = torch.unique(index[self._bad_coords]).tolist()
+            names = ", ".join(repr(self.layout.names[i]) for i in bad_params[:3])
+            raise NumericalError(
+                f"non-finite gradients in {names}; check the inputs, the weights and loss_fn"
+            )
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _vectorised(self, frozen: dict[str, Tensor]) -> Callable[..., tuple[dict, Tensor]]:
+        model, loss_fn = self.model, self.loss_fn
+
+        def loss_of(selected: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            outputs = functional_call(model, ({**frozen, **selected},), (x,), strict=False)
+            return loss_fn(outputs, y)
+
+        return vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
+
+    def _sample_labels(
+        self, xs: Tensor, selected: dict[str, Tensor], frozen: dict[str, Tensor]
+    ) -> Tensor:
+        with torch.no_grad():
+            logits = functional_call(self.model, ({**frozen, **selected},), (xs,), strict=False)
+            probs = torch.softmax(logits.float(), dim=-1)
+            return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+    def _track(self, flat: Tensor, losses: Tensor) -> None:
+        bad = ~torch.isfinite(flat).all(dim=0)
+        bad_loss = ~torch.isfinite(losses).all()
+        if self._bad_coords is None:
+            self._bad_coords, self._bad_loss = bad, bad_loss
+        else:
+            self._bad_coords |= bad
+            self._bad_loss |= bad_loss
+
+    def _sample_chunks(
+        self, batches: Iterable[Any], total: int, per_chunk: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Regroup ``batches`` into chunks of ``per_chunk`` samples, ``total`` samples in all."""
+        pending_x: list[Tensor] = []
+        pending_y: list[Tensor] = []
+        have = 0
+        remaining = total
+        restartable = iter(batches) is not batches
+        passes = 0
+        while remaining > 0:
+            seen_in_pass = 0
+            for batch in batches:
+                x, y = _split_batch(batch)
+                seen_in_pass += x.shape[0]
+                pending_x.append(x)
+                pending_y.append(y)
+                have += x.shape[0]
+                while have >= min(per_chunk, remaining) and remaining > 0:
+                    take = min(per_chunk, remaining)
+                    xs, ys = torch.cat(pending_x), torch.cat(pending_y)
+                    yield xs[:take], ys[:take]
+                    self.samples_used += take
+                    pending_x, pending_y = [xs[take:]], [ys[take:]]
+                    have -= take
+                    remaining -= take
+                if remaining <= 0:
+                    return
+            passes += 1
+            if seen_in_pass == 0:
+                raise ConfigError("the data holds no sample to compute gradients on @ data")
+            if not restartable:
+                raise ConfigError(
+                    f"the data ran out after {self.samples_used + have} samples; gradients need "
+                    f"{total} (num_grads × fisher_mini_batch): pass a re-iterable DataLoader "
+                    "or lower num_grads"
+                )
+
+
+def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ConfigError(
+        f"each batch must be an (inputs, targets) pair, got {type(batch).__name__} @ data"
+    )

@@ -1,0 +1,417 @@
+"""The four roles of a pruning pipeline, as abstract base classes.
+
+::
+
+    model + data ──► GradientSource ──► CurvatureEstimator ──► SaliencyScorer ──► MaskApplier
+                                                  ▲                                    │
+                                                  └──────────── Scheduler ◄────────────┘
+
+Every component is built by a factory registered under a name (see :mod:`curvprune.hookspecs`)
+from a frozen attrs config, and the pipeline calls these plain methods in its loops; no plugin hook
+runs inside a numerical loop.
+
+All tensors are flat over the selected weights (:class:`curvprune.ParamLayout`): a weight vector
+is ``[d]``, a batch of gradients ``[k, d]``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import attrs
+import torch
+from torch import Tensor
+
+from curvprune.errors import ConfigError, UnsupportedQuery
+from curvprune.layout import BlockLayout, ParamLayout
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "CurvatureEstimator",
+    "EstimatorConfig",
+    "Granularity",
+    "MaskApplier",
+    "PruneContext",
+    "SaliencyScorer",
+    "Scheduler",
+]
+
+Granularity = Literal["weight", "channel"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _positive(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def _optional_at_least_one(_: Any, attribute: attrs.Attribute, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class EstimatorConfig:
+    """Options every curvature estimator shares; plugins subclass it and add their own.
+
+    Attributes:
+        damping: λ in F = λ·I + (1/m)·Σ gᵢgᵢᵀ; absolute, never divided by m. Must be > 0.
+        block_size: width B of the diagonal blocks (consecutive weights of one parameter, never
+            crossing a parameter); None means one block over all selected weights.
+        num_grads: m, the number of gradients the pipeline feeds before each pruning step.
+        fisher_mini_batch: samples averaged into one gradient (1: per-sample gradients).
+        fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the
+            model's predictive distribution).
+        dtype: accumulation dtype.
+    """
+
+    damping: float = attrs.field(default=1e-5, converter=float, validator=_positive)
+    block_size: int | None = attrs.field(default=None, validator=_optional_at_least_one)
+    num_grads: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    fisher_mini_batch: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    fisher: Literal["empirical", "true"] = attrs.field(
+        default="empirical", validator=attrs.validators.in_(("empirical", "true"))
+    )
+    dtype: Literal["float32", "float64"] = attrs.field(
+        default="float32", validator=attrs.validators.in_(tuple(_DTYPES))
+    )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The accumulation dtype as a ``torch.dtype``."""
+        return _DTYPES[self.dtype]
+
+
+class CurvatureEstimator(abc.ABC):
+    """Accumulates gradients and answers queries about the inverse of the damped Fisher.
+
+    The convention, the same for every estimator::
+
+        F = damping·I + (1/m)·Σᵢ gᵢgᵢᵀ          (over the m gradients seen, or in the window)
+
+    restricted to the estimator's structure (block diagonal with ``block_size`` for exact
+    estimators; diagonal, Kronecker-factored, ... for approximations, which document theirs).
+
+    Life cycle: :meth:`setup` (once per layout; resets all state), :meth:`update` (any number of
+    times, with ``[k, d]`` gradient chunks), then queries. Subclasses implement the protected
+    ``_setup``, ``_update``, ``_ihvp``, ``_inverse_diagonal`` and :attr:`num_samples`; the public
+    methods check shapes and move tensors to the estimator's device and dtype.
+
+    Args:
+        config: the estimator's frozen config (an :class:`EstimatorConfig` subclass).
+    """
+
+    config: EstimatorConfig
+
+    def __init__(self, config: EstimatorConfig) -> None:
+        self.config = config
+        self.sizes: tuple[int, ...] = ()
+        self.device = torch.device("cpu")
+        self.dtype = config.torch_dtype
+
+    # -- gradient collection settings, read by the pipeline ----------------------------------
+    @property
+    def num_grads(self) -> int:
+        """How many gradients the pipeline feeds before each pruning step."""
+        return self.config.num_grads
+
+    @property
+    def d(self) -> int:
+        """Total number of weights the estimator covers (after :meth:`setup`)."""
+        return sum(self.sizes)
+
+    @property
+    def block_layout(self) -> BlockLayout:
+        """The estimator's diagonal blocks; OBS joint updates never cross them."""
+        return BlockLayout.build(self.sizes, self.config.block_size)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def setup(self, sizes: Sequence[int], *, device: torch.device | str | None = None) -> None:
+        """Prepare for a new layout and drop all accumulated state.
+
+        Args:
+            sizes: number of weights of each selected parameter, in layout order (d = sum).
+            device: where state lives; defaults to the CPU.
+        """
+        if not sizes or any(int(s) < 1 for s in sizes):
+            raise ConfigError(f"sizes must be a non-empty list of positive ints, got {sizes}")
+        self.sizes = tuple(int(s) for s in sizes)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._setup()
+
+    def update(self, grads: Tensor) -> None:
+        """Accumulate a chunk of gradients.
+
+        Args:
+            grads: ``[k, d]``, any floating dtype and device; rows are single gradients gᵢ.
+        """
+        if grads.dim() != 2 or grads.shape[1] != self.d:
+            raise ValueError(f"grads must have shape [k, {self.d}], got {tuple(grads.shape)}")
+        if grads.shape[0]:
+            self._update(grads.to(device=self.device, dtype=self.dtype))
+
+    def ihvp(self, v: Tensor) -> Tensor:
+        """Inverse-Fisher-vector products F⁻¹v.
+
+        Args:
+            v: ``[d]`` or ``[n, d]``.
+
+        Returns:
+            F⁻¹v with the shape of ``v``, in the estimator's dtype and device.
+        """
+        if v.shape[-1] != self.d or v.dim() not in (1, 2):
+            raise ValueError(f"v must have shape [{self.d}] or [n, {self.d}], got {tuple(v.shape)}")
+        out = self._ihvp(v.reshape(-1, self.d).to(device=self.device, dtype=self.dtype))
+        return out.reshape(v.shape)
+
+    def inverse_diagonal(self) -> Tensor:
+        """The diagonal of F⁻¹, ``[d]``; every entry is > 0."""
+        return self._inverse_diagonal()
+
+    def inverse_columns(self, idx: Tensor) -> Tensor:
+        """The entries of F⁻¹ among groups of coordinates (for joint OBS updates).
+
+        Args:
+            idx: long ``[n, k]``; each row is a group of flat indices (in one block, for blocked
+                estimators); ``-1`` pads short rows.
+
+        Returns:
+            ``[n, k, k]`` with ``out[r, i, j] = [F⁻¹]_{idx[r,i], idx[r,j]}``: the columns
+            ``idx[r]`` of F⁻¹ read at the rows ``idx[r]``. Padded rows and columns hold the
+            identity, so a batched solve with a zero right-hand side there is harmless.
+
+        The default builds the needed columns with :meth:`ihvp` on unit vectors, in chunks
+        (O(n·k·d) work); blocked estimators override it with a gather from their blocks.
+        """
+        idx = idx.to(self.device)
+        n, k = idx.shape
+        valid = idx >= 0
+        flat = idx.clamp_min(0).reshape(-1)
+        out = torch.empty(n * k, k, device=self.device, dtype=self.dtype)
+        chunk = max(1, (1 << 24) // max(self.d, 1))
+        rows_of = flat.reshape(n, k)
+        for start in range(0, n * k, chunk):
+            sel = flat[start : start + chunk]
+            basis = torch.zeros(sel.numel(), self.d, device=self.device, dtype=self.dtype)
+            basis[torch.arange(sel.numel(), device=self.device), sel] = 1
+            cols = self._ihvp(basis)  # [c, d]: column q of F⁻¹ (F⁻¹ is symmetric)
+            group = torch.arange(start, start + sel.numel(), device=self.device) // k
+            out[start : start + sel.numel()] = torch.gather(cols, 1, rows_of[group])
+        out = out.reshape(n, k, k)
+        pair_valid = valid[:, :, None] & valid[:, None, :]
+        eye = torch.eye(k, device=self.device, dtype=self.dtype).expand(n, k, k)
+        return torch.where(pair_valid, out, eye)
+
+    # -- to implement -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def num_samples(self) -> int:
+        """m: the number of gradients in the current estimate."""
+
+    @classmethod
+    @abc.abstractmethod
+    def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
+        """Peak bytes the estimator will hold for ``sizes`` (for ``curvprune plan``).
+
+        Count the estimator's own state (block inverses, stored gradients, window matrices) at
+        its configured dtype; the gradient chunks fed to :meth:`update` are counted by the
+        pipeline.
+        """
+
+    @abc.abstractmethod
+    def _setup(self) -> None:
+        """Allocate empty state for ``self.sizes`` on ``self.device``."""
+
+    @abc.abstractmethod
+    def _update(self, grads: Tensor) -> None:
+        """Accumulate ``grads`` ``[k, d]`` (already on the estimator's device and dtype)."""
+
+    @abc.abstractmethod
+    def _ihvp(self, v: Tensor) -> Tensor:
+        """F⁻¹v for ``v`` ``[n, d]`` (on the estimator's device and dtype)."""
+
+    @abc.abstractmethod
+    def _inverse_diagonal(self) -> Tensor:
+        """The diagonal of F⁻¹, ``[d]``."""
+
+    # -- optional -----------------------------------------------------------------------------
+    @classmethod
+    def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
+        """Rough floating-point operations to build the estimate (for ``plan``); None: unknown."""
+        return None
+
+    def unsupported(self, query: str, instead: str) -> UnsupportedQuery:
+        """Build the error for a query this estimator cannot answer."""
+        return UnsupportedQuery(f"{type(self).__name__} cannot answer {query}; {instead}")
+
+
+@attrs.define(kw_only=True)
+class PruneContext:
+    """What a scorer sees at one pruning step.
+
+    Attributes:
+        model: the model being pruned (weights already masked).
+        layout: the selected parameters.
+        weights: their current values, flat ``[d]``.
+        mask: current keep-mask, bool ``[d]`` (False = pruned).
+        target_sparsity: the sparsity this step prunes to.
+        estimator: the fitted curvature estimator, if the pipeline has one.
+        mean_grad: mean of the gradients fed to the estimator, ``[d]`` (None if not collected).
+        batches: a callable returning an iterator of ``(inputs, targets)`` batches on the
+            model's device, for scorers that need the model and data themselves.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the batch).
+        step: the index of this pruning step in the run.
+    """
+
+    model: nn.Module
+    layout: ParamLayout
+    weights: Tensor
+    mask: Tensor
+    target_sparsity: float
+    estimator: CurvatureEstimator | None = None
+    mean_grad: Tensor | None = None
+    batches: Callable[[], Iterable[tuple[Any, Tensor]]] | None = None
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+    step: int = 0
+
+
+class SaliencyScorer(abc.ABC):
+    """Scores weights or structures; optionally proposes a compensating weight update.
+
+    Scores are saliencies in loss units where the method has them (an estimate of the loss
+    increase caused by removing the unit): the smallest go first. Their units are weights
+    (``granularity = "weight"``, scores ``[d]``) or output channels of the selected parameters
+    (``granularity = "channel"``, scores ``[n_channels]``, channels numbered as in
+    :meth:`ParamLayout.channel_index`).
+
+    Class attributes declare what the scorer needs, so the pipeline validates a combination
+    before any compute and skips work nobody needs:
+
+    * ``granularity``: ``"weight"`` or ``"channel"``; the mask applier must match (an instance
+      attribute, so a config option may choose it).
+    * ``needs_curvature``: the pipeline must have an estimator, fitted before :meth:`score`.
+    * ``needs_gradient``: ``PruneContext.mean_grad`` must be filled.
+    * ``needs_data``: ``PruneContext.batches`` and ``loss_fn`` must be filled.
+    """
+
+    granularity: Granularity = "weight"
+    needs_curvature: ClassVar[bool] = False
+    needs_gradient: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def score(self, ctx: PruneContext) -> Tensor:
+        """Saliency of each unit (smaller is pruned first), ``[d]`` or ``[n_channels]``."""
+
+    def compensate(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
+        """The weight update δw ``[d]`` to add when the weights in ``pruned`` are removed.
+
+        Args:
+            ctx: the step's context (same as for :meth:`score`).
+            pruned: bool ``[d]``, the weights removed in this step.
+
+        Returns:
+            δw, or None for no update. The pipeline adds δw and then zeroes every pruned weight
+            exactly, so δw need not be exact on ``pruned``.
+        """
+        return None
+
+    def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
+        """The loss increase the scorer's model predicts for this step (0-dim), or None."""
+        return None
+
+    def check_pipeline(self, components: Mapping[str, Any]) -> str | None:
+        """Return why this scorer cannot run with the other components, or None if it can.
+
+        Args:
+            components: the pipeline's built components by role (``estimator`` may be None).
+        """
+        return None
+
+
+class MaskApplier(abc.ABC):
+    """Turns saliencies and a target sparsity into a keep-mask over the selected weights.
+
+    A mask applier never revives a pruned weight: the new mask is a subset of the current one.
+    """
+
+    granularity: Granularity = "weight"
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def select(self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout) -> Tensor:
+        """The new keep-mask.
+
+        Args:
+            scores: saliencies ``[d]`` (weight granularity) or ``[n_channels]`` (channel).
+            mask: the current keep-mask, bool ``[d]``.
+            sparsity: the target fraction of removed units, in [0, 1): of all selected weights
+                (weight granularity) or of all channels (channel granularity), counting the
+                units already removed.
+            layout: the selected parameters.
+
+        Returns:
+            bool ``[d]``, True where a weight is kept; a subset of ``mask``.
+        """
+
+    def achieved_sparsity(self, mask: Tensor, layout: ParamLayout) -> float:
+        """The sparsity of ``mask`` in this applier's units (for reports and schedules)."""
+        return float(1.0 - mask.float().mean())
+
+    def check_pipeline(self, components: Mapping[str, Any]) -> str | None:
+        """Return why this applier cannot run with the other components, or None if it can."""
+        return None
+
+
+class Scheduler(abc.ABC):
+    """Decides when to prune and to which sparsity.
+
+    One-shot pruning asks :meth:`levels` for the sparsity of each sub-step (curvature is
+    recomputed between sub-steps). Pruning during training asks :meth:`level_at` after every
+    optimizer step and prunes when it returns a level; :meth:`before_optimizer_step` lets a
+    schedule act on gradients (penalties) before each optimizer step.
+
+    ``during_training`` is True for schedules that only make sense inside a training loop
+    (``Pipeline.prune`` refuses them; ``Pipeline.attach`` drives them).
+    """
+
+    during_training: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
+    def levels(self, target: float, current: float = 0.0) -> list[float]:
+        """Sparsity after each one-shot sub-step, ending at ``target``."""
+        return [target]
+
+    def level_at(self, step: int, target: float) -> float | None:
+        """The sparsity to prune to after optimizer step ``step`` (0-based), or None."""
+        return None
+
+    def before_optimizer_step(self, step: int, model: nn.Module, layout: ParamLayout) -> None:
+        """Act on gradients before optimizer step ``step`` (e.g. add a penalty). Default: no-op."""
+
+    def finished(self, step: int) -> bool:
+        """Whether no pruning event remains after ``step``."""
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Serializable state (tensors and plain values) for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+
+    def check_pipeline(self, components: Mapping[str, Any]) -> str | None:
+        """Return why this schedule cannot run with the other components, or None if it can."""
+        return None

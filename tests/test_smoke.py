@@ -1,0 +1,5 @@
+import curvprune
+
+
+def test_import():
+    assert curvprune.__version__
