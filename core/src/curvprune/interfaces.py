@@ -245,6 +245,14 @@ class CurvatureEstimator(abc.ABC):
         """Rough floating-point operations to build the estimate (for ``plan``); None: unknown."""
         return None
 
+    def check_pipeline(self, components: Mapping[str, Any]) -> str | None:
+        """Return why this estimator cannot run with the other components, or None if it can.
+
+        Args:
+            components: the pipeline's built components by role, plus ``prune`` (its config).
+        """
+        return None
+
     def unsupported(self, query: str, instead: str) -> UnsupportedQuery:
         """Build the error for a query this estimator cannot answer."""
         return UnsupportedQuery(f"{type(self).__name__} cannot answer {query}; {instead}")

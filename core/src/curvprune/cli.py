@@ -1,0 +1,266 @@
+"""The ``curvprune`` command line.
+
+Every command prints one clear line and exits non-zero on bad input (2 for a usage or config
+problem, 1 for a failure during compute), with no traceback unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from curvprune.errors import ConfigError, CurvpruneError, MemoryPlanError, NumericalError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="curvprune",
+        description="Second-order neural-network pruning with composable plugins.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="prune (and fine-tune) as a config says; write a run directory")
+    p.add_argument("config", nargs="?", help="TOML/JSON config (default: the embedded digits run)")
+    p.add_argument("--out", help="folder for run directories (default: [run] out)")
+    p.add_argument("--name", help="run directory name")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("plugins", help="installed plugins, their components and config fields")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("validate", help="check a config (structure and combination), no compute")
+    p.add_argument("config")
+
+    p = sub.add_parser("plan", help="parameters, blocks and memory a run needs, before compute")
+    p.add_argument("config", nargs="?", help="config (default: the embedded digits run)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("compare", help="several configs on the same model: one table, one plot")
+    p.add_argument("configs", nargs="+")
+    p.add_argument("--out", default="runs")
+    p.add_argument("--sparsities", help="comma-separated sparsities to sweep, e.g. 0.5,0.7,0.9")
+    p.add_argument("--quiet", "-q", action="store_true")
+
+    p = sub.add_parser("export", help="a run's pruned model and masks as safetensors")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="export folder (default: RUN_DIR/export)")
+
+    p = sub.add_parser("report", help="print (and re-render) a run's report")
+    p.add_argument("run_dir")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``curvprune`` script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (NumericalError, MemoryPlanError) as exc:
+        if args.debug:
+            raise
+        print(f"curvprune {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except CurvpruneError as exc:
+        if args.debug:
+            raise
+        print(f"curvprune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"curvprune {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: still one line unless --debug
+        if args.debug:
+            raise
+        print(
+            f"curvprune {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+# --------------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace) -> int:
+    from curvprune.runs import execute_run
+
+    outcome = execute_run(args.config, out=args.out, name=args.name, quiet=args.quiet)
+    r = outcome.result
+    acc = r["accuracy"]
+    methods = ", ".join(f"{k}={v}" for k, v in r["methods"].items() if v)
+    print(f"curvprune run: {r['model']['name']} on {r['data']['name']} ({methods})")
+    print(f"  dense accuracy      {_pct(acc['dense'])}")
+    if acc["pruned"] is not None:
+        print(f"  pruned accuracy     {_pct(acc['pruned'])}  at {_pct(r['sparsity']['total'])} sparsity")
+    if acc["finetuned"] is not None:
+        print(f"  fine-tuned accuracy {_pct(acc['finetuned'])}  at {_pct(r['sparsity']['total'])} sparsity")
+    lc = r["loss_change"]
+    if lc["predicted"] is not None:
+        print(f"  loss change         predicted {lc['predicted']:.4g}, measured {lc['measured']:.4g}")
+    print(f"  report              {outcome.run_dir / 'report.md'}")
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:6.2f} %"
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from curvprune.api import plugins
+
+    infos = plugins()
+    if args.json:
+        payload = [
+            {
+                "plugin": i.name,
+                "distribution": i.distribution,
+                "version": i.version,
+                "hooks": list(i.hooks),
+                "components": [
+                    {
+                        "kind": c.kind,
+                        "name": c.name,
+                        "config": [
+                            {"name": n, "type": t, "default": _jsonable(d)}
+                            for n, t, d in c.config_fields()
+                        ],
+                    }
+                    for c in i.components
+                ],
+            }
+            for i in infos
+        ]
+        print(json.dumps(payload, indent=2))
+        return 0
+    for info in infos:
+        dist = f"{info.distribution} {info.version}" if info.distribution else "in-process"
+        print(f"{info.name}  ({dist})")
+        for comp in info.components:
+            fields = ", ".join(
+                f"{n}={_show(d)}" if d is not attrs.NOTHING else f"{n} (required)"
+                for n, _, d in comp.config_fields()
+            )
+            print(f"  {comp.kind:<9} {comp.name:<12} {fields or '(no options)'}")
+    return 0
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, tuple):
+        return repr(list(value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is attrs.NOTHING:
+        return None
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, (str, int, float, bool, list, dict)) or value is None:
+        return value
+    return repr(value)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from curvprune.runs import prepare
+
+    pipeline, _ = prepare(args.config)
+    cfg = pipeline.config
+    print(
+        f"{args.config}: ok (estimator={cfg.estimator.name if cfg.estimator else None}, "
+        f"scorer={cfg.scorer.name}, schedule={cfg.schedule.name}, mask={cfg.mask.name})"
+    )
+    for warning in pipeline.warnings():
+        print(f"  warning: {warning}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from curvprune.data import build_data
+    from curvprune.models import build_model
+    from curvprune.runs import prepare, resolve_device
+
+    pipeline, _ = prepare(args.config)
+    cfg = pipeline.config
+    num_classes = cfg.model.num_classes
+    if num_classes is None:
+        num_classes = 10 if cfg.data.name in ("digits",) else (
+            cfg.data.num_classes if cfg.data.name == "fake" else build_data(cfg.data).num_classes
+        )
+    model = build_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
+    plan = pipeline.plan(model, device=resolve_device(cfg.run.device))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return 0 if plan.fits else 1
+    print(f"plan for {cfg.model.name}: {plan.layout.d:,} weights selected in {len(plan.layout)} parameters")
+    width = max(len(n) for n in plan.layout.names)
+    for name, shape, size in zip(plan.layout.names, plan.layout.shapes, plan.layout.sizes):
+        print(f"  {name:<{width}}  {'×'.join(map(str, shape)):>16}  {size:>12,}")
+    if plan.estimator:
+        print(f"estimator {plan.estimator}: {plan.n_blocks:,} blocks of width ≤ {plan.block_width}")
+    for part, value in plan.memory.items():
+        print(f"  memory {part:<10} {value / 2**20:12.2f} MiB")
+    print(f"  memory total      {plan.total_bytes / 2**20:12.2f} MiB of {plan.limit / 2**30:.1f} GiB "
+          f"({plan.limit_source})")
+    print(f"time class: {plan.time_class}")
+    if not plan.fits:
+        plan.check()
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from curvprune.compare import compare
+
+    sparsities = None
+    if args.sparsities:
+        try:
+            sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}") from None
+    folder = compare(args.configs, out=args.out, sparsities=sparsities, quiet=args.quiet)
+    print((folder / "comparison.md").read_text())
+    print(f"comparison written to {folder}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from curvprune.export import export_run
+
+    folder = export_run(args.run_dir, args.out)
+    print(f"exported to {folder} (model.safetensors, masks.safetensors, manifest.json)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from curvprune.render import plot_layer_sparsity, render_report
+    from curvprune.runs import read_result, write_atomic
+
+    record = read_result(args.run_dir)
+    text = render_report(record)
+    write_atomic(Path(args.run_dir) / "report.md", text)
+    plot_layer_sparsity(record, Path(args.run_dir) / "layer_sparsity.png")
+    print(text)
+    return 0
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "plugins": _cmd_plugins,
+    "validate": _cmd_validate,
+    "plan": _cmd_plan,
+    "compare": _cmd_compare,
+    "export": _cmd_export,
+    "report": _cmd_report,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Data sets by name, all usable offline.
+
+* ``digits``: scikit-learn's bundled 8×8 digits (1,797 images, shipped with scikit-learn: no
+  download), scaled to [0, 1], shape ``[1, 8, 8]``, with a fixed stratified split (75 % / 25 %,
+  ``random_state = 0``) that does not change with the run's seed, so runs are comparable.
+* ``fake``: torchvision's ``FakeData`` (random images, for tests and smoke runs).
+* ``torchvision:<Dataset>``: a torchvision data set (``CIFAR10``, ``MNIST``, ...) from ``root``;
+  downloaded only with ``download = true``.
+* ``imagefolder``: ``root/train`` and ``root/val`` class folders (ImageNet layout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from curvprune.config import DataConfig
+from curvprune.errors import ConfigError, closest
+
+__all__ = ["DataBundle", "build_data", "make_loaders"]
+
+
+@attrs.frozen
+class DataBundle:
+    """Train and test sets with their number of classes."""
+
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    name: str
+
+
+def _digits() -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    images, labels = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=0.25, random_state=0, stratify=labels
+    )
+
+    def tensors(x: object, y: object) -> TensorDataset:
+        xs = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+        return TensorDataset(xs, torch.as_tensor(y, dtype=torch.long))
+
+    return DataBundle(tensors(x_train, y_train), tensors(x_test, y_test), 10, "digits")
+
+
+def _fake(cfg: DataConfig, seed: int) -> DataBundle:
+    from torchvision import transforms
+    from torchvision.datasets import FakeData
+
+    shape = (3, cfg.image_size, cfg.image_size)
+    tf = transforms.ToTensor()
+    train = FakeData(cfg.num_samples, shape, cfg.num_classes, tf, random_offset=seed)
+    test = FakeData(
+        max(1, cfg.num_samples // 4), shape, cfg.num_classes, tf, random_offset=seed + 10**6
+    )
+    return DataBundle(train, test, cfg.num_classes, "fake")
+
+
+def _torchvision(cfg: DataConfig) -> DataBundle:
+    import torchvision.datasets as tvd
+    from torchvision import transforms
+
+    name = cfg.name.split(":", 1)[1]
+    cls = getattr(tvd, name, None)
+    if not isinstance(cls, type):
+        choices = [n for n in dir(tvd) if n[:1].isupper()]
+        hint = closest(name, choices)
+        more = f"; did you mean 'torchvision:{hint}'?" if hint else ""
+        raise ConfigError(f"torchvision has no data set {name!r}{more} @ data.name")
+    if not cfg.root:
+        raise ConfigError(f"data set {cfg.name!r} needs a local folder: set [data] root @ data.root")
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(0.5, 0.5)])
+    try:
+        train = cls(cfg.root, train=True, transform=tf, download=cfg.download)
+        test = cls(cfg.root, train=False, transform=tf, download=cfg.download)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"{name} not found under {cfg.root!r} ({exc}); put it there or set [data] "
+            "download = true @ data.root"
+        ) from None
+    classes = getattr(train, "classes", None)
+    num_classes = len(classes) if classes else cfg.num_classes
+    return DataBundle(train, test, num_classes, cfg.name)
+
+
+def _imagefolder(cfg: DataConfig) -> DataBundle:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+    if not cfg.root:
+        raise ConfigError("data 'imagefolder' needs [data] root with train/ and val/ @ data.root")
+    root = Path(cfg.root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(f"no folder {split!r} under {str(root)!r} @ data.root")
+    size = cfg.image_size
+    tf = transforms.Compose([
+        transforms.Resize(int(size * 8 / 7)),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+    train, test = ImageFolder(str(root / "train"), tf), ImageFolder(str(root / "val"), tf)
+    return DataBundle(train, test, len(train.classes), "imagefolder")
+
+
+def build_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
+    """The train and test sets ``[data]`` describes.
+
+    Raises:
+        ConfigError: unknown name, missing root, or a data set that is not on disk.
+    """
+    if cfg.name == "digits":
+        return _digits()
+    if cfg.name == "fake":
+        return _fake(cfg, seed)
+    if cfg.name.startswith("torchvision:"):
+        return _torchvision(cfg)
+    if cfg.name == "imagefolder":
+        return _imagefolder(cfg)
+    choices = ["digits", "fake", "imagefolder"]
+    hint = closest(cfg.name, choices)
+    more = f"; did you mean {hint!r}?" if hint else ""
+    raise ConfigError(
+        f"unknown data {cfg.name!r} (choose digits, fake, imagefolder or "
+        f"torchvision:<Dataset>){more} @ data.name"
+    )
+
+
+def make_loaders(
+    bundle: DataBundle, cfg: DataConfig, *, seed: int
+) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """``(train, gradients, test)`` loaders.
+
+    The training loader shuffles with a seeded generator; the gradient loader shuffles with its
+    own seeded generator, so every pass (every pruning step) sees fresh samples in a
+    reproducible order; the test loader does not shuffle.
+    """
+    def loader(dataset: Dataset, batch: int, shuffle: bool, offset: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed + offset)
+        return DataLoader(
+            dataset, batch_size=batch, shuffle=shuffle, generator=generator,
+            num_workers=cfg.num_workers,
+        )
+
+    return (
+        loader(bundle.train, cfg.batch_size, True, 0),
+        loader(bundle.train, cfg.batch_size, True, 1),
+        loader(bundle.test, cfg.eval_batch_size, False, 2),
+    )

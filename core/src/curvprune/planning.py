@@ -1,0 +1,180 @@
+"""``plan``: what a pruning run will select, hold and roughly cost, before any compute.
+
+The plan counts the selected weights per layer, the estimator's blocks and the memory each part
+of a pruning step holds at its peak:
+
+* the estimator's own state (:meth:`CurvatureEstimator.memory_bytes`);
+* one chunk of gradients and the per-sample-gradient work space (about three copies of the
+  chunk: the vectorised gradients, the flattened rows and the estimator's update work);
+* a snapshot of the selected weights (restored if the step fails), the flat weights and mask.
+
+It refuses a run that needs more than the limit (``[run] memory_limit_gb``, else the memory
+available on the device) with a message that names the biggest part and the knob that shrinks it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+from torch import nn
+
+from curvprune.errors import MemoryPlanError
+from curvprune.gradients import DEFAULT_CHUNK_BYTES
+
+if TYPE_CHECKING:
+    from curvprune.layout import ParamLayout
+    from curvprune.pipeline import Pipeline
+
+__all__ = ["Plan", "available_memory", "make_plan"]
+
+_GiB = 2**30
+#: Rough sustained throughput used to turn flop estimates into a time class.
+_FLOPS_PER_SECOND = {"cpu": 2e10, "cuda": 2e12}
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """What a run will need.
+
+    Attributes:
+        layout: the selected parameters.
+        estimator: the estimator's name (None without one).
+        n_blocks: number of estimator blocks (None without a blocked estimator).
+        block_width: their padded width.
+        memory: bytes per part (``estimator``, ``gradients``, ``weights``).
+        limit: bytes allowed; the run is refused above it.
+        limit_source: where the limit comes from.
+        flops: rough floating-point operations of one pruning step (None if unknown).
+        device: the device type the estimate is for.
+        hint: the knob that reduces the biggest part.
+    """
+
+    layout: ParamLayout
+    estimator: str | None
+    n_blocks: int | None
+    block_width: int | None
+    memory: dict[str, int]
+    limit: int
+    limit_source: str
+    flops: float | None
+    device: str
+    hint: str
+
+    @property
+    def total_bytes(self) -> int:
+        """The sum of all parts."""
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool:
+        """Whether the run fits under the limit."""
+        return self.total_bytes <= self.limit
+
+    @property
+    def time_class(self) -> str:
+        """``seconds``, ``minutes`` or ``hours`` (order of magnitude for one pruning step)."""
+        if self.flops is None:
+            return "unknown"
+        seconds = self.flops / _FLOPS_PER_SECOND.get(self.device, 2e10)
+        return "seconds" if seconds < 60 else "minutes" if seconds < 3600 else "hours"
+
+    def check(self) -> None:
+        """Raise :class:`MemoryPlanError` if the run does not fit."""
+        if self.fits:
+            return
+        part = max(self.memory, key=self.memory.__getitem__)
+        raise MemoryPlanError(
+            f"the run needs {self.total_bytes / _GiB:.2f} GiB ({part}: "
+            f"{self.memory[part] / _GiB:.2f} GiB) but {self.limit / _GiB:.2f} GiB is available "
+            f"({self.limit_source}); {self.hint}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "layers": [
+                {"name": n, "shape": list(s), "numel": int(torch.Size(s).numel())}
+                for n, s in zip(self.layout.names, self.layout.shapes, strict=True)
+            ],
+            "d": self.layout.d,
+            "estimator": self.estimator,
+            "n_blocks": self.n_blocks,
+            "block_width": self.block_width,
+            "memory_bytes": dict(self.memory),
+            "total_bytes": self.total_bytes,
+            "limit_bytes": self.limit,
+            "limit_source": self.limit_source,
+            "fits": self.fits,
+            "flops": self.flops,
+            "time_class": self.time_class,
+        }
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes available on ``device`` and a phrase saying how that was measured."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {device}"
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable of this machine"
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages * os.sysconf("SC_PAGE_SIZE")), "available physical memory"
+
+
+def make_plan(pipeline: Pipeline, model: nn.Module, *, device: torch.device | str | None = None) -> Plan:
+    """Build the :class:`Plan` for pruning ``model`` with ``pipeline`` (no compute)."""
+    layout = pipeline.select(model)
+    if device is None:
+        device = next(iter(layout.parameters(model))).device
+    device = torch.device(device)
+    d = layout.d
+    itemsize = 4
+    memory = {"weights": 3 * d * itemsize + d}
+    estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
+    name = pipeline.config.estimator.name if pipeline.config.estimator else None
+    n_blocks = width = None
+    flops = None
+    hint = "select fewer parameters ([prune] targets/ignore)"
+    if estimator is not None:
+        cfg = estimator.config
+        memory["estimator"] = int(type(estimator).memory_bytes(layout.sizes, cfg))
+        blocks = layout.blocks(getattr(cfg, "block_size", None))
+        n_blocks, width = blocks.n_blocks, blocks.width
+        chunk = pipeline.config.prune.gradient_chunk
+        rows = chunk if chunk is not None else max(1, DEFAULT_CHUNK_BYTES // (12 * max(d, 1)))
+        memory["gradients"] = 3 * min(rows, cfg.num_grads) * d * itemsize
+        flops = type(estimator).estimated_flops(layout.sizes, cfg)
+        if flops is not None:
+            # backward passes for the gradients: ~3 forward costs, ~2 flop per weight each
+            params = sum(p.numel() for p in model.parameters())
+            flops += 6.0 * params * cfg.num_grads * cfg.fisher_mini_batch
+        hint = (
+            f"lower block_size (now {getattr(cfg, 'block_size', None)}) or num_grads (now "
+            f"{cfg.num_grads}) in [estimator], set [prune] gradient_chunk, or select fewer "
+            "parameters"
+        )
+    limit_gb = pipeline.config.run.memory_limit_gb
+    if limit_gb is not None:
+        limit, source = int(limit_gb * _GiB), "[run] memory_limit_gb"
+    else:
+        limit, source = available_memory(device)
+    return Plan(
+        layout=layout,
+        estimator=name if estimator is not None else None,
+        n_blocks=n_blocks,
+        block_width=width,
+        memory=memory,
+        limit=limit,
+        limit_source=source,
+        flops=flops,
+        device=device.type,
+        hint=hint,
+    )

@@ -1,0 +1,400 @@
+"""Whole runs: train (or load) a dense model, prune, fine-tune, and write a run directory.
+
+A run directory holds ``config.toml`` (the resolved config), ``result.json`` (schema
+``curvprune.result/1``, documented in docs/results.md), ``report.md``, ``layer_sparsity.png``,
+``masks.safetensors`` and ``model.safetensors`` (the pruned model's state dict). It is written in
+a hidden sibling folder and renamed into place only when complete, so an interrupted or failed run
+leaves no half-written output.
+
+Dense models trained from scratch are cached under ``<out>/cache`` by a hash of what determines
+them (model, data, training settings, seed, torch version), so ``compare`` trains once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from curvprune._log import get_logger
+from curvprune._progress import Progress
+from curvprune.config import PipelineConfig, dump_config, load_raw_config, unstructure_config
+from curvprune.data import build_data, make_loaders
+from curvprune.defaults import default_config
+from curvprune.errors import ConfigError
+from curvprune.models import build_model, count_parameters
+from curvprune.pipeline import Pipeline
+from curvprune.plugins import PluginHost, get_plugin_manager
+from curvprune.render import plot_layer_sparsity, render_report
+from curvprune.training import evaluate, make_optimizer, train
+
+__all__ = [
+    "RunOutcome",
+    "atomic_directory",
+    "load_checkpoint",
+    "resolve_device",
+    "execute_run",
+    "write_atomic",
+]
+
+SCHEMA = "curvprune.result/1"
+log = get_logger(__name__)
+
+
+@attrs.frozen
+class RunOutcome:
+    """Where a run wrote its results, and the ``result.json`` content."""
+
+    run_dir: Path
+    result: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a hidden staging folder that becomes ``final`` only if the block succeeds."""
+    final = Path(final)
+    if final.exists():
+        raise ConfigError(f"run directory already exists @ {final}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else is checked."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N) @ run.device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} requested but CUDA is not available @ run.device")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {spec!r} (use auto, cpu, cuda or cuda:N) @ run.device")
+    return device
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict from ``.safetensors`` or a weights-only torch file into ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found @ {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        model.load_state_dict(state)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"cannot load checkpoint ({type(exc).__name__}: {exc}) @ {path}") from None
+
+
+def _save_state(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_atomic(path, save(state))
+
+
+def _dense_key(config: PipelineConfig) -> str:
+    raw = unstructure_config(config)
+    key = {k: raw.get(k) for k in ("model", "data", "train")}
+    key["seed"] = config.run.seed
+    key["torch"] = torch.__version__
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _run_name(config: PipelineConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    est = config.estimator.name if config.estimator else "none"
+    return f"{stamp}-{config.scorer.name}-{est}-s{config.prune.sparsity:.2f}"
+
+
+def _unique(path: Path) -> Path:
+    candidate, n = path, 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}-{n}")
+        n += 1
+    return candidate
+
+
+def _versions(host: PluginHost) -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for info in host.plugin_infos():
+        if info.distribution and info.version:
+            out[info.distribution] = info.version
+    return out
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS of the process"
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+def prepare(
+    source: str | Path | Mapping[str, Any] | None, *, host: PluginHost | None = None
+) -> tuple[Pipeline, dict[str, Any]]:
+    """Read and validate a run config (None: the embedded default); nothing is computed."""
+    if source is None:
+        host = host or get_plugin_manager()
+        raw = default_config(host.registry)
+    else:
+        raw = load_raw_config(source)
+    pipeline = Pipeline.from_config(raw, host=host)
+    cfg = pipeline.config
+    if pipeline.schedule.during_training and cfg.finetune.epochs == 0:
+        raise ConfigError(
+            f"schedule {cfg.schedule.name!r} prunes during training but [finetune] epochs = 0; "
+            "set [finetune] epochs @ finetune.epochs"
+        )
+    resolve_device(cfg.run.device)
+    return pipeline, raw
+
+
+def execute_run(
+    source: str | Path | Mapping[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    name: str | None = None,
+    quiet: bool = False,
+    host: PluginHost | None = None,
+) -> RunOutcome:
+    """Run a config end to end and write its run directory.
+
+    Args:
+        source: a config path or dict; None runs the embedded default.
+        out: folder for run directories (default: ``[run] out``).
+        name: run directory name (default: ``[run] name`` or a timestamped one).
+        quiet: no progress bars.
+        host: plugin host (default: a fresh one honouring ``[plugins] disable``).
+
+    Raises:
+        CurvpruneError: any configuration, data, numerical or memory problem; nothing is
+            written then.
+    """
+    started = time.perf_counter()
+    pipeline, _ = prepare(source, host=host)
+    cfg = pipeline.config
+    device = resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out_dir = Path(out if out is not None else cfg.run.out)
+    bundle = build_data(cfg.data, seed=cfg.run.seed)
+    train_loader, grad_loader, test_loader = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
+    model = build_model(
+        cfg.model.name, num_classes=cfg.model.num_classes or bundle.num_classes, **cfg.model.kwargs
+    )
+    _check_model_runs(model, test_loader, cfg)
+    model.to(device)
+    times: dict[str, float] = {}
+    with Progress(enabled=cfg.run.progress and not quiet) as progress:
+        tick = time.perf_counter()
+        _dense_model(model, cfg, out_dir, train_loader, device, progress)
+        times["train"] = time.perf_counter() - tick
+        plan = pipeline.plan(model, device=device)
+        plan.check()
+        acc_dense, loss_dense = evaluate(model, test_loader, device=device)
+        tick = time.perf_counter()
+        acc_pruned = loss_pruned = None
+        if pipeline.schedule.during_training:
+            optimizer = make_optimizer(model, cfg.finetune)
+            session = pipeline.attach(model, optimizer, data=grad_loader)
+            advance = progress.task("prune + fine-tune", cfg.finetune.epochs * len(train_loader))
+            train(model, train_loader, cfg.finetune, device=device, optimizer=optimizer,
+                  session=session, on_step=advance)
+            result = session.close()
+            times["prune_and_finetune"] = time.perf_counter() - tick
+        else:
+            with progress.spinner("pruning"):
+                result = pipeline.prune(model, grad_loader)
+            times["prune"] = time.perf_counter() - tick
+            acc_pruned, loss_pruned = evaluate(model, test_loader, device=device)
+            if cfg.finetune.epochs:
+                tick = time.perf_counter()
+                optimizer = make_optimizer(model, cfg.finetune)
+                session = pipeline.attach(model, optimizer, masks=result.masks)
+                advance = progress.task("fine-tune", cfg.finetune.epochs * len(train_loader))
+                train(model, train_loader, cfg.finetune, device=device, optimizer=optimizer,
+                      session=session, on_step=advance)
+                session.close()
+                times["finetune"] = time.perf_counter() - tick
+    acc_tuned = loss_tuned = None
+    if cfg.finetune.epochs:
+        acc_tuned, loss_tuned = evaluate(model, test_loader, device=device)
+    times["total"] = time.perf_counter() - started
+    peak, measure = _peak_memory(device)
+    run_name = name or cfg.run.name or _run_name(cfg)
+    total_params = count_parameters(model)
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    predicted = [s.predicted_loss_change for s in result.steps]
+    measured = [s.measured_loss_change for s in result.steps]
+    record: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run": {
+            "name": run_name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seed": cfg.run.seed,
+            "device": str(device),
+        },
+        "versions": _versions(pipeline.host),
+        "model": {
+            "name": cfg.model.name,
+            "num_classes": cfg.model.num_classes or bundle.num_classes,
+            "kwargs": dict(cfg.model.kwargs),
+            "parameters": total_params,
+            "selected": plan.layout.d,
+        },
+        "data": {"name": cfg.data.name, "train": len(bundle.train), "test": len(bundle.test)},
+        "methods": {
+            "estimator": cfg.estimator.name if cfg.estimator else None,
+            "scorer": cfg.scorer.name,
+            "schedule": cfg.schedule.name,
+            "mask": cfg.mask.name,
+        },
+        "accuracy": {"dense": acc_dense, "pruned": acc_pruned, "finetuned": acc_tuned},
+        "loss": {"dense": loss_dense, "pruned": loss_pruned, "finetuned": loss_tuned},
+        "sparsity": {
+            "target": cfg.prune.sparsity,
+            "total": result.sparsity,
+            "unit": pipeline.mask.achieved_sparsity(result.masks.flat, result.masks.layout),
+            "overall": zeros / max(total_params, 1),
+            "per_layer": result.per_layer,
+        },
+        "loss_change": {
+            "predicted": None if any(p is None for p in predicted) else sum(predicted),
+            "measured": None if any(m is None for m in measured) else sum(measured),
+        },
+        "steps": [s.to_dict() for s in result.steps],
+        "time": times,
+        "memory": {"peak_bytes": peak, "measure": measure, "planned_bytes": plan.total_bytes},
+        "plan": plan.to_dict(),
+    }
+    run_dir = _unique(out_dir / run_name)
+    _write_run_dir(run_dir, pipeline, model, result, record)
+    log.info("run_completed", run_dir=str(run_dir), dense=acc_dense, pruned=acc_pruned)
+    return RunOutcome(run_dir, record)
+
+
+def _check_model_runs(model: nn.Module, loader: Any, cfg: PipelineConfig) -> None:
+    x, _ = next(iter(loader))
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x[:2])
+    except Exception as exc:
+        raise ConfigError(
+            f"model {cfg.model.name!r} cannot run on data {cfg.data.name!r} inputs of shape "
+            f"{list(x.shape[1:])}: {type(exc).__name__}: {exc} @ model.name"
+        ) from None
+
+
+def _dense_model(
+    model: nn.Module, cfg: PipelineConfig, out_dir: Path, loader: Any, device: torch.device,
+    progress: Progress,
+) -> None:
+    if cfg.model.checkpoint:
+        load_checkpoint(model, cfg.model.checkpoint)
+        model.to(device)
+        return
+    cache = out_dir / "cache" / f"dense-{_dense_key(cfg)}.safetensors"
+    if cache.is_file():
+        load_checkpoint(model, cache)
+        model.to(device)
+        return
+    advance = progress.task("train dense", cfg.train.epochs * len(loader))
+    train(model, loader, cfg.train, device=device, on_step=advance)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _save_state(model, cache)
+
+
+def _write_run_dir(
+    run_dir: Path, pipeline: Pipeline, model: nn.Module, result: Any, record: dict[str, Any]
+) -> None:
+    from safetensors.torch import save
+
+    with atomic_directory(run_dir) as staging:
+        (staging / "config.toml").write_text(dump_config(pipeline.config))
+        masks = {k: v.to(torch.uint8).cpu().contiguous() for k, v in result.mask_tensors().items()}
+        (staging / "masks.safetensors").write_bytes(save(masks))
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        (staging / "model.safetensors").write_bytes(save(state))
+        plot_layer_sparsity(record, staging / "layer_sparsity.png")
+        (staging / "report.md").write_text(render_report(record))
+        (staging / "result.json").write_text(json.dumps(record, indent=2))
+
+
+def read_result(run_dir: str | Path) -> dict[str, Any]:
+    """The ``result.json`` of a run directory."""
+    path = Path(run_dir) / "result.json"
+    if not path.is_file():
+        raise ConfigError(f"not a run directory (no result.json) @ {run_dir}")
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"result.json is corrupt ({exc}) @ {path}") from None
+    if record.get("schema") != SCHEMA:
+        raise ConfigError(f"unknown result schema {record.get('schema')!r} @ {path}")
+    return record
+
+
+def method_labels(configs: Sequence[PipelineConfig]) -> list[str]:
+    """Short labels telling the configs of a comparison apart."""
+    labels = []
+    for c in configs:
+        parts = [c.scorer.name]
+        if c.estimator:
+            algo = getattr(c.estimator.config, "algorithm", None)
+            parts.append(c.estimator.name + (f"-{algo}" if algo and algo != "auto" else ""))
+        steps = getattr(c.schedule.config, "steps", None)
+        parts.append(c.schedule.name + (f"x{steps}" if steps and steps > 1 else ""))
+        parts.append(c.mask.name)
+        labels.append("/".join(parts))
+    return labels
