@@ -330,6 +330,29 @@ def _structure_literal(value: Any, typ: Any) -> Any:
     raise ValueError(f"must be one of {shown}, got {value!r}{more}")
 
 
+def _is_sequence(typ: Any) -> bool:
+    return typing.get_origin(typ) in (tuple, list)
+
+
+def _sequence_hook(conv: cattrs.Converter) -> Any:
+    """Lists of values: a bare string is refused (it would split into characters)."""
+
+    def structure(value: Any, typ: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, got {value!r}")
+        args = typing.get_args(typ)
+        item = args[0] if args else Any
+        items = []
+        for i, element in enumerate(value):
+            try:
+                items.append(conv.structure(element, item) if item is not Any else element)
+            except Exception as exc:
+                raise TypeError(f"item {i}: {exc}") from None
+        return tuple(items) if typing.get_origin(typ) is tuple else items
+
+    return structure
+
+
 def make_converter() -> cattrs.Converter:
     """The private converter: strict scalars, forbidden extra keys, detailed validation."""
     conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
@@ -338,6 +361,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(str, _strict_str)
     conv.register_structure_hook_func(_is_literal, _structure_literal)
+    conv.register_structure_hook_func(_is_sequence, _sequence_hook(conv))
     conv.register_structure_hook_func(lambda t: t == dict[str, Any], lambda v, _: _plain_dict(v))
     conv.register_unstructure_hook(tuple, list)
     return conv
