@@ -166,3 +166,21 @@ def test_unknown_model_and_missing_dataset_root(tmp_path, capsys):
     text = "[data]\nname = 'torchvision:CIFAR10'\nroot = '" + str(tmp_path / "none") + "'\n"
     assert main(["run", str(write(tmp_path, text, "c10.toml")), "--out", str(tmp_path / "r")]) == 2
     assert "CIFAR10 not found" in one_line_error(capsys)
+
+
+def test_log_json_emits_machine_events(tmp_path, capsys):
+    import logging
+
+    config = write(tmp_path, SMALL.format(sparsity=0.5))
+    logger = logging.getLogger("curvprune")
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        assert main(["--log-json", "run", str(config), "--out", str(tmp_path / "r"), "-q"]) == 0
+    finally:
+        for handler in logger.handlers[len(handlers):]:
+            logger.removeHandler(handler)
+        logger.setLevel(level)
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.count("prune_step_completed") == 2 and names[-1] == "run_completed"
+    assert all("timestamp" in e and "level" in e for e in events)

@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Second-order neural-network pruning with composable plugins.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="write structlog events (plugin_loaded, prune_step_completed, ...) as JSON lines to stderr",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="prune (and fine-tune) as a config says; write a run directory")
@@ -62,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvprune`` script; returns the exit code."""
     args = _parser().parse_args(argv)
+    if args.log_json:
+        _configure_json_logging()
     try:
         return _COMMANDS[args.command](args)
     except (NumericalError, MemoryPlanError) as exc:
@@ -86,6 +93,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _configure_json_logging() -> None:
+    """The CLI is an application, so it may configure logging: JSON lines on stderr."""
+    import logging
+
+    import structlog
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=structlog.processors.JSONRenderer(),
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.ExtraAdder(),
+                structlog.processors.TimeStamper(fmt="iso"),
+            ],
+        )
+    )
+    logger = logging.getLogger("curvprune")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 # --------------------------------------------------------------------------------------------
