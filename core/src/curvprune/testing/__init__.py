@@ -1,1 +1,101 @@
-"""Tools for testing curvprune plugins."""
+"""Tools for testing curvprune plugins: the kit a plugin's test suite builds on.
+
+* :mod:`curvprune.testing.contracts`: conformance suites (``CurvatureEstimatorContract``,
+  ``SaliencyScorerContract``, ``MaskApplierContract``, ``SchedulerContract``) that a plugin's test
+  module subclasses.
+* :mod:`curvprune.testing.strategies`: bounded, shrinkable Hypothesis strategies for Fisher
+  problems.
+* :mod:`curvprune.testing.dense`: float64 ground truths and the exact ``dense`` estimator.
+* :mod:`curvprune.testing.pytest_plugin`: fixtures (``plugin_host``, ``fake_dist``,
+  ``hook_recorder``) and Hypothesis profiles; load it with ``-p curvprune.testing.pytest_plugin``.
+
+Submodules load on first use, so importing :mod:`curvprune.testing.dense` (which the builtin
+``dense`` plugin does) never imports pytest.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from curvprune.testing.contracts import (
+        CurvatureEstimatorContract,
+        MaskApplierContract,
+        SaliencyScorerContract,
+        SchedulerContract,
+    )
+    from curvprune.testing.dense import (
+        DenseConfig,
+        DenseEstimator,
+        allclose_report,
+        assert_allclose,
+        block_mask,
+        condition_number,
+        damped_fisher,
+        dense_inverse,
+        quadratic_loss_change,
+    )
+    from curvprune.testing.strategies import (
+        FisherProblem,
+        block_sizes,
+        dampings,
+        fisher_problems,
+        gradients,
+        sizes,
+        well_conditioned_spd,
+    )
+
+__all__ = [
+    "CurvatureEstimatorContract",
+    "DenseConfig",
+    "DenseEstimator",
+    "FisherProblem",
+    "MaskApplierContract",
+    "SaliencyScorerContract",
+    "SchedulerContract",
+    "allclose_report",
+    "assert_allclose",
+    "block_mask",
+    "block_sizes",
+    "condition_number",
+    "dampings",
+    "damped_fisher",
+    "dense_inverse",
+    "fisher_problems",
+    "gradients",
+    "quadratic_loss_change",
+    "sizes",
+    "well_conditioned_spd",
+]
+
+_SUBMODULE = {
+    **dict.fromkeys(
+        ("CurvatureEstimatorContract", "MaskApplierContract", "SaliencyScorerContract",
+         "SchedulerContract"),
+        "contracts",
+    ),
+    **dict.fromkeys(
+        ("DenseConfig", "DenseEstimator", "allclose_report", "assert_allclose", "block_mask",
+         "condition_number", "damped_fisher", "dense_inverse", "quadratic_loss_change"),
+        "dense",
+    ),
+    **dict.fromkeys(
+        ("FisherProblem", "block_sizes", "dampings", "fisher_problems", "gradients", "sizes",
+         "well_conditioned_spd"),
+        "strategies",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _SUBMODULE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'curvprune.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"curvprune.testing.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,0 +1,27 @@
+"""The installed distribution is discovered through its entry point."""
+
+from importlib.metadata import PackageNotFoundError, distribution
+
+import curvprune
+import pytest
+
+try:
+    distribution("curvprune-diagfisher")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    pytest.skip("curvprune-diagfisher is not installed (pip install -e contrib/diagfisher)",
+                allow_module_level=True)
+
+
+def test_entry_point_registers_diagfisher():
+    host = curvprune.get_plugin_manager()
+    component = host.registry.get("estimator", "diagfisher")
+    assert component.plugin == "diagfisher"
+    assert component.distribution == "curvprune-diagfisher"
+    assert component.version == "0.1.0"
+
+
+def test_created_by_name():
+    from curvprune_diagfisher import DiagFisherEstimator
+
+    assert isinstance(curvprune.create("estimator", "diagfisher", damping=1e-3),
+                      DiagFisherEstimator)
