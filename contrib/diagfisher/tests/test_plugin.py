@@ -5,14 +5,13 @@ from importlib.metadata import PackageNotFoundError, distribution
 import curvprune
 import pytest
 
-try:
-    distribution("curvprune-diagfisher")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    pytest.skip("curvprune-diagfisher is not installed (pip install -e contrib/diagfisher)",
-                allow_module_level=True)
 
 
 def test_entry_point_registers_diagfisher():
+    try:
+        distribution("curvprune-diagfisher")
+    except PackageNotFoundError:
+        pytest.fail("curvprune-diagfisher is not installed: pip install -e contrib/diagfisher")
     host = curvprune.get_plugin_manager()
     component = host.registry.get("estimator", "diagfisher")
     assert component.plugin == "diagfisher"

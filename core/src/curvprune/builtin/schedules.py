@@ -1,1 +1,214 @@
-"""Placeholder: being written."""
+"""Builtin schedules: ``oneshot`` (with curvature recomputation) and ``gradual`` (polynomial).
+
+* ``oneshot`` prunes a trained model in ``steps`` sub-steps, the curvature recomputed from fresh
+  gradients before each (the weights moved with the last compensating update). The sub-step
+  levels follow M-FAC's geometric recomputations (a constant fraction of the remaining weights
+  each time) or WoodFisher's ``--recompute-schedule poly``.
+* ``gradual`` prunes during training on the polynomial schedule of Zhu & Gupta (2017), cubic by
+  default as in WoodFisher's gradual runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import attrs
+
+from curvprune.interfaces import Scheduler
+from curvprune.plugins import hookimpl
+from curvprune.registry import Register
+
+__all__ = ["GradualConfig", "GradualSchedule", "OneShotConfig", "OneShotSchedule"]
+
+
+def _positive(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value}")
+
+
+def _fraction(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
+
+
+def _check_level(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a sparsity in [0, 1), got {value}")
+
+
+# --------------------------------------------------------------------------------------------
+# oneshot
+# --------------------------------------------------------------------------------------------
+@attrs.frozen(kw_only=True)
+class OneShotConfig:
+    """Options of the ``oneshot`` schedule.
+
+    Attributes:
+        steps: pruning sub-steps, with the curvature recomputed before each, >= 1.
+        spacing: how the sub-step levels are spaced: ``geometric`` (each sub-step removes the
+            same fraction of the weights still kept), ``poly`` (fast first, then slower, shaped
+            by ``power``) or ``linear`` (equal increments).
+        power: the exponent of ``poly`` spacing, > 0.
+    """
+
+    steps: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    spacing: Literal["geometric", "poly", "linear"] = attrs.field(
+        default="geometric", validator=attrs.validators.in_(("geometric", "poly", "linear"))
+    )
+    power: float = attrs.field(default=2.0, converter=float, validator=_positive)
+
+
+class OneShotSchedule(Scheduler):
+    """One-shot pruning, optionally in sub-steps with the curvature recomputed between them.
+
+    With current sparsity c, target t and K = ``steps``, sub-step j = 1..K prunes to:
+
+    * ``geometric`` (M-FAC's recomputations): density d_j = (1−c)·((1−t)/(1−c))^(j/K), i.e.
+      s_j = 1 − d_j; every sub-step keeps the same fraction of the weights it starts with.
+    * ``poly`` (WoodFisher's ``--recompute-schedule poly``, degree p = ``power``):
+      s_j = c + (t−c)·(1 − (1 − j/K)^p).
+    * ``linear``: ``poly`` with p = 1.
+
+    The last level is exactly t. Pruning is not driven by training steps, so :meth:`level_at`
+    is always None.
+    """
+
+    during_training: ClassVar[bool] = False
+
+    def __init__(self, config: OneShotConfig | None = None) -> None:
+        super().__init__(config or OneShotConfig())
+
+    def levels(self, target: float, current: float = 0.0) -> list[float]:
+        """Sparsity after each sub-step, non-decreasing, the last exactly ``target``.
+
+        Args:
+            target: the sparsity to reach, in [0, 1).
+            current: the sparsity already reached, in [0, 1).
+
+        Returns:
+            ``steps`` levels in (current, target]; empty when ``target <= current`` (masks
+            never revive weights, so there is nothing to do).
+        """
+        _check_level("target", target)
+        _check_level("current", current)
+        if target <= current:
+            return []
+        steps, spacing = self.config.steps, self.config.spacing
+        fractions = [j / steps for j in range(1, steps)]
+        if spacing == "geometric":
+            ratio = (1.0 - target) / (1.0 - current)
+            inner = [1.0 - (1.0 - current) * ratio**f for f in fractions]
+        else:
+            power = self.config.power if spacing == "poly" else 1.0
+            inner = [current + (target - current) * (1.0 - (1.0 - f) ** power) for f in fractions]
+        # Guard round-off: every level within [current, target], never decreasing.
+        clipped = (min(max(level, current), target) for level in [*inner, target])
+        return list(itertools.accumulate(clipped, max))
+
+
+# --------------------------------------------------------------------------------------------
+# gradual
+# --------------------------------------------------------------------------------------------
+@attrs.frozen(kw_only=True)
+class GradualConfig:
+    """Options of the ``gradual`` schedule (steps are optimizer steps, 0-based).
+
+    Attributes:
+        start: step of the first pruning event, >= 0.
+        end: step of the last pruning event, which reaches the target, >= ``start``.
+        frequency: steps between pruning events, >= 1.
+        power: exponent of the polynomial (3: the cubic schedule), > 0.
+        initial_sparsity: s_i, the level of the first event, in [0, 1).
+    """
+
+    start: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    end: int = attrs.field(default=1000)
+    frequency: int = attrs.field(default=100, validator=attrs.validators.ge(1))
+    power: float = attrs.field(default=3.0, converter=float, validator=_positive)
+    initial_sparsity: float = attrs.field(default=0.0, converter=float, validator=_fraction)
+
+    @end.validator
+    def _end_after_start(self, attribute: attrs.Attribute, value: int) -> None:
+        if value < self.start:
+            raise ValueError(f"end must be >= start ({self.start}), got {value}")
+
+
+class GradualSchedule(Scheduler):
+    """Polynomial gradual pruning during training (Zhu & Gupta, 2017, Eq. 1).
+
+    With s_i = ``initial_sparsity``, s_f the target, t₀ = ``start``, t_e = ``end`` and
+    k = ``power``, the level at a pruning event t is::
+
+        s(t) = s_f − (s_f − s_i)·(1 − (t − t₀)/(t_e − t₀))^k        (s(t) = s_f if t_e = t₀)
+
+    Events are at t₀, t₀ + ``frequency``, ... up to t_e, **and at t_e itself**. The reference
+    implementations prune only on the grid, so when (t_e − t₀) is not a multiple of the
+    frequency their last event falls short of s_f (WoodFisher's ResNet-50 config, t₀ = 1,
+    t_e = 40, frequency 5, ends at s(36) ≈ 0.899 instead of 0.9); the extra event at t_e makes
+    the schedule reach the target exactly.
+
+    The schedule is stateless given the step; :meth:`state_dict` is empty.
+    """
+
+    during_training: ClassVar[bool] = True
+
+    def __init__(self, config: GradualConfig | None = None) -> None:
+        super().__init__(config or GradualConfig())
+
+    def event_steps(self) -> list[int]:
+        """List the optimizer steps at which pruning happens, ascending."""
+        cfg = self.config
+        grid = range(cfg.start, cfg.end + 1, cfg.frequency)
+        return [*grid] if grid[-1] == cfg.end else [*grid, cfg.end]
+
+    def is_event(self, step: int) -> bool:
+        """Whether pruning happens after optimizer step ``step``."""
+        cfg = self.config
+        on_grid = (step - cfg.start) % cfg.frequency == 0
+        return cfg.start <= step <= cfg.end and (on_grid or step == cfg.end)
+
+    def sparsity_at(self, step: int, target: float) -> float:
+        """s(t) of the polynomial schedule at any step (clamped to [t₀, t_e])."""
+        cfg = self.config
+        if cfg.end == cfg.start or step >= cfg.end:
+            return target
+        progress = max(step - cfg.start, 0) / (cfg.end - cfg.start)
+        # s_i + (s_f − s_i)·(1 − (1 − p)^k), the same s(t), written to give s_i exactly at t₀.
+        growth = 1.0 - (1.0 - progress) ** cfg.power
+        return cfg.initial_sparsity + (target - cfg.initial_sparsity) * growth
+
+    def level_at(self, step: int, target: float) -> float | None:
+        """s(step) at a pruning event, else None."""
+        _check_level("target", target)
+        return self.sparsity_at(step, target) if self.is_event(step) else None
+
+    def finished(self, step: int) -> bool:
+        """Return True from ``end`` on: no pruning event remains after that step."""
+        return step >= self.config.end
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the level is a function of the step, which the session checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore (see :meth:`state_dict`)."""
+
+    def check_pipeline(self, components: Mapping[str, Any]) -> str | None:
+        """Refuse an ``initial_sparsity`` above the target (the schedule would go backwards)."""
+        prune = components.get("prune")
+        s_i = self.config.initial_sparsity
+        if prune is not None and s_i > prune.sparsity:
+            return (
+                f"gradual schedule starts at initial_sparsity = {s_i:g}, above prune.sparsity = "
+                f"{prune.sparsity:g}; lower initial_sparsity @ schedule.initial_sparsity"
+            )
+        return None
+
+
+@hookimpl
+def curvprune_register_schedulers(register: Register) -> None:
+    """Register ``oneshot`` and ``gradual``."""
+    register("oneshot", OneShotSchedule, config=OneShotConfig)
+    register("gradual", GradualSchedule, config=GradualConfig)

@@ -47,6 +47,19 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("CURVPRUNE_TEST_THREADS", "1")))
+    config.addinivalue_line("markers", "gpu: needs CUDA; deselected automatically without it")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run only where ``torch.cuda.is_available()``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if item.get_closest_marker("gpu") is None]
 
 
 settings.register_profile("dev", max_examples=20, deadline=None)
