@@ -184,3 +184,24 @@ def test_log_json_emits_machine_events(tmp_path, capsys):
     names = [e["event"] for e in events]
     assert names.count("prune_step_completed") == 2 and names[-1] == "run_completed"
     assert all("timestamp" in e and "level" in e for e in events)
+
+
+def test_gradual_schedule_that_outlasts_finetuning_is_refused_before_training(tmp_path, capsys):
+    text = SMALL.format(sparsity=0.5).replace(
+        '[schedule]\nname = "oneshot"\nsteps = 2', '[schedule]\nname = "gradual"\nstart = 0\nend = 5000\nfrequency = 10'
+    )
+    assert main(["run", str(write(tmp_path, text)), "--out", str(tmp_path / "r")]) == 2
+    err = one_line_error(capsys)
+    assert "has not finished after the 22 optimizer steps" in err and "@ schedule" in err
+
+
+def test_gradual_run_prunes_during_finetuning(tmp_path, capsys):
+    text = SMALL.format(sparsity=0.6).replace(
+        '[schedule]\nname = "oneshot"\nsteps = 2',
+        '[schedule]\nname = "gradual"\nstart = 2\nend = 20\nfrequency = 6\ninitial_sparsity = 0.1',
+    )
+    assert main(["run", str(write(tmp_path, text)), "--out", str(tmp_path / "r"), "--name", "g"]) == 0
+    result = json.loads((tmp_path / "r" / "g" / "result.json").read_text())
+    assert [s["train_step"] for s in result["steps"]] == [2, 8, 14, 20]
+    assert abs(result["sparsity"]["total"] - 0.6) < 1e-3
+    assert result["accuracy"]["pruned"] is None and result["accuracy"]["finetuned"] is not None

@@ -229,6 +229,14 @@ def execute_run(
     out_dir = Path(out if out is not None else cfg.run.out)
     bundle = build_data(cfg.data, seed=cfg.run.seed)
     train_loader, grad_loader, test_loader = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
+    if pipeline.schedule.during_training:
+        steps = cfg.finetune.epochs * len(train_loader)
+        if not pipeline.schedule.finished(steps - 1):
+            raise ConfigError(
+                f"schedule {cfg.schedule.name!r} has not finished after the {steps} optimizer steps "
+                f"of [finetune] ({cfg.finetune.epochs} epochs × {len(train_loader)} batches); end "
+                "it earlier or fine-tune longer @ schedule"
+            )
     model = build_model(
         cfg.model.name, num_classes=cfg.model.num_classes or bundle.num_classes, **cfg.model.kwargs
     )
