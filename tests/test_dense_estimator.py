@@ -152,3 +152,13 @@ def test_non_finite_gradients_raise_a_numerical_error():
     est.update(torch.tensor([[float("inf"), 1.0]]))
     with pytest.raises(curvprune.NumericalError, match="not positive definite"):
         est.inverse_diagonal()
+
+
+def test_queries_before_setup_raise_a_clear_error():
+    import curvprune
+
+    est = curvprune.create("estimator", "dense")
+    for call in (lambda: est.update(torch.zeros(1, 3)), lambda: est.ihvp(torch.zeros(3)),
+                 est.inverse_diagonal, lambda: est.inverse_columns(torch.zeros(1, 1, dtype=torch.long))):
+        with pytest.raises(curvprune.EstimatorStateError, match=r"before setup\(sizes\)"):
+            call()

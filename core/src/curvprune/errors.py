@@ -14,6 +14,7 @@ __all__ = [
     "CurvpruneError",
     "DuplicateComponentError",
     "DuplicatePluginError",
+    "EstimatorStateError",
     "MemoryPlanError",
     "NumericalError",
     "PluginLoadError",
@@ -81,6 +82,10 @@ class NumericalError(CurvpruneError, ArithmeticError):
 
 class MemoryPlanError(CurvpruneError, MemoryError):
     """A run would not fit in the memory available (raised before any compute)."""
+
+
+class EstimatorStateError(CurvpruneError, RuntimeError):
+    """An estimator was queried in a state that cannot answer (not set up, no gradients yet)."""
 
 
 class UnsupportedQuery(CurvpruneError, NotImplementedError):

@@ -24,7 +24,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from curvprune.errors import ConfigError, UnsupportedQuery
+from curvprune.errors import ConfigError, EstimatorStateError, UnsupportedQuery
 from curvprune.layout import BlockLayout, ParamLayout
 
 if TYPE_CHECKING:
@@ -150,6 +150,7 @@ class CurvatureEstimator(abc.ABC):
         Args:
             grads: ``[k, d]``, any floating dtype and device; rows are single gradients gᵢ.
         """
+        self._require_setup("update")
         if grads.dim() != 2 or grads.shape[1] != self.d:
             raise ValueError(f"grads must have shape [k, {self.d}], got {tuple(grads.shape)}")
         if grads.shape[0]:
@@ -164,6 +165,7 @@ class CurvatureEstimator(abc.ABC):
         Returns:
             F⁻¹v with the shape of ``v``, in the estimator's dtype and device.
         """
+        self._require_setup("ihvp")
         if v.shape[-1] != self.d or v.dim() not in (1, 2):
             raise ValueError(f"v must have shape [{self.d}] or [n, {self.d}], got {tuple(v.shape)}")
         out = self._ihvp(v.reshape(-1, self.d).to(device=self.device, dtype=self.dtype))
@@ -171,6 +173,7 @@ class CurvatureEstimator(abc.ABC):
 
     def inverse_diagonal(self) -> Tensor:
         """The diagonal of F⁻¹, ``[d]``; every entry is > 0."""
+        self._require_setup("inverse_diagonal")
         return self._inverse_diagonal()
 
     def inverse_columns(self, idx: Tensor) -> Tensor:
@@ -188,6 +191,7 @@ class CurvatureEstimator(abc.ABC):
         The default builds the needed columns with :meth:`ihvp` on unit vectors, in chunks
         (O(n·k·d) work); blocked estimators override it with a gather from their blocks.
         """
+        self._require_setup("inverse_columns")
         idx = idx.to(self.device)
         n, k = idx.shape
         valid = idx >= 0
@@ -206,6 +210,13 @@ class CurvatureEstimator(abc.ABC):
         pair_valid = valid[:, :, None] & valid[:, None, :]
         eye = torch.eye(k, device=self.device, dtype=self.dtype).expand(n, k, k)
         return torch.where(pair_valid, out, eye)
+
+    def _require_setup(self, call: str) -> None:
+        if not self.sizes:
+            raise EstimatorStateError(
+                f"{type(self).__name__}.{call}() before setup(sizes): call setup with the number "
+                "of weights of each selected parameter first"
+            )
 
     # -- to implement -------------------------------------------------------------------------
     @property
