@@ -188,13 +188,30 @@ class CurvatureEstimator(abc.ABC):
             ``idx[r]`` of F⁻¹ read at the rows ``idx[r]``. Padded rows and columns hold the
             identity, so a batched solve with a zero right-hand side there is harmless.
 
-        The default builds the needed columns with :meth:`ihvp` on unit vectors, in chunks
-        (O(n·k·d) work); blocked estimators override it with a gather from their blocks.
+        Subclasses implement :meth:`_inverse_columns`; this method checks ``idx`` and enforces
+        the identity on padding.
         """
         self._require_setup("inverse_columns")
-        idx = idx.to(self.device)
+        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"idx must be an integer tensor [n, k], got {idx.dtype} {tuple(idx.shape)}")
+        idx = idx.to(device=self.device, dtype=torch.long)
+        if idx.numel() and (bool((idx < -1).any()) or bool((idx >= self.d).any())):
+            raise ValueError(f"idx entries must be in [-1, {self.d}), got {idx.min()}..{idx.max()}")
+        out = self._inverse_columns(idx)
         n, k = idx.shape
         valid = idx >= 0
+        pair_valid = valid[:, :, None] & valid[:, None, :]
+        eye = torch.eye(k, device=self.device, dtype=out.dtype).expand(n, k, k)
+        return torch.where(pair_valid, out, eye)
+
+    def _inverse_columns(self, idx: Tensor) -> Tensor:
+        """``[n, k, k]`` entries of F⁻¹ for groups ``idx`` (long, on the device, -1 padding).
+
+        Values at padded positions are ignored (the caller puts the identity there). The default
+        builds the needed columns with :meth:`_ihvp` on unit vectors, in chunks of bounded memory
+        (O(n·k·d) work); blocked estimators override it with a gather from their blocks.
+        """
+        n, k = idx.shape
         flat = idx.clamp_min(0).reshape(-1)
         out = torch.empty(n * k, k, device=self.device, dtype=self.dtype)
         chunk = max(1, (1 << 24) // max(self.d, 1))
@@ -206,10 +223,7 @@ class CurvatureEstimator(abc.ABC):
             cols = self._ihvp(basis)  # [c, d]: column q of F⁻¹ (F⁻¹ is symmetric)
             group = torch.arange(start, start + sel.numel(), device=self.device) // k
             out[start : start + sel.numel()] = torch.gather(cols, 1, rows_of[group])
-        out = out.reshape(n, k, k)
-        pair_valid = valid[:, :, None] & valid[:, None, :]
-        eye = torch.eye(k, device=self.device, dtype=self.dtype).expand(n, k, k)
-        return torch.where(pair_valid, out, eye)
+        return out.reshape(n, k, k)
 
     def _require_setup(self, call: str) -> None:
         if not self.sizes:

@@ -74,7 +74,7 @@ class IsotropicEstimator(CurvatureEstimator):
     def _inverse_diagonal(self) -> Tensor:
         return self.scale().reciprocal().expand(self.d).clone()
 
-    def inverse_columns(self, idx: Tensor) -> Tensor:
+    def _inverse_columns(self, idx: Tensor) -> Tensor:
         """Entries of F⁻¹ = I/s among each row's indices: 1/s on the diagonal, padding 1."""
         idx = idx.to(self.device)
         ones = torch.ones(idx.shape, device=self.device, dtype=self.dtype)

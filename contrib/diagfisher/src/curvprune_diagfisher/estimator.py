@@ -98,7 +98,7 @@ class DiagFisherEstimator(CurvatureEstimator):
     def _inverse_diagonal(self) -> Tensor:
         return self.fisher_diagonal().reciprocal()
 
-    def inverse_columns(self, idx: Tensor) -> Tensor:
+    def _inverse_columns(self, idx: Tensor) -> Tensor:
         """Entries of the diagonal F⁻¹ among each row's indices: 1/F_qq on the diagonal, else 0.
 
         Args:

@@ -245,7 +245,7 @@ class DenseEstimator(CurvatureEstimator):
         assert self._blocks is not None
         return self._blocks.unpack(self.block_inverses().diagonal(dim1=-2, dim2=-1))
 
-    def inverse_columns(self, idx: Tensor) -> Tensor:
+    def _inverse_columns(self, idx: Tensor) -> Tensor:
         """Entries of F⁻¹ among each row's indices, gathered from the block inverses.
 
         Args:
@@ -255,14 +255,9 @@ class DenseEstimator(CurvatureEstimator):
             ``[n, k, k]``; rows and columns of padding hold the identity.
 
         Raises:
-            ValueError: a row mixes indices of two blocks, or an index is out of range.
+            ValueError: a row mixes indices of two blocks.
         """
         assert self._blocks is not None
-        idx = idx.to(self.device)
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape [n, k], got {tuple(idx.shape)}")
-        if bool((idx >= self.d).any() | (idx < -1).any()):
-            raise ValueError(f"idx entries must be in [-1, {self.d}), got {idx.tolist()}")
         valid = idx >= 0
         block_of = self._blocks.block_of(self.device)
         block = torch.where(valid, block_of[idx.clamp_min(0)], -1)
