@@ -10,8 +10,10 @@ distribution (true Fisher, ``fisher = "true"``). The model runs in eval mode (Ba
 running statistics; Dropout is off) and its mode is restored afterwards. Gradients of pruned
 weights are multiplied by the mask, so a pruned coordinate has g = 0.
 
-Non-finite values are tracked on the device without a host sync per chunk; call
-:meth:`GradientSource.check_finite` once after collection.
+The source keeps the running column sum of the rows it yielded (the mean gradient, which
+first-order terms need); non-finite values are tracked through it and the per-row losses on the
+device, without a host sync per chunk: call :meth:`GradientSource.check_finite` once after
+collection.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class GradientSource:
             raise ConfigError(f"fisher_mini_batch must be >= 1, got {fisher_mini_batch}")
         if fisher not in ("empirical", "true"):
             raise ConfigError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = model
         self.layout = layout
         self.loss_fn = loss_fn or default_loss
@@ -85,12 +89,13 @@ class GradientSource:
             chunk_size = min(chunk_size, max(1, 4096 // fisher_mini_batch))
         self.chunk_size = chunk_size
         self.samples_used = 0
-        self._bad_coords: Tensor | None = None
-        self._bad_loss: Tensor | None = None
+        self.rows = 0
+        self._sum: Tensor | None = None
+        self._loss_sum: Tensor | None = None
 
     # -- main entry point ------------------------------------------------------------------------
     def iter_grads(self, batches: Iterable[Any], num_grads: int) -> Iterator[Tensor]:
-        """Yield chunks ``[k, d]`` (float32, on the model's device) with ``num_grads`` rows in all.
+        """Yield chunks ``[k, d]`` (the parameters' dtype and device), ``num_grads`` rows in all.
 
         Args:
             batches: an iterable of ``(inputs, targets)`` batches; re-iterated from the start if
@@ -123,29 +128,39 @@ class GradientSource:
                 grads, losses = compute(selected, xs, ys)
                 flat = self.layout.flatten([grads[n] for n in self.layout.names])
                 if self.mask is not None:
-                    flat = flat * self.mask.to(flat.device)
+                    flat.masked_fill_(~self.mask.to(flat.device), 0)
                 self._track(flat, losses)
                 produced += rows
                 yield flat
         finally:
             self.model.train(was_training)
 
+    def mean(self) -> Tensor:
+        """The mean of all rows yielded so far, ``[d]`` (the mean gradient)."""
+        if self._sum is None:
+            raise ConfigError("no gradient was computed yet")
+        return self._sum / self.rows
+
     def check_finite(self) -> None:
         """Raise :class:`NumericalError` if any gradient or loss seen so far was NaN or infinite.
 
-        One host sync; the message names the first parameter with non-finite gradients.
+        One host sync; the message names the first parameters with non-finite gradients.
+        A non-finite entry makes its column sum non-finite (NaN propagates, ±inf stays or
+        becomes NaN), so the running sum is all that needs checking.
         """
-        if self._bad_loss is not None and bool(self._bad_loss):
+        if self._sum is not None:
+            bad_coords = ~torch.isfinite(self._sum)
+            if bool(bad_coords.any()):
+                index = self.layout.param_index(bad_coords.device)
+                bad_params = torch.unique(index[bad_coords]).tolist()
+                names = ", ".join(repr(self.layout.names[i]) for i in bad_params[:3])
+                raise NumericalError(
+                    f"non-finite gradients in {names}; check the inputs, the weights and loss_fn"
+                )
+        if self._loss_sum is not None and not bool(torch.isfinite(self._loss_sum)):
             raise NumericalError(
                 "non-finite loss while collecting gradients; check the inputs, the model's "
                 "outputs and loss_fn"
-            )
-        if self._bad_coords is not None and bool(self._bad_coords.any()):
-            index = self.layout.param_index(self._bad_coords.device)
-            bad_params = torch.unique(index[self._bad_coords]).tolist()
-            names = ", ".join(repr(self.layout.names[i]) for i in bad_params[:3])
-            raise NumericalError(
-                f"non-finite gradients in {names}; check the inputs, the weights and loss_fn"
             )
 
     # -- internals ---------------------------------------------------------------------------------
@@ -167,13 +182,13 @@ class GradientSource:
             return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
     def _track(self, flat: Tensor, losses: Tensor) -> None:
-        bad = ~torch.isfinite(flat).all(dim=0)
-        bad_loss = ~torch.isfinite(losses).all()
-        if self._bad_coords is None:
-            self._bad_coords, self._bad_loss = bad, bad_loss
+        column_sum, loss_sum = flat.sum(dim=0), losses.sum()
+        if self._sum is None:
+            self._sum, self._loss_sum = column_sum, loss_sum
         else:
-            self._bad_coords |= bad
-            self._bad_loss |= bad_loss
+            self._sum += column_sum
+            self._loss_sum += loss_sum
+        self.rows += flat.shape[0]
 
     def _sample_chunks(
         self, batches: Iterable[Any], total: int, per_chunk: int
@@ -183,7 +198,7 @@ class GradientSource:
         pending_y: list[Tensor] = []
         have = 0
         remaining = total
-        restartable = iter(batches) is not batches
+        restartable = not isinstance(batches, Iterator)
         passes = 0
         while remaining > 0:
             seen_in_pass = 0

@@ -93,7 +93,7 @@ class ParamLayout:
         """Split ``flat`` of shape ``[..., d]`` into views shaped like the parameters."""
         batch = flat.shape[:-1]
         pieces = torch.split(flat, list(self.sizes), dim=-1)
-        return [p.reshape(*batch, *s) for p, s in zip(pieces, self.shapes, strict=True)]
+        return [p.reshape((*batch, *s)) for p, s in zip(pieces, self.shapes, strict=True)]
 
     def gather(self, model: nn.Module) -> Tensor:
         """A detached copy of the selected weights as one flat vector ``[d]``."""

@@ -466,13 +466,15 @@ class _StepRunner:
             chunk_size=pipeline.config.prune.gradient_chunk,
             generator=generator,
         )
-        total = torch.zeros(self.layout.d, device=self.device)
         for chunk in source.iter_grads(self.data, num_grads):  # type: ignore[arg-type]
             if estimator is not None:
-                estimator.update(chunk)
-            total += chunk.sum(0)
+                try:
+                    estimator.update(chunk)
+                except NumericalError:
+                    source.check_finite()  # the source knows which parameter: say so
+                    raise
         source.check_finite()
-        return total / num_grads, num_grads
+        return source.mean(), num_grads
 
 
 class _AuditSet:
