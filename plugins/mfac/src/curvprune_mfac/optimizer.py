@@ -1,0 +1,169 @@
+"""The M-FAC optimizer: gradient steps preconditioned by the sliding-window inverse Fisher.
+
+Frantar, Kurtic & Alistarh (NeurIPS 2021), Sec. 3.2 and the reference ``MFAC`` optimizer. One
+window of the last ``ngrads`` gradients over all parameters (flattened and concatenated in
+``param_groups`` order), F = λI + (1/m)·Σ ggᵀ. Each :meth:`MFAC.step`:
+
+1. g ← ∇L + weight_decay·w (L2 added before preconditioning, not decoupled);
+2. push g into the window, evicting the oldest gradient;
+3. u ← F⁻¹g with the new window (g included), O(d·m + m³), reusing Gg from the push;
+4. with momentum μ > 0, an exponential average: v ← μv + (1 − μ)u, u ← v;
+5. w ← w − lr·u.
+
+The window starts as m zero gradients, as in the reference, and F is scaled by 1/m from the first
+step: with one gradient in it, u = g/(λ + ‖g‖²/m), a step of length ≈ m/‖g‖ (use a small lr).
+
+Masks: if every gradient in the window is zero at coordinate q, then F e_q = λ e_q, so
+u_q = g_q/λ, which is exactly 0 when the weight and its gradient are (pruned weight, masked
+gradient). Gradients taken before q was pruned still couple q to the kept weights, so for the next
+m steps u_q ≠ 0 in general and the pruning session's re-zeroing is what keeps w_q = 0.
+:meth:`MFAC.mask_` removes pruned coordinates from the window at once, after which pruned weights
+stay exactly zero through every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from curvprune import ConfigError, NumericalError
+from torch import Tensor
+
+from curvprune_mfac.dynamic import SlidingWindow
+
+__all__ = ["MFAC"]
+
+
+class MFAC(torch.optim.Optimizer):
+    """M-FAC: SGD preconditioned by the inverse empirical Fisher of the last ``ngrads`` gradients.
+
+    Args:
+        params: parameters or parameter groups (groups may set ``lr``, ``momentum``,
+            ``weight_decay``; the window and damping are shared by all parameters).
+        lr: learning rate. Default 1e-3 (reference).
+        momentum: μ of the exponential average of preconditioned steps, in [0, 1). Default 0.
+        weight_decay: L2 coefficient added to the gradient before preconditioning. Default 0.
+        ngrads: the window size m. Default 1024 (reference).
+        damping: λ > 0. Default 1e-5 (reference).
+
+    Memory: m·d numbers at the parameters' dtype for the window, plus float64 m×m matrices.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        ngrads: int = 1024,
+        damping: float = 1e-5,
+    ) -> None:
+        _check("lr", lr, lr >= 0, ">= 0")
+        _check("momentum", momentum, 0 <= momentum < 1, "in [0, 1)")
+        _check("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
+        _check("ngrads", ngrads, ngrads >= 1, ">= 1")
+        _check("damping", damping, damping > 0, "> 0")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        flat = self._params()
+        first = flat[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in flat):
+            raise ConfigError("MFAC needs all parameters on one device with one dtype")
+        self.ngrads, self.damping = int(ngrads), float(damping)
+        self._window = SlidingWindow(
+            1, self.ngrads, sum(p.numel() for p in flat), damping=self.damping,
+            dtype=first.dtype, device=first.device, zero_padded=True,
+        )
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One M-FAC step (see the module docstring); returns the closure's loss, if any.
+
+        Raises:
+            NumericalError: a gradient holds NaN or Inf (parameters and window unchanged).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pieces = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                if group["weight_decay"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                pieces.append(g.reshape(-1))
+        g = torch.cat(pieces)
+        if not bool(torch.isfinite(g).all()):
+            raise NumericalError("MFAC.step: the gradient holds NaN or Inf; nothing was updated")
+        x = g[None, None, :]  # [n = 1, b = 1, d]
+        projections = self._window.push(x.transpose(0, 1))  # G_new·g, [1, m, 1]
+        update = self._window.ihvp(x, projections)[0, 0]
+        offset = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                u = update[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if group["momentum"]:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(group["momentum"]).add_(u, alpha=1 - group["momentum"])
+                    u = buf
+                p.add_(u, alpha=-group["lr"])
+        return loss
+
+    @torch.no_grad()
+    def mask_(self, masks: Mapping[Tensor, Tensor]) -> None:
+        """Remove pruned coordinates from the window (and their momentum): O(d·m²).
+
+        Args:
+            masks: keep-mask (bool, the parameter's shape) of each masked parameter; parameters
+                not in the mapping are kept whole.
+        """
+        known = {id(p) for p in self._params()}
+        unknown = [tuple(p.shape) for p in masks if id(p) not in known]
+        if unknown:
+            raise ValueError(f"MFAC.mask_: parameters of shapes {unknown} are not optimized here")
+        by_id = {id(p): mask for p, mask in masks.items()}
+        keep = torch.cat([
+            by_id[id(p)].reshape(-1).to(torch.bool) if id(p) in by_id
+            else torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+            for p in self._params()
+        ])
+        self._window.mask_columns_(keep[None, :])
+        for p in self._params():
+            buf = self.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and id(p) in by_id:
+                buf.mul_(by_id[id(p)].to(buf.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer state (momentum, groups) plus the window under ``"mfac"``."""
+        state = super().state_dict()
+        state["mfac"] = {**self._window.state_dict(), "ngrads": self.ngrads,
+                         "damping": self.damping}
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; the window must have the same ``ngrads`` and d."""
+        state = dict(state_dict)
+        window = state.pop("mfac", None)
+        if window is None:
+            raise ValueError("MFAC.load_state_dict: no 'mfac' window state in this state dict")
+        if int(window["ngrads"]) != self.ngrads or float(window["damping"]) != self.damping:
+            raise ValueError(
+                f"MFAC.load_state_dict: saved ngrads={window['ngrads']}, damping="
+                f"{window['damping']} but this optimizer has ngrads={self.ngrads}, "
+                f"damping={self.damping}"
+            )
+        super().load_state_dict(state)
+        self._window.load_state_dict(window)
+
+
+def _check(name: str, value: float, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {rule}, got {value}")

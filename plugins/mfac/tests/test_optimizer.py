@@ -1,0 +1,155 @@
+"""The M-FAC optimizer: exact steps, momentum, state round trip, masks, speed on a quadratic."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from curvprune import ConfigError, NumericalError
+from curvprune_mfac import MFAC
+
+from .conftest import dense_fisher
+
+
+def steps_with_grads(opt, params, grads):
+    for g in grads:
+        offset = 0
+        for p in params:
+            p.grad = g[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        opt.step()
+
+
+def test_each_step_is_minus_lr_times_window_inverse():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    params = [a.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+    opt = MFAC(params, lr=0.3, ngrads=3, damping=0.5, weight_decay=0.1)
+    grads = torch.randn(6, 10, dtype=torch.float64)
+    seen = []
+    for t, g in enumerate(grads):
+        before = torch.cat([p.detach().reshape(-1) for p in params])
+        steps_with_grads(opt, params, g[None])
+        after = torch.cat([p.detach().reshape(-1) for p in params])
+        seen.append(g + 0.1 * before)  # L2 weight decay enters the gradient (and the window)
+        window = torch.stack(seen[-3:])
+        # The zero-filled window: F = λI + (1/ngrads)·Σ over the real gradients held.
+        fisher = dense_fisher(window, (10,), None, 0.5, scale=3)
+        expected = before - 0.3 * torch.linalg.solve(fisher, seen[-1])
+        torch.testing.assert_close(after, expected, rtol=1e-12, atol=1e-12, msg=f"step {t}")
+
+
+def test_momentum_is_an_exponential_average_of_preconditioned_steps():
+    torch.manual_seed(1)
+    grads = torch.randn(4, 5, dtype=torch.float64)
+    plain_w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    plain = MFAC([plain_w], lr=1.0, ngrads=2, damping=0.2)
+    heavy_w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    heavy = MFAC([heavy_w], lr=1.0, ngrads=2, damping=0.2, momentum=0.9)
+    v = torch.zeros(5, dtype=torch.float64)
+    for g in grads:
+        before = plain_w.detach().clone()
+        steps_with_grads(plain, [plain_w], g[None])
+        u = before - plain_w.detach()
+        v = 0.9 * v + 0.1 * u
+        h_before = heavy_w.detach().clone()
+        steps_with_grads(heavy, [heavy_w], g[None])
+        torch.testing.assert_close(h_before - heavy_w.detach(), v, rtol=1e-12, atol=1e-14)
+
+
+def test_state_dict_round_trip_resumes_identically():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+
+    def train(m, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+
+    opt = MFAC(model.parameters(), lr=1e-3, momentum=0.5, ngrads=4, weight_decay=1e-3)
+    train(model, opt, 6)  # window wrapped once
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, 5)
+    resumed = copy.deepcopy(model)
+    resumed.load_state_dict(saved_model)
+    opt2 = MFAC(resumed.parameters(), lr=1e-3, momentum=0.5, ngrads=4, weight_decay=1e-3)
+    opt2.load_state_dict(saved_opt)
+    train(resumed, opt2, 5)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="ngrads=4"):
+        MFAC(resumed.parameters(), ngrads=8).load_state_dict(saved_opt)
+
+
+def test_masked_coordinates_stay_exactly_zero_once_the_window_is_masked():
+    torch.manual_seed(3)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    opt = MFAC([w], lr=0.1, ngrads=3, damping=0.1)
+    steps_with_grads(opt, [w], torch.randn(3, 6, dtype=torch.float64))  # pre-pruning window
+    keep = torch.tensor([True, False, True, True, False, True])
+    with torch.no_grad():
+        w.mul_(keep)
+    masked = torch.randn(1, 6, dtype=torch.float64) * keep
+    steps_with_grads(opt, [w], masked)
+    # Older, unmasked gradients couple pruned and kept coordinates: F⁻¹ mixes them in.
+    assert bool((w.detach()[~keep] != 0).all())
+    with torch.no_grad():
+        w.mul_(keep)  # what the pruning session does after every step
+    opt.mask_({w: keep})
+    steps_with_grads(opt, [w], torch.randn(5, 6, dtype=torch.float64) * keep)
+    assert bool((w.detach()[~keep] == 0).all())  # exactly zero: F e_q = λ e_q there
+    # Without mask_, the window forgets the coupling after ngrads masked steps.
+    v = torch.randn(6, dtype=torch.float64).mul(keep).requires_grad_(True)
+    fresh = MFAC([v], lr=0.1, ngrads=3, damping=0.1)
+    steps_with_grads(fresh, [v], torch.randn(3, 6, dtype=torch.float64))
+    with torch.no_grad():
+        v.mul_(keep)
+    steps_with_grads(fresh, [v], torch.randn(3, 6, dtype=torch.float64) * keep)
+    with torch.no_grad():
+        v.mul_(keep)
+    steps_with_grads(fresh, [v], torch.randn(4, 6, dtype=torch.float64) * keep)
+    assert bool((v.detach()[~keep] == 0).all())
+
+
+def steps_to_target(make_optimizer, h, target, max_steps, seed=0):
+    """Noisy quadratic ½(w−w*)ᵀH(w−w*), gradients H(w−w*) + ξ with ξ ~ N(0, H)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (1 / h.sqrt()).requires_grad_(True)  # every eigen-direction starts at loss ½
+    opt = make_optimizer([w])
+    for t in range(max_steps):
+        w.grad = h * w.detach() + h.sqrt() * torch.randn(h.shape, generator=g, dtype=h.dtype)
+        opt.step()
+        if float(0.5 * (h * w.detach() ** 2).sum()) <= target:
+            return t + 1
+    return max_steps + 1
+
+
+def test_fewer_steps_than_sgd_on_an_ill_conditioned_quadratic():
+    # cond(H) = 1e4. SGD is stable for lr < 2/h_max = 2e-4 and then needs ~κ steps; the
+    # empirical Fisher of these gradients is H·δδᵀ·H + H, so M-FAC's step is close to a scaled
+    # Newton step whatever κ is.
+    h = torch.logspace(0, 4, 10, dtype=torch.float64)
+    target = 0.1 * float(0.5 * h.numel())
+    sgd = min(steps_to_target(lambda p, lr=lr: torch.optim.SGD(p, lr=lr), h, target, 3000)
+              for lr in (3e-5, 1e-4, 1.5e-4, 1.9e-4))
+    mfac = steps_to_target(lambda p: MFAC(p, lr=0.05, ngrads=16, damping=1e-5), h, target, 3000)
+    assert mfac < sgd / 2, (mfac, sgd)
+
+
+def test_bad_arguments_and_non_finite_gradients():
+    w = torch.zeros(3, requires_grad=True)
+    for kwargs, message in [({"ngrads": 0}, "ngrads must be >= 1, got 0"),
+                            ({"damping": 0.0}, "damping must be > 0, got 0.0"),
+                            ({"momentum": 1.0}, "momentum must be in"),
+                            ({"lr": -1.0}, "lr must be >= 0")]:
+        with pytest.raises(ConfigError, match=message):
+            MFAC([w], **kwargs)
+    opt = MFAC([w], ngrads=2)
+    w.grad = torch.tensor([1.0, float("inf"), 0.0])
+    with pytest.raises(NumericalError, match="NaN or Inf"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.zeros(3)) and opt._window.seen == 0
