@@ -1,0 +1,328 @@
+"""The ``woodfisher`` curvature estimator: blockwise inverse of the damped empirical Fisher.
+
+Singh & Alistarh, "WoodFisher: Efficient Second-Order Approximation for Neural Network
+Compression", NeurIPS 2020. With m gradients gᵢ and damping λ, every diagonal block b of::
+
+    F = λ·I + (1/m)·Σᵢ gᵢgᵢᵀ                                    (paper Eq. 2, block-diagonal)
+
+is inverted explicitly, as a batch ``[n_blocks, B, B]``, by one of two algorithms that give the
+same matrix:
+
+* ``woodbury``, the paper's recursion (Sherman–Morrison on Fₖ = Fₖ₋₁ + gₖgₖᵀ/m, paper Eq. 3)::
+
+      F₀⁻¹ = I/λ,   vₖ = Fₖ₋₁⁻¹ gₖ,   Fₖ⁻¹ = Fₖ₋₁⁻¹ − vₖvₖᵀ / (m + gₖᵀvₖ)
+
+  streamed one gradient at a time over all blocks at once. m is the *total* number of
+  gradients, so it must be known up front: it is ``config.num_grads``, and a different number
+  of gradients raises (:class:`curvprune.ConfigError`) instead of returning the inverse of a
+  differently scaled matrix.
+* ``gram``: accumulate Gₘ = Σᵢ gᵢgᵢᵀ per block with batched GEMMs (:class:`BlockRuns`), then at
+  the first query one batched Cholesky LLᵀ = λI + Gₘ/m and F⁻¹ = L⁻ᵀL⁻¹ (a batched triangular
+  solve and a GEMM; measured faster than ``cholesky_inverse`` on CPU and robust to thread
+  contention, see docs/benchmarks.md). Any m works: the 1/m is applied at the end.
+
+Padding slots of short blocks start at I/λ (``woodbury``) or get λ on the diagonal (``gram``) and
+every gradient is zero there, so they never couple to a real coordinate and are dropped by
+:meth:`curvprune.BlockLayout.unpack`.
+
+Nothing but the block inverses (and, for ``gram``, the Gram matrices until the first query) is
+stored: no gradient is kept, so there is no gradient-storage precision to choose.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from curvprune import (
+    BlockLayout,
+    ConfigError,
+    CurvatureEstimator,
+    EstimatorConfig,
+    EstimatorStateError,
+    NumericalError,
+)
+from curvprune_woodfisher.blocks import BlockRuns
+from curvprune_woodfisher.config import WoodFisherConfig
+
+__all__ = [
+    "AUTO_WOODBURY_RATIO",
+    "WoodFisherEstimator",
+    "choose_algorithm",
+    "damped_block_inverse",
+    "woodbury_update_",
+]
+
+#: ``auto`` uses the rank-1 recursion when ``num_grads · AUTO_WOODBURY_RATIO <= B`` (measured
+#: crossover, docs/benchmarks.md): below it, m rank-1 passes over the blocks cost less than one
+#: batched factorisation.
+AUTO_WOODBURY_RATIO = 8
+
+def choose_algorithm(config: WoodFisherConfig, width: int) -> Literal["woodbury", "gram"]:
+    """Resolve ``config.algorithm`` for blocks of padded width ``width``."""
+    if config.algorithm != "auto":
+        return config.algorithm
+    return "woodbury" if config.num_grads * AUTO_WOODBURY_RATIO <= width else "gram"
+
+
+def woodbury_update_(inverse: Tensor, g: Tensor, m: int) -> None:
+    """One step of the WoodFisher recursion (paper Eq. 3) on every block, in place.
+
+    ``F⁻¹ ← F⁻¹ − vvᵀ/(m + gᵀv)`` with ``v = F⁻¹g``, applied as ``F⁻¹ ← F⁻¹ − ssᵀ`` with
+    ``s = v/√(m + gᵀv)`` so the update is exactly symmetric in floating point.
+
+    Args:
+        inverse: ``[n_blocks, B, B]`` block inverses Fₖ₋₁⁻¹ (symmetric positive definite).
+        g: ``[n_blocks, B]``, one gradient packed into blocks (zeros on padding slots).
+        m: the total number of gradients of the estimate.
+
+    """
+    v = torch.bmm(inverse, g.unsqueeze(-1)).squeeze(-1)
+    s = v * torch.rsqrt(m + (g * v).sum(-1, keepdim=True))
+    inverse.baddbmm_(s.unsqueeze(-1), s.unsqueeze(-2), alpha=-1)
+
+
+def damped_block_inverse(gram: Tensor, m: int, damping: float) -> Tensor:
+    """``(λI + G/m)⁻¹`` for a batch of Gram blocks, by Cholesky; consumes ``gram``.
+
+    With ``LLᵀ = λI + G/m``: ``(LLᵀ)⁻¹ = L⁻ᵀL⁻¹``, so one batched triangular solve against I and
+    one batched GEMM. Peak memory is two ``[n_blocks, B, B]`` tensors.
+
+    A Gram block summed in precision eps is only known to ±eps·‖G‖: when λ is below that, its
+    null directions can come out slightly negative and the Cholesky of λI + G/m breaks down
+    (large float32 gradients with λ = 1e-5 do this). Those blocks alone are redone in float64
+    with the eigenvalues of G/m clamped at 0, i.e. the inverse for the nearest positive
+    semidefinite Gram, a change within the Gram's own rounding error.
+
+    Args:
+        gram: ``[n_blocks, B, B]`` sums Σᵢ gᵢgᵢᵀ; consumed (its storage is released, so the
+            caller's references see an empty tensor).
+        m: number of gradients summed into ``gram``.
+        damping: λ > 0.
+
+    Returns:
+        The block inverses. Raises :class:`curvprune.NumericalError` if the Gram matrix
+        overflowed (gradients too large for the dtype).
+
+    """
+    gram.div_(m).diagonal(dim1=-2, dim2=-1).add_(damping)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    failed = info.nonzero().squeeze(1)  # one host sync
+    retry = gram[failed].to(torch.float64) if failed.numel() else None
+    gram.set_()  # release λI + G/m before the solve allocates
+    inverse = _inverse_from_cholesky(chol)
+    if retry is not None:
+        if not bool(torch.isfinite(retry).all()):
+            raise NumericalError(
+                f"the Gram matrix of {failed.numel()} woodfisher block(s) overflowed in "
+                f"{inverse.dtype}; use dtype = 'float64'"
+            )
+        inverse[failed] = _clamped_inverse(retry, damping).to(inverse.dtype)
+    return inverse
+
+
+def _clamped_inverse(damped: Tensor, damping: float) -> Tensor:
+    """``(λI + G₊/m)⁻¹`` from ``damped = λI + G/m``, G₊ the PSD part of G (float64 eigh)."""
+    gram = damped - damping * torch.eye(damped.shape[-1], dtype=damped.dtype,
+                                        device=damped.device)
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    scale = (damping + eigvals.clamp_min(0)).rsqrt()
+    root = eigvecs * scale.unsqueeze(-2)
+    return root @ root.mT
+
+
+def _inverse_from_cholesky(chol: Tensor) -> Tensor:
+    """``L⁻ᵀL⁻¹`` for lower-triangular ``chol`` ``[n, B, B]``."""
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    return torch.bmm(chol_inv.mT, chol_inv)
+
+
+class WoodFisherEstimator(CurvatureEstimator):
+    """Explicit block inverses of the damped empirical Fisher (WoodFisher).
+
+    Args:
+        config: a :class:`WoodFisherConfig` (defaults if None).
+
+    Queries (:meth:`ihvp`, :meth:`inverse_diagonal`, :meth:`inverse_columns`) read the block
+    inverses; before any gradient they raise :class:`EstimatorStateError`. With ``gram``, the
+    first query factorises and frees the Gram matrices, after which :meth:`update` raises until
+    the next :meth:`setup`. Each :meth:`update` checks its chunk for NaN/Inf (one host sync per
+    chunk) before touching any state.
+
+    """
+
+    config: WoodFisherConfig
+
+    def __init__(self, config: WoodFisherConfig | None = None) -> None:
+        super().__init__(config or WoodFisherConfig())
+        self._blocks: BlockLayout | None = None
+        self._runs: BlockRuns | None = None
+        self._gram: Tensor | None = None
+        self._inverse: Tensor | None = None
+        self._slots: Tensor | None = None
+        self._packed: Tensor | None = None
+        self._count = 0
+        self.algorithm: Literal["woodbury", "gram"] | None = None
+
+    # -- planning -----------------------------------------------------------------------------
+    @classmethod
+    def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
+        """Peak state bytes: ``n_blocks·B²`` per block batch, one (woodbury) or two (gram).
+
+        ``gram`` holds the Gram batch while accumulating and two batches while inverting
+        (factor and inverse); ``woodbury`` updates one batch in place. Vectors of size d and
+        the packed gradient row are negligible and not counted, as is the float64 copy of the
+        (normally no) blocks whose float32 Cholesky fails (:func:`damped_block_inverse`).
+        """
+        config = _as_woodfisher(config)
+        blocks = BlockLayout.build(sizes, config.block_size)
+        batch = blocks.n_blocks * blocks.width**2 * config.torch_dtype.itemsize
+        return batch * (1 if choose_algorithm(config, blocks.width) == "woodbury" else 2)
+
+    @classmethod
+    def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
+        """``woodbury``: 4·m·n_blocks·B²; ``gram``: 2·m·n_blocks·B² + (1/3 + 1 + 2)·n_blocks·B³."""
+        config = _as_woodfisher(config)
+        blocks = BlockLayout.build(sizes, config.block_size)
+        nb, b, m = blocks.n_blocks, blocks.width, config.num_grads
+        if choose_algorithm(config, b) == "woodbury":
+            return 4.0 * m * nb * b**2
+        return 2.0 * m * nb * b**2 + (1 / 3 + 1 + 2) * nb * b**3
+
+    # -- life cycle ---------------------------------------------------------------------------
+    @property
+    def block_layout(self) -> BlockLayout:
+        """The diagonal blocks (cached after :meth:`setup`)."""
+        return self._blocks if self._blocks is not None else super().block_layout
+
+    @property
+    def num_samples(self) -> int:
+        """m: the number of gradients accumulated since :meth:`setup`."""
+        return self._count
+
+    def _setup(self) -> None:
+        self._blocks = BlockLayout.build(self.sizes, self.config.block_size)
+        nb, width = self._blocks.n_blocks, self._blocks.width
+        self.algorithm = choose_algorithm(self.config, width)
+        self._count = 0
+        self._gram = self._inverse = None
+        if self.algorithm == "woodbury":
+            eye = torch.eye(width, device=self.device, dtype=self.dtype) / self.config.damping
+            self._inverse = eye.repeat(nb, 1, 1)
+            # One packed gradient, reused: coordinates go to their slots, padding stays zero.
+            self._slots = self._blocks.valid(self.device).reshape(-1).nonzero().squeeze(1)
+            self._packed = torch.zeros(nb, width, device=self.device, dtype=self.dtype)
+        else:
+            self._runs = BlockRuns.build(self._blocks, self.device)
+            self._gram = torch.zeros(nb, width, width, device=self.device, dtype=self.dtype)
+
+    def _update(self, grads: Tensor) -> None:
+        self._check_finite(grads)
+        k = grads.shape[0]
+        if self.algorithm == "gram":
+            if self._gram is None:
+                raise EstimatorStateError(
+                    "woodfisher (gram) was already inverted and freed its Gram matrices; call "
+                    "setup() to start a new estimate"
+                )
+            assert self._runs is not None
+            self._runs.accumulate_(self._gram, grads.contiguous())
+        else:
+            m = self.config.num_grads
+            if self._count + k > m:
+                raise ConfigError(
+                    f"woodfisher (woodbury) got {self._count + k} gradients but num_grads = {m} "
+                    "fixes m in F = λI + (1/m)·Σggᵀ; feed exactly num_grads gradients or use "
+                    "algorithm = 'gram' @ estimator.num_grads"
+                )
+            assert self._inverse is not None and self._packed is not None
+            flat = self._packed.view(-1)
+            for g in grads:  # the recursion is sequential in the gradients, batched over blocks
+                flat.index_copy_(0, self._slots, g)
+                woodbury_update_(self._inverse, self._packed, m)
+        self._count += k
+
+    # -- queries ------------------------------------------------------------------------------
+    def _ready_inverse(self) -> Tensor:
+        """Return the block inverses, computing them at the first query after the updates."""
+        if self._blocks is None:
+            raise EstimatorStateError("woodfisher is not set up; call setup(sizes) first")
+        if self._count == 0:
+            raise EstimatorStateError(
+                "woodfisher has seen no gradients; call update() with [k, d] gradients before "
+                "querying F⁻¹"
+            )
+        if self.algorithm == "woodbury" and self._count != self.config.num_grads:
+            raise ConfigError(
+                f"woodfisher (woodbury) saw {self._count} gradients but num_grads = "
+                f"{self.config.num_grads} fixes m in F = λI + (1/m)·Σggᵀ; feed exactly num_grads "
+                "gradients or use algorithm = 'gram' @ estimator.num_grads"
+            )
+        if self._gram is not None:
+            self._inverse = damped_block_inverse(self._gram, self._count, self.config.damping)
+            self._gram = None
+        assert self._inverse is not None
+        return self._inverse
+
+    def _ihvp(self, v: Tensor) -> Tensor:
+        blocks = self.block_layout
+        packed = blocks.pack(v).permute(1, 2, 0)  # [n_blocks, B, n]
+        out = torch.bmm(self._ready_inverse(), packed)
+        return blocks.unpack(out.permute(2, 0, 1))
+
+    def _inverse_diagonal(self) -> Tensor:
+        return self.block_layout.unpack(self._ready_inverse().diagonal(dim1=-2, dim2=-1))
+
+    def _inverse_columns(self, idx: Tensor) -> Tensor:
+        """Gather ``[F⁻¹]_{idx[r,i], idx[r,j]}`` from the block inverses, ``[n, k, k]``.
+
+        The public :meth:`inverse_columns` has checked the range of ``idx`` and puts the
+        identity on padding (``-1``) afterwards; a row that mixes blocks raises ``ValueError``.
+        """
+        inverse = self._ready_inverse()
+        blocks = self.block_layout
+        valid = idx >= 0
+        flat = idx.clamp_min(0)
+        block = blocks.block_of(self.device)[flat]
+        # Every valid entry of a row must share the block of the row's first valid entry.
+        first = torch.gather(block, 1, valid.long().argmax(1, keepdim=True))
+        if bool((valid & (block != first)).any()):
+            raise ValueError(
+                "inverse_columns: each row of idx must lie in one diagonal block of woodfisher "
+                f"(block_size = {self.config.block_size})"
+            )
+        pos = torch.where(valid, flat - blocks.starts.to(self.device)[first], 0)
+        return inverse[first.unsqueeze(-1), pos.unsqueeze(-1), pos.unsqueeze(-2)]
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check_finite(self, grads: Tensor) -> None:
+        """Raise :class:`NumericalError` naming the parameter if ``grads`` has NaN or Inf.
+
+        ``aminmax`` propagates NaN and keeps ±Inf, and is a pure reduction: no temporary the
+        size of the chunk (``isfinite(grads).all()`` allocates 1.5 chunks). One host sync.
+        """
+        if bool(torch.isfinite(torch.stack(torch.aminmax(grads))).all()):
+            return
+        row, col = (int(i) for i in (~torch.isfinite(grads)).nonzero()[0])
+        param = self._param_of(col)
+        raise NumericalError(
+            f"non-finite gradient for parameter {param} (layout order) at flat index {col}, "
+            f"row {row} of the chunk; woodfisher state left unchanged"
+        )
+
+    def _param_of(self, flat_index: int) -> int:
+        offsets = [0]
+        for size in self.sizes:
+            offsets.append(offsets[-1] + size)
+        return bisect.bisect_right(offsets, flat_index) - 1
+
+
+def _as_woodfisher(config: EstimatorConfig) -> WoodFisherConfig:
+    if isinstance(config, WoodFisherConfig):
+        return config
+    raise TypeError(f"woodfisher needs a WoodFisherConfig, got {type(config).__name__}")

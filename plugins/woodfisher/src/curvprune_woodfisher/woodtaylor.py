@@ -1,0 +1,162 @@
+"""The ``woodtaylor`` scorer: OBS with the first-order term of the local model kept.
+
+WoodFisher (Singh & Alistarh, 2020, Sec. "WoodTaylor") prunes with the quadratic model
+
+    L(w + δ) − L(w) ≈ ḡᵀδ + ½ δᵀFδ,
+
+ḡ the mean gradient (``PruneContext.mean_grad``) and F the estimator's damped Fisher, instead of
+OBS's ½ δᵀFδ (which assumes ḡ = 0 at a trained point). Write u = F⁻¹ḡ (the unconstrained
+minimiser is δ = −u) and d_q = [F⁻¹]_qq.
+
+**One weight q.** Minimising ḡᵀδ + ½δᵀFδ subject to e_qᵀ(w + δ) = 0: stationarity of the
+Lagrangian gives Fδ = −ḡ − μe_q, so δ = −u − μF⁻¹e_q, and the constraint w_q − u_q − μd_q = 0
+gives μ = (w_q − u_q)/d_q. Substituting,
+
+    δ_q* = −u − F⁻¹e_q (w_q − u_q)/d_q,      ρ_q = ½ (w_q − u_q)²/d_q − ½ ḡᵀu.
+
+**A set P, summed** (the reference code's update, ``joint = false``): the single-weight
+multipliers μ_q = (w_q − u_q)/d_q, one shared move to the minimiser:
+δ = −u − F⁻¹ Σ_{q∈P} e_q μ_q = −F⁻¹(ḡ + z), z = Σ_P e_q μ_q (one IHVP). Predicted change:
+Σ_P ½ (w_q − u_q)²/d_q − ½ ḡᵀu (correlations between pruned weights ignored; the pipeline
+zeroes w_P afterwards).
+
+**A set P, jointly** (``joint = true``, per block): the constraint E_Pᵀ(w + δ) = 0 gives
+μ = ([F⁻¹]_PP)⁻¹(w_P − u_P), δ = −F⁻¹(ḡ + E_Pμ), and the exact model change
+½ (w_P − u_P)ᵀ([F⁻¹]_PP)⁻¹(w_P − u_P) − ½ ḡᵀu. Blocks decouple: F is block diagonal.
+
+**The constant −½ ḡᵀu** is the same for every weight, so :meth:`WoodTaylorScorer.score`
+leaves it out (it is up to n_blocks/2 and would swamp small saliencies in float32); it is
+counted once in :meth:`WoodTaylorScorer.predicted_loss_change`. With ḡ = 0 every formula is
+OBS's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvprune import ConfigError, CurvatureEstimator, PruneContext, SaliencyScorer
+from curvprune_woodfisher.config import WoodTaylorConfig
+
+__all__ = ["WoodTaylorScorer", "group_by_block"]
+
+
+def group_by_block(index: Tensor, block_of: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Arrange sorted flat indices into one padded row per block.
+
+    Args:
+        index: ascending flat indices, long ``[p]`` (so their blocks are non-decreasing).
+        block_of: block of every flat coordinate, long ``[d]``.
+
+    Returns:
+        ``(groups, row, col)``: ``groups`` ``[n_rows, K]`` holds ``index`` with ``-1`` padding,
+        one row per block that has indices; ``groups[row[i], col[i]] == index[i]``.
+
+    """
+    _, row, counts = torch.unique_consecutive(
+        block_of[index], return_inverse=True, return_counts=True
+    )
+    col = torch.arange(index.numel(), device=index.device) - (torch.cumsum(counts, 0) - counts)[row]
+    groups = torch.full(
+        (counts.numel(), int(counts.max())), -1, dtype=torch.long, device=index.device
+    )
+    groups[row, col] = index
+    return groups, row, col
+
+
+class WoodTaylorScorer(SaliencyScorer):
+    """WoodTaylor saliency ρ_q = ½(w_q − u_q)²/[F⁻¹]_qq (+ const) and its constrained update.
+
+    Args:
+        config: a :class:`WoodTaylorConfig` (defaults if None).
+
+    """
+
+    needs_curvature = True
+    needs_gradient = True
+
+    config: WoodTaylorConfig
+
+    def __init__(self, config: WoodTaylorConfig | None = None) -> None:
+        super().__init__(config or WoodTaylorConfig())
+        self._ctx: PruneContext | None = None
+        self._u: Tensor | None = None
+        self._diag: Tensor | None = None
+        self._predicted: Tensor | None = None
+
+    # -- shared quantities of one step -----------------------------------------------------------
+    def _prepare(self, ctx: PruneContext) -> tuple[CurvatureEstimator, Tensor, Tensor, Tensor]:
+        """``(estimator, ḡ, u = F⁻¹ḡ, d = diag F⁻¹)``, computed once per context."""
+        estimator = ctx.estimator
+        if estimator is None:
+            raise ConfigError("woodtaylor needs a curvature estimator @ estimator")
+        if ctx.mean_grad is None:
+            raise ConfigError(
+                "woodtaylor needs the mean gradient (PruneContext.mean_grad) @ scorer"
+            )
+        if self._ctx is not ctx:
+            diag = estimator.inverse_diagonal()
+            # A float32 diagonal can round to <= 0 when 1/damping dwarfs it; floor it.
+            self._diag = diag.clamp_min(torch.finfo(diag.dtype).eps * diag.abs().max())
+            self._u = estimator.ihvp(ctx.mean_grad)
+            self._ctx, self._predicted = ctx, None
+        assert self._u is not None and self._diag is not None
+        gbar = ctx.mean_grad.to(device=self._u.device, dtype=self._u.dtype)
+        return estimator, gbar, self._u, self._diag
+
+    def score(self, ctx: PruneContext) -> Tensor:
+        """ρ_q + ½ ḡᵀu = ½ (w_q − u_q)² / [F⁻¹]_qq, ``[d]`` (ranking equals ρ's)."""
+        _, _, u, diag = self._prepare(ctx)
+        w = (ctx.weights * ctx.mask).to(u.dtype)
+        return (w - u).square() / (2 * diag)
+
+    def compensate(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
+        """δw = −F⁻¹(ḡ + z): z summed single-weight multipliers, or the per-block joint ones."""
+        estimator, gbar, _, _ = self._prepare(ctx)
+        z = self._multipliers(ctx, pruned)
+        if not self.config.update:
+            return None
+        return -estimator.ihvp(gbar + z)
+
+    def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
+        """Return the quadratic model's change for this step, with −½ḡᵀu counted once."""
+        if self._ctx is not ctx or self._predicted is None:
+            self._multipliers(ctx, pruned)
+        return self._predicted
+
+    def _multipliers(self, ctx: PruneContext, pruned: Tensor) -> Tensor:
+        """Z = E_P μ; stores the model's change ½((w_P − u_P)ᵀμ − ḡᵀu) for this step."""
+        estimator, gbar, u, diag = self._prepare(ctx)
+        offset = ctx.weights.to(u.dtype) - u
+        pruned = pruned.to(u.device)
+        if self.config.joint:
+            z = self._joint_multipliers(estimator, offset, pruned)
+        else:
+            z = torch.where(pruned, offset / diag, torch.zeros_like(offset))
+        self._predicted = 0.5 * ((z * offset).sum() - gbar @ u)
+        return z
+
+    def _joint_multipliers(
+        self, estimator: CurvatureEstimator, offset: Tensor, pruned: Tensor
+    ) -> Tensor:
+        """Z = E_P μ with μ = ([F⁻¹]_PP)⁻¹(w_P − u_P), solved per block."""
+        index = pruned.nonzero().squeeze(1)
+        z = torch.zeros_like(offset)
+        if index.numel() == 0:
+            return z
+        groups, row, col = group_by_block(index, estimator.block_layout.block_of(offset.device))
+        if groups.shape[1] > self.config.max_joint_group:
+            raise ConfigError(
+                f"joint woodtaylor would solve a {groups.shape[1]}x{groups.shape[1]} system in "
+                f"one block (max_joint_group = {self.config.max_joint_group}); use a smaller "
+                "block_size, more pruning steps, or joint = false @ scorer.joint"
+            )
+        sub = estimator.inverse_columns(groups).to(offset.dtype)  # [n, K, K], identity padding
+        rhs = torch.where(groups >= 0, offset[groups.clamp_min(0)], 0).unsqueeze(-1)
+        chol, info = torch.linalg.cholesky_ex(sub)
+        if bool(info.any()):  # [F⁻¹]_PP is SPD in exact arithmetic; rounding can break that
+            mu = torch.linalg.solve(sub, rhs)
+        else:
+            mu = torch.cholesky_solve(rhs, chol)
+        z[index] = mu.squeeze(-1)[row, col]
+        return z
