@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--chunk-size",
         type=int,
         default=None,
-        help="vmap chunk size (default: all samples in one chunk)",
+        help="rows per vmap chunk (default: GradientSource's cache-sized default)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
@@ -112,10 +112,9 @@ def raw_func_grads(model: nn.Module, layout: ParamLayout) -> Callable[[Tensor, T
     return lambda x, y: per_sample(selected, x, y)
 
 
-def vmap_grads(source: GradientSource, x: Tensor, y: Tensor) -> Tensor:
-    """Per-sample gradients from GradientSource's vectorised chunks."""
-    chunks = list(source.iter_grads([(x, y)], x.shape[0]))
-    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # no copy for a single chunk
+def vmap_grads(source: GradientSource, x: Tensor, y: Tensor) -> list[Tensor]:
+    """Per-sample gradients from GradientSource, as the ``[k, d]`` chunks an estimator consumes."""
+    return list(source.iter_grads([(x, y)], x.shape[0]))
 
 
 def median_seconds(
@@ -145,9 +144,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float | int | 
     layout = select_parameters(model)
     x = torch.randn(args.samples, 1, 8, 8)
     y = torch.randint(0, 10, (args.samples,))
-    source = GradientSource(model, layout, chunk_size=args.chunk_size or args.samples)
+    source = GradientSource(model, layout, chunk_size=args.chunk_size)
 
-    fast, slow = vmap_grads(source, x, y), loop_grads(model, layout, x, y)
+    fast, slow = torch.cat(vmap_grads(source, x, y)), loop_grads(model, layout, x, y)
     # float32 with different summation orders: agreement to ~1e-5 of the largest entry.
     max_diff = float((fast - slow).abs().max() / slow.abs().max())
     if max_diff > 1e-4:
@@ -173,6 +172,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, float | int | 
         "raw": args.samples / t_raw,
         "ratio": t_loop / t_vmap,
         "diff": max_diff,
+        "chunk": source.chunk_size,
     }
 
 
@@ -180,17 +180,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    chunk = args.chunk_size or args.samples
     print(f"machine: {cpu_model()}, {cpu_count()} cores, torch threads {torch.get_num_threads()}")
     print(
         f"versions: torch {torch.__version__}, python {platform.python_version()}, "
         f"curvprune {curvprune.__version__}"
     )
+    rows = [bench_model(name, args) for name in args.models]
+    chunks = ", ".join(f"{r['model']} {r['chunk']}" for r in rows)
     print(
-        f"sizes: {args.samples} samples of 1x8x8 (float32), vmap chunk {chunk}, "
+        f"sizes: {args.samples} samples of 1x8x8 (float32), rows per vmap chunk: {chunks}, "
         f"{args.warmup} warm-up + {args.repeats} timed rounds, methods interleaved (median)"
     )
-    rows = [bench_model(name, args) for name in args.models]
     print()
     print(
         "| model | d (selected weights) | GradientSource (vmap) samples/s | loop samples/s "

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from curvprune.errors import MemoryPlanError
-from curvprune.gradients import DEFAULT_CHUNK_BYTES
+from curvprune.gradients import default_chunk_size
 
 if TYPE_CHECKING:
     from curvprune.layout import ParamLayout
@@ -149,7 +149,7 @@ def make_plan(pipeline: Pipeline, model: nn.Module, *, device: torch.device | st
         blocks = layout.blocks(getattr(cfg, "block_size", None))
         n_blocks, width = blocks.n_blocks, blocks.width
         chunk = pipeline.config.prune.gradient_chunk
-        rows = chunk if chunk is not None else max(1, DEFAULT_CHUNK_BYTES // (12 * max(d, 1)))
+        rows = chunk if chunk is not None else default_chunk_size(d, cfg.fisher_mini_batch)
         memory["gradients"] = 3 * min(rows, cfg.num_grads) * d * itemsize
         flops = type(estimator).estimated_flops(layout.sizes, cfg)
         if flops is not None:
