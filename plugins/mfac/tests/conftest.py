@@ -11,30 +11,25 @@ The tests use ``tol(F, m, λ) = 8·(d + m)·eps·κ`` and compare norm-wise.
 from __future__ import annotations
 
 import torch
+from curvprune import BlockLayout
+from curvprune.testing.dense import damped_fisher
 from torch import Tensor
 
 EPS64 = torch.finfo(torch.float64).eps
 
 
 def block_ids(sizes: tuple[int, ...], block_size: int | None) -> Tensor:
-    """Block of every flat coordinate: consecutive pieces of ``block_size`` of each parameter."""
-    if block_size is None:
-        return torch.zeros(sum(sizes), dtype=torch.long)
-    ids, next_id = [], 0
-    for size in sizes:
-        ids.extend(next_id + i // block_size for i in range(size))
-        next_id += -(-size // block_size)
-    return torch.tensor(ids)
+    """The block of every flat coordinate, ``[d]`` (the core's block partition)."""
+    return BlockLayout.build(sizes, block_size).block_of()
 
 
 def dense_fisher(grads: Tensor, sizes: tuple[int, ...], block_size: int | None,
                  damping: float, scale: int | None = None) -> Tensor:
-    """F = λI + (1/s)·Σ ggᵀ (s = m unless given), zero outside the blocks, float64."""
+    """F = λI + (1/s)·Σ ggᵀ (s = m unless given) on the blocks, float64 (the kit's ground truth)."""
     g = grads.to(torch.float64)
-    m, d = g.shape
-    ids = block_ids(sizes, block_size)
-    full = damping * torch.eye(d, dtype=torch.float64) + g.T @ g / (scale or m)
-    return torch.where(ids[:, None] == ids[None, :], full, 0.0)
+    if scale is not None:  # (1/s)Σggᵀ = (1/m)Σ(√(m/s)g)(√(m/s)g)ᵀ
+        g = g * (g.shape[0] / scale) ** 0.5
+    return damped_fisher(g, sizes, block_size, damping)
 
 
 def tol(fisher: Tensor, m: int, damping: float) -> float:

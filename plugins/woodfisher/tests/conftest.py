@@ -11,28 +11,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from curvprune import BlockLayout
+from curvprune.testing.dense import damped_fisher
 from torch import Tensor
 
 
 def block_ids(sizes: tuple[int, ...], block_size: int | None) -> Tensor:
-    """The block of every flat coordinate, ``[d]``; None: one block over everything."""
-    if block_size is None:
-        return torch.zeros(sum(sizes), dtype=torch.long)
-    ids, next_id = [], 0
-    for size in sizes:
-        ids.extend(next_id + i // block_size for i in range(size))
-        next_id += -(-size // block_size)  # ceil: the last block of a parameter may be short
-    return torch.tensor(ids)
+    """The block of every flat coordinate, ``[d]`` (the core's block partition)."""
+    return BlockLayout.build(sizes, block_size).block_of()
 
 
 def dense_fisher(grads: Tensor, sizes: tuple[int, ...], block_size: int | None,
                  damping: float) -> Tensor:
-    """F = λI + (1/m)·Σ ggᵀ with every entry outside the diagonal blocks zeroed, float64."""
-    g = grads.to(torch.float64)
-    m, d = g.shape
-    ids = block_ids(sizes, block_size)
-    full = damping * torch.eye(d, dtype=torch.float64) + g.T @ g / m
-    return torch.where(ids[:, None] == ids[None, :], full, 0.0)
+    """F = λI + (1/m)·Σ ggᵀ on the blocks, float64 (the kit's ground truth)."""
+    return damped_fisher(grads.to(torch.float64), sizes, block_size, damping)
 
 
 def condition(fisher: Tensor) -> float:
