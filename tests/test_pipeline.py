@@ -206,3 +206,11 @@ def test_memory_plan_refuses_runs_that_do_not_fit():
                                         run={"memory_limit_gb": 0.001}))
     with pytest.raises(curvprune.MemoryPlanError, match=r"needs .* GiB .*estimator.*block_size"):
         pipe.prune(_model(), _data())
+
+
+def test_attach_without_data_for_a_data_hungry_gradual_run_fails_at_once():
+    pipe = Pipeline.from_config(_config(schedule={"name": "gradual", "start": 0, "end": 10,
+                                                  "frequency": 5}))
+    model = _model()
+    with pytest.raises(ConfigError, match="pass data=<DataLoader> to attach"):
+        pipe.attach(model, torch.optim.SGD(model.parameters(), lr=0.1))

@@ -236,6 +236,13 @@ class Pipeline:
             loss_fn: loss for gradients and the audit (default cross entropy).
             masks: masks to hold from the start (e.g. from a one-shot :meth:`prune`).
         """
+        scorer = self.scorer
+        needs_data = scorer.needs_curvature or scorer.needs_gradient or scorer.needs_data
+        if self.schedule.during_training and needs_data and data is None:
+            raise ConfigError(
+                f"schedule {self.config.schedule.name!r} will prune during training with scorer "
+                f"{self.config.scorer.name!r}, which needs data: pass data=<DataLoader> to attach"
+            )
         self.plan(model).check()
         session = PruningSession(self, _StepRunner(self, model, data, loss_fn, masks), optimizer)
         self.host.pipeline_start(self, model)
