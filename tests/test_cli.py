@@ -219,3 +219,25 @@ def test_the_embedded_default_run(tmp_path, capsys):
     # seeded, so this is a regression bound, not a statistical one: OBS keeps the CNN usable at
     # 90 % without fine-tuning (magnitude pruning drops it to ~95 % in docs/benchmarks.md)
     assert acc["pruned"] > 0.9 and acc["finetuned"] > 0.95
+
+
+def test_a_killed_command_leaves_no_staging_folder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = SMALL.format(sparsity=0.5).replace("[train]\nepochs = 3", "[train]\nepochs = 500")
+    config = write(tmp_path, text)
+    out = tmp_path / "cmp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "curvprune.cli", "compare", str(config), "--out", str(out), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".compare-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(out.glob(".compare-*")), "the comparison never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert list(out.iterdir()) == []

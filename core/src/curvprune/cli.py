@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``curvprune`` script; returns the exit code."""
     args = _parser().parse_args(argv)
+    _exit_cleanly_on_sigterm()
     if args.log_json:
         _configure_json_logging()
     try:
@@ -93,6 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that staging folders and temporary files are removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def _configure_json_logging() -> None:
