@@ -51,6 +51,20 @@ class Quadratic:
                                 estimator=self.estimator, mean_grad=self.gbar)
         norm_f = float(torch.linalg.matrix_norm(self.fisher, ord=2))
         self.tol = 16 * (d + m) * EPS * norm_f / damping
+        self.param = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        self.n_params = len(sizes)
+
+    def param_norms(self, v: Tensor) -> Tensor:
+        """‖v_l‖ for every parameter l."""
+        out = torch.zeros(self.n_params, dtype=torch.float64)
+        return out.index_add_(0, self.param, v.square()).sqrt()
+
+    def clipped_gradient(self, alpha: float, mult: float) -> Tensor:
+        """ḡ_t = α·Tḡ with t_l = min(1, r‖w_l‖/(α‖u_l‖)), from the dense inverse."""
+        move = alpha * self.param_norms(self.u)
+        radius = mult * self.param_norms(self.w)
+        scale = torch.where(move > radius, radius / move, torch.ones_like(move))
+        return alpha * scale[self.param] * self.gbar
 
     @property
     def u(self) -> Tensor:
@@ -77,7 +91,8 @@ def quadratics(draw: st.DrawFn) -> dict:
 
 
 def scorer(**options) -> WoodTaylorScorer:
-    return create("scorer", "woodtaylor", host=HOST, **options)
+    """The exact (unclipped) scorer unless ``options`` say otherwise."""
+    return WoodTaylorScorer(WoodTaylorConfig(**{"normalize_update": False, **options}))
 
 
 @settings(max_examples=40)
@@ -206,4 +221,117 @@ def test_declares_what_it_needs_and_validates_config() -> None:
     assert WoodTaylorScorer.needs_curvature and WoodTaylorScorer.needs_gradient
     assert WoodTaylorScorer().config == WoodTaylorConfig()
     with pytest.raises(ConfigError, match=r"max_joint_group must be >= 1, got 0 @ scorer"):
-        scorer(max_joint_group=0)
+        create("scorer", "woodtaylor", host=HOST, max_joint_group=0)
+    with pytest.raises(ConfigError, match=r"first_order must be >= 0, got -1.0 @ scorer"):
+        create("scorer", "woodtaylor", host=HOST, first_order=-1)
+    with pytest.raises(ConfigError, match=r"normalize_update_mult must be > 0, got 0.0 @ scorer"):
+        create("scorer", "woodtaylor", host=HOST, normalize_update_mult=0)
+    exact = create("scorer", "woodtaylor", host=HOST, normalize_update=False)
+    assert exact.config.normalize_update is False
+
+
+def kkt_solution(model: Quadratic, gbar: Tensor, pruned: Tensor) -> Tensor:
+    """argmin gbarᵀδ + ½δᵀFδ s.t. E_Pᵀ(w + δ) = 0, by a dense KKT solve."""
+    d = model.w.numel()
+    index = pruned.nonzero().squeeze(1)
+    e = torch.eye(d, dtype=torch.float64)[:, index]
+    p = index.numel()
+    kkt = torch.cat([torch.cat([model.fisher, e], 1),
+                     torch.cat([e.T, torch.zeros(p, p, dtype=torch.float64)], 1)])
+    return torch.linalg.solve(kkt, torch.cat([-gbar, -model.w[index]]))[:d]
+
+
+@settings(max_examples=30)
+@given(problem=quadratics(), data=st.data(),
+       alpha=st.sampled_from([0.5, 1.0, 2.0]), mult=st.floats(1e-3, 0.5))
+def test_clipped_move_is_exact_woodtaylor_inside_the_bound(
+    ref, problem: dict, data, alpha: float, mult: float
+) -> None:
+    model = Quadratic(ref, **problem)
+    d = model.w.numel()
+    chosen = data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=d, unique=True),
+                       label="pruned")
+    pruned = torch.zeros(d, dtype=torch.bool)
+    pruned[chosen] = True
+    gbar_t = model.clipped_gradient(alpha, mult)
+    u_t = model.inverse @ gbar_t
+    # The ground truth itself respects the bound: F is block diagonal within parameters, so
+    # u_t,l = α t_l u_l (a wrong per-parameter norm or scale breaks this, not just the plugin).
+    radius = mult * model.param_norms(model.w)
+    assert bool((model.param_norms(u_t) <= radius * (1 + 1e-9) + model.tol).all())
+    joint = scorer(joint=True, first_order=alpha, normalize_update=True,
+                   normalize_update_mult=mult)
+    scores = joint.score(model.ctx)
+    delta = joint.compensate(model.ctx, pruned)
+    predicted = joint.predicted_loss_change(model.ctx, pruned)
+    scale = model.weight_scale(delta)
+    # Scores are those of the clipped model: ½(w_q − u_t,q)²/[F⁻¹]_qq.
+    expected_scores = 0.5 * (model.w - u_t) ** 2 / model.inverse.diagonal()
+    assert float((scores - expected_scores).abs().max()) <= model.tol * model.loss_scale(delta)
+    # Pruned weights end exactly at zero, and δ is the KKT solution of the clipped model.
+    assert float((model.w[pruned] + delta[pruned]).abs().max()) <= model.tol * scale
+    assert float((delta - kkt_solution(model, gbar_t, pruned)).abs().max()) <= model.tol * scale
+    # The prediction is that model's change at δ.
+    change = gbar_t @ delta + 0.5 * delta @ model.fisher @ delta
+    assert abs(float(change - predicted)) <= model.tol * model.loss_scale(delta)
+    # Summed update: −u_t − F⁻¹z with z_q = (w_q − u_t,q)/[F⁻¹]_qq on P.
+    summed = scorer(first_order=alpha, normalize_update=True, normalize_update_mult=mult)
+    summed.score(model.ctx)
+    z = torch.where(pruned, (model.w - u_t) / model.inverse.diagonal(), 0)
+    expected = -u_t - model.inverse @ z
+    delta = summed.compensate(model.ctx, pruned)
+    assert float((delta - expected).abs().max()) <= model.tol * model.weight_scale(delta)
+
+
+@settings(max_examples=20)
+@given(problem=quadratics(), data=st.data())
+def test_inactive_bound_is_the_exact_method(ref, problem: dict, data) -> None:
+    model = Quadratic(ref, **problem)
+    d = model.w.numel()
+    chosen = data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=d, unique=True),
+                       label="pruned")
+    pruned = torch.zeros(d, dtype=torch.bool)
+    pruned[chosen] = True
+    # ‖u‖ ≤ ‖ḡ‖/λ ≤ √d/0.05 and ‖w_l‖ is O(1): a radius of 1e9·‖w_l‖ is never reached (with
+    # probability 1 no parameter has w_l = 0).
+    for joint in (False, True):
+        exact, loose = scorer(joint=joint), scorer(joint=joint, normalize_update=True,
+                                                   normalize_update_mult=1e9)
+        torch.testing.assert_close(loose.score(model.ctx), exact.score(model.ctx), rtol=0, atol=0)
+        torch.testing.assert_close(loose.compensate(model.ctx, pruned),
+                                   exact.compensate(model.ctx, pruned), rtol=0, atol=0)
+        torch.testing.assert_close(loose.predicted_loss_change(model.ctx, pruned),
+                                   exact.predicted_loss_change(model.ctx, pruned), rtol=0, atol=0)
+
+
+def test_active_bound_changes_the_update(ref) -> None:
+    # Counterpart of the test above: with a tight radius the clipped update must differ.
+    model = Quadratic(ref, (6, 4), 4, 0.1, seed=7)
+    pruned = torch.zeros(10, dtype=torch.bool)
+    pruned[[0, 5, 8]] = True
+    exact = scorer().compensate(model.ctx, pruned)
+    clipped = scorer(normalize_update=True, normalize_update_mult=1e-3).compensate(
+        model.ctx, pruned)
+    assert float((exact - clipped).abs().max()) > 1e-3
+
+
+def test_zero_first_order_weight_is_obs(ref) -> None:
+    model = Quadratic(ref, (6, 4), 4, 0.1, seed=8)
+    pruned = torch.zeros(10, dtype=torch.bool)
+    pruned[[1, 3, 9]] = True
+    for normalize in (False, True):
+        woodtaylor = scorer(first_order=0.0, normalize_update=normalize)
+        obs = create("scorer", "obs", host=HOST)
+        torch.testing.assert_close(woodtaylor.score(model.ctx), obs.score(model.ctx))
+        torch.testing.assert_close(woodtaylor.compensate(model.ctx, pruned),
+                                   obs.compensate(model.ctx, pruned))
+
+
+def test_options_defaults_and_validation() -> None:
+    options = WoodTaylorConfig()
+    assert options.first_order == 1.0
+    assert options.normalize_update and options.normalize_update_mult == 0.003
+    with pytest.raises(ValueError, match=r"first_order must be >= 0, got -1.0"):
+        WoodTaylorConfig(first_order=-1)
+    with pytest.raises(ValueError, match=r"normalize_update_mult must be > 0, got 0.0"):
+        WoodTaylorConfig(normalize_update_mult=0)

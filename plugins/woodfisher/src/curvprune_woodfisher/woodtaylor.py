@@ -28,9 +28,30 @@ zeroes w_P afterwards).
 leaves it out (it is up to n_blocks/2 and would swamp small saliencies in float32); it is
 counted once in :meth:`WoodTaylorScorer.predicted_loss_change`. With ḡ = 0 every formula is
 OBS's.
+
+**Trust region on the first-order move** (``first_order`` α, ``normalize_update``,
+``normalize_update_mult`` r). The model is only trusted near w, but ‖u‖ ≤ ‖ḡ‖/λ: with the
+empirical Fisher of a few hundred per-sample gradients and λ = 1e-4, a trained digits CNN gives
+‖u‖ = 63 against ‖w‖ = 9.9, a predicted change −½ḡᵀu = −0.32 and a measured one of +5.8e5
+(docs/methods/woodfisher.md). So the linear term is replaced by ḡ_t = α·Tḡ, T scaling the
+entries of parameter l by
+
+    t_l = min(1, r‖w_l‖ / (α‖u_l‖)),
+
+the largest factor that keeps the unconstrained first-order move of that parameter inside the
+ball ‖u_t,l‖ ≤ r‖w_l‖, u_t = F⁻¹ḡ_t (exactly u_t,l = α t_l u_l when F's blocks do not cross
+parameters, as for every blocked estimator; for an unblocked F the bound holds up to the
+cross-parameter terms of F⁻¹). Every formula above holds with (ḡ_t, u_t) for (ḡ, u): the
+scorer is exact WoodTaylor on the model ḡ_tᵀδ + ½δᵀFδ, so the joint update still puts the
+pruned weights exactly at zero, and with t_l = α = 1 it is the unclipped method. Unlike the
+reference's ``--normalize-update`` (which rescales the whole update, OBS part included, and
+so moves pruned weights off zero), only the first-order move is clipped, before the
+saliencies are computed, so that the ranking sees the same model as the update.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -68,7 +89,7 @@ class WoodTaylorScorer(SaliencyScorer):
     """WoodTaylor saliency ρ_q = ½(w_q − u_q)²/[F⁻¹]_qq (+ const) and its constrained update.
 
     Args:
-        config: a :class:`WoodTaylorConfig` (defaults if None).
+        config: the scorer's :class:`WoodTaylorConfig` (defaults if None).
 
     """
 
@@ -80,13 +101,14 @@ class WoodTaylorScorer(SaliencyScorer):
     def __init__(self, config: WoodTaylorConfig | None = None) -> None:
         super().__init__(config or WoodTaylorConfig())
         self._ctx: PruneContext | None = None
+        self._gbar: Tensor | None = None
         self._u: Tensor | None = None
         self._diag: Tensor | None = None
         self._predicted: Tensor | None = None
 
     # -- shared quantities of one step -----------------------------------------------------------
     def _prepare(self, ctx: PruneContext) -> tuple[CurvatureEstimator, Tensor, Tensor, Tensor]:
-        """``(estimator, ḡ, u = F⁻¹ḡ, d = diag F⁻¹)``, computed once per context."""
+        """``(estimator, ḡ_t, u_t = F⁻¹ḡ_t, d = diag F⁻¹)``, computed once per context."""
         estimator = ctx.estimator
         if estimator is None:
             raise ConfigError("woodtaylor needs a curvature estimator @ estimator")
@@ -98,34 +120,69 @@ class WoodTaylorScorer(SaliencyScorer):
             diag = estimator.inverse_diagonal()
             # A float32 diagonal can round to <= 0 when 1/damping dwarfs it; floor it.
             self._diag = diag.clamp_min(torch.finfo(diag.dtype).eps * diag.abs().max())
-            self._u = estimator.ihvp(ctx.mean_grad)
+            self._gbar, self._u = self._first_order_move(ctx, estimator)
             self._ctx, self._predicted = ctx, None
-        assert self._u is not None and self._diag is not None
-        gbar = ctx.mean_grad.to(device=self._u.device, dtype=self._u.dtype)
-        return estimator, gbar, self._u, self._diag
+        assert self._gbar is not None and self._u is not None and self._diag is not None
+        return estimator, self._gbar, self._u, self._diag
+
+    def _first_order_move(
+        self, ctx: PruneContext, estimator: CurvatureEstimator
+    ) -> tuple[Tensor, Tensor]:
+        """``(ḡ_t, u_t)``: the linear term α·Tḡ and u_t = F⁻¹ḡ_t (module docstring).
+
+        t_l = min(1, r‖w_l‖/(α‖u_l‖)) per parameter l; one extra IHVP when a clip is active.
+        """
+        assert ctx.mean_grad is not None
+        u = estimator.ihvp(ctx.mean_grad)
+        gbar = ctx.mean_grad.to(device=u.device, dtype=u.dtype)
+        alpha = self.config.first_order
+        if not self.config.normalize_update:
+            return (gbar, u) if alpha == 1 else (alpha * gbar, alpha * u)
+        sizes = torch.tensor(ctx.layout.sizes, device=u.device)
+        param = torch.repeat_interleave(torch.arange(sizes.numel(), device=u.device), sizes)
+        if param.numel() != u.numel():
+            raise ConfigError(
+                f"woodtaylor: the layout covers {param.numel()} weights but the mean gradient "
+                f"has {u.numel()} @ scorer.normalize_update"
+            )
+        w = (ctx.weights * ctx.mask).to(u.dtype)
+        w_norm = torch.zeros(sizes.numel(), device=u.device, dtype=u.dtype)
+        u_norm = torch.zeros_like(w_norm)
+        w_norm.index_add_(0, param, w.square()).sqrt_()
+        u_norm.index_add_(0, param, u.square()).sqrt_()
+        radius = self.config.normalize_update_mult * w_norm
+        move = alpha * u_norm
+        # t_l = 1 where the move is inside the ball (including u_l = 0), else radius / move.
+        scale = torch.where(
+            move > radius, radius / move.clamp_min(torch.finfo(u.dtype).tiny), torch.ones_like(move)
+        )
+        if bool((scale == 1).all()):  # no clip active: the exact method, no extra IHVP
+            return (gbar, u) if alpha == 1 else (alpha * gbar, alpha * u)
+        gbar_t = alpha * scale[param] * gbar
+        return gbar_t, estimator.ihvp(gbar_t)
 
     def score(self, ctx: PruneContext) -> Tensor:
-        """ρ_q + ½ ḡᵀu = ½ (w_q − u_q)² / [F⁻¹]_qq, ``[d]`` (ranking equals ρ's)."""
+        """ρ_q + ½ ḡ_tᵀu_t = ½ (w_q − u_t,q)² / [F⁻¹]_qq, ``[d]`` (ranking equals ρ's)."""
         _, _, u, diag = self._prepare(ctx)
         w = (ctx.weights * ctx.mask).to(u.dtype)
         return (w - u).square() / (2 * diag)
 
     def compensate(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
-        """δw = −F⁻¹(ḡ + z): z summed single-weight multipliers, or the per-block joint ones."""
-        estimator, gbar, _, _ = self._prepare(ctx)
+        """δw = −F⁻¹(ḡ_t + z) = −u_t − F⁻¹z: z summed single-weight multipliers, or joint ones."""
+        estimator, _, u, _ = self._prepare(ctx)
         z = self._multipliers(ctx, pruned)
         if not self.config.update:
             return None
-        return -estimator.ihvp(gbar + z)
+        return -(u + estimator.ihvp(z))
 
     def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
-        """Return the quadratic model's change for this step, with −½ḡᵀu counted once."""
+        """Return the quadratic model's change for this step, with −½ḡ_tᵀu_t counted once."""
         if self._ctx is not ctx or self._predicted is None:
             self._multipliers(ctx, pruned)
         return self._predicted
 
     def _multipliers(self, ctx: PruneContext, pruned: Tensor) -> Tensor:
-        """Z = E_P μ; stores the model's change ½((w_P − u_P)ᵀμ − ḡᵀu) for this step."""
+        """Z = E_P μ; stores the model's change ½((w_P − u_P)ᵀμ − ḡᵀu) for this step (ḡ_t, u_t)."""
         estimator, gbar, u, diag = self._prepare(ctx)
         offset = ctx.weights.to(u.dtype) - u
         pruned = pruned.to(u.device)
