@@ -327,3 +327,11 @@ def test_block_size_below_one(block_size):
     message = _one_line_config_error(excinfo)
     assert f"block_size must be >= 1, got {block_size}" in message
     assert "@ estimator.block_size" in message
+
+
+def test_block_group_rows_hold_each_blocks_indices():
+    blocks = BlockLayout.build((5, 3), 2)  # blocks: [0,1] [2,3] [4] [5,6] [7]
+    index = torch.tensor([0, 1, 3, 5, 6, 7])
+    groups, row, col = blocks.group(index)
+    assert groups.tolist() == [[0, 1], [3, -1], [5, 6], [7, -1]]
+    assert torch.equal(groups[row, col], index)

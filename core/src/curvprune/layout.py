@@ -197,6 +197,27 @@ class BlockLayout:
             torch.arange(self.n_blocks, device=device), self.lengths.to(device)
         )
 
+    def group(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Arrange ascending flat indices into one ``-1``-padded row per block that has any.
+
+        This is the ``idx`` argument of :meth:`CurvatureEstimator.inverse_columns` for joint
+        updates within blocks.
+
+        Args:
+            index: ascending flat indices, long ``[p]`` (so their blocks are non-decreasing).
+
+        Returns:
+            ``(groups, row, col)``: ``groups`` ``[n_rows, K]`` holds ``index`` padded with -1,
+            one row per block present, and ``groups[row[i], col[i]] == index[i]``.
+        """
+        block = self.block_of(index.device)[index]
+        _, row, counts = torch.unique_consecutive(block, return_inverse=True, return_counts=True)
+        col = torch.arange(index.numel(), device=index.device) - (torch.cumsum(counts, 0) - counts)[row]
+        width = int(counts.max()) if counts.numel() else 0
+        groups = torch.full((counts.numel(), width), -1, dtype=torch.long, device=index.device)
+        groups[row, col] = index
+        return groups, row, col
+
     def pack(self, x: Tensor) -> Tensor:
         """Reshape ``x`` ``[..., d]`` into padded blocks ``[..., n_blocks, width]`` (zeros pad)."""
         padded = torch.nn.functional.pad(x, (0, 1))

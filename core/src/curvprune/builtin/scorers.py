@@ -120,29 +120,20 @@ class OBSScorer(SaliencyScorer):
         estimator = ctx.estimator
         assert estimator is not None
         blocks = estimator.block_layout
-        device = w.device
         idx = pruned.nonzero().squeeze(1)  # ascending, so grouped by block
         if idx.numel() == 0:
             return torch.zeros_like(w)
-        block = blocks.block_of(device)[idx]
-        counts = torch.bincount(block, minlength=blocks.n_blocks)
-        width = int(counts.max())
+        groups, row, position = blocks.group(idx)
+        width = groups.shape[1]
         if width > self.config.max_joint_group:
             raise ConfigError(
                 f"joint OBS would solve a {width}x{width} system in one block (max_joint_group="
                 f"{self.config.max_joint_group}); use a smaller block_size, more pruning steps, "
                 "or joint = false @ scorer.joint"
             )
-        first = torch.cumsum(counts, 0) - counts
-        position = torch.arange(idx.numel(), device=device) - first[block]
-        present = counts > 0
-        row_of_block = torch.cumsum(present.long(), 0) - 1
-        row = row_of_block[block]
-        groups = torch.full((int(present.sum()), width), -1, dtype=torch.long, device=device)
-        groups[row, position] = idx
         m = estimator.inverse_columns(groups).to(w.dtype)  # [n, K, K], padded with identity
         rhs = torch.where(groups >= 0, w[groups.clamp_min(0)], torch.zeros((), dtype=w.dtype,
-                                                                             device=device))
+                                                                             device=w.device))
         chol, info = torch.linalg.cholesky_ex(m)
         if bool(info.any()):
             solution = torch.linalg.solve(m, rhs.unsqueeze(-1)).squeeze(-1)

@@ -59,30 +59,7 @@ from torch import Tensor
 from curvprune import ConfigError, CurvatureEstimator, PruneContext, SaliencyScorer
 from curvprune_woodfisher.config import WoodTaylorConfig
 
-__all__ = ["WoodTaylorScorer", "group_by_block"]
-
-
-def group_by_block(index: Tensor, block_of: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Arrange sorted flat indices into one padded row per block.
-
-    Args:
-        index: ascending flat indices, long ``[p]`` (so their blocks are non-decreasing).
-        block_of: block of every flat coordinate, long ``[d]``.
-
-    Returns:
-        ``(groups, row, col)``: ``groups`` ``[n_rows, K]`` holds ``index`` with ``-1`` padding,
-        one row per block that has indices; ``groups[row[i], col[i]] == index[i]``.
-
-    """
-    _, row, counts = torch.unique_consecutive(
-        block_of[index], return_inverse=True, return_counts=True
-    )
-    col = torch.arange(index.numel(), device=index.device) - (torch.cumsum(counts, 0) - counts)[row]
-    groups = torch.full(
-        (counts.numel(), int(counts.max())), -1, dtype=torch.long, device=index.device
-    )
-    groups[row, col] = index
-    return groups, row, col
+__all__ = ["WoodTaylorScorer"]
 
 
 class WoodTaylorScorer(SaliencyScorer):
@@ -201,7 +178,7 @@ class WoodTaylorScorer(SaliencyScorer):
         z = torch.zeros_like(offset)
         if index.numel() == 0:
             return z
-        groups, row, col = group_by_block(index, estimator.block_layout.block_of(offset.device))
+        groups, row, col = estimator.block_layout.group(index)
         if groups.shape[1] > self.config.max_joint_group:
             raise ConfigError(
                 f"joint woodtaylor would solve a {groups.shape[1]}x{groups.shape[1]} system in "
