@@ -114,3 +114,10 @@ def test_library_never_configures_logging():
             continue
         text = path.read_text()
         assert "basicConfig(" not in text and "structlog.configure(" not in text, path
+
+
+def test_readme_quick_start_config_builds():
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "the README shows a config"
+    for block in blocks:
+        curvprune.Pipeline.from_config(tomllib.loads(block))
