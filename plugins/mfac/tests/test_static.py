@@ -157,3 +157,14 @@ def test_bad_input():
 def test_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         curvprune.create("estimator", "mfac", **options)
+
+
+def test_a_gram_that_lost_definiteness_is_a_numerical_error():
+    import curvprune
+    from curvprune_mfac.static import capacitance_cholesky
+
+    # a float32 Gram with round-off eigenvalue -1, amplified by 1/λ past m: what tiny damping does
+    gram = torch.tensor([[[1.0, 2.0], [2.0, 1.0]]])
+    with pytest.raises(curvprune.NumericalError, match="raise \\[estimator\\] damping"):
+        capacitance_cholesky(gram, 2, 1e-3)
+    capacitance_cholesky(gram, 2, 1.0)  # 2·I + K has eigenvalues 5 and 1: fine

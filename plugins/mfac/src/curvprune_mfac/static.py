@@ -26,6 +26,7 @@ so they keep [F⁻¹]_qq = 1/λ and never couple to real coordinates.
 from __future__ import annotations
 
 import torch
+from curvprune import NumericalError
 from torch import Tensor
 
 __all__ = ["StaticInverse", "capacitance_cholesky"]
@@ -51,8 +52,14 @@ def capacitance_cholesky(gram: Tensor, count: int | float, damping: float) -> Te
     eye = torch.eye(m, dtype=torch.float64, device=gram.device)
     capacitance = gram.to(torch.float64) / damping + float(count) * eye
     factor, info = torch.linalg.cholesky_ex(capacitance)
-    if bool(info.any()):  # unreachable for finite K; guards against inf/NaN sneaking in
-        raise FloatingPointError(f"Cholesky of m·I + GGᵀ/λ failed (info={info.tolist()})")
+    if bool(info.any()):
+        # Exact arithmetic cannot get here (A ≥ count·I), but K = GGᵀ accumulated in float32
+        # has eigenvalue errors ~eps₃₂·‖K‖, which K/λ amplifies past count when λ is tiny.
+        raise NumericalError(
+            f"mfac: the m×m capacitance m·I + GGᵀ/λ lost definiteness (damping={damping:g} is too "
+            f"small for gradients with ‖GGᵀ‖ ≈ {float(gram.abs().amax()):.3g} in float32); raise "
+            "[estimator] damping or use dtype = 'float64'"
+        )
     return factor
 
 
