@@ -212,7 +212,7 @@ def _jsonable(value: Any) -> Any:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from curvprune.runs import prepare
 
-    pipeline, _ = prepare(args.config)
+    pipeline = prepare(args.config)
     cfg = pipeline.config
     print(
         f"{args.config}: ok (estimator={cfg.estimator.name if cfg.estimator else None}, "
@@ -228,7 +228,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from curvprune.models import build_model
     from curvprune.runs import prepare, resolve_device
 
-    pipeline, _ = prepare(args.config)
+    pipeline = prepare(args.config)
     cfg = pipeline.config
     num_classes = cfg.model.num_classes
     if num_classes is None:
@@ -242,7 +242,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return 0 if plan.fits else 1
     print(f"plan for {cfg.model.name}: {plan.layout.d:,} weights selected in {len(plan.layout)} parameters")
     width = max(len(n) for n in plan.layout.names)
-    for name, shape, size in zip(plan.layout.names, plan.layout.shapes, plan.layout.sizes):
+    for name, shape, size in zip(plan.layout.names, plan.layout.shapes, plan.layout.sizes, strict=True):
         print(f"  {name:<{width}}  {'×'.join(map(str, shape)):>16}  {size:>12,}")
     if plan.estimator:
         print(f"estimator {plan.estimator}: {plan.n_blocks:,} blocks of width ≤ {plan.block_width}")

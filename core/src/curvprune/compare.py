@@ -41,9 +41,9 @@ def compare(
     if not sources:
         raise ConfigError("compare needs at least one config file")
     raws = [load_raw_config(s) for s in sources]
-    pipelines = [prepare(raw)[0] for raw in raws]
+    pipelines = [prepare(raw) for raw in raws]
     first = unstructure_config(pipelines[0].config)
-    for source, pipe in zip(sources[1:], pipelines[1:]):
+    for source, pipe in zip(sources[1:], pipelines[1:], strict=True):
         other = unstructure_config(pipe.config)
         for table in _SHARED:
             if other.get(table) != first.get(table):
@@ -56,7 +56,7 @@ def compare(
     final = Path(out) / f"compare-{stamp}"
     rows: list[dict[str, Any]] = []
     with atomic_directory(final) as staging:
-        for raw, label, pipe in zip(raws, labels, pipelines):
+        for raw, label, pipe in zip(raws, labels, pipelines, strict=True):
             targets = list(sparsities) if sparsities else [pipe.config.prune.sparsity]
             for target in targets:
                 variant = {**raw, "prune": {**raw.get("prune", {}), "sparsity": target}}

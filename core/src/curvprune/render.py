@@ -116,12 +116,12 @@ def plot_accuracy_vs_sparsity(rows: Sequence[Mapping[str, Any]], path: Path) -> 
         points = sorted(points, key=lambda r: r["sparsity"])
         xs = [100 * p["sparsity"] for p in points]
         color = f"C{i % 10}"
-        pruned = [(x, p["accuracy_pruned"]) for x, p in zip(xs, points) if p["accuracy_pruned"] is not None]
+        pruned = [(x, p["accuracy_pruned"]) for x, p in zip(xs, points, strict=True) if p["accuracy_pruned"] is not None]
         if pruned:
-            ax.plot(*zip(*[(x, 100 * a) for x, a in pruned]), "o-", color=color, label=f"{label} (pruned)")
-        tuned = [(x, p["accuracy_finetuned"]) for x, p in zip(xs, points) if p["accuracy_finetuned"] is not None]
+            ax.plot(*zip(*[(x, 100 * a) for x, a in pruned], strict=True), "o-", color=color, label=f"{label} (pruned)")
+        tuned = [(x, p["accuracy_finetuned"]) for x, p in zip(xs, points, strict=True) if p["accuracy_finetuned"] is not None]
         if tuned:
-            ax.plot(*zip(*[(x, 100 * a) for x, a in tuned]), "s--", color=color, alpha=0.7,
+            ax.plot(*zip(*[(x, 100 * a) for x, a in tuned], strict=True), "s--", color=color, alpha=0.7,
                     label=f"{label} (fine-tuned)")
     dense = [r["accuracy_dense"] for r in rows if r.get("accuracy_dense") is not None]
     if dense:

@@ -180,7 +180,7 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------------
 def prepare(
     source: str | Path | Mapping[str, Any] | None, *, host: PluginHost | None = None
-) -> tuple[Pipeline, dict[str, Any]]:
+) -> Pipeline:
     """Read and validate a run config (None: the embedded default); nothing is computed."""
     if source is None:
         host = host or get_plugin_manager()
@@ -195,7 +195,7 @@ def prepare(
             "set [finetune] epochs @ finetune.epochs"
         )
     resolve_device(cfg.run.device)
-    return pipeline, raw
+    return pipeline
 
 
 def execute_run(
@@ -220,7 +220,7 @@ def execute_run(
             written then.
     """
     started = time.perf_counter()
-    pipeline, _ = prepare(source, host=host)
+    pipeline = prepare(source, host=host)
     cfg = pipeline.config
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
