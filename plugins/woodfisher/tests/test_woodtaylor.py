@@ -95,6 +95,15 @@ def scorer(**options) -> WoodTaylorScorer:
     return WoodTaylorScorer(WoodTaylorConfig(**{"normalize_update": False, **options}))
 
 
+def draw_pruned(data, d: int) -> Tensor:
+    """A non-empty set of pruned coordinates drawn by Hypothesis, as a bool mask ``[d]``."""
+    chosen = data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=d, unique=True),
+                       label="pruned")
+    pruned = torch.zeros(d, dtype=torch.bool)
+    pruned[chosen] = True
+    return pruned
+
+
 @settings(max_examples=40)
 @given(problem=quadratics(), data=st.data())
 def test_single_weight_update_is_exact(ref, problem: dict, data) -> None:
@@ -125,10 +134,7 @@ def test_single_weight_update_is_exact(ref, problem: dict, data) -> None:
 def test_joint_update_solves_the_constrained_problem(ref, problem: dict, data) -> None:
     model = Quadratic(ref, **problem)
     d = model.w.numel()
-    chosen = data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=d, unique=True),
-                       label="pruned")
-    pruned = torch.zeros(d, dtype=torch.bool)
-    pruned[chosen] = True
+    pruned = draw_pruned(data, d)
     woodtaylor = scorer(joint=True)
     woodtaylor.score(model.ctx)
     delta = woodtaylor.compensate(model.ctx, pruned)
@@ -155,10 +161,7 @@ def test_joint_update_solves_the_constrained_problem(ref, problem: dict, data) -
 def test_summed_update_and_prediction(ref, problem: dict, data) -> None:
     model = Quadratic(ref, **problem)
     d = model.w.numel()
-    chosen = data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=d, unique=True),
-                       label="pruned")
-    pruned = torch.zeros(d, dtype=torch.bool)
-    pruned[chosen] = True
+    pruned = draw_pruned(data, d)
     woodtaylor = scorer()
     woodtaylor.score(model.ctx)
     delta = woodtaylor.compensate(model.ctx, pruned)
@@ -176,10 +179,7 @@ def test_summed_update_and_prediction(ref, problem: dict, data) -> None:
 def test_zero_gradient_reduces_to_obs(ref, problem: dict, data) -> None:
     model = Quadratic(ref, **problem, zero_gradient=True)
     d = model.w.numel()
-    chosen = data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=d, unique=True),
-                       label="pruned")
-    pruned = torch.zeros(d, dtype=torch.bool)
-    pruned[chosen] = True
+    pruned = draw_pruned(data, d)
     for joint in (False, True):
         obs = create("scorer", "obs", host=HOST, joint=joint)
         woodtaylor = scorer(joint=joint)
@@ -249,10 +249,7 @@ def test_clipped_move_is_exact_woodtaylor_inside_the_bound(
 ) -> None:
     model = Quadratic(ref, **problem)
     d = model.w.numel()
-    chosen = data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=d, unique=True),
-                       label="pruned")
-    pruned = torch.zeros(d, dtype=torch.bool)
-    pruned[chosen] = True
+    pruned = draw_pruned(data, d)
     gbar_t = model.clipped_gradient(alpha, mult)
     u_t = model.inverse @ gbar_t
     # The ground truth itself respects the bound: F is block diagonal within parameters, so
@@ -288,10 +285,7 @@ def test_clipped_move_is_exact_woodtaylor_inside_the_bound(
 def test_inactive_bound_is_the_exact_method(ref, problem: dict, data) -> None:
     model = Quadratic(ref, **problem)
     d = model.w.numel()
-    chosen = data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=d, unique=True),
-                       label="pruned")
-    pruned = torch.zeros(d, dtype=torch.bool)
-    pruned[chosen] = True
+    pruned = draw_pruned(data, d)
     # ‖u‖ ≤ ‖ḡ‖/λ ≤ √d/0.05 and ‖w_l‖ is O(1): a radius of 1e9·‖w_l‖ is never reached (with
     # probability 1 no parameter has w_l = 0).
     for joint in (False, True):
