@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _machine import describe
 import curvprune
 from curvprune.config import DataConfig
 from curvprune.data import build_data
@@ -108,8 +107,7 @@ def main() -> None:
     if args.quick:
         args.models, args.sparsities, args.steps = ["digits-mlp"], [0.95], 2
         args.epochs, args.num_grads, args.seeds = 5, 64, 1
-    cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(f"machine: {describe()}")
     print(f"torch {torch.__version__}; steps {args.steps} (geometric), num_grads {args.num_grads}, "
           f"fisher_mini_batch {args.fisher_mini_batch}, damping {args.damping:g}, "
           f"block_size {args.block_size}, epochs {args.epochs}, seeds {args.seeds}")

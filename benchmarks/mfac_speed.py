@@ -16,36 +16,12 @@ Timings: warm-up, then ``--repeats`` runs, median reported. Run it on a quiet ma
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
 import time
-from collections.abc import Callable
 
 import torch
 
 import curvprune
-
-
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+from _machine import describe, median_time
 
 
 def static_vs_matvec(d: int, m: int, repeats: int) -> None:
@@ -99,7 +75,7 @@ def main() -> None:
         args.d, args.m, args.dynamic_d, args.ms, args.repeats = 10_000, 64, 10_000, [32, 64], 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(machine())
+    print(f"machine: {describe()}")
     print(f"torch {torch.__version__}, float32")
     static_vs_matvec(args.d, args.m, args.repeats)
     dynamic_scaling(args.dynamic_d, args.ms, args.repeats)

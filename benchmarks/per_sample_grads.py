@@ -16,7 +16,6 @@ distort small-kernel CPU timings by large factors)::
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import time
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import curvprune
+from _machine import describe, median_time
 from curvprune import GradientSource, ParamLayout, select_parameters
 from curvprune.models import DigitsCNN, DigitsMLP
 
@@ -62,26 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             flag = name.replace("_", "-")
             parser.error(f"--{flag} must be >= 1, got {getattr(args, name)}")
     return args
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (its affinity set where the OS tells it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or what the platform module knows)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def loop_grads(model: nn.Module, layout: ParamLayout, x: Tensor, y: Tensor) -> Tensor:
@@ -149,17 +129,7 @@ def blocked_seconds(
 
     Only meaningful on a quiet machine; :func:`median_seconds` is the load-robust figure.
     """
-    out = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        out[name] = statistics.median(times)
-    return out
+    return {name: median_time(fn, repeats, warmup) for name, fn in fns.items()}
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict[str, float | int | str]:
@@ -207,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"machine: {cpu_model()}, {cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print(f"machine: {describe()}")
     print(
         f"versions: torch {torch.__version__}, python {platform.python_version()}, "
         f"curvprune {curvprune.__version__}"

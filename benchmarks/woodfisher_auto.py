@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from collections.abc import Sequence
 
 import torch
 
+from _machine import describe
 from curvprune_woodfisher import WoodFisherConfig, WoodFisherEstimator
 from curvprune_woodfisher.estimator import AUTO_WOODBURY_RATIO, choose_algorithm
 
@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         d, args.grads, args.blocks, args.repeats = 4096, [2, 8], [32], 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or 'cpu'}, {os.cpu_count()} cores, "
-          f"torch threads {torch.get_num_threads()}, d = {d:,}, float32")
+    print(f"machine: {describe()}")
+    print(f"torch {torch.__version__}, d = {d:,}, float32")
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     print("| B | m | woodbury s | gram s | woodbury/gram | auto picks |")
     print("|---|---|---|---|---|---|")

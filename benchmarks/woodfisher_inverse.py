@@ -38,6 +38,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from _machine import describe
 from curvprune import BlockLayout
 from curvprune_woodfisher import WoodFisherConfig, WoodFisherEstimator
 
@@ -69,17 +70,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # -- measurement helpers -----------------------------------------------------------------------
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        model = found.group(1).strip() if found else model
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
 def best_of(repeats: int, run: Callable[[], object]) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -177,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     blocks = BlockLayout.build(args.sizes, args.block_size)
     d = sum(args.sizes)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(f"torch {torch.__version__}, python {platform.python_version()}, float32")
     print(f"d = {d:,}, B = {args.block_size}, n_blocks = {blocks.n_blocks}, "
           f"damping = {DAMPING}, chunks of {CHUNK} rows")
@@ -220,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "torch": torch.__version__, "d": d,
+            json.dump({"machine": describe(), "torch": torch.__version__, "d": d,
                        "block_size": args.block_size, "rows": rows}, f, indent=2)
     return 0
 

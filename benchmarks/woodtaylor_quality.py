@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from _machine import describe
 from curvprune import GradientSource, PruneContext, create, select_parameters
 from curvprune.config import DataConfig, TrainConfig
 from curvprune.data import build_data, make_loaders
@@ -29,17 +30,6 @@ from curvprune.training import evaluate, train
 from curvprune_woodfisher import WoodTaylorConfig, WoodTaylorScorer
 
 LEVELS = (0.5, 0.7, 0.8, 0.9)
-
-
-def machine() -> str:
-    """CPU model name and core count."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} torch threads"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
     elapsed = time.perf_counter() - started
 
-    print(f"machine: {machine()}")
+    print(f"machine: {describe()}")
     print(f"torch {torch.__version__}, Python {platform.python_version()}")
     print(
         f"digits CNN, {epochs} epochs, dense accuracy {dense_acc:.1%}; woodfisher "
