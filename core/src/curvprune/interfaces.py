@@ -438,6 +438,16 @@ class Scheduler(abc.ABC):
         """Whether no pruning event remains after ``step``."""
         return True
 
+    def select(self, ctx: PruneContext) -> Tensor | None:
+        """The keep-mask this schedule chooses itself at a pruning step, or None (the default).
+
+        Most schedules only say *when* and *how much*; the scorer and mask applier choose *which*
+        units go. A schedule that owns the choice (GReg fixes its pruned groups when its penalty
+        starts) returns a bool ``[d]`` keep-mask here; the pipeline then skips the scorer and
+        the mask applier's selection for this step and keeps ``ctx.mask & returned``.
+        """
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Serializable state (tensors and plain values) for checkpoints."""
         return {}

@@ -402,8 +402,12 @@ class _StepRunner:
             step=index,
         )
         tick = time.perf_counter()
-        scores = scorer.score(ctx)
-        new_mask = pipeline.mask.select(scores, self.masks.flat, level, self.layout)
+        chosen = pipeline.schedule.select(ctx)
+        if chosen is None:
+            scores = scorer.score(ctx)
+            new_mask = pipeline.mask.select(scores, self.masks.flat, level, self.layout)
+        else:  # the schedule owns the choice (GReg): no scores, no compensation
+            new_mask = self.masks.flat & chosen.to(device=self.masks.flat.device, dtype=torch.bool)
         times["scores"] = time.perf_counter() - tick
         if new_mask.shape != self.masks.flat.shape or bool((new_mask & ~self.masks.flat).any()):
             raise NumericalError(
@@ -412,8 +416,10 @@ class _StepRunner:
             )
         pruned = self.masks.flat & ~new_mask
         tick = time.perf_counter()
-        delta = scorer.compensate(ctx, pruned)
-        predicted = scorer.predicted_loss_change(ctx, pruned)
+        delta = predicted = None
+        if chosen is None:
+            delta = scorer.compensate(ctx, pruned)
+            predicted = scorer.predicted_loss_change(ctx, pruned)
         weights = ctx.weights
         if delta is not None:
             if not bool(torch.isfinite(delta).all()):

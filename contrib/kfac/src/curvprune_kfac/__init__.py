@@ -1,0 +1,3 @@
+"""K-FAC baseline estimator for curvprune through curvlinops-for-pytorch."""
+
+__all__: list[str] = []
