@@ -146,10 +146,11 @@ def test_compare_two_methods_over_sparsities(tmp_path, capsys):
                  "--sparsities", "0.5,0.8", "--quiet"])
     assert code == 0, capsys.readouterr().err
     folder = next((tmp_path / "cmp").glob("compare-*"))
-    rows = json.loads((folder / "comparison.json").read_text())
+    rows = json.loads((folder / "comparison.json").read_text())["runs"]
     assert {r["label"] for r in rows} == {"obs/dense/oneshotx2/global", "magnitude/oneshotx2/global"}
     assert len(rows) == 4
     assert len({r["accuracy_dense"] for r in rows}) == 1, "the dense model is trained once"
+    assert [r["dense_source"] for r in rows] == ["trained", "cache", "cache", "cache"]
     assert (folder / "accuracy_vs_sparsity.png").stat().st_size > 1000
 
 

@@ -49,6 +49,7 @@ PAGES = (
     "testing-plugins.md",
     "results.md",
     "design-decisions.md",
+    "checkpoints.md",
 )
 
 _UNSET = object()

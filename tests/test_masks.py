@@ -654,3 +654,75 @@ def test_rank_alive_in_rows_puts_dead_entries_last():
     scores = torch.tensor([[3.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
     alive = torch.tensor([[True, True, True, False], [False, True, True, True]])
     assert rank_alive_in_rows(scores, alive).tolist() == [[2, 0, 1, 3], [3, 0, 1, 2]]
+
+
+# --------------------------------------------------------------------------------------------
+# channel, with traced structures (coupled residual channels, unprunable classifier)
+# --------------------------------------------------------------------------------------------
+def _structured_layouts():
+    from curvprune.testing.nets import TinyResNet, sequential_cnn
+
+    out = []
+    for model in (TinyResNet("basic", (2, 3), 2, 2), TinyResNet("bottleneck", (1, 2), 1, 3),
+                  sequential_cnn([2, 3], [2])):
+        layout = curvprune.select_parameters(model)
+        graph = curvprune.StructureGraph.trace(model)
+        out.append(layout.with_structures(graph.structures(layout)))
+    return out
+
+
+STRUCTURED = _structured_layouts()
+
+
+def ref_structure_mask(scores, mask, sparsity, layout, scope, min_channels):
+    """The channel mask over structures, by loops: alive structures, then greedy removal."""
+    sid = layout.structure_index().tolist()
+    channel = layout.channel_index().tolist()
+    group = layout.structure_group().tolist()
+    n, n_groups = layout.n_structures, len(layout.structures.groups)
+    alive = [False] * n
+    for i in range(layout.d):
+        if mask[i] and sid[channel[i]] >= 0:
+            alive[sid[channel[i]]] = True
+    size = [group.count(g) for g in range(n_groups)]
+    kept = [sum(alive[s] for s in range(n) if group[s] == g) for g in range(n_groups)]
+    order = sorted((s for s in range(n) if alive[s]), key=lambda s: (float(scores[s]), s))
+    new_alive = list(alive)
+    if scope == "global":
+        need = round(sparsity * n) - (n - sum(alive))
+        for s in order:
+            if need <= 0:
+                break
+            if kept[group[s]] > min_channels:
+                new_alive[s] = False
+                kept[group[s]] -= 1
+                need -= 1
+    else:
+        for g in range(n_groups):
+            target = min(round(sparsity * size[g]), size[g] - min_channels)
+            more = target - (size[g] - kept[g])
+            for s in (s for s in order if group[s] == g):
+                if more <= 0:
+                    break
+                new_alive[s] = False
+                more -= 1
+    return torch.tensor([bool(mask[i]) and (sid[channel[i]] < 0 or new_alive[sid[channel[i]]])
+                         for i in range(layout.d)])
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+@given(which=st.integers(0, len(STRUCTURED) - 1), data=st.data(), sparsity=sparsities,
+       min_channels=st.integers(0, 2))
+def test_channel_with_structures_matches_reference(scope, which, data, sparsity, min_channels):
+    layout = STRUCTURED[which]
+    n = layout.n_structures
+    scores = torch.tensor(data.draw(st.lists(st.integers(0, 4), min_size=n, max_size=n)),
+                          dtype=torch.float32)
+    sid = layout.structure_index()
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    per_channel = torch.where(sid >= 0, keep[sid.clamp_min(0)], torch.ones_like(keep[:1]))
+    mask = per_channel[layout.channel_index()]
+    applier = create("mask", "channel", scope=scope, min_channels=min_channels)
+    new = applier.select(scores, mask, sparsity, layout)
+    expected = ref_structure_mask(scores, mask, sparsity, layout, scope, min_channels)
+    assert torch.equal(new, expected)

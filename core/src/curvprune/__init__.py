@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from curvprune.api import create, plugins
+from curvprune import distributed
+from curvprune.api import create, load_pruned, plugins
 from curvprune.config import ComponentSpec, PipelineConfig, load_raw_config
 from curvprune.errors import (
+    CheckpointError,
     ConfigError,
     CurvpruneError,
     DuplicateComponentError,
@@ -18,11 +20,13 @@ from curvprune.errors import (
     EstimatorStateError,
     MemoryPlanError,
     NumericalError,
+    PluginHookError,
     PluginLoadError,
     UnknownComponentError,
+    UnsupportedModelError,
     UnsupportedQuery,
 )
-from curvprune.gradients import GradientSource
+from curvprune.gradients import GradientSource, default_loss
 from curvprune.interfaces import (
     CurvatureEstimator,
     EstimatorConfig,
@@ -37,7 +41,9 @@ from curvprune.masking import MaskSet
 from curvprune.pipeline import Pipeline, PruningSession
 from curvprune.plugins import PluginHost, PluginInfo, get_plugin_manager, hookimpl
 from curvprune.registry import Component, Register, Registry
+from curvprune.removal import RemovalResult, apply_removal, count_flops_params, remove_structures
 from curvprune.report import PruneResult, StepReport
+from curvprune.structures import ChannelGroup, StructureGraph, Structures
 
 try:
     __version__ = version("curvprune-core")
@@ -46,6 +52,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "BlockLayout",
+    "ChannelGroup",
+    "CheckpointError",
     "Component",
     "ComponentSpec",
     "ConfigError",
@@ -64,6 +72,7 @@ __all__ = [
     "ParamLayout",
     "Pipeline",
     "PipelineConfig",
+    "PluginHookError",
     "PluginHost",
     "PluginInfo",
     "PluginLoadError",
@@ -72,16 +81,26 @@ __all__ = [
     "PruningSession",
     "Register",
     "Registry",
+    "RemovalResult",
     "SaliencyScorer",
     "Scheduler",
     "StepReport",
+    "StructureGraph",
+    "Structures",
     "UnknownComponentError",
+    "UnsupportedModelError",
     "UnsupportedQuery",
     "__version__",
+    "apply_removal",
+    "count_flops_params",
     "create",
+    "default_loss",
+    "distributed",
     "get_plugin_manager",
     "hookimpl",
+    "load_pruned",
     "load_raw_config",
     "plugins",
+    "remove_structures",
     "select_parameters",
 ]

@@ -1,13 +1,17 @@
-"""Convenience entry points for notebooks: :func:`create` and :func:`plugins`."""
+"""Convenience entry points for notebooks: :func:`create`, :func:`plugins`, :func:`load_pruned`."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from curvprune.config import structure_component
 from curvprune.plugins import PluginHost, PluginInfo, get_plugin_manager
 
-__all__ = ["create", "plugins"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["create", "load_pruned", "plugins"]
 
 _KIND_ALIASES = {
     "estimator": "estimator",
@@ -52,3 +56,22 @@ def create(kind: str, name: str, *, host: PluginHost | None = None, **config: An
 def plugins(host: PluginHost | None = None) -> list[PluginInfo]:
     """Every plugin with its distribution, version, hooks and components."""
     return (host or get_plugin_manager()).plugin_infos()
+
+
+def load_pruned(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load a pruned model from a run directory or an export folder into a fresh ``model``.
+
+    ``model`` is a new instance of the run's architecture; it is shrunk first when the run
+    removed channels physically. The loaded model's outputs equal the pruned model's. Only
+    safetensors files are read: loading runs no code. See :func:`curvprune.export.load_pruned`.
+
+    >>> from curvprune.models import build_model
+    >>> # model = load_pruned("runs/<run>", build_model("digits-cnn", num_classes=10))
+
+    Raises:
+        ConfigError: missing or corrupt files, or weights that do not fit ``model`` (which is
+            then left untouched).
+    """
+    from curvprune.export import load_pruned as load
+
+    return load(path, model)

@@ -15,7 +15,13 @@ from typing import Any
 
 import attrs
 
-from curvprune.errors import ConfigError, CurvpruneError, MemoryPlanError, NumericalError
+from curvprune.errors import (
+    ConfigError,
+    CurvpruneError,
+    MemoryPlanError,
+    NumericalError,
+    PluginHookError,
+)
 
 __all__ = ["main"]
 
@@ -38,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for run directories (default: [run] out)")
     p.add_argument("--name", help="run directory name")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint (<out>/<name>.partial; see "
+             "[run] checkpoint_every); its saved config is used, a given CONFIG must equal it",
+    )
 
     p = sub.add_parser("plugins", help="installed plugins, their components and config fields")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -48,11 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="parameters, blocks and memory a run needs, before compute")
     p.add_argument("config", nargs="?", help="config (default: the embedded digits run)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="plan one rank of a torchrun run with N processes (memory per rank)")
 
     p = sub.add_parser("compare", help="several configs on the same model: one table, one plot")
     p.add_argument("configs", nargs="+")
     p.add_argument("--out", default="runs")
     p.add_argument("--sparsities", help="comma-separated sparsities to sweep, e.g. 0.5,0.7,0.9")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="repeat every cell with N seeds and report mean ± std (default 1)")
     p.add_argument("--quiet", "-q", action="store_true")
 
     p = sub.add_parser("export", help="a run's pruned model and masks as safetensors")
@@ -70,17 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _exit_cleanly_on_sigterm()
     if args.log_json:
         _configure_json_logging()
+    from curvprune import distributed
+
     try:
         return _COMMANDS[args.command](args)
-    except (NumericalError, MemoryPlanError) as exc:
+    except (NumericalError, MemoryPlanError, PluginHookError) as exc:
         if args.debug:
             raise
-        print(f"curvprune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"curvprune {args.command}{distributed.rank_tag()}: error: {exc}", file=sys.stderr)
         return 1
     except CurvpruneError as exc:
         if args.debug:
             raise
-        print(f"curvprune {args.command}: error: {exc}", file=sys.stderr)
+        print(f"curvprune {args.command}{distributed.rank_tag()}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"curvprune {args.command}: interrupted; nothing was written", file=sys.stderr)
@@ -89,11 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"curvprune {args.command}: internal error: {type(exc).__name__}: {exc} "
-            "(rerun with --debug for the traceback)",
+            f"curvprune {args.command}{distributed.rank_tag()}: internal error: "
+            f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1
+    finally:
+        distributed.shutdown()  # the process group `run` joined under torchrun, if any
 
 
 def _exit_cleanly_on_sigterm() -> None:
@@ -116,6 +135,7 @@ def _configure_json_logging() -> None:
         structlog.stdlib.ProcessorFormatter(
             processor=structlog.processors.JSONRenderer(),
             foreign_pre_chain=[
+                _add_rank,
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.ExtraAdder(),
                 structlog.processors.TimeStamper(fmt="iso"),
@@ -127,11 +147,36 @@ def _configure_json_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _add_rank(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Tag every event with the process's rank under torch.distributed."""
+    from curvprune import distributed
+
+    if distributed.is_distributed():
+        event["rank"] = distributed.rank()
+    return event
+
+
 # --------------------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
     from curvprune.runs import execute_run
 
-    outcome = execute_run(args.config, out=args.out, name=args.name, quiet=args.quiet)
+    saved: list[Path] = []
+    try:
+        outcome = execute_run(args.config, out=args.out, name=args.name, quiet=args.quiet,
+                              resume=args.resume, on_checkpoint=saved.append)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if not saved and not args.resume:
+            raise
+        partial = saved[-1].parent if saved else args.resume
+        print(f"curvprune run: interrupted; continue with: curvprune run --resume {partial}",
+              file=sys.stderr)
+        if isinstance(exc, SystemExit):  # SIGTERM: keep its exit status
+            raise
+        return 130
+    from curvprune import distributed
+
+    if distributed.rank() != 0:  # rank 0 wrote the run directory and prints the summary
+        return 0
     r = outcome.result
     acc = r["accuracy"]
     methods = ", ".join(f"{k}={v}" for k, v in r["methods"].items() if v)
@@ -236,7 +281,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             cfg.data.num_classes if cfg.data.name == "fake" else build_data(cfg.data).num_classes
         )
     model = build_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
-    plan = pipeline.plan(model, device=resolve_device(cfg.run.device))
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc} @ --nproc")
+    plan = pipeline.plan(model, device=resolve_device(cfg.run.device), world_size=args.nproc)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0 if plan.fits else 1
@@ -250,6 +297,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"  memory {part:<10} {value / 2**20:12.2f} MiB")
     print(f"  memory total      {plan.total_bytes / 2**20:12.2f} MiB of {plan.limit / 2**30:.1f} GiB "
           f"({plan.limit_source})")
+    if plan.world_size > 1:
+        print(f"  memory is per rank: each of the {plan.world_size} ranks holds the whole estimator "
+              "state (not sharded)")
     print(f"time class: {plan.time_class}")
     if not plan.fits:
         plan.check()
@@ -265,9 +315,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
         except ValueError:
             raise ConfigError(f"--sparsities must be comma-separated numbers, got {args.sparsities!r}") from None
-    folder = compare(args.configs, out=args.out, sparsities=sparsities, quiet=args.quiet)
+    folder = compare(args.configs, out=args.out, sparsities=sparsities, seeds=args.seeds,
+                     quiet=args.quiet)
     print((folder / "comparison.md").read_text())
     print(f"comparison written to {folder}")
+    runs = json.loads((folder / "comparison.json").read_text())["runs"]
+    failed = [r for r in runs if r["status"] != "ok"]
+    if failed:
+        print(f"curvprune compare: {len(failed)} of {len(runs)} runs failed (marked in the table); "
+              f"first: {failed[0]['label']}: {failed[0]['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -275,18 +332,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from curvprune.export import export_run
 
     folder = export_run(args.run_dir, args.out)
-    print(f"exported to {folder} (model.safetensors, masks.safetensors, manifest.json)")
+    print(f"exported to {folder} ({', '.join(sorted(f.name for f in folder.iterdir()))})")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from curvprune.render import plot_layer_sparsity, render_report
+    from curvprune.render import plot_layer_sparsity, plot_single_audit, render_report
     from curvprune.runs import read_result, write_atomic
 
     record = read_result(args.run_dir)
     text = render_report(record)
     write_atomic(Path(args.run_dir) / "report.md", text)
     plot_layer_sparsity(record, Path(args.run_dir) / "layer_sparsity.png")
+    if record.get("loss_change", {}).get("single"):
+        plot_single_audit(record, Path(args.run_dir) / "single_weight_audit.png")
     print(text)
     return 0
 

@@ -126,6 +126,9 @@ class PruneConfig:
             on parameter names, or exact module/parameter names.
         ignore: selectors removed from ``targets`` (e.g. the classifier, ``"fc"``).
         loss_samples: samples on which each step's actual loss change is measured (0: off).
+        audit_single: weights sampled per pruning step for the single-weight loss-change audit
+            (predicted against measured change of removing each alone; 0: off). Needs a scorer
+            that predicts a loss change and ``loss_samples`` > 0.
         gradient_chunk: samples per vectorised per-sample-gradient chunk; None sizes chunks to
             keep their gradients under ~256 MiB.
     """
@@ -134,6 +137,7 @@ class PruneConfig:
     targets: tuple[str, ...] = ("Conv2d", "Linear")
     ignore: tuple[str, ...] = ()
     loss_samples: int = attrs.field(default=256, validator=attrs.validators.ge(0))
+    audit_single: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     gradient_chunk: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
     )
@@ -177,6 +181,9 @@ class RunSettings:
         name: run directory name (default: a timestamp and the methods' names).
         memory_limit_gb: refuse runs the plan says need more (default: the device's memory).
         progress: show progress bars on a terminal.
+        checkpoint_every: save a checkpoint every this many optimizer steps of a training loop
+            that prunes or holds masks (``<out>/<name>.partial/checkpoint.pt``, for
+            ``curvprune run --resume``); 0: no checkpoints.
     """
 
     seed: int = 0
@@ -187,6 +194,7 @@ class RunSettings:
         default=None, validator=attrs.validators.optional(_positive)
     )
     progress: bool = True
+    checkpoint_every: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen(kw_only=True)

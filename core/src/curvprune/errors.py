@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Iterable, Sequence
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "CurvpruneError",
     "DuplicateComponentError",
@@ -17,8 +18,10 @@ __all__ = [
     "EstimatorStateError",
     "MemoryPlanError",
     "NumericalError",
+    "PluginHookError",
     "PluginLoadError",
     "UnknownComponentError",
+    "UnsupportedModelError",
     "UnsupportedQuery",
     "closest",
 ]
@@ -44,6 +47,13 @@ class ConfigError(CurvpruneError, ValueError):
     def __init__(self, errors: str | Sequence[str]) -> None:
         self.errors: list[str] = [errors] if isinstance(errors, str) else list(errors)
         super().__init__("; ".join(self.errors))
+
+
+class UnsupportedModelError(ConfigError):
+    """A model whose graph curvprune cannot trace or whose channels it cannot remove.
+
+    The message names the module or graph node at fault (``... @ model``).
+    """
 
 
 class UnknownComponentError(CurvpruneError, LookupError):
@@ -74,6 +84,14 @@ class DuplicatePluginError(CurvpruneError):
 
 class PluginLoadError(CurvpruneError, ImportError):
     """An installed plugin failed to import or to register its components."""
+
+
+class PluginHookError(CurvpruneError, RuntimeError):
+    """A plugin raised inside a lifecycle hook; the message names the plugin and the hook."""
+
+
+class CheckpointError(CurvpruneError, ValueError):
+    """A checkpoint or partial run directory is missing, truncated, corrupt or unsafe to load."""
 
 
 class NumericalError(CurvpruneError, ArithmeticError):

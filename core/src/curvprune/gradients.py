@@ -14,6 +14,13 @@ The source keeps the running column sum of the rows it yielded (the mean gradien
 first-order terms need); non-finite values are tracked through it and the per-row losses on the
 device, without a host sync per chunk: call :meth:`GradientSource.check_finite` once after
 collection.
+
+Under torch.distributed (:mod:`curvprune.distributed`) every rank reads the same samples and
+regroups them into the same chunks; rank r computes chunks r, r + W, r + 2W, … (W ranks). With
+``gather=True`` the chunks are all-gathered so that every rank yields every chunk in the
+single-process order; otherwise each rank yields its own chunks and :meth:`synchronize` sums the
+running sums. Sampled labels (true Fisher) use one generator per chunk, seeded from the given
+generator and the chunk's index, so they do not depend on which rank computes the chunk.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from curvprune.errors import ConfigError, NumericalError
+from curvprune import distributed
+from curvprune.errors import ConfigError, CurvpruneError, NumericalError
 from curvprune.layout import ParamLayout
 
 __all__ = ["GradientSource", "LossFn", "default_chunk_size", "default_loss"]
@@ -66,8 +74,10 @@ class GradientSource:
         fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the
             model's softmax output).
         mask: bool ``[d]`` keep-mask; pruned coordinates of every row are zeroed.
-        chunk_size: rows per vectorised chunk (None: :func:`default_chunk_size`).
-        generator: random generator for sampled labels (on the model's device).
+        chunk_size: rows per vectorised chunk (None: :func:`default_chunk_size`; under
+            torch.distributed also at most ⌈num_grads / W⌉, so that every rank gets work).
+        generator: random generator for sampled labels (on the model's device); one draw from
+            it seeds the per-chunk generators.
     """
 
     def __init__(
@@ -95,6 +105,7 @@ class GradientSource:
         self.fisher = fisher
         self.mask = mask
         self.generator = generator
+        self._chunk_given = chunk_size is not None
         if chunk_size is None:
             chunk_size = default_chunk_size(layout.d, fisher_mini_batch)
         self.chunk_size = chunk_size
@@ -102,18 +113,29 @@ class GradientSource:
         self.rows = 0
         self._sum: Tensor | None = None
         self._loss_sum: Tensor | None = None
+        self._local = False  # running sums cover this rank's rows only (synchronize pending)
 
     # -- main entry point ------------------------------------------------------------------------
-    def iter_grads(self, batches: Iterable[Any], num_grads: int) -> Iterator[Tensor]:
+    def iter_grads(
+        self, batches: Iterable[Any], num_grads: int, *, gather: bool = False
+    ) -> Iterator[Tensor]:
         """Yield chunks ``[k, d]`` (the parameters' dtype and device), ``num_grads`` rows in all.
 
         Args:
             batches: an iterable of ``(inputs, targets)`` batches; re-iterated from the start if
-                it runs out (a DataLoader), or an error if it cannot be (an iterator).
-            num_grads: total number of gradient rows.
+                it runs out (a DataLoader), or an error if it cannot be (an iterator). Under
+                torch.distributed every rank must pass the same, unsharded batches (checked on
+                the first chunk).
+            num_grads: total number of gradient rows (over all ranks).
+            gather: under torch.distributed, yield every rank's chunks on every rank, in the
+                single-process order (``num_grads`` rows on each rank). False: yield only this
+                rank's chunks (about ``num_grads / W`` rows), then call :meth:`synchronize`.
+                Ignored in a single process.
 
         Raises:
-            ConfigError: the data holds no sample, or runs out and cannot be restarted.
+            ConfigError: the data holds no sample, or runs out and cannot be restarted, or
+                differs between ranks.
+            CurvpruneError: another rank failed computing its gradients (``gather=True``).
         """
         if num_grads < 1:
             return
@@ -122,28 +144,93 @@ class GradientSource:
         frozen = {n: p.detach() for n, p in params.items() if n not in selected}
         frozen.update(dict(self.model.named_buffers()))
         device = next(iter(selected.values())).device
-        per_chunk = self.chunk_size * self.fisher_mini_batch
+        size, me = distributed.world_size(), distributed.rank()
+        rows_per_chunk = self.chunk_size
+        if size > 1 and not self._chunk_given:
+            rows_per_chunk = max(1, min(rows_per_chunk, -(-num_grads // size)))
+        n_chunks = -(-num_grads // rows_per_chunk)
+        label_seed = self._label_seed() if self.fisher == "true" else 0
         compute = self._vectorised(frozen)
+        self._local = size > 1 and not gather
         was_training = self.model.training
         self.model.eval()
         try:
-            produced = 0
-            for xs, ys in self._sample_chunks(batches, num_grads * self.fisher_mini_batch, per_chunk):
-                xs, ys = xs.to(device), ys.to(device)
-                if self.fisher == "true":
-                    ys = self._sample_labels(xs, selected, frozen)
-                rows = xs.shape[0] // self.fisher_mini_batch
-                xs = xs.reshape(rows, self.fisher_mini_batch, *xs.shape[1:])
-                ys = ys.reshape(rows, self.fisher_mini_batch, *ys.shape[1:])
-                grads, losses = compute(selected, xs, ys)
-                flat = self.layout.flatten([grads[n] for n in self.layout.names])
-                if self.mask is not None:
-                    flat.masked_fill_(~self.mask.to(flat.device), 0)
-                self._track(flat, losses)
-                produced += rows
-                yield flat
+            stream = self._sample_chunks(
+                batches, num_grads * self.fisher_mini_batch, rows_per_chunk * self.fisher_mini_batch
+            )
+            mine: tuple[Tensor, Tensor] | None = None
+            failure: Exception | None = None
+            for j, (xs, ys) in enumerate(stream):
+                if size > 1 and j == 0:
+                    distributed.check_same_across_ranks(
+                        (xs, ys), "the samples for gradients", error=ConfigError, where="data"
+                    )
+                if j % size == me:
+                    try:
+                        mine = self._chunk_grads(compute, selected, frozen, xs, ys, device,
+                                                 label_seed + j)
+                    except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+                        if size == 1 or not gather:
+                            raise
+                        failure, mine = exc, None
+                if size == 1 or not gather:
+                    if j % size == me:
+                        assert mine is not None
+                        self._track(*mine)
+                        yield mine[0]
+                    continue
+                if j % size == size - 1 or j == n_chunks - 1:  # end of a round: gather it
+                    first = j - j % size
+                    counts = [
+                        min(rows_per_chunk, num_grads - c * rows_per_chunk) if c < n_chunks else 0
+                        for c in range(first, first + size)
+                    ]
+                    if distributed.any_rank(failure is not None):
+                        if failure is not None:
+                            raise failure
+                        raise CurvpruneError(
+                            "another rank failed while computing gradients; see its error"
+                        )
+                    for flat, losses in self._gather_round(mine, counts, device):
+                        self._track(flat, losses)
+                        yield flat
+                    mine = None
         finally:
             self.model.train(was_training)
+
+    @property
+    def rows_are_local(self) -> bool:
+        """Whether the last :meth:`iter_grads` yielded this rank's rows only (sums not yet
+        combined: call :meth:`synchronize`)."""
+        return self._local
+
+    def synchronize(self) -> None:
+        """Sum the running sums (mean gradient, loss, row count) over all ranks, in place.
+
+        Call it on every rank after iterating :meth:`iter_grads` with ``gather=False`` under
+        torch.distributed; then :meth:`mean` and :meth:`check_finite` cover every rank's rows.
+        A no-op in a single process, after ``gather=True``, and when called twice.
+        """
+        if not self._local:
+            return
+        self._local = False
+        d = self.layout.d
+        params = self.layout.parameters(self.model)
+        dtype, device = params[0].dtype, params[0].device
+        column_sum = self._sum
+        if column_sum is None:  # this rank computed no chunk
+            column_sum = torch.zeros(d, dtype=dtype, device=device)
+        loss_sum = self._loss_sum
+        if loss_sum is None:
+            loss_sum = torch.zeros((), dtype=dtype, device=device)
+        packed = torch.cat([
+            column_sum.double(), loss_sum.double().reshape(1),
+            torch.tensor([float(self.rows)], dtype=torch.float64, device=device),
+        ])
+        distributed.all_reduce_sum_(packed)
+        self._sum = packed[:d].to(column_sum.dtype)
+        self._loss_sum = packed[d].to(loss_sum.dtype)
+        self.rows = int(packed[d + 1])
 
     def mean(self) -> Tensor:
         """The mean of all rows yielded so far, ``[d]`` (the mean gradient)."""
@@ -174,6 +261,58 @@ class GradientSource:
             )
 
     # -- internals ---------------------------------------------------------------------------------
+    def _chunk_grads(
+        self,
+        compute: Callable[..., tuple[dict, Tensor]],
+        selected: dict[str, Tensor],
+        frozen: dict[str, Tensor],
+        xs: Tensor,
+        ys: Tensor,
+        device: torch.device,
+        seed: int,
+    ) -> tuple[Tensor, Tensor]:
+        """Rows ``[k, d]`` and per-row losses ``[k]`` of one chunk of samples."""
+        xs, ys = xs.to(device), ys.to(device)
+        if self.fisher == "true":
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+            ys = self._sample_labels(xs, selected, frozen, generator)
+        rows = xs.shape[0] // self.fisher_mini_batch
+        xs = xs.reshape(rows, self.fisher_mini_batch, *xs.shape[1:])
+        ys = ys.reshape(rows, self.fisher_mini_batch, *ys.shape[1:])
+        grads, losses = compute(selected, xs, ys)
+        flat = self.layout.flatten([grads[n] for n in self.layout.names])
+        if self.mask is not None:
+            flat.masked_fill_(~self.mask.to(flat.device), 0)
+        return flat, losses
+
+    def _gather_round(
+        self, mine: tuple[Tensor, Tensor] | None, counts: list[int], device: torch.device
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """All-gather one round of chunks (rank r's is chunk r of the round); yield them in order.
+
+        The per-row losses travel as one extra column, so a round costs one collective.
+        """
+        d = self.layout.d
+        if mine is None:
+            dtype = self.layout.parameters(self.model)[0].dtype
+            local = torch.zeros(0, d + 1, dtype=dtype, device=device)
+        else:
+            flat, losses = mine
+            local = torch.cat([flat, losses.to(flat.dtype).unsqueeze(1)], dim=1)
+        every = distributed.all_gather_rows(local, counts)
+        start = 0
+        for n in counts:
+            if n:
+                yield every[start : start + n, :d], every[start : start + n, d]
+            start += n
+
+    def _label_seed(self) -> int:
+        """One draw from the generator (the same on every rank: rank 0's is broadcast)."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator,
+                                 device=self.generator.device if self.generator else "cpu"))
+        return int(distributed.broadcast_object(seed))
+
     def _vectorised(self, frozen: dict[str, Tensor]) -> Callable[..., tuple[dict, Tensor]]:
         model, loss_fn = self.model, self.loss_fn
 
@@ -184,12 +323,16 @@ class GradientSource:
         return vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
 
     def _sample_labels(
-        self, xs: Tensor, selected: dict[str, Tensor], frozen: dict[str, Tensor]
+        self,
+        xs: Tensor,
+        selected: dict[str, Tensor],
+        frozen: dict[str, Tensor],
+        generator: torch.Generator,
     ) -> Tensor:
         with torch.no_grad():
             logits = functional_call(self.model, ({**frozen, **selected},), (xs,), strict=False)
             probs = torch.softmax(logits.float(), dim=-1)
-            return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def _track(self, flat: Tensor, losses: Tensor) -> None:
         column_sum, loss_sum = flat.sum(dim=0), losses.sum()

@@ -24,6 +24,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from curvprune.distributed import is_distributed
 from curvprune.errors import ConfigError, EstimatorStateError, UnsupportedQuery
 from curvprune.layout import BlockLayout, ParamLayout
 
@@ -264,7 +265,91 @@ class CurvatureEstimator(abc.ABC):
     def _inverse_diagonal(self) -> Tensor:
         """The diagonal of F⁻¹, ``[d]``."""
 
+    # -- optional: torch.distributed ----------------------------------------------------------
+    #: How the pipeline combines the ranks' gradients under torch.distributed (read after
+    #: :meth:`setup`, so a subclass may make it a property of its resolved algorithm):
+    #:
+    #: * ``"gather"`` (default, exact for every estimator): every rank receives every gradient
+    #:   row, in the single-process order, and runs the same :meth:`update` calls, so its state
+    #:   equals one process's. Order-dependent estimators (a Woodbury recursion, a sliding
+    #:   window, a stored gradient matrix) need this.
+    #: * ``"sum"``: each rank calls :meth:`update` with its own rows only; after the last update
+    #:   the pipeline calls :meth:`all_reduce` on every rank, which sums the additive
+    #:   accumulators (Gram blocks, squared gradients, m). No gradient row is sent, and each
+    #:   rank does 1/W of the accumulation work; the state equals one process's up to the
+    #:   summation order (float round-off).
+    reduction: Literal["gather", "sum"] = "gather"
+
+    def all_reduce(self) -> None:
+        """Combine every rank's accumulated state (``reduction = "sum"``); call on every rank.
+
+        The pipeline calls it after the last :meth:`update` and before any query. A no-op in a
+        single process.
+
+        Raises:
+            EstimatorStateError: before :meth:`setup`, or for an estimator that gathers.
+        """
+        self._require_setup("all_reduce")
+        if self.reduction != "sum":
+            raise EstimatorStateError(
+                f"{type(self).__name__} gathers gradient rows (reduction = {self.reduction!r}); "
+                "it has no state to all-reduce"
+            )
+        if is_distributed():
+            self._all_reduce()
+
+    def _all_reduce(self) -> None:
+        """Sum this estimator's additive state over the ranks (see :attr:`reduction`).
+
+        Estimators with ``reduction = "sum"`` implement it with
+        :func:`curvprune.distributed.all_reduce_sum_`; it runs only when distributed.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} declares reduction = 'sum' but does not implement _all_reduce()"
+        )
+
     # -- optional -----------------------------------------------------------------------------
+    #: True for an estimator that builds its estimate from the model and data itself
+    #: (:meth:`fit`) rather than from gradient rows fed to :meth:`update`; K-FAC needs each
+    #: layer's inputs and output gradients, which flattened gradient rows do not carry. The
+    #: pipeline then calls :meth:`setup` and :meth:`fit` instead of feeding rows.
+    fits_model: ClassVar[bool] = False
+
+    def fit(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        layout: ParamLayout,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Build the estimate from ``model`` on ``num_grads`` samples of ``batches``.
+
+        Only estimators with :attr:`fits_model` implement it; the pipeline calls it after
+        :meth:`setup` (with ``layout.sizes``) in place of :meth:`update`.
+
+        Args:
+            model: the model (pruned weights already zero); it must be left unchanged,
+                its train/eval mode included.
+            batches: ``(inputs, targets)`` batches (a DataLoader); use the first ``num_grads``
+                samples.
+            loss_fn: ``loss_fn(outputs, targets)``, the mean loss over a batch.
+            layout: the selected parameters (the layout whose sizes :meth:`setup` got).
+            generator: random generator for sampled labels (``fisher = "true"``).
+        """
+        raise self.unsupported("fit(model, batches, ...)", "feed gradient rows with update(grads)")
+
+    @classmethod
+    def plan_memory_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """Peak bytes for the parameters of ``layout`` (what ``plan`` reports).
+
+        The default is :meth:`memory_bytes` of ``layout.sizes``; an estimator whose state
+        depends on the parameters' shapes, not only their sizes (K-FAC: an in×in and an
+        out×out factor per layer), overrides it.
+        """
+        return cls.memory_bytes(layout.sizes, config)
+
     @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
         """Rough floating-point operations to build the estimate (for ``plan``); None: unknown."""
@@ -296,7 +381,12 @@ class PruneContext:
         estimator: the fitted curvature estimator, if the pipeline has one.
         mean_grad: mean of the gradients fed to the estimator, ``[d]`` (None if not collected).
         batches: a callable returning an iterator of ``(inputs, targets)`` batches on the
-            model's device, for scorers that need the model and data themselves.
+            model's device, for scorers that need the model and data themselves;
+            ``batches(num_samples=N)`` stops after N samples (the last batch cut). Under
+            torch.distributed it yields this rank's slice of every batch
+            (:func:`curvprune.distributed.shard`): pass N here rather than counting samples
+            on the slices, accumulate sums over samples and all-reduce the sums and the
+            sample count (``curvprune.distributed.all_reduce_sum_``).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the batch).
         step: the index of this pruning step in the run.
     """
@@ -308,7 +398,7 @@ class PruneContext:
     target_sparsity: float
     estimator: CurvatureEstimator | None = None
     mean_grad: Tensor | None = None
-    batches: Callable[[], Iterable[tuple[Any, Tensor]]] | None = None
+    batches: Callable[..., Iterable[tuple[Any, Tensor]]] | None = None
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
     step: int = 0
 
@@ -318,9 +408,14 @@ class SaliencyScorer(abc.ABC):
 
     Scores are saliencies in loss units where the method has them (an estimate of the loss
     increase caused by removing the unit): the smallest go first. Their units are weights
-    (``granularity = "weight"``, scores ``[d]``) or output channels of the selected parameters
-    (``granularity = "channel"``, scores ``[n_channels]``, channels numbered as in
-    :meth:`ParamLayout.channel_index`).
+    (``granularity = "weight"``, scores ``[d]``) or channel **structures** (``granularity =
+    "channel"``, scores ``[S]`` with S = :attr:`ParamLayout.n_structures`). When the pipeline
+    traced the model (``channel`` mask, ``coupled = true``), ``ctx.layout.structures`` holds
+    them: a structure is one channel of a prunable group, the coupled channels of a residual
+    stream being one structure, and :meth:`ParamLayout.structure_index` maps each output
+    channel to its structure (-1: never pruned, e.g. the classifier). Without structures each
+    output channel of each selected parameter is one structure, numbered as in
+    :meth:`ParamLayout.channel_index`.
 
     Class attributes declare what the scorer needs, so the pipeline validates a combination
     before any compute and skips work nobody needs:
@@ -342,7 +437,7 @@ class SaliencyScorer(abc.ABC):
 
     @abc.abstractmethod
     def score(self, ctx: PruneContext) -> Tensor:
-        """Saliency of each unit (smaller is pruned first), ``[d]`` or ``[n_channels]``."""
+        """Saliency of each unit (smaller is pruned first), ``[d]`` or ``[S]`` (structures)."""
 
     def compensate(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
         """The weight update δw ``[d]`` to add when the weights in ``pruned`` are removed.
@@ -369,6 +464,25 @@ class SaliencyScorer(abc.ABC):
         """
         return None
 
+    #: What to change when :meth:`memory_bytes` is the part that does not fit (for ``plan``).
+    memory_hint: ClassVar[str] = "select fewer parameters ([prune] targets/ignore)"
+
+    def memory_bytes(self, model: nn.Module, layout: ParamLayout) -> int:
+        """Peak bytes of the scorer's own state when scoring ``model`` (for ``plan``).
+
+        Default 0: most scorers hold O(d). A scorer with a larger state (SOSP-I's S×S structure
+        matrix) reports it, so ``plan`` shows it and refuses a run that would not fit.
+        """
+        return 0
+
+    def report(self) -> dict[str, Any] | None:
+        """What the scorer adds to a run's report after pruning, or None (the default).
+
+        JSON-able; ``curvprune run`` stores it as ``scorer_report`` in ``result.json`` and
+        appends its ``"markdown"`` entry, if any, to ``report.md`` (SOSP: the bottleneck report).
+        """
+        return None
+
 
 class MaskApplier(abc.ABC):
     """Turns saliencies and a target sparsity into a keep-mask over the selected weights.
@@ -386,10 +500,11 @@ class MaskApplier(abc.ABC):
         """The new keep-mask.
 
         Args:
-            scores: saliencies ``[d]`` (weight granularity) or ``[n_channels]`` (channel).
+            scores: saliencies ``[d]`` (weight granularity) or ``[S]`` (channel granularity:
+                one per structure, see :attr:`ParamLayout.n_structures`).
             mask: the current keep-mask, bool ``[d]``.
             sparsity: the target fraction of removed units, in [0, 1): of all selected weights
-                (weight granularity) or of all channels (channel granularity), counting the
+                (weight granularity) or of all structures (channel granularity), counting the
                 units already removed.
             layout: the selected parameters.
 
@@ -416,9 +531,17 @@ class Scheduler(abc.ABC):
 
     ``during_training`` is True for schedules that only make sense inside a training loop
     (``Pipeline.prune`` refuses them; ``Pipeline.attach`` drives them).
+
+    ``prune_phase`` is True for a during-training schedule that brings its own training phase
+    (GReg: a penalty grows until the chosen units are near zero, then they are removed). Such a
+    schedule decides at run time when it is done, so ``curvprune run`` gives it a *prune phase*
+    before ``[finetune]``: it trains with :meth:`prune_phase_optimizer` (iterating the training
+    data) until :meth:`finished`, at most :meth:`max_steps` steps, measures the accuracy right
+    after the removal, then fine-tunes with a fresh optimizer and the masks held.
     """
 
     during_training: ClassVar[bool] = False
+    prune_phase: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
@@ -447,6 +570,14 @@ class Scheduler(abc.ABC):
         the mask applier's selection for this step and keeps ``ctx.mask & returned``.
         """
         return None
+
+    def prune_phase_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer of the prune phase (only for schedules with ``prune_phase``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no prune phase")
+
+    def max_steps(self) -> int:
+        """An upper bound on the prune phase's optimizer steps (only with ``prune_phase``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no prune phase")
 
     def state_dict(self) -> dict[str, Any]:
         """Serializable state (tensors and plain values) for checkpoints."""

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
 from torch import Tensor, nn
 
 from curvprune.errors import ConfigError, closest
+
+if TYPE_CHECKING:
+    from curvprune.structures import Structures
 
 __all__ = ["BlockLayout", "ParamLayout", "select_parameters"]
 
@@ -37,11 +41,15 @@ class ParamLayout:
         names: parameter names as in ``model.named_parameters()``.
         shapes: their shapes.
         module_types: class name of the module owning each parameter.
+        structures: the prunable channel structures (coupled channel groups, see
+            :mod:`curvprune.structures`) when the pipeline traced them, else None: then every
+            output channel of every selected parameter is its own structure.
     """
 
     names: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
     module_types: tuple[str, ...]
+    structures: Structures | None = attrs.field(default=None, kw_only=True)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -128,6 +136,77 @@ class ParamLayout:
         """For every channel, the index of the parameter it belongs to. Shape ``[n_channels]``."""
         counts = torch.tensor(self.channels, device=device)
         return torch.repeat_interleave(torch.arange(len(self), device=device), counts)
+
+    def with_structures(self, structures: Structures | None) -> ParamLayout:
+        """This layout with ``structures`` attached (None: identity structures)."""
+        if structures is not None and structures.layout_names != self.names:
+            raise ConfigError("structures were made for other parameters than this layout @ layout")
+        return attrs.evolve(self, structures=structures)
+
+    @property
+    def n_structures(self) -> int:
+        """S: the number of channel structures (all output channels without structures)."""
+        if self.structures is None:
+            return sum(self.channels)
+        return self.structures.n_structures
+
+    def structure_index(self, device: torch.device | str | None = None) -> Tensor:
+        """For every output channel, its structure id, or -1 if never pruned. ``[n_channels]``.
+
+        Without structures this is the identity: each channel is its own structure.
+        """
+        if self.structures is None:
+            return torch.arange(sum(self.channels), device=device)
+        return self.structures.channel_structure.to(device)
+
+    def structure_group(self, device: torch.device | str | None = None) -> Tensor:
+        """For every structure, its group: ``[S]`` (without structures, its parameter)."""
+        if self.structures is None:
+            return self.channel_param_index(device)
+        return self.structures.structure_group.to(device)
+
+    @property
+    def n_structure_groups(self) -> int:
+        """Number of structure groups (parameters, without structures)."""
+        return len(self) if self.structures is None else len(self.structures.groups)
+
+    def channel_sums(self, values: Tensor) -> Tensor:
+        """Sum of ``values`` ``[d]`` over each output channel's weights: ``[n_channels]``.
+
+        One reduction per parameter over its ``[out, -1]`` view (no ``[d]`` index tensor).
+        """
+        parts = [
+            v.reshape(n, -1).sum(1)
+            for v, n in zip(self.unflatten(values), self.channels, strict=True)
+        ]
+        return torch.cat(parts)
+
+    def alive_channels(self, mask: Tensor) -> Tensor:
+        """Which output channels still have a kept weight in ``mask`` (bool ``[d]``)."""
+        parts = [
+            m.reshape(n, -1).any(1) for m, n in zip(self.unflatten(mask), self.channels, strict=True)
+        ]
+        return torch.cat(parts)
+
+    def expand_channels(self, per_channel: Tensor) -> Tensor:
+        """Repeat a value per output channel ``[n_channels]`` over its weights: ``[d]``."""
+        pieces = torch.split(per_channel, list(self.channels))
+        parts = [
+            piece.repeat_interleave(size // n)
+            for piece, size, n in zip(pieces, self.sizes, self.channels, strict=True)
+        ]
+        return torch.cat(parts)
+
+    def structure_sums(self, per_channel: Tensor) -> Tensor:
+        """Sum ``per_channel`` ``[n_channels]`` into structures ``[S]`` (id -1 left out)."""
+        sid = self.structure_index(per_channel.device)
+        valid = sid >= 0
+        out = torch.zeros(self.n_structures, dtype=per_channel.dtype, device=per_channel.device)
+        return out.index_add_(0, sid[valid], per_channel[valid])
+
+    def alive_structures(self, mask: Tensor) -> Tensor:
+        """Which structures still have a kept weight in ``mask`` (bool ``[d]``): bool ``[S]``."""
+        return self.structure_sums(self.alive_channels(mask).long()) > 0
 
     def param_index(self, device: torch.device | str | None = None) -> Tensor:
         """For every flat coordinate, the index of its parameter. Shape ``[d]``."""

@@ -17,16 +17,18 @@ pruned weights. Plugin hooks run only around steps, never inside them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from curvprune import distributed
 from curvprune._log import get_logger
+from curvprune.audit import SingleWeightAudit, audit_single_weights
 from curvprune.config import PipelineConfig, load_raw_config, structure_config
-from curvprune.errors import ConfigError, NumericalError
+from curvprune.errors import ConfigError, CurvpruneError, NumericalError
 from curvprune.gradients import GradientSource, LossFn, default_loss
 from curvprune.interfaces import CurvatureEstimator, MaskApplier, PruneContext, SaliencyScorer, Scheduler
 from curvprune.layout import ParamLayout, select_parameters
@@ -35,6 +37,8 @@ from curvprune.planning import Plan, make_plan
 from curvprune.plugins import PluginHost, get_plugin_manager
 from curvprune.registry import KINDS
 from curvprune.report import PruneResult, StepReport
+from curvprune.removal import RemovalResult, remove_structures
+from curvprune.structures import StructureGraph, attach_structures
 
 __all__ = ["Pipeline", "PruningSession"]
 
@@ -129,6 +133,11 @@ class Pipeline:
                 f"scorer {scorer_name!r} needs a curvature estimator: add an [estimator] table "
                 f"(installed: {names}) @ estimator"
             )
+        if cfg.prune.audit_single and not cfg.prune.loss_samples:
+            out.append(
+                "the single-weight audit measures losses on the audit samples: set "
+                "[prune] loss_samples > 0 or audit_single = 0 @ prune.audit_single"
+            )
         if self.scorer.granularity != self.mask.granularity:
             unit = {"weight": "single weights", "channel": "channels"}
             out.append(
@@ -161,9 +170,18 @@ class Pipeline:
         """The parameters ``[prune] targets`` minus ``ignore`` select in ``model``."""
         return select_parameters(model, self.config.prune.targets, self.config.prune.ignore)
 
-    def plan(self, model: nn.Module, *, device: torch.device | str | None = None) -> Plan:
-        """Memory and time needed to prune ``model``, computed before any compute."""
-        return make_plan(self, model, device=device)
+    def plan(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str | None = None,
+        world_size: int | None = None,
+    ) -> Plan:
+        """Memory and time needed to prune ``model``, computed before any compute.
+
+        Under torch.distributed (or with ``world_size``) the memory is that of one rank.
+        """
+        return make_plan(self, model, device=device, world_size=world_size)
 
     # -- one-shot -------------------------------------------------------------------------------
     def prune(
@@ -195,8 +213,10 @@ class Pipeline:
         if self.schedule.during_training:
             raise ConfigError(
                 f"schedule {self.config.schedule.name!r} prunes during training: use "
-                "pipeline.attach(model, optimizer, data=...) in a training loop (or set "
-                "[finetune] epochs for `curvprune run`) @ schedule.name"
+                "pipeline.attach(model, optimizer, data=...) in a training loop (or "
+                + ("`curvprune run`, which gives it a prune phase" if self.schedule.prune_phase
+                   else "set [finetune] epochs for `curvprune run`")
+                + ") @ schedule.name"
             )
         started = time.perf_counter()
         runner = _StepRunner(self, model, data, loss_fn, masks)
@@ -205,17 +225,44 @@ class Pipeline:
         target = self.config.prune.sparsity
         current = self.mask.achieved_sparsity(runner.masks.flat, runner.layout)
         snapshot = runner.layout.gather(model)
+        gate_snapshot = runner.gate_parameters_snapshot()
         try:
             for level in self.schedule.levels(target, current):
                 runner.step(level)
         except BaseException:
             runner.layout.scatter_(model, snapshot)
+            runner.restore_gate_parameters(gate_snapshot)
             raise
         result = PruneResult(
             masks=runner.masks, steps=runner.reports, seconds=time.perf_counter() - started
         )
         self.host.pipeline_end(self, result)
         return result
+
+    # -- physical removal -----------------------------------------------------------------------
+    def remove(
+        self, model: nn.Module, masks: MaskSet, *, example_input: Tensor | None = None
+    ) -> RemovalResult:
+        """Remove, in place, the channel structures that ``masks`` prunes entirely.
+
+        A structure is removed when none of its weights is kept (what the ``channel`` mask
+        produces). The model gets smaller parameters: rebuild any optimizer afterwards.
+
+        Args:
+            model: the pruned model (the one ``masks`` was made on).
+            masks: masks of a channel pruning (:attr:`PruneResult.masks`).
+            example_input: an input batch, to count FLOPs before and after (optional).
+
+        Raises:
+            UnsupportedModelError: the model cannot be traced or a pruned group cannot be
+                removed (named); ConfigError: a group would lose every channel. The model is
+                untouched on any error.
+        """
+        layout = masks.layout
+        if layout.structures is None:
+            layout = layout.with_structures(StructureGraph.trace(model).structures(layout))
+        keep = layout.alive_structures(masks.flat.to(layout.structure_index().device))
+        return remove_structures(model, layout.structures, keep, example_input=example_input)
 
     # -- during training ------------------------------------------------------------------------
     def attach(
@@ -310,19 +357,30 @@ class PruningSession:
         return report
 
     def state_dict(self) -> dict[str, Any]:
-        """Iteration, masks and schedule state, for checkpoints."""
+        """Iteration, masks, schedule state and step reports, for checkpoints.
+
+        Only tensors and plain values, so ``torch.load(..., weights_only=True)`` reads it back.
+        The estimator has no state to save: the pipeline re-fits it from fresh gradients at every
+        pruning step (``setup`` then ``update``), and seeds those gradients by the step index,
+        which the reports' count restores.
+        """
         return {
             "iteration": self.iteration,
             "masks": self._runner.masks.flat.clone(),
+            "extra_masks": {n: m.clone() for n, m in self._runner.masks.extra.items()},
             "schedule": self.pipeline.schedule.state_dict(),
+            "reports": [r.to_dict() for r in self._runner.reports],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output and re-apply the masks."""
         self.iteration = int(state["iteration"])
         flat = state["masks"].to(self._runner.masks.flat.device)
-        self._runner.masks = MaskSet(self._runner.layout, flat)
+        extra = state.get("extra_masks", {})
+        self._runner.masks = self._runner.gated(MaskSet(self._runner.layout, flat, extra))
         self.pipeline.schedule.load_state_dict(state["schedule"])
+        if "reports" in state:
+            self._runner.reports = [StepReport.from_dict(r) for r in state["reports"]]
         self._runner.masks.apply_(self._runner.model)
 
     def close(self) -> PruneResult:
@@ -360,13 +418,14 @@ class _StepRunner:
         self.model = model
         self.data = data
         self.loss_fn = loss_fn or default_loss
-        self.layout = pipeline.select(model)
+        self.layout = attach_structures(pipeline.mask, pipeline.select(model), model)
         self.device = next(iter(self.layout.parameters(model))).device
         if masks is None:
             masks = MaskSet.dense(self.layout, self.device)
         elif masks.layout.names != self.layout.names:
             raise ConfigError("masks were made for other parameters than [prune] selects @ masks")
-        self.masks = masks.to(self.device)
+        masks = masks.to(self.device)
+        self.masks = self.gated(MaskSet(self.layout, masks.flat, masks.extra))
         self.masks.apply_(model)
         self.reports: list[StepReport] = []
         self._audit = _AuditSet(data, pipeline.config.prune.loss_samples, self.device)
@@ -397,7 +456,7 @@ class _StepRunner:
             target_sparsity=level,
             estimator=estimator if scorer.needs_curvature else None,
             mean_grad=mean_grad,
-            batches=(lambda: iter(self.data)) if self.data is not None else None,  # type: ignore[arg-type]
+            batches=self._batches if self.data is not None else None,
             loss_fn=self.loss_fn,
             step=index,
         )
@@ -420,6 +479,12 @@ class _StepRunner:
         if chosen is None:
             delta = scorer.compensate(ctx, pruned)
             predicted = scorer.predicted_loss_change(ctx, pruned)
+        single = None
+        if chosen is None and pipeline.config.prune.audit_single:
+            audit_tick = time.perf_counter()
+            single = self._single_weight_audit(ctx, index)
+            times["audit"] = time.perf_counter() - audit_tick
+            tick += times["audit"]
         weights = ctx.weights
         if delta is not None:
             if not bool(torch.isfinite(delta).all()):
@@ -429,8 +494,12 @@ class _StepRunner:
                 )
             weights = weights + delta.to(weights.dtype)
         weights = weights * new_mask
+        # Every rank must prune alike (the reduced estimator state is identical): verify with
+        # exact fingerprints (one small all-gather) before touching the model.
+        distributed.check_same_across_ranks((new_mask, weights), "the masks and pruned weights")
         self.layout.scatter_(self.model, weights)
-        self.masks = MaskSet(self.layout, new_mask)
+        self.masks = self.gated(MaskSet(self.layout, new_mask, self.masks.extra))
+        self.masks.apply_(self.model)
         times["update"] = time.perf_counter() - tick
         loss_after = self._audit.loss(self.model, self.loss_fn)
         times["total"] = time.perf_counter() - started
@@ -447,6 +516,7 @@ class _StepRunner:
             num_grads=num_grads,
             times=times,
             train_step=train_step,
+            single_audit=None if single is None else single.to_dict(),
         )
         self.reports.append(report)
         log.info(
@@ -456,10 +526,60 @@ class _StepRunner:
         pipeline.host.after_prune_step(pipeline, report)
         return report
 
-    def _collect_gradients(self, index: int) -> tuple[Tensor, int]:
-        """Feed ``num_grads`` gradients to the estimator; return their mean and count."""
+    def _batches(self, num_samples: int | None = None) -> Iterator[Any]:
+        """``PruneContext.batches``: the data, as this rank's slice of every batch when
+        distributed; ``num_samples`` (over all ranks) cuts it like one process would."""
+        return distributed.shard(self.data, num_samples)  # type: ignore[arg-type]
+
+    def gate_parameters_snapshot(self) -> dict[str, Tensor]:
+        """Copies of the biases and BN γ, β that structure masks zero (restored on errors)."""
+        structures = self.layout.structures
+        if structures is None:
+            return {}
+        names = structures.gate_masks(torch.ones(structures.n_structures, dtype=torch.bool))
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().clone() for n in names if n in params}
+
+    def restore_gate_parameters(self, snapshot: Mapping[str, Tensor]) -> None:
+        """Write back :meth:`gate_parameters_snapshot` output."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                params[name].copy_(value)
+
+    def gated(self, masks: MaskSet) -> MaskSet:
+        """``masks`` plus the biases and BatchNorm γ, β of removed structures (exact gates)."""
+        structures = self.layout.structures
+        if structures is None:
+            return masks
+        keep = self.layout.alive_structures(masks.flat)
+        return masks.with_extra(structures.gate_masks(keep))
+
+    def _single_weight_audit(self, ctx: PruneContext, index: int) -> SingleWeightAudit | None:
+        """Predicted vs measured change of removing single sampled weights (before the step)."""
+        generator = torch.Generator()
+        generator.manual_seed(self.pipeline.config.run.seed * 1_000_003 + index + 7919)
+        return audit_single_weights(
+            ctx, self.pipeline.scorer, self._audit.batches,
+            self.pipeline.config.prune.audit_single, generator,
+        )
+
+    def _collect_gradients(self, index: int) -> tuple[Tensor | None, int]:
+        """Feed ``num_grads`` gradients to the estimator; return their mean and count.
+
+        An estimator with ``fits_model`` (K-FAC) fits itself on the model and data instead;
+        the mean gradient is then computed only if the scorer needs it (else None).
+        """
         pipeline = self.pipeline
         estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
+        if estimator is not None and estimator.fits_model:
+            estimator.setup(self.layout.sizes, device=self.device)
+            estimator.fit(self.model, self.data, self.loss_fn, self.layout, generator=generator)  # type: ignore[arg-type]
+            if not pipeline.scorer.needs_gradient:
+                return None, estimator.num_samples
+            estimator = None  # the mean gradient alone, from mini-batches below
         if estimator is not None:
             cfg = estimator.config
             num_grads, mini_batch, fisher = estimator.num_grads, cfg.fisher_mini_batch, cfg.fisher
@@ -467,8 +587,6 @@ class _StepRunner:
         else:  # only the mean gradient is needed
             samples = max(pipeline.config.prune.loss_samples, _MEAN_GRAD_MINI_BATCH)
             num_grads, mini_batch, fisher = max(1, samples // _MEAN_GRAD_MINI_BATCH), _MEAN_GRAD_MINI_BATCH, "empirical"
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
         source = GradientSource(
             self.model,
             self.layout,
@@ -479,13 +597,30 @@ class _StepRunner:
             chunk_size=pipeline.config.prune.gradient_chunk,
             generator=generator,
         )
-        for chunk in source.iter_grads(self.data, num_grads):  # type: ignore[arg-type]
+        # Under torch.distributed: "gather" estimators get every row on every rank (in the
+        # single-process order); "sum" estimators and the mean see this rank's rows, then sum.
+        gather = estimator is not None and estimator.reduction == "gather"
+        failure: CurvpruneError | None = None
+        try:
+            for chunk in source.iter_grads(self.data, num_grads, gather=gather):  # type: ignore[arg-type]
+                if estimator is not None:
+                    try:
+                        estimator.update(chunk)
+                    except NumericalError:
+                        source.check_finite()  # the source knows which parameter: say so
+                        raise
+        except CurvpruneError as exc:
+            if not source.rows_are_local:
+                raise  # every rank saw the same rows and fails the same way
+            failure = exc  # only this rank's rows: agree with the others before raising
+        if source.rows_are_local:
+            if distributed.any_rank(failure is not None):
+                raise failure or NumericalError(
+                    "another rank failed while collecting gradients; see its error"
+                )
+            source.synchronize()
             if estimator is not None:
-                try:
-                    estimator.update(chunk)
-                except NumericalError:
-                    source.check_finite()  # the source knows which parameter: say so
-                    raise
+                estimator.all_reduce()
         source.check_finite()
         return source.mean(), num_grads
 
@@ -507,17 +642,23 @@ class _AuditSet:
                 break
 
     def loss(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> float | None:
+        """Mean loss over the audit samples; under torch.distributed each rank evaluates its
+        slice of every batch and the sums are all-reduced (``loss_fn`` must be a mean over the
+        batch, so slice mean × slice size is the slice's sum)."""
         if not self.batches:
             return None
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                total = sum(
-                    loss_fn(model(x), y).double() * x.shape[0] for x, y in self.batches
-                )
-                count = sum(x.shape[0] for x, _ in self.batches)
-                value = float(total / count)
+                device = self.batches[0][1].device
+                sums = torch.zeros(2, dtype=torch.float64, device=device)
+                for x, y in distributed.shard(self.batches):
+                    if y.shape[0]:
+                        sums[0] += loss_fn(model(x), y).double() * y.shape[0]
+                        sums[1] += y.shape[0]
+                distributed.all_reduce_sum_(sums)
+                value = float(sums[0] / sums[1])
         finally:
             model.train(was_training)
         if value != value or value in (float("inf"), float("-inf")):

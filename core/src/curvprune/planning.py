@@ -3,10 +3,18 @@
 The plan counts the selected weights per layer, the estimator's blocks and the memory each part
 of a pruning step holds at its peak:
 
-* the estimator's own state (:meth:`CurvatureEstimator.memory_bytes`);
+* the estimator's own state (:meth:`CurvatureEstimator.plan_memory_bytes`, by default
+  :meth:`~CurvatureEstimator.memory_bytes` of the sizes);
 * one chunk of gradients and the per-sample-gradient work space (about three copies of the
   chunk: the vectorised gradients, the flattened rows and the estimator's update work);
-* a snapshot of the selected weights (restored if the step fails), the flat weights and mask.
+* a snapshot of the selected weights (restored if the step fails), the flat weights and mask;
+* the scorer's own state when it holds more than that (:meth:`SaliencyScorer.memory_bytes`,
+  e.g. SOSP-I's S×S structure matrix).
+
+Under torch.distributed every number is per rank: each rank holds the whole estimator state (no
+estimator shards its memory across ranks yet), so W ranks need W times the estimator memory in
+all. Estimators that gather rows (``reduction = "gather"``) also hold a round of W gathered
+chunks (``gathered``).
 
 It refuses a run that needs more than the limit (``[run] memory_limit_gb``, else the memory
 available on the device) with a message that names the biggest part and the knob that shrinks it.
@@ -21,6 +29,7 @@ import attrs
 import torch
 from torch import nn
 
+from curvprune import distributed
 from curvprune.errors import MemoryPlanError
 from curvprune.gradients import default_chunk_size
 
@@ -50,6 +59,7 @@ class Plan:
         flops: rough floating-point operations of one pruning step (None if unknown).
         device: the device type the estimate is for.
         hint: the knob that reduces the biggest part.
+        world_size: the ranks the plan is for; ``memory`` is per rank.
     """
 
     layout: ParamLayout
@@ -62,6 +72,7 @@ class Plan:
     flops: float | None
     device: str
     hint: str
+    world_size: int = 1
 
     @property
     def total_bytes(self) -> int:
@@ -110,6 +121,8 @@ class Plan:
             "fits": self.fits,
             "flops": self.flops,
             "time_class": self.time_class,
+            "world_size": self.world_size,
+            "memory_scope": "per rank",
         }
 
 
@@ -129,8 +142,19 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     return int(pages * os.sysconf("SC_PAGE_SIZE")), "available physical memory"
 
 
-def make_plan(pipeline: Pipeline, model: nn.Module, *, device: torch.device | str | None = None) -> Plan:
-    """Build the :class:`Plan` for pruning ``model`` with ``pipeline`` (no compute)."""
+def make_plan(
+    pipeline: Pipeline,
+    model: nn.Module,
+    *,
+    device: torch.device | str | None = None,
+    world_size: int | None = None,
+) -> Plan:
+    """Build the :class:`Plan` for pruning ``model`` with ``pipeline`` (no compute).
+
+    ``world_size`` (default: the current one, 1 outside torch.distributed) makes it the plan of
+    one rank among that many.
+    """
+    world = distributed.world_size() if world_size is None else max(1, int(world_size))
     layout = pipeline.select(model)
     if device is None:
         device = next(iter(layout.parameters(model))).device
@@ -145,12 +169,19 @@ def make_plan(pipeline: Pipeline, model: nn.Module, *, device: torch.device | st
     hint = "select fewer parameters ([prune] targets/ignore)"
     if estimator is not None:
         cfg = estimator.config
-        memory["estimator"] = int(type(estimator).memory_bytes(layout.sizes, cfg))
+        memory["estimator"] = int(type(estimator).plan_memory_bytes(layout, cfg))
         blocks = layout.blocks(getattr(cfg, "block_size", None))
         n_blocks, width = blocks.n_blocks, blocks.width
+        if estimator.fits_model:  # fitted on the model (K-FAC): one block per parameter
+            n_blocks, width = len(layout), max(layout.sizes)
         chunk = pipeline.config.prune.gradient_chunk
         rows = chunk if chunk is not None else default_chunk_size(d, cfg.fisher_mini_batch)
+        if chunk is None and world > 1:  # as GradientSource balances chunks over the ranks
+            rows = max(1, min(rows, -(-cfg.num_grads // world)))
         memory["gradients"] = 3 * min(rows, cfg.num_grads) * d * itemsize
+        if world > 1 and estimator.reduction == "gather":
+            # a round of W chunks (+ a loss column): the padded pieces and their concatenation
+            memory["gathered"] = 2 * world * min(rows, cfg.num_grads) * (d + 1) * itemsize
         flops = type(estimator).estimated_flops(layout.sizes, cfg)
         if flops is not None:
             # backward passes for the gradients: ~3 forward costs, ~2 flop per weight each
@@ -161,6 +192,11 @@ def make_plan(pipeline: Pipeline, model: nn.Module, *, device: torch.device | st
             f"{cfg.num_grads}) in [estimator], set [prune] gradient_chunk, or select fewer "
             "parameters"
         )
+    scorer_bytes = int(pipeline.scorer.memory_bytes(model, layout))
+    if scorer_bytes:  # a scorer with more than O(d) state (SOSP-I's S×S matrix)
+        memory["scorer"] = scorer_bytes
+        if scorer_bytes >= max(memory.values()):
+            hint = f"scorer {pipeline.config.scorer.name!r}: {pipeline.scorer.memory_hint}"
     limit_gb = pipeline.config.run.memory_limit_gb
     if limit_gb is not None:
         limit, source = int(limit_gb * _GiB), "[run] memory_limit_gb"
@@ -177,4 +213,5 @@ def make_plan(pipeline: Pipeline, model: nn.Module, *, device: torch.device | st
         flops=flops,
         device=device.type,
         hint=hint,
+        world_size=world,
     )

@@ -25,7 +25,12 @@ import pluggy
 
 from curvprune import hookspecs
 from curvprune._log import get_logger
-from curvprune.errors import DuplicatePluginError, PluginLoadError
+from curvprune.errors import (
+    CurvpruneError,
+    DuplicatePluginError,
+    PluginHookError,
+    PluginLoadError,
+)
 from curvprune.registry import KINDS, Component, Registry
 
 if TYPE_CHECKING:
@@ -256,12 +261,41 @@ class PluginHost:
     # -- lifecycle hooks (typed) ------------------------------------------------------------
     def pipeline_start(self, pipeline: Pipeline, model: nn.Module) -> None:
         """Call ``curvprune_pipeline_start``."""
-        self.pm.hook.curvprune_pipeline_start(pipeline=pipeline, model=model)
+        self._lifecycle("curvprune_pipeline_start", pipeline=pipeline, model=model)
 
     def after_prune_step(self, pipeline: Pipeline, report: StepReport) -> None:
         """Call ``curvprune_after_prune_step``."""
-        self.pm.hook.curvprune_after_prune_step(pipeline=pipeline, report=report)
+        self._lifecycle("curvprune_after_prune_step", pipeline=pipeline, report=report)
 
     def pipeline_end(self, pipeline: Pipeline, result: PruneResult) -> None:
         """Call ``curvprune_pipeline_end``."""
-        self.pm.hook.curvprune_pipeline_end(pipeline=pipeline, result=result)
+        self._lifecycle("curvprune_pipeline_end", pipeline=pipeline, result=result)
+
+    def _lifecycle(self, hook: str, **kwargs: Any) -> None:
+        """Call a lifecycle hook; a plugin's exception becomes a one-line :class:`PluginHookError`.
+
+        curvprune's own errors raised on purpose by a plugin pass through unchanged.
+
+        Raises:
+            PluginHookError: naming the plugin whose implementation raised, and the hook.
+        """
+        caller = getattr(self.pm.hook, hook)
+        try:
+            caller(**kwargs)
+        except CurvpruneError:
+            raise
+        except Exception as exc:
+            plugin = _raising_plugin(exc, caller.get_hookimpls())
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise PluginHookError(f"plugin {plugin!r} failed in {hook}: {message}") from exc
+
+
+def _raising_plugin(exc: BaseException, impls: Sequence[Any]) -> str:
+    """The name of the plugin whose hook implementation is deepest in ``exc``'s traceback."""
+    codes = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in impls}
+    name = "unknown"
+    tb = exc.__traceback__
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code, name)
+        tb = tb.tb_next
+    return name

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -33,6 +34,9 @@ class StepReport:
         num_grads: gradients fed to the estimator (0 without one).
         times: seconds per phase (``gradients``, ``scores``, ``update``, ``total``).
         train_step: optimizer step after which the step ran (None for one-shot pruning).
+        single_audit: the single-weight loss-change audit run before the step
+            (:meth:`curvprune.audit.SingleWeightAudit.to_dict`; None when ``[prune]
+            audit_single`` is 0 or the scorer predicts no loss change).
     """
 
     step: int
@@ -47,6 +51,7 @@ class StepReport:
     num_grads: int = 0
     times: dict[str, float] = attrs.field(factory=dict)
     train_step: int | None = None
+    single_audit: dict[str, Any] | None = None
 
     @property
     def measured_loss_change(self) -> float | None:
@@ -60,6 +65,12 @@ class StepReport:
         out = attrs.asdict(self)
         out["measured_loss_change"] = self.measured_loss_change
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepReport:
+        """The inverse of :meth:`to_dict` (``measured_loss_change`` is derived, so ignored)."""
+        names = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @attrs.define(kw_only=True)

@@ -20,7 +20,7 @@ import platform
 import resource
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,20 @@ import attrs
 import torch
 from torch import nn
 
+from curvprune import distributed
 from curvprune._log import get_logger
 from curvprune._progress import Progress
+from curvprune._removal_run import removal_requested, remove_for_run, write_structure_files
+from curvprune.checkpoints import RunCheckpoints, read_weights_only
 from curvprune.config import PipelineConfig, dump_config, load_raw_config, unstructure_config
 from curvprune.data import build_data, make_loaders
 from curvprune.defaults import default_config
-from curvprune.errors import ConfigError
+from curvprune.errors import CheckpointError, ConfigError, CurvpruneError
 from curvprune.models import build_model, count_parameters
 from curvprune.pipeline import Pipeline
 from curvprune.plugins import PluginHost, get_plugin_manager
-from curvprune.render import plot_layer_sparsity, render_report
+from curvprune.render import plot_layer_sparsity, plot_single_audit, render_report
+from curvprune.prune_phase import run_prune_phase
 from curvprune.training import evaluate, make_optimizer, train
 
 __all__ = [
@@ -122,14 +126,15 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_weights_only(path)  # never unpickles arbitrary objects
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         model.load_state_dict(state)
-    except ConfigError:
+    except (ConfigError, CheckpointError):
         raise
     except Exception as exc:
-        raise ConfigError(f"cannot load checkpoint ({type(exc).__name__}: {exc}) @ {path}") from None
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise ConfigError(f"cannot load checkpoint ({reason}) @ {path}") from None
 
 
 def _save_state(model: nn.Module, path: Path) -> None:
@@ -169,9 +174,33 @@ def _versions(host: PluginHost) -> dict[str, str]:
     return out
 
 
-def _peak_memory(device: torch.device) -> tuple[int, str]:
+def _reset_peak_rss() -> bool:
+    """Reset the process's RSS high-water mark (Linux ``clear_refs``); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory(device: torch.device, rss_reset: bool = False) -> tuple[int, str]:
+    """Peak bytes of this run and how they were measured.
+
+    On CPU the RSS high-water mark (VmHWM) is reset when the run starts where Linux allows it,
+    so runs in one process (``compare``) each report their own peak; elsewhere the process's
+    lifetime peak (``ru_maxrss``) is all there is.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    if rss_reset:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024, "peak RSS of the process during the run"
+        except OSError:
+            pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS of the process"
 
 
@@ -189,7 +218,9 @@ def prepare(
         raw = load_raw_config(source)
     pipeline = Pipeline.from_config(raw, host=host)
     cfg = pipeline.config
-    if pipeline.schedule.during_training and cfg.finetune.epochs == 0:
+    # A schedule with its own prune phase (GReg) prunes before [finetune], which may be empty.
+    in_finetune = pipeline.schedule.during_training and not pipeline.schedule.prune_phase
+    if in_finetune and cfg.finetune.epochs == 0:
         raise ConfigError(
             f"schedule {cfg.schedule.name!r} prunes during training but [finetune] epochs = 0; "
             "set [finetune] epochs @ finetune.epochs"
@@ -205,31 +236,67 @@ def execute_run(
     name: str | None = None,
     quiet: bool = False,
     host: PluginHost | None = None,
+    cache: str | Path | None = None,
+    resume: str | Path | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> RunOutcome:
     """Run a config end to end and write its run directory.
 
     Args:
-        source: a config path or dict; None runs the embedded default.
+        source: a config path or dict; None runs the embedded default (or, with ``resume``,
+            the interrupted run's saved config; a given config must equal it).
         out: folder for run directories (default: ``[run] out``).
         name: run directory name (default: ``[run] name`` or a timestamped one).
         quiet: no progress bars.
         host: plugin host (default: a fresh one honouring ``[plugins] disable``).
+        cache: folder of cached dense models (default: ``<out>/cache``).
+        resume: the ``<out>/<name>.partial`` folder of an interrupted run to continue (see
+            :mod:`curvprune.checkpoints`); it ends in ``<out>/<name>``.
+        on_checkpoint: called with the checkpoint's path after each checkpoint is written.
 
     Raises:
         CurvpruneError: any configuration, data, numerical or memory problem; nothing is
-            written then.
+            written then (a run with checkpoints keeps its partial folder for ``resume``).
     """
+    with RunCheckpoints(resume, on_save=on_checkpoint) as checkpoints:
+        if checkpoints.partial is not None:
+            source = checkpoints.source(source, host)
+            for given, own, what in ((out, checkpoints.partial.out, "--out"),
+                                     (name, checkpoints.partial.name, "--name")):
+                if given is not None and str(given) != str(own) and Path(given) != Path(own):
+                    raise ConfigError(
+                        f"a resumed run keeps its own folder and name ({own}); drop {what} @ resume"
+                    )
+        return _execute_run(
+            source, out=out, name=name, quiet=quiet, host=host, cache=cache, checkpoints=checkpoints
+        )
+
+
+def _execute_run(
+    source: str | Path | Mapping[str, Any] | None,
+    *,
+    out: str | Path | None,
+    name: str | None,
+    quiet: bool,
+    host: PluginHost | None,
+    cache: str | Path | None,
+    checkpoints: RunCheckpoints,
+) -> RunOutcome:
+    """:func:`execute_run` within its checkpoint handling."""
     started = time.perf_counter()
     pipeline = prepare(source, host=host)
     cfg = pipeline.config
-    device = resolve_device(cfg.run.device)
+    # under torchrun: join the process group; each rank builds the same model and data
+    device = distributed.init_from_env(resolve_device(cfg.run.device))
     torch.manual_seed(cfg.run.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    rss_reset = device.type == "cpu" and _reset_peak_rss()
     out_dir = Path(out if out is not None else cfg.run.out)
     bundle = build_data(cfg.data, seed=cfg.run.seed)
     train_loader, grad_loader, test_loader = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
-    if pipeline.schedule.during_training:
+    in_finetune = pipeline.schedule.during_training and not pipeline.schedule.prune_phase
+    if in_finetune:
         steps = cfg.finetune.epochs * len(train_loader)
         if not pipeline.schedule.finished(steps - 1):
             raise ConfigError(
@@ -242,44 +309,84 @@ def execute_run(
     )
     _check_model_runs(model, test_loader, cfg)
     model.to(device)
+    out_dir, run_name = checkpoints.start(
+        cfg.run.checkpoint_every, out_dir, name or cfg.run.name or _run_name(cfg), dump_config(cfg)
+    )
     times: dict[str, float] = {}
-    with Progress(enabled=cfg.run.progress and not quiet) as progress:
+    removal = structure = None  # physical channel removal ([mask] remove = true)
+    with Progress(enabled=cfg.run.progress and not quiet and distributed.rank() == 0) as progress:
         tick = time.perf_counter()
-        _dense_model(model, cfg, out_dir, train_loader, device, progress)
+        dense_source = _dense_model(
+            model, cfg, Path(cache) if cache is not None else out_dir / "cache", train_loader,
+            device, progress,
+        )
+        distributed.broadcast_module_(model)  # every rank prunes the very same weights
         times["train"] = time.perf_counter() - tick
+        # What follows must not depend on whether the dense model was trained just now, cached
+        # or loaded (training draws from the loaders' and torch's generators): start afresh.
+        torch.manual_seed(cfg.run.seed)
+        train_loader, grad_loader, test_loader = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
         plan = pipeline.plan(model, device=device)
         plan.check()
         acc_dense, loss_dense = evaluate(model, test_loader, device=device)
         tick = time.perf_counter()
         acc_pruned = loss_pruned = None
-        if pipeline.schedule.during_training:
+        if in_finetune:
             optimizer = make_optimizer(model, cfg.finetune)
             session = pipeline.attach(model, optimizer, data=grad_loader)
             advance = progress.task("prune + fine-tune", cfg.finetune.epochs * len(train_loader))
+            loop, after_step = checkpoints.phase(
+                "prune_and_finetune", model=model, optimizer=optimizer, session=session,
+                loaders={"train": train_loader, "grad": grad_loader},
+            )
             train(model, train_loader, cfg.finetune, device=device, optimizer=optimizer,
-                  session=session, on_step=advance)
+                  session=session, on_step=advance, state=loop, after_step=after_step)
             result = session.close()
-            times["prune_and_finetune"] = time.perf_counter() - tick
+            if removal_requested(pipeline):  # pruned during training: remove at the end
+                example = _example(test_loader, device)
+                removal, structure = remove_for_run(pipeline, model, result, example)
+            times["prune_and_finetune"] = (
+                time.perf_counter() - tick + checkpoints.elapsed_before()
+            )
         else:
-            with progress.spinner("pruning"):
-                result = pipeline.prune(model, grad_loader)
-            times["prune"] = time.perf_counter() - tick
-            acc_pruned, loss_pruned = evaluate(model, test_loader, device=device)
+            resumed = checkpoints.resumes("finetune")  # it pruned before the interruption
+            if resumed:
+                result, times["prune"], acc_pruned, loss_pruned = checkpoints.pruned(
+                    pipeline, model)
+            elif pipeline.schedule.prune_phase:  # trains until the schedule has pruned (GReg)
+                advance = progress.task("prune phase (at most)", pipeline.schedule.max_steps())
+                result = run_prune_phase(pipeline, model, train_loader, device=device,
+                                         data=grad_loader, on_step=advance,
+                                         checkpoints=checkpoints)
+            else:
+                with progress.spinner("pruning"):
+                    result = pipeline.prune(model, grad_loader)
+            if not resumed:
+                times["prune"] = time.perf_counter() - tick + checkpoints.elapsed_before()
+                acc_pruned, loss_pruned = evaluate(model, test_loader, device=device)
+            if removal_requested(pipeline):  # before fine-tuning: it trains the smaller model
+                example = _example(test_loader, device)
+                removal, structure = remove_for_run(pipeline, model, result, example)
             if cfg.finetune.epochs:
                 tick = time.perf_counter()
                 optimizer = make_optimizer(model, cfg.finetune)
-                session = pipeline.attach(model, optimizer, masks=result.masks)
+                session = pipeline.attach(model, optimizer,
+                                          masks=None if removal else result.masks)
                 advance = progress.task("fine-tune", cfg.finetune.epochs * len(train_loader))
+                loop, after_step = checkpoints.phase(
+                    "finetune", model=model, optimizer=optimizer, session=session,
+                    loaders={"train": train_loader, "grad": grad_loader},
+                    extra=checkpoints.pruned_extra(result, times["prune"], acc_pruned, loss_pruned),
+                )
                 train(model, train_loader, cfg.finetune, device=device, optimizer=optimizer,
-                      session=session, on_step=advance)
+                      session=session, on_step=advance, state=loop, after_step=after_step)
                 session.close()
-                times["finetune"] = time.perf_counter() - tick
+                times["finetune"] = time.perf_counter() - tick + checkpoints.elapsed_before()
     acc_tuned = loss_tuned = None
     if cfg.finetune.epochs:
         acc_tuned, loss_tuned = evaluate(model, test_loader, device=device)
     times["total"] = time.perf_counter() - started
-    peak, measure = _peak_memory(device)
-    run_name = name or cfg.run.name or _run_name(cfg)
+    peak, measure = _peak_memory(device, rss_reset)
     total_params = count_parameters(model)
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     predicted = [s.predicted_loss_change for s in result.steps]
@@ -291,6 +398,8 @@ def execute_run(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "seed": cfg.run.seed,
             "device": str(device),
+            "world_size": distributed.world_size(),
+            "resumed": checkpoints.resumed_from(),
         },
         "versions": _versions(pipeline.host),
         "model": {
@@ -307,6 +416,7 @@ def execute_run(
             "schedule": cfg.schedule.name,
             "mask": cfg.mask.name,
         },
+        "dense": {"source": dense_source, "key": _dense_key(cfg)},
         "accuracy": {"dense": acc_dense, "pruned": acc_pruned, "finetuned": acc_tuned},
         "loss": {"dense": loss_dense, "pruned": loss_pruned, "finetuned": loss_tuned},
         "sparsity": {
@@ -319,16 +429,28 @@ def execute_run(
         "loss_change": {
             "predicted": None if any(p is None for p in predicted) else sum(predicted),
             "measured": None if any(m is None for m in measured) else sum(measured),
+            "single": [
+                {k: s.single_audit[k] for k in ("step", "samples", "spearman", "pearson")}
+                for s in result.steps if s.single_audit
+            ],
         },
         "steps": [s.to_dict() for s in result.steps],
+        "structure": structure,
+        "scorer_report": pipeline.scorer.report(),
         "time": times,
         "memory": {"peak_bytes": peak, "measure": measure, "planned_bytes": plan.total_bytes},
         "plan": plan.to_dict(),
     }
-    run_dir = _unique(out_dir / run_name)
-    _write_run_dir(run_dir, pipeline, model, result, record)
+    run_dir = distributed.broadcast_object(_unique(out_dir / run_name))  # rank 0 names it
+    _write_on_rank_0(lambda: _write_run_dir(run_dir, pipeline, model, result, record, removal))
     log.info("run_completed", run_dir=str(run_dir), dense=acc_dense, pruned=acc_pruned)
     return RunOutcome(run_dir, record)
+
+
+def _example(loader: Any, device: torch.device) -> torch.Tensor:
+    """Two inputs of the first batch: for FLOP counts and the removal check."""
+    x = next(iter(loader))[0]
+    return x[:2].to(device)
 
 
 def _check_model_runs(model: nn.Module, loader: Any, cfg: PipelineConfig) -> None:
@@ -345,26 +467,42 @@ def _check_model_runs(model: nn.Module, loader: Any, cfg: PipelineConfig) -> Non
 
 
 def _dense_model(
-    model: nn.Module, cfg: PipelineConfig, out_dir: Path, loader: Any, device: torch.device,
+    model: nn.Module, cfg: PipelineConfig, cache_dir: Path, loader: Any, device: torch.device,
     progress: Progress,
-) -> None:
+) -> str:
+    """Load or train the dense model; return where it came from (checkpoint, cache, trained)."""
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint)
         model.to(device)
-        return
-    cache = out_dir / "cache" / f"dense-{_dense_key(cfg)}.safetensors"
-    if cache.is_file():
+        return "checkpoint"
+    cache = cache_dir / f"dense-{_dense_key(cfg)}.safetensors"
+    if not distributed.any_rank(not cache.is_file()):  # every rank decides alike
         load_checkpoint(model, cache)
         model.to(device)
-        return
+        return "cache"
     advance = progress.task("train dense", cfg.train.epochs * len(loader))
     train(model, loader, cfg.train, device=device, on_step=advance)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    _save_state(model, cache)
+    _write_on_rank_0(lambda: _save_state(model, cache))
+    return "trained"
+
+
+def _write_on_rank_0(write: Callable[[], None]) -> None:
+    """Run ``write`` on rank 0 only (everything when not distributed); the other ranks wait,
+    and raise if rank 0 failed, so no rank returns before the files exist."""
+    failure: Exception | None = None
+    if distributed.rank() == 0:
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the others
+            failure = exc
+    if distributed.any_rank(failure is not None):
+        raise failure or CurvpruneError("rank 0 failed to write its files; see its error")
 
 
 def _write_run_dir(
-    run_dir: Path, pipeline: Pipeline, model: nn.Module, result: Any, record: dict[str, Any]
+    run_dir: Path, pipeline: Pipeline, model: nn.Module, result: Any, record: dict[str, Any],
+    removal: Any = None,
 ) -> None:
     from safetensors.torch import save
 
@@ -375,6 +513,10 @@ def _write_run_dir(
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         (staging / "model.safetensors").write_bytes(save(state))
         plot_layer_sparsity(record, staging / "layer_sparsity.png")
+        if removal is not None:
+            write_structure_files(staging, record, removal)
+        if record["loss_change"]["single"]:
+            plot_single_audit(record, staging / "single_weight_audit.png")
         (staging / "report.md").write_text(render_report(record))
         (staging / "result.json").write_text(json.dumps(record, indent=2))
 

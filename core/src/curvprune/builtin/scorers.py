@@ -35,7 +35,7 @@ class MagnitudeConfig:
     """Options of the ``magnitude`` scorer.
 
     Attributes:
-        granularity: ``weight`` (score |w|) or ``channel`` (norm of each output channel).
+        granularity: ``weight`` (score |w|) or ``channel`` (norm of each channel structure).
         norm: ``l1`` or ``l2``, the channel norm (ignored for weights).
     """
 
@@ -51,15 +51,19 @@ class MagnitudeScorer(SaliencyScorer):
         self.granularity = self.config.granularity
 
     def score(self, ctx: PruneContext) -> Tensor:
-        """|w| per weight ``[d]``, or the L1/L2 norm per output channel ``[n_channels]``."""
+        """|w| per weight ``[d]``, or the L1/L2 norm of each structure's weights ``[S]``.
+
+        A structure's norm runs over the weight rows of all its channels (for a coupled
+        structure, the rows of every producer of the residual stream channel): the sum of
+        |w| (l1) or the square root of the sum of w² (l2). Channels of selected parameters that
+        are not prunable (structure id -1) are left out.
+        """
         w = ctx.weights * ctx.mask
         if self.granularity == "weight":
             return w.abs()
-        channel = ctx.layout.channel_index(w.device)
-        n_channels = sum(ctx.layout.channels)
+        layout = ctx.layout
         values = w.abs() if self.config.norm == "l1" else w.square()
-        out = torch.zeros(n_channels, device=w.device, dtype=w.dtype)
-        out.index_add_(0, channel, values)
+        out = layout.structure_sums(layout.channel_sums(values))
         return out if self.config.norm == "l1" else out.sqrt()
 
 

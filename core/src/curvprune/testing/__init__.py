@@ -6,6 +6,10 @@
 * :mod:`curvprune.testing.strategies`: bounded, shrinkable Hypothesis strategies for Fisher
   problems.
 * :mod:`curvprune.testing.dense`: float64 ground truths and the exact ``dense`` estimator.
+* :mod:`curvprune.testing.nets`: small CNNs and ResNets (basic and bottleneck blocks, option-A
+  pad and concat shortcuts) for tests of channel structures, gates and removal.
+* :mod:`curvprune.testing.distributed`: ``run_distributed`` runs a function in N gloo processes
+  (torch.distributed tests: N processes against one).
 * :mod:`curvprune.testing.pytest_plugin`: fixtures (``plugin_host``, ``fake_dist``,
   ``hook_recorder``) and Hypothesis profiles; load it with ``-p curvprune.testing.pytest_plugin``.
 
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
         dense_inverse,
         quadratic_loss_change,
     )
+    from curvprune.testing.distributed import free_port, run_distributed
     from curvprune.testing.strategies import (
         FisherProblem,
         block_sizes,
@@ -63,8 +68,10 @@ __all__ = [
     "damped_fisher",
     "dense_inverse",
     "fisher_problems",
+    "free_port",
     "gradients",
     "quadratic_loss_change",
+    "run_distributed",
     "sizes",
     "well_conditioned_spd",
 ]
@@ -85,6 +92,7 @@ _SUBMODULE = {
          "well_conditioned_spd"),
         "strategies",
     ),
+    **dict.fromkeys(("free_port", "run_distributed"), "distributed"),
 }
 
 

@@ -448,6 +448,14 @@ class CurvatureEstimatorContract(_ComponentContract):
 # ------------------------------------------------------------------------------------------------
 # Saliency scorers
 # ------------------------------------------------------------------------------------------------
+def _structure_to_weights(keep: Tensor, layout: curvprune.ParamLayout) -> Tensor:
+    """Weight keep-mask ``[d]`` from a structure keep-mask ``[S]`` (unprunable rows kept)."""
+    sid = layout.structure_index()
+    never = torch.ones_like(sid, dtype=torch.bool)
+    per_channel = torch.where(sid >= 0, keep[sid.clamp_min(0)], never)
+    return per_channel[layout.channel_index()]
+
+
 class _TinyNet(nn.Module):
     """Conv (1→3 channels, 3×3) → ReLU → Linear (48→3) on 4×4 single-channel images."""
 
@@ -466,8 +474,10 @@ class SaliencyScorerContract(_ComponentContract):
     Builds a tiny model and a :class:`curvprune.PruneContext` holding only what the scorer
     declares it needs (``needs_curvature``: a fitted ``estimator``, by default ``dense``;
     ``needs_gradient``: ``mean_grad``; ``needs_data``: ``batches`` and ``loss_fn``), so an
-    undeclared need fails here rather than in a pipeline. Checks the score shape (``[d]`` or
-    ``[n_channels]``) and finiteness, that :meth:`~curvprune.SaliencyScorer.compensate` returns
+    undeclared need fails here rather than in a pipeline. For channel scorers the layout carries
+    traced structures (:attr:`curvprune.ParamLayout.structures`), as the pipeline gives them with
+    the ``channel`` mask. Checks the score shape (``[d]`` or ``[S]``, one per structure) and
+    finiteness, that :meth:`~curvprune.SaliencyScorer.compensate` returns
     None or a finite ``[d]`` tensor and ``predicted_loss_change`` None or a finite 0-dim tensor,
     and that scoring leaves the model unchanged.
 
@@ -511,8 +521,12 @@ class SaliencyScorerContract(_ComponentContract):
         batches = self.make_batches(generator)
         layout = curvprune.select_parameters(model)
         if scorer.granularity == "channel":
-            keep_channel = torch.rand(sum(layout.channels), generator=generator) >= sparsity
-            mask = keep_channel[layout.channel_index()]
+            # as the pipeline does for a channel mask: traced structures (the classifier's
+            # rows are not prunable); one score per structure
+            graph = curvprune.StructureGraph.trace(model)
+            layout = layout.with_structures(graph.structures(layout))
+            keep = torch.rand(layout.n_structures, generator=generator) >= sparsity
+            mask = _structure_to_weights(keep, layout)
         else:
             mask = torch.rand(layout.d, generator=generator) >= sparsity
         layout.scatter_(model, layout.gather(model) * mask)
@@ -547,24 +561,23 @@ class SaliencyScorerContract(_ComponentContract):
                 fraction: float) -> Tensor:
         """The lowest-scored kept units, about ``fraction`` of them, as a bool ``[d]`` mask."""
         if scorer.granularity == "channel":
-            channel = ctx.layout.channel_index()
-            kept = torch.zeros(scores.numel(), dtype=torch.bool).index_fill_(
-                0, channel[ctx.mask], True
-            )
+            kept = ctx.layout.alive_structures(ctx.mask)
         else:
             kept = ctx.mask.clone()
         count = int(fraction * int(kept.sum()))
         order = torch.where(kept, scores.to(torch.float64), torch.inf).argsort()
         chosen = torch.zeros_like(kept)
         chosen[order[:count]] = True
-        return chosen[ctx.layout.channel_index()] if scorer.granularity == "channel" else chosen
+        if scorer.granularity == "channel":
+            return ~_structure_to_weights(~chosen, ctx.layout) & ctx.mask
+        return chosen
 
     @settings(_contract_settings, max_examples=10)
     @given(data=st.data())
     def test_score_shape_and_finite(self, data: st.DataObject) -> None:
-        """Scores are finite floats, one per weight or per output channel."""
+        """Scores are finite floats, one per weight or per channel structure."""
         scorer, ctx, scores = self._scored(data)
-        units = ctx.layout.d if scorer.granularity == "weight" else sum(ctx.layout.channels)
+        units = ctx.layout.d if scorer.granularity == "weight" else ctx.layout.n_structures
         assert scores.shape == (units,), (
             f"{scorer.granularity} scores must have shape [{units}], got {tuple(scores.shape)}"
         )
@@ -653,12 +666,12 @@ class MaskApplierContract(_ComponentContract):
         return 1
 
     def _units(self, applier: MaskApplier, layout: ParamLayout) -> int:
-        return layout.d if applier.granularity == "weight" else sum(layout.channels)
+        return layout.d if applier.granularity == "weight" else layout.n_structures
 
     def _expand(self, applier: MaskApplier, layout: ParamLayout, unit_mask: Tensor) -> Tensor:
         if applier.granularity == "weight":
             return unit_mask
-        return unit_mask[layout.channel_index()]
+        return _structure_to_weights(unit_mask, layout)
 
     def _problem(
         self, data: st.DataObject, *, distinct: bool = False

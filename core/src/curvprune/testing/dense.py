@@ -24,6 +24,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from curvprune.distributed import all_reduce_sum_
 from curvprune.errors import NumericalError
 from curvprune.interfaces import CurvatureEstimator, EstimatorConfig
 from curvprune.layout import BlockLayout
@@ -168,9 +169,13 @@ class DenseEstimator(CurvatureEstimator):
     diagonal of F_b and decouple from the real coordinates.
 
     Memory: 2·n_blocks·W² numbers (Gram and inverse), W the padded block width.
+
+    Under torch.distributed it sums (``reduction = "sum"``): each rank accumulates the Gram
+    blocks of its own gradients and :meth:`all_reduce` adds them up.
     """
 
     config: DenseConfig
+    reduction = "sum"
 
     def __init__(self, config: DenseConfig | None = None) -> None:
         super().__init__(config or DenseConfig())
@@ -215,6 +220,13 @@ class DenseEstimator(CurvatureEstimator):
         self._m += grads.shape[0]
         self._inverse = None
 
+    def _all_reduce(self) -> None:
+        assert self._gram is not None
+        all_reduce_sum_(self._gram)
+        count = torch.tensor([self._m], dtype=torch.int64, device=self.device)
+        self._m = int(all_reduce_sum_(count))
+        self._inverse = None
+
     # -- queries ------------------------------------------------------------------------------
     def block_inverses(self) -> Tensor:
         """F_b⁻¹ for every block, ``[n_blocks, W, W]`` (padding rows/columns hold 1/λ·I)."""
@@ -232,7 +244,10 @@ class DenseEstimator(CurvatureEstimator):
                     "damping"
                 )
             chol_inv = torch.linalg.solve_triangular(chol, eye.expand(n, w, w), upper=False)
-            self._inverse = chol_inv.mT @ chol_inv
+            inverse = chol_inv.mT @ chol_inv
+            # A blocked GEMM may sum (i, j) and (j, i) in different orders; averaging with the
+            # transpose makes the ground truth exactly symmetric (float addition commutes).
+            self._inverse = 0.5 * (inverse + inverse.mT)
         return self._inverse
 
     def _ihvp(self, v: Tensor) -> Tensor:

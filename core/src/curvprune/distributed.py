@@ -1,0 +1,418 @@
+"""torch.distributed helpers: who this process is, and the few collectives curvprune needs.
+
+Everything here is a no-op (or the identity) in a single process, so callers never branch on
+the world size themselves. "Distributed" means :mod:`torch.distributed` is available *and* a
+process group is initialized; :func:`init_from_env` creates one under ``torchrun``
+(``WORLD_SIZE > 1``): gloo on CPU, NCCL on CUDA with the device chosen by ``LOCAL_RANK``.
+
+How curvprune splits work (docs/distributed.md):
+
+* **Gradient rows.** Every rank iterates the *same* sample stream (same data, same seed) and
+  regroups it into the same chunks as one process would; rank r computes the gradients of chunks
+  r, r + W, r + 2W, … (W the world size). Estimators with ``reduction = "gather"`` then receive
+  every chunk, in the single-process order, through :func:`all_gather_rows`; those with
+  ``reduction = "sum"`` accumulate their own chunks and sum their state once with
+  :func:`all_reduce_sum_`.
+* **Batches** for data-driven scorers and the loss audit: :func:`shard` gives rank r the slice
+  ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)`` of every batch of n samples, so the union over ranks is exactly the
+  samples of one process, batch by batch, and every rank sees the same number of batches (a
+  slice may be empty), which keeps collectives in step.
+* **Training** (``curvprune run``): :func:`data_parallel` wraps the model in
+  ``DistributedDataParallel`` and :func:`sharded_loss` scales each rank's slice loss so that
+  DDP's gradient average is the whole batch's gradient.
+* **Agreement**: :func:`any_rank` lets every rank raise when one fails, and
+  :func:`check_same_across_ranks` verifies that all ranks prune alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvprune.errors import ConfigError, NumericalError
+
+__all__ = [
+    "all_gather_rows",
+    "all_reduce_sum_",
+    "any_rank",
+    "barrier",
+    "broadcast_module_",
+    "broadcast_object",
+    "check_same_across_ranks",
+    "data_parallel",
+    "init_from_env",
+    "is_distributed",
+    "local",
+    "rank",
+    "rank_tag",
+    "shard",
+    "shard_bounds",
+    "sharded_loss",
+    "shutdown",
+    "world_size",
+]
+
+#: Whether this module initialized the process group (and so may destroy it).
+_OWNED_GROUP = False
+#: Nesting depth of :func:`local` blocks.
+_LOCAL_DEPTH = 0
+#: Elements per piece when fingerprinting a tensor (bounds the int64 work space to 8 MiB).
+_FINGERPRINT_PIECE = 1 << 20
+#: Strides of the sub-sums in a fingerprint: a swap of two entries changes at least one of them
+#: unless the two positions agree modulo every stride.
+_FINGERPRINT_STRIDES = (1, 2, 3, 5, 7, 11, 13)
+
+
+# --------------------------------------------------------------------------------------------
+# Who am I
+# --------------------------------------------------------------------------------------------
+def is_distributed() -> bool:
+    """Whether :mod:`torch.distributed` is available and a process group is initialized
+    (and this process is not inside :func:`local`)."""
+    return (
+        _LOCAL_DEPTH == 0
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    )
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """Within the block, curvprune treats this process as alone (rank 0 of 1) even though a
+    process group exists: no sharding, no collectives. For work one rank does by itself, such
+    as a single-process reference run or an evaluation on rank 0 only."""
+    global _LOCAL_DEPTH
+    _LOCAL_DEPTH += 1
+    try:
+        yield
+    finally:
+        _LOCAL_DEPTH -= 1
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r} @ environment") from None
+
+
+def init_from_env(device: torch.device) -> torch.device:
+    """Join the process group ``torchrun`` describes, if any; return the device to run on.
+
+    With ``WORLD_SIZE > 1`` in the environment and no process group yet, initialize one from the
+    ``env://`` variables (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``): NCCL for a
+    CUDA ``device`` (which becomes ``cuda:LOCAL_RANK``), gloo otherwise. Without ``WORLD_SIZE``
+    (or with 1) nothing happens. An already initialized group is used as it is.
+
+    Args:
+        device: the device the config asks for (``resolve_device`` output).
+
+    Returns:
+        The device for this rank.
+
+    Raises:
+        ConfigError: malformed variables, or ``LOCAL_RANK`` beyond the visible CUDA devices.
+    """
+    size = _env_int("WORLD_SIZE", 1)
+    if device.type == "cuda" and (size > 1 or is_distributed()):
+        local_rank = _env_int("LOCAL_RANK", 0)
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
+                "visible; start at most that many processes per node @ environment"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if size <= 1 or is_distributed():
+        return device
+    if not torch.distributed.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed @ environment")
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        if name not in os.environ:
+            raise ConfigError(
+                f"WORLD_SIZE={size} but {name} is not set; launch with torchrun @ environment"
+            )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend=backend)
+    global _OWNED_GROUP
+    _OWNED_GROUP = True
+    return device
+
+
+def shutdown() -> None:
+    """Destroy the process group if :func:`init_from_env` created it (a user's group stays)."""
+    global _OWNED_GROUP
+    if _OWNED_GROUP and is_distributed():
+        torch.distributed.destroy_process_group()
+    _OWNED_GROUP = False
+
+
+def rank_tag() -> str:
+    """``" [rank r/W]"`` when distributed, else ``""`` (for messages printed by every rank)."""
+    return f" [rank {rank()}/{world_size()}]" if is_distributed() else ""
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives
+# --------------------------------------------------------------------------------------------
+def _comm_device(like: Tensor) -> torch.device:
+    """Where a tensor must be for the backend: CUDA for NCCL, else where it already is."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return like.device if like.device.type == "cpu" else torch.device("cpu")
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks, in place, and return it (identity when not distributed).
+
+    Every rank ends with the same values: the backend reduces each element once and shares it.
+    """
+    if not is_distributed():
+        return tensor
+    where = _comm_device(tensor)
+    if where == tensor.device and tensor.is_contiguous():
+        torch.distributed.all_reduce(tensor)
+        return tensor
+    staged = tensor.to(where).contiguous()
+    torch.distributed.all_reduce(staged)
+    tensor.copy_(staged)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
+    if not is_distributed():
+        return flag
+    probe = torch.tensor([1.0 if flag else 0.0])
+    where = _comm_device(probe)
+    probe = probe.to(where)
+    torch.distributed.all_reduce(probe, op=torch.distributed.ReduceOp.MAX)
+    return bool(probe.item() > 0)
+
+
+def all_gather_rows(rows: Tensor, counts: Sequence[int]) -> Tensor:
+    """Concatenate every rank's rows in rank order: ``[sum(counts), …]``.
+
+    Args:
+        rows: this rank's rows ``[counts[rank], …]``.
+        counts: the number of rows of every rank (known to all ranks; may hold zeros).
+
+    Returns:
+        The rows of rank 0, then rank 1, …, on ``rows``' device. Rows travel padded to
+        ``max(counts)``, since the backends gather equal shapes only.
+    """
+    if not is_distributed():
+        return rows
+    size = world_size()
+    if len(counts) != size or rows.shape[0] != counts[rank()]:
+        raise ValueError(
+            f"all_gather_rows: counts {list(counts)} do not match the world size {size} or "
+            f"this rank's {rows.shape[0]} rows"
+        )
+    widest = max(counts)
+    where = _comm_device(rows)
+    padded = torch.zeros((widest, *rows.shape[1:]), dtype=rows.dtype, device=where)
+    padded[: rows.shape[0]] = rows
+    pieces = [torch.empty_like(padded) for _ in range(size)]
+    torch.distributed.all_gather(pieces, padded)
+    out = torch.cat([piece[:n] for piece, n in zip(pieces, counts, strict=True)])
+    return out.to(rows.device)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` has it, on every rank (a picklable value; identity alone)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``module``'s parameters and buffers from rank ``src`` to every rank, in place."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            where = _comm_device(tensor)
+            staged = tensor.data if where == tensor.device else tensor.data.to(where)
+            torch.distributed.broadcast(staged, src=src)
+            if staged is not tensor.data:
+                tensor.data.copy_(staged)
+
+
+def _fingerprint(tensor: Tensor) -> Tensor:
+    """Integer sums of ``tensor``'s bit patterns over strided subsets: int64 ``[8]``.
+
+    For every stride s in :data:`_FINGERPRINT_STRIDES`, the raw bits of the entries at positions
+    ≡ 0 (mod s) of each piece of 2²⁰ entries are summed as int64, and the pieces' sums are
+    combined weighted by (piece index + 1); the last entry is ``numel``. Exact (integer
+    arithmetic on the bits, wrapping deterministically), so bitwise equal tensors give equal
+    fingerprints and anything else almost surely does not. The loop runs over pieces, bounding
+    the int64 work space to 8 MiB, never over elements.
+    """
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    elif flat.is_floating_point():
+        flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    total = torch.zeros(len(_FINGERPRINT_STRIDES), dtype=torch.int64, device=flat.device)
+    for number, start in enumerate(range(0, flat.numel(), _FINGERPRINT_PIECE)):
+        piece = flat[start : start + _FINGERPRINT_PIECE].to(torch.int64)
+        sums = torch.stack([piece[::stride].sum() for stride in _FINGERPRINT_STRIDES])
+        total += (number + 1) * sums
+    count = torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device)
+    return torch.cat([total, count]).cpu()
+
+
+def check_same_across_ranks(
+    tensors: Tensor | Sequence[Tensor],
+    what: str,
+    *,
+    error: type[Exception] = NumericalError,
+    where: str | None = None,
+) -> None:
+    """Raise ``error`` on every rank if ``tensors`` differ between ranks (no-op alone).
+
+    Compares exact integer fingerprints (:func:`_fingerprint`) with one small all-gather, so it
+    costs one pass over the tensors and no transfer of them. Every rank sees every fingerprint,
+    so either every rank raises or none does.
+
+    Args:
+        tensors: one tensor or several (each fingerprinted on its own).
+        what: what they are, for the message (``"the masks"``).
+        error: the exception class to raise.
+        where: the config path to name at the end of the message (``data``).
+    """
+    if not is_distributed():
+        return
+    group = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    mine = torch.cat([_fingerprint(t) for t in group]).unsqueeze(0)
+    every = all_gather_rows(mine, [1] * world_size())
+    differ = [r for r in range(every.shape[0]) if not torch.equal(every[r], every[0])]
+    if differ:
+        raise error(
+            f"{what} differ between ranks (rank {differ[0]} disagrees with rank 0); every rank "
+            "must hold the same model and pass the same, unsharded data with the same seed"
+            + (f" @ {where}" if where else "")
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding batches
+# --------------------------------------------------------------------------------------------
+def shard_bounds(n: int, index: int | None = None, size: int | None = None) -> tuple[int, int]:
+    """The slice ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)`` of n items that rank r takes (this rank by default)."""
+    r = rank() if index is None else index
+    w = world_size() if size is None else size
+    return (r * n) // w, ((r + 1) * n) // w
+
+
+def _slice_batch(batch: Any, lo: int, hi: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[lo:hi]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice_batch(item, lo, hi) for item in batch)
+    raise ConfigError(
+        f"cannot shard a batch of type {type(batch).__name__}: batches must be tensors or "
+        "tuples/lists of tensors @ data"
+    )
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (tuple, list)) and batch:
+        return _batch_len(batch[0])
+    raise ConfigError(f"cannot shard a batch of type {type(batch).__name__} @ data")
+
+
+def shard(batches: Iterable[Any], num_samples: int | None = None) -> Iterator[Any]:
+    """This rank's slice of every batch (the batches themselves when not distributed).
+
+    Rank r gets samples ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)`` of each batch of n: concatenated in rank
+    order, the slices are the batch. Every rank yields one (possibly empty) slice per batch, so
+    loops over the shards stay in step across ranks.
+
+    Args:
+        batches: tensors or tuples/lists of tensors, batch-first; the same on every rank.
+        num_samples: stop after this many samples *over all ranks*, cutting the last batch as
+            one process taking the first ``num_samples`` samples would (None: every batch).
+            A consumer that counts samples must pass it here: counted on a rank's slices,
+            ``num_samples`` would reach further into the data than one process does.
+    """
+    seen = 0
+    for batch in batches:
+        if num_samples is not None:
+            if seen >= num_samples:
+                return
+            n = _batch_len(batch)
+            if seen + n > num_samples:
+                batch = _slice_batch(batch, 0, num_samples - seen)
+            seen += n
+        if not is_distributed():
+            yield batch
+            continue
+        lo, hi = shard_bounds(_batch_len(batch))
+        yield _slice_batch(batch, lo, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# Training loops
+# --------------------------------------------------------------------------------------------
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` when distributed, else ``model`` itself.
+
+    The wrapper shares ``model``'s parameters (a pruning session attached to ``model`` keeps
+    working) and broadcasts rank 0's parameters and buffers when it is built.
+    """
+    if not is_distributed():
+        return model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def sharded_loss(
+    model: torch.nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor
+) -> Tensor:
+    """The loss of this rank's slice of a batch, scaled for ``DistributedDataParallel``.
+
+    DDP averages the ranks' gradients, (1/W)·Σᵣ ∇Lᵣ; with Lᵣ = meanᵣ·nᵣ·W/n (nᵣ of the n samples
+    on rank r) that average is exactly ∇ of the whole batch's mean loss, even when n is not a
+    multiple of W. A rank with an empty slice contributes a zero loss that still runs the model
+    (DDP expects every rank in every backward). ``loss_fn`` must be a mean over the batch. In a
+    single process it is ``loss_fn(model(x), y)``.
+    """
+    if not is_distributed():
+        return loss_fn(model(x), y)
+    n = x.shape[0]
+    lo, hi = shard_bounds(n)
+    outputs = model(x[lo:hi])
+    if hi == lo:
+        return outputs.sum() * 0.0
+    return loss_fn(outputs, y[lo:hi]) * ((hi - lo) * world_size() / n)

@@ -1,0 +1,194 @@
+"""Small networks for testing channel structures, gates and physical removal.
+
+* :func:`sequential_cnn`: conv-BN-ReLU blocks (optional max-pool), flatten, Linear layers;
+* :class:`TinyResNet`: a ResNet with torchvision-style ``BasicBlock`` or ``Bottleneck``
+  blocks (1×1-conv + BN downsample where the shape changes), so residual streams couple;
+* :class:`PadShortcutNet` and :class:`CatNet`: an option-A zero-pad shortcut (``F.pad`` on
+  the channel dim) and a ``torch.cat`` of two branches, which the remover must refuse;
+* :func:`randomize_`: draw weights, BatchNorm affine parameters and running statistics, so
+  a test sees every term (a fresh BN is the identity in eval mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "CatNet",
+    "PadShortcutNet",
+    "TinyResNet",
+    "randomize_",
+    "sequential_cnn",
+]
+
+
+def sequential_cnn(
+    widths: Sequence[int],
+    hidden: Sequence[int] = (),
+    *,
+    in_channels: int = 1,
+    image: int = 4,
+    classes: int = 3,
+    pool: bool = False,
+    bias: bool = True,
+) -> nn.Sequential:
+    """Conv3×3-BN-ReLU per width, an optional 2×2 max-pool, flatten, Linear-ReLU per hidden
+    width, then a Linear classifier."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, padding=1, bias=bias), nn.BatchNorm2d(w), nn.ReLU()]
+        c = w
+    side = image
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+        side //= 2
+    layers.append(nn.Flatten())
+    features = c * side * side
+    for h in hidden:
+        layers += [nn.Linear(features, h), nn.ReLU()]
+        features = h
+    layers.append(nn.Linear(features, classes))
+    return nn.Sequential(*layers)
+
+
+class _Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = _downsample(cin, width, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + identity)
+
+
+class _Bottleneck(nn.Module):
+    expansion = 2
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        out = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU()
+        self.downsample = _downsample(cin, out, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+def _downsample(cin: int, cout: int, stride: int) -> nn.Module | None:
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class TinyResNet(nn.Module):
+    """Stem conv-BN-ReLU, stages of residual blocks, global average pool, Linear classifier.
+
+    Args:
+        block: ``"basic"`` or ``"bottleneck"``.
+        widths: the block width of each stage (stages after the first use stride 2).
+        blocks: blocks per stage.
+        stem: stem width.
+        classes: classifier outputs.
+    """
+
+    def __init__(
+        self,
+        block: str = "basic",
+        widths: Sequence[int] = (4, 8),
+        blocks: int = 2,
+        stem: int = 4,
+        classes: int = 3,
+    ) -> None:
+        super().__init__()
+        kind = {"basic": _Basic, "bottleneck": _Bottleneck}[block]
+        self.conv1 = nn.Conv2d(3, stem, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        stages = []
+        c = stem
+        for i, w in enumerate(widths):
+            layers = []
+            for j in range(blocks):
+                layers.append(kind(c, w, 2 if (i > 0 and j == 0) else 1))
+                c = w * kind.expansion
+            stages.append(nn.Sequential(*layers))
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class PadShortcutNet(nn.Module):
+    """One residual block with an option-A shortcut: subsample and zero-pad the channels."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.fc = nn.Linear(2 * c, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv1(x))
+        shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 0, x.shape[1]))
+        x = F.relu(self.conv2(x) + shortcut)
+        return self.fc(x.mean((2, 3)))
+
+
+class CatNet(nn.Module):
+    """Two branches concatenated on the channel dim, then a 1×1 conv and a classifier."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, c, 3, padding=1)
+        self.b = nn.Conv2d(3, c, 3, padding=1)
+        self.mix = nn.Conv2d(2 * c, c, 1)
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        x = F.relu(self.mix(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Draw every parameter ~ N(0, 0.5²), BN γ in [0.5, 1.5], running means in [-0.5, 0.5]
+    and running variances in [0.5, 2] (in place); returns ``model``."""
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            param.copy_(0.5 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            dtype = module.running_mean.dtype
+            if module.affine:
+                module.weight.copy_(0.5 + torch.rand(n, generator=generator, dtype=dtype))
+            module.running_mean.copy_(torch.rand(n, generator=generator, dtype=dtype) - 0.5)
+            module.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=generator, dtype=dtype))
+    return model

@@ -1,0 +1,110 @@
+"""``plan`` against reality: its estimator numbers are the estimators' ``memory_bytes``, and
+those match the tensors the estimators hold and (where the plan is right) the peak they allocate.
+
+Measured with :mod:`curvprune.memprobe` (torch profiler allocation events on CPU). Sizes are
+small but chosen so that each estimator's state (≥ 0.5 MiB) dominates the O(d) vectors that
+``memory_bytes`` leaves out by design; benchmarks/plan_accuracy.py gives the figures at
+ResNet-20 size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import curvprune
+from curvprune import Pipeline, select_parameters
+from curvprune.memprobe import peak_allocated, tensor_bytes
+
+SIZES = (1024, 2048, 1024)  # d = 4096
+M = 64
+CASES = {
+    "woodfisher-gram": ("woodfisher", {"block_size": 64, "num_grads": M, "algorithm": "gram"}),
+    "woodfisher-woodbury": ("woodfisher", {"block_size": 64, "num_grads": 8, "algorithm": "woodbury"}),
+    "mfac-static": ("mfac", {"num_grads": M, "algorithm": "static", "fisher_mini_batch": 1}),
+    "mfac-dynamic": ("mfac", {"num_grads": M, "algorithm": "dynamic", "window": 32, "fisher_mini_batch": 1}),
+    "diagfisher": ("diagfisher", {"num_grads": M}),
+    "dense": ("dense", {"block_size": 64, "num_grads": M}),
+}
+
+
+def life_cycle(name, cfg):
+    est = curvprune.create("estimator", name, **cfg)
+    g = torch.Generator().manual_seed(0)
+    d = sum(SIZES)
+    chunks = [1e-3 * torch.randn(8, d, generator=g) for _ in range(est.num_grads // 8)]
+    probe = torch.randn(d, generator=g)
+
+    def run():
+        est.setup(SIZES)
+        for chunk in chunks:
+            est.update(chunk)
+        est.inverse_diagonal()
+        est.ihvp(probe)
+
+    _, peak = peak_allocated(run)
+    return est, peak
+
+
+class Model(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_reports_the_estimators_memory_bytes(case):
+    name, cfg = CASES[case]
+    pipeline = Pipeline.from_config({"estimator": {"name": name, **cfg}, "scorer": {"name": "obs"}})
+    model = Model()
+    plan = pipeline.plan(model)
+    layout = select_parameters(model, ("Conv2d", "Linear"), ())
+    assert plan.memory["estimator"] == type(pipeline.estimator).memory_bytes(layout.sizes,
+                                                                              pipeline.estimator.config)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_held_state_matches_memory_bytes_within_20_percent(case):
+    name, cfg = CASES[case]
+    est, _ = life_cycle(name, cfg)
+    planned = type(est).memory_bytes(SIZES, est.config)
+    held = tensor_bytes(est)
+    if case == "woodfisher-gram":
+        # memory_bytes plans the inversion (Gram and inverse side by side); afterwards only the
+        # inverse is held, half of it
+        planned //= 2
+    assert held == pytest.approx(planned, rel=0.2)
+
+
+def test_woodbury_peak_matches_memory_bytes_within_20_percent():
+    est, peak = life_cycle(*CASES["woodfisher-woodbury"])
+    assert peak == pytest.approx(type(est).memory_bytes(SIZES, est.config), rel=0.2)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured: the gram inversion holds 3 [n_blocks, B, B] batches (Cholesky factor, L⁻¹ and "
+    "the product L⁻ᵀL⁻¹), memory_bytes plans 2; free the factor before the GEMM or plan 3"))
+def test_gram_peak_matches_memory_bytes_within_20_percent():
+    est, peak = life_cycle(*CASES["woodfisher-gram"])
+    assert peak == pytest.approx(type(est).memory_bytes(SIZES, est.config), rel=0.2)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured: a dynamic-window query allocates a temporary the size of the window's gradients "
+    "(an m×d bmm), so the peak is 2× memory_bytes"))
+def test_dynamic_mfac_peak_matches_memory_bytes_within_20_percent():
+    est, peak = life_cycle(*CASES["mfac-dynamic"])
+    assert peak == pytest.approx(type(est).memory_bytes(SIZES, est.config), rel=0.2)
+
+
+def test_peak_probe_sees_what_torch_allocates():
+    def work():
+        a = torch.empty(1 << 20)  # 4 MiB
+        b = torch.empty(1 << 19)  # 2 MiB, peak 6 MiB
+        del a
+        return b
+
+    b, peak = peak_allocated(work)
+    assert peak == 6 * 2**20 and b.numel() == 1 << 19
+    view = b[:10]
+    assert tensor_bytes({"x": b, "y": [view, b]}) == 2 * 2**20, "shared storage counted once"
