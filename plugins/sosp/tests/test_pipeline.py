@@ -1,0 +1,118 @@
+"""SOSP in the pipeline: digits CNN, ``channel`` mask, plan, bad input, physical removal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+from curvprune import ConfigError, MemoryPlanError, Pipeline
+from curvprune.models import DigitsCNN
+from curvprune_sosp import plot_bottlenecks_from_run
+
+pytestmark = pytest.mark.filterwarnings("ignore::curvprune_sosp.RankingStabilityWarning")
+
+
+@pytest.fixture(scope="module")
+def loader() -> DataLoader:
+    digits = load_digits()
+    x = torch.tensor(digits.images[:256], dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target[:256])
+    return DataLoader(TensorDataset(x, y), batch_size=64)
+
+
+def config(scorer: str, **mask) -> dict:
+    return {
+        "prune": {"sparsity": 0.5, "loss_samples": 64},
+        "scorer": {"name": scorer, "num_samples": 128},
+        "schedule": {"name": "oneshot"},
+        "mask": {"name": "channel", **mask},
+    }
+
+
+@pytest.mark.parametrize("scorer", ["sosp-h", "sosp-i"])
+def test_prunes_half_of_the_structures_globally(loader, scorer) -> None:
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    pipeline = Pipeline.from_config(config(scorer))
+    result = pipeline.prune(model, loader)
+    layout = result.masks.layout
+    alive = layout.alive_structures(result.masks.flat)
+    assert layout.n_structures == 16 + 32 + 64 and int((~alive).sum()) == 56
+    assert result.steps[0].predicted_loss_change is not None
+    # the classifier (never a structure) keeps every row
+    assert bool(result.masks.tensors()["10.weight"].all())
+    # removed structures are gated exactly: BN affine zeroed with the weights
+    assert bool((model[1].weight[~alive[:16]] == 0).all())
+    report = pipeline.scorer.bottlenecks  # set by the plugin's curvprune_pipeline_end hook
+    assert [g.size for g in report.groups] == [16, 32, 64]
+    assert sum(g.kept for g in report.groups) == 56
+    if scorer == "sosp-i":
+        removed = set((~alive).nonzero().squeeze(1).tolist())
+        assert removed == set(pipeline.scorer.greedy.order.tolist())
+    # the physically smaller model computes the same function
+    x = next(iter(loader))[0][:16]
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        removal = pipeline.remove(model, result.masks, example_input=x)
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert removal.params_after < removal.params_before
+    assert model[0].out_channels == int(alive[:16].sum())
+
+
+def test_plan_reports_and_refuses_the_s_squared_matrix() -> None:
+    model = DigitsCNN()
+    pipeline = Pipeline.from_config(config("sosp-i"))
+    plan = pipeline.plan(model)
+    s = 16 + 32 + 64
+    assert plan.memory["scorer"] == s * s * 4 + 2 * (1 << 22) * 4
+    tight = {**config("sosp-i"), "run": {"memory_limit_gb": plan.memory["scorer"] / 2**31}}
+    with pytest.raises(MemoryPlanError, match=r"\(scorer: 0\.0\d GiB\).*scorer 'sosp-i'.*'sosp-h'"):
+        Pipeline.from_config(tight).plan(model).check()
+    small = {**config("sosp-i"), "scorer": {"name": "sosp-i", "max_jacobian_elements": 64}}
+    assert Pipeline.from_config(small).plan(model).memory["scorer"] == s * s * 4 + 2 * 64 * 4
+    assert "scorer" not in Pipeline.from_config(config("sosp-h")).plan(model).memory
+
+
+def test_bad_combinations_are_refused_before_compute() -> None:
+    with pytest.raises(ConfigError, match="min_channels >= 1 @ mask.min_channels"):
+        Pipeline.from_config(config("sosp-h", min_channels=0))
+    with pytest.raises(ConfigError, match="coupled = true @ mask.coupled"):
+        Pipeline.from_config(config("sosp-i", coupled=False))
+    with pytest.raises(ConfigError, match="mask.name"):
+        Pipeline.from_config({**config("sosp-h"), "mask": {"name": "global"}})
+
+
+@pytest.mark.slow
+def test_run_removes_channels_physically_and_fine_tunes(tmp_path) -> None:
+    """``curvprune run`` end to end (train 1 epoch, prune, remove, fine-tune): ~8 s."""
+    from curvprune.runs import execute_run
+
+    cfg = {
+        "model": {"name": "digits-cnn"},
+        "data": {"name": "digits"},
+        "train": {"epochs": 1},
+        "prune": {"sparsity": 0.5, "loss_samples": 64},
+        "scorer": {"name": "sosp-h", "num_samples": 256},
+        "schedule": {"name": "oneshot"},
+        "mask": {"name": "channel", "remove": True},
+        "finetune": {"epochs": 1},
+        "run": {"progress": False},
+    }
+    outcome = execute_run(cfg, out=tmp_path, name="sosp", quiet=True)
+    record = json.loads((outcome.run_dir / "result.json").read_text())
+    structure = record["structure"]
+    assert structure["params_after"] < structure["params_before"]
+    assert structure["flops_after"] < structure["flops_before"]
+    assert structure["max_output_difference"] < 1e-4
+    assert record["accuracy"]["finetuned"] is not None
+    report = record["scorer_report"]
+    assert [g["size"] for g in report["bottlenecks"]["groups"]] == [16, 32, 64]
+    assert "## Scorer report" in (outcome.run_dir / "report.md").read_text()
+    png = plot_bottlenecks_from_run(outcome.run_dir)
+    assert png.read_bytes()[:4] == b"\x89PNG"
