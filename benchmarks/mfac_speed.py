@@ -23,6 +23,9 @@ import torch
 import curvprune
 from _machine import describe, median_time
 
+#: the suite's headline: IHVP against two matvecs (python -m benchmarks)
+HEADLINE = r"^static IHVP .*$"
+
 
 def static_vs_matvec(d: int, m: int, repeats: int) -> None:
     g = torch.Generator().manual_seed(0)

@@ -31,6 +31,9 @@ from _machine import describe, median_time
 from curvprune import GradientSource, ParamLayout, select_parameters
 from curvprune.models import DigitsCNN, DigitsMLP
 
+#: the suite's headline: vmap against the loop (python -m benchmarks)
+HEADLINE = r"^speed-up .*$"
+
 MODELS: dict[str, Callable[[], nn.Module]] = {"digits-cnn": DigitsCNN, "digits-mlp": DigitsMLP}
 
 

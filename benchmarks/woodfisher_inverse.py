@@ -42,6 +42,9 @@ from _machine import describe
 from curvprune import BlockLayout
 from curvprune_woodfisher import WoodFisherConfig, WoodFisherEstimator
 
+#: the suite's headline: gram against floor and woodbury (python -m benchmarks)
+HEADLINE = r"^m = .*$"
+
 #: ResNet-20 (CIFAR): stem 3→16, 6 convs 16→16, 16→32 + 5 × 32→32, 32→64 + 5 × 64→64, fc 64→10.
 RESNET20_SIZES = (432, *[2304] * 6, 4608, *[9216] * 5, 18432, *[36864] * 5, 640)
 QUICK_SIZES = (48, 576, 576, 1152, 160)

@@ -1,0 +1,145 @@
+"""Plan accuracy: the memory ``curvprune plan`` predicts against what torch allocates, per estimator.
+
+Two measurements, both of tensor memory (see :mod:`curvprune.memprobe`: ``torch.profiler``'s
+per-operator allocation events on CPU, ``max_memory_allocated`` on CUDA):
+
+* **estimator**: ``setup`` + ``update`` with m random gradients (8-row chunks, allocated before
+  the measurement so that only the estimator's own allocations count) + ``inverse_diagonal`` +
+  one ``ihvp``; the peak against ``memory_bytes`` (what ``plan`` reports as ``estimator``), and
+  the tensors the estimator still holds afterwards;
+* **whole step**: one ``Pipeline.prune`` step (per-sample gradients, estimator, scores, update)
+  on the digits CNN against the plan's total (estimator + gradients + weights).
+
+The issue expects the plan within 20 % of the measured peak. Run:
+
+    python benchmarks/plan_accuracy.py            # ResNet-20 layout (d = 268,336), m = 256
+    python benchmarks/plan_accuracy.py --quick    # digits-CNN layout (d = 38,160), m = 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import curvprune
+from _machine import describe
+from curvprune import Pipeline, select_parameters
+from curvprune.memprobe import peak_allocated, tensor_bytes
+
+DEVICES = ("cpu", "cuda")
+HEADLINE = r"^ratio .*$"
+#: ResNet-20 (CIFAR) conv and linear weights, as in woodfisher_inverse.py.
+RESNET20_SIZES = (432, *[2304] * 6, 4608, *[9216] * 5, 18432, *[36864] * 5, 640)
+MiB = 2**20
+
+
+def cases(m: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Estimator configurations measured, by label (kfac added when installed)."""
+    out = {
+        "woodfisher gram B=128": ("woodfisher", {"block_size": 128, "num_grads": m, "algorithm": "gram"}),
+        "woodfisher woodbury B=128": ("woodfisher", {"block_size": 128, "num_grads": m // 4,
+                                                     "algorithm": "woodbury"}),
+        "mfac static": ("mfac", {"num_grads": m, "algorithm": "static", "fisher_mini_batch": 1}),
+        "mfac dynamic window=m/4": ("mfac", {"num_grads": m, "algorithm": "dynamic", "window": m // 4,
+                                             "fisher_mini_batch": 1}),
+        "diagfisher": ("diagfisher", {"num_grads": m}),
+    }
+    if "kfac" in curvprune.get_plugin_manager().registry.names("estimator"):
+        out["kfac"] = ("kfac", {"num_grads": m})
+    return out
+
+
+def measure_estimator(name: str, cfg: dict[str, Any], sizes: Sequence[int],
+                      device: torch.device) -> dict[str, float] | None:
+    """Planned, peak and held bytes of one estimator's life cycle (None: it fits a model)."""
+    est = curvprune.create("estimator", name, **cfg)
+    if getattr(est, "fits_model", False):
+        return None
+    d = sum(sizes)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    chunks = [(1e-3 * torch.randn(min(8, est.num_grads - i), d, generator=g)).to(device)
+              for i in range(0, est.num_grads, 8)]
+    probe = torch.randn(d, generator=g).to(device)
+
+    def life_cycle() -> None:
+        est.setup(sizes, device=device)
+        for chunk in chunks:
+            est.update(chunk)
+        est.inverse_diagonal()
+        est.ihvp(probe)
+
+    _, peak = peak_allocated(life_cycle, device)
+    planned = type(est).memory_bytes(sizes, est.config)
+    return {"planned": planned, "peak": peak, "held": tensor_bytes(est)}
+
+
+def measure_step(name: str, cfg: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """Plan total against the measured peak of one pruning step on the digits CNN."""
+    from curvprune.config import DataConfig
+    from curvprune.data import build_data, make_loaders
+    from curvprune.models import build_model
+
+    data_cfg = DataConfig(name="digits")
+    _, loader, _ = make_loaders(build_data(data_cfg), data_cfg, seed=0)
+    torch.manual_seed(0)
+    model = build_model("digits-cnn", num_classes=10).to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in loader]
+    pipeline = Pipeline.from_config({"prune": {"sparsity": 0.5, "loss_samples": 64},
+                                     "estimator": {"name": name, **cfg}, "scorer": {"name": "obs"}})
+    plan = pipeline.plan(model, device=device)
+    _, peak = peak_allocated(lambda: pipeline.prune(model, batches), device)
+    return {"planned": plan.total_bytes, "peak": peak, **{f"plan_{k}": v for k, v in plan.memory.items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-grads", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if args.quick:
+        from curvprune.models import build_model
+
+        sizes = select_parameters(build_model("digits-cnn", num_classes=10), ("Conv2d", "Linear"), ()).sizes
+        m, layout_name = 32, "digits-CNN"
+    else:
+        sizes, m, layout_name = RESNET20_SIZES, args.num_grads, "ResNet-20"
+    print(f"machine: {describe()}")
+    print(f"torch {torch.__version__}, device {device}, float32; estimator sizes: {layout_name} layout, "
+          f"d = {sum(sizes):,}, m = {m} (woodbury: m/4), 8-row gradient chunks; whole step: digits CNN, "
+          f"m as configured below, digits data")
+    print()
+    print("| estimator | memory_bytes (plan) MiB | measured peak MiB | peak / plan | held after MiB | held / plan |")
+    print("|---|---:|---:|---:|---:|---:|")
+    ratios = []
+    for label, (name, cfg) in cases(m).items():
+        r = measure_estimator(name, cfg, sizes, device)
+        if r is None:
+            print(f"| {label} | – | – | fits the model itself: see the whole-step table | – | – |")
+            continue
+        ratios.append((label, r["peak"] / r["planned"]))
+        print(f"| {label} | {r['planned'] / MiB:.2f} | {r['peak'] / MiB:.2f} | {r['peak'] / r['planned']:.2f} "
+              f"| {r['held'] / MiB:.2f} | {r['held'] / r['planned']:.2f} |")
+    print()
+    print("| whole step (digits CNN) | plan total MiB | of which estimator / gradients / weights | measured peak MiB | peak / plan |")
+    print("|---|---:|---|---:|---:|")
+    step_cases = cases(32 if args.quick else 256)
+    for label, (name, cfg) in step_cases.items():
+        r = measure_step(name, cfg, device)
+        parts = " / ".join(f"{r.get('plan_' + k, 0) / MiB:.1f}" for k in ("estimator", "gradients", "weights"))
+        print(f"| {label} | {r['planned'] / MiB:.2f} | {parts} | {r['peak'] / MiB:.2f} | {r['peak'] / r['planned']:.2f} |")
+        ratios.append((f"{label}, whole step", r["peak"] / r["planned"]))
+    print()
+    for label, ratio in ratios:
+        flag = "within 20 %" if abs(ratio - 1) <= 0.2 else "OUTSIDE 20 %"
+        print(f"ratio measured / planned, {label}: {ratio:.2f} ({flag})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
