@@ -12,6 +12,9 @@ paper, with F_qq standing for h_qq) up to the damping, and the compensating upda
 
 Its blocks are single weights (:attr:`DiagFisherEstimator.block_layout`), so joint OBS updates
 reduce to single-weight ones.
+
+Under torch.distributed the estimate is additive (``reduction = "sum"``): each rank accumulates
+Σ gᵢ² over its own gradients and one all-reduce of d numbers (and of m) combines them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 import attrs
 import torch
-from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig
+from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig, distributed
 from torch import Tensor
 
 __all__ = ["DiagFisherConfig", "DiagFisherEstimator"]
@@ -51,6 +54,7 @@ class DiagFisherEstimator(CurvatureEstimator):
     """F = diag(λ + (1/m)·Σᵢ gᵢ²): O(d) memory, O(k·d) per update, elementwise queries."""
 
     config: DiagFisherConfig
+    reduction = "sum"
 
     def __init__(self, config: DiagFisherConfig | None = None) -> None:
         super().__init__(config or DiagFisherConfig())
@@ -86,6 +90,13 @@ class DiagFisherEstimator(CurvatureEstimator):
         assert self._squares is not None
         self._squares.add_(grads.square().sum(dim=0))
         self._m += grads.shape[0]
+
+    def _all_reduce(self) -> None:
+        """Sum Σᵢ gᵢ² and m over the ranks."""
+        assert self._squares is not None
+        distributed.all_reduce_sum_(self._squares)
+        count = torch.tensor([self._m], dtype=torch.int64, device=self.device)
+        self._m = int(distributed.all_reduce_sum_(count))
 
     def fisher_diagonal(self) -> Tensor:
         """diag(F) = λ + (1/m)·Σᵢ gᵢ², ``[d]`` (λ alone before any gradient)."""

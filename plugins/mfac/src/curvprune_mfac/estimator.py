@@ -16,6 +16,12 @@ uses the gradient rows as they are (b = 1, W = d), with no copy.
 
 Both average over the gradients actually held: with fewer than ``num_grads`` (static) or than
 ``window`` (dynamic), F is exactly λI + (1/n)·Σ over those n.
+
+Under torch.distributed both gather (``reduction = "gather"``): the static algorithm stores the
+gradient matrix G row by row (Ŵ = C⁻¹G/λ is tied to the row order through the Cholesky factor)
+and the dynamic one keeps a window whose content depends on the order of arrival, so every rank
+receives every gradient row in the single-process order and builds the same state. Each rank
+holds the whole m·d matrix (memory is not sharded).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class MFACEstimator(CurvatureEstimator):
     """
 
     config: MFACConfig
+    reduction = "gather"
 
     def __init__(self, config: MFACConfig | None = None) -> None:
         super().__init__(config or MFACConfig())

@@ -27,6 +27,13 @@ every gradient is zero there, so they never couple to a real coordinate and are 
 
 Nothing but the block inverses (and, for ``gram``, the Gram matrices until the first query) is
 stored: no gradient is kept, so there is no gradient-storage precision to choose.
+
+Under torch.distributed (:attr:`WoodFisherEstimator.reduction`): ``gram`` sums, since Gₘ is a sum
+over gradients: each rank accumulates the Gram blocks of its own rows and one all-reduce of the
+``[n_blocks, B, B]`` batch (and of m) combines them; each rank then factorises its share of the
+blocks and one all-gather shares the inverses; no gradient row is sent. ``woodbury`` gathers, since the recursion is sequential in the gradients: every rank
+receives every row in the single-process order and runs the same recursion. Either way every rank
+ends with the full block inverses (memory is not sharded).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from curvprune import (
     EstimatorConfig,
     EstimatorStateError,
     NumericalError,
+    distributed,
 )
 from curvprune_woodfisher.blocks import BlockRuns
 from curvprune_woodfisher.config import WoodFisherConfig
@@ -204,6 +212,49 @@ class WoodFisherEstimator(CurvatureEstimator):
     def num_samples(self) -> int:
         """m: the number of gradients accumulated since :meth:`setup`."""
         return self._count
+
+    @property
+    def reduction(self) -> Literal["gather", "sum"]:  # type: ignore[override]
+        """``"sum"`` for ``gram`` (additive Gram blocks), ``"gather"`` for ``woodbury``
+        (sequential recursion). Before :meth:`setup` resolves ``auto``: ``"gather"``."""
+        algorithm = self.algorithm or self.config.algorithm
+        return "sum" if algorithm == "gram" else "gather"
+
+    def _all_reduce(self) -> None:
+        """Sum the Gram blocks Gₘ and the count m over the ranks, then invert them (``gram``).
+
+        After the all-reduce every rank holds the full Gₘ; rank r factorises only its share of
+        the blocks (``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)``, :func:`damped_block_inverse`) and one
+        all-gather hands every rank all the inverses, so the O(n_blocks·B³) factorisation is
+        split across the ranks as well. Each block is factorised on its own, so the result is
+        the one a single process computes from the same Gₘ.
+        """
+        if self._gram is None:
+            raise EstimatorStateError(
+                "woodfisher (gram) was already inverted; all_reduce() must come after the last "
+                "update() and before any query"
+            )
+        distributed.all_reduce_sum_(self._gram)
+        count = torch.tensor([self._count], dtype=torch.int64, device=self.device)
+        self._count = int(distributed.all_reduce_sum_(count))
+        if self._count == 0:
+            return  # nothing seen on any rank: the first query says so
+        n_blocks, size = self._gram.shape[0], distributed.world_size()
+        bounds = [distributed.shard_bounds(n_blocks, r, size) for r in range(size)]
+        lo, hi = bounds[distributed.rank()]
+        mine = self._gram[lo:hi].clone()
+        self._gram = None  # release Gₘ before the factorisation allocates
+        failure: NumericalError | None = None
+        try:
+            mine = damped_block_inverse(mine, self._count, self.config.damping)
+        except NumericalError as exc:  # overflowed blocks live on one rank: tell the others
+            failure = exc
+        if distributed.any_rank(failure is not None):
+            raise failure or NumericalError(
+                "the Gram matrix of woodfisher blocks on another rank overflowed; use "
+                "dtype = 'float64'"
+            )
+        self._inverse = distributed.all_gather_rows(mine, [b - a for a, b in bounds])
 
     def _setup(self) -> None:
         self._blocks = BlockLayout.build(self.sizes, self.config.block_size)
