@@ -81,17 +81,11 @@ def test_woodbury_peak_matches_memory_bytes_within_20_percent():
     assert peak == pytest.approx(type(est).memory_bytes(SIZES, est.config), rel=0.2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured: the gram inversion holds 3 [n_blocks, B, B] batches (Cholesky factor, L⁻¹ and "
-    "the product L⁻ᵀL⁻¹), memory_bytes plans 2; free the factor before the GEMM or plan 3"))
 def test_gram_peak_matches_memory_bytes_within_20_percent():
     est, peak = life_cycle(*CASES["woodfisher-gram"])
     assert peak == pytest.approx(type(est).memory_bytes(SIZES, est.config), rel=0.2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured: a dynamic-window query allocates a temporary the size of the window's gradients "
-    "(an m×d bmm), so the peak is 2× memory_bytes"))
 def test_dynamic_mfac_peak_matches_memory_bytes_within_20_percent():
     est, peak = life_cycle(*CASES["mfac-dynamic"])
     assert peak == pytest.approx(type(est).memory_bytes(SIZES, est.config), rel=0.2)

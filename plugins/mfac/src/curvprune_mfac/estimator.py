@@ -40,7 +40,7 @@ from curvprune import (
 from torch import Tensor
 
 from curvprune_mfac.config import MFACConfig
-from curvprune_mfac.dynamic import SlidingWindow
+from curvprune_mfac.dynamic import DIAGONAL_PIECES, SlidingWindow
 from curvprune_mfac.static import StaticInverse
 
 __all__ = ["MFACEstimator"]
@@ -74,11 +74,17 @@ class MFACEstimator(CurvatureEstimator):
 
     @classmethod
     def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
-        """b·m·W·itemsize for G (Ŵ overwrites it) + 3·b·m²·8 for K, C and C⁻¹ (float64)."""
+        """b·m·W·itemsize for G (Ŵ overwrites it) + 3·b·m²·8 for K, C and C⁻¹ (float64).
+
+        ``dynamic`` adds the piece of Ŵ its diagonal query forms at a time (1/8 of G).
+        """
         cfg = _as_mfac(config)
         b, m, width = cls._shape(sizes, cfg)
         itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
-        return b * m * width * itemsize + 3 * b * m * m * 8
+        total = b * m * width * itemsize + 3 * b * m * m * 8
+        if cfg.algorithm == "dynamic":
+            total += b * m * -(-width // DIAGONAL_PIECES) * itemsize
+        return total
 
     @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:

@@ -144,9 +144,13 @@ def _clamped_inverse(damped: Tensor, damping: float) -> Tensor:
 
 
 def _inverse_from_cholesky(chol: Tensor) -> Tensor:
-    """``L⁻ᵀL⁻¹`` for lower-triangular ``chol`` ``[n, B, B]``."""
+    """``L⁻ᵀL⁻¹`` for lower-triangular ``chol`` ``[n, B, B]``; consumes ``chol``.
+
+    ``chol`` is released once L⁻¹ exists, so at most two ``[n, B, B]`` batches are alive.
+    """
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
     chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    chol.set_()
     return torch.bmm(chol_inv.mT, chol_inv)
 
 
