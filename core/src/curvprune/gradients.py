@@ -54,10 +54,14 @@ def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def default_chunk_size(d: int, fisher_mini_batch: int = 1) -> int:
-    """Rows per chunk: about :data:`CACHE_CHUNK_BYTES` of float32 rows, 8 to 256 of them, and
-    never more than :data:`DEFAULT_CHUNK_BYTES` of work space nor 4096 samples."""
+    """Rows per chunk: about :data:`CACHE_CHUNK_BYTES` of float32 rows, 32 to 256 of them, and
+    never more than :data:`DEFAULT_CHUNK_BYTES` of work space nor 4096 samples.
+
+    The floor of 32 rows matters for conv nets with d in the hundreds of thousands: vmap over
+    8-sample chunks ran ResNet-20's per-sample gradients ~5× slower than over 64 (measured,
+    docs/benchmarks.md, one-shot prune against one epoch)."""
     d = max(d, 1)
-    rows = min(max(8, CACHE_CHUNK_BYTES // (4 * d)), 256)
+    rows = min(max(32, CACHE_CHUNK_BYTES // (4 * d)), 256)
     rows = min(rows, DEFAULT_CHUNK_BYTES // (12 * d), 4096 // fisher_mini_batch)
     return max(1, rows)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
@@ -482,6 +483,14 @@ class SaliencyScorer(abc.ABC):
         appends its ``"markdown"`` entry, if any, to ``report.md`` (SOSP: the bottleneck report).
         """
         return None
+
+    def write_figures(self, folder: Path) -> list[str]:
+        """Write the scorer's plots (PNG) into a run directory; return their file names.
+
+        Called by ``curvprune run`` inside the run's staging folder, after :meth:`report`, so
+        the figures land atomically with the rest of the run. Default: none.
+        """
+        return []
 
 
 class MaskApplier(abc.ABC):

@@ -517,6 +517,9 @@ def _write_run_dir(
             write_structure_files(staging, record, removal)
         if record["loss_change"]["single"]:
             plot_single_audit(record, staging / "single_weight_audit.png")
+        figures = pipeline.scorer.write_figures(staging)
+        if figures and isinstance(record.get("scorer_report"), dict):
+            record["scorer_report"]["figures"] = list(figures)
         (staging / "report.md").write_text(render_report(record))
         (staging / "result.json").write_text(json.dumps(record, indent=2))
 

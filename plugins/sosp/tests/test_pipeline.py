@@ -114,5 +114,7 @@ def test_run_removes_channels_physically_and_fine_tunes(tmp_path) -> None:
     report = record["scorer_report"]
     assert [g["size"] for g in report["bottlenecks"]["groups"]] == [16, 32, 64]
     assert "## Scorer report" in (outcome.run_dir / "report.md").read_text()
-    png = plot_bottlenecks_from_run(outcome.run_dir)
+    assert report["figures"] == ["bottlenecks.png"]
+    assert (outcome.run_dir / "bottlenecks.png").read_bytes()[:4] == b"\x89PNG"
+    png = plot_bottlenecks_from_run(outcome.run_dir, tmp_path / "again.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

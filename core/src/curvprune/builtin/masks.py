@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -315,14 +315,7 @@ class LayerwiseMask(_BuiltinMask):
         out = [sparsity] * len(layout)
         claimed: dict[int, str] = {}
         for selector, value in self.config.overrides.items():
-            hits = [i for i, name in enumerate(layout.names) if _selects(selector, name)]
-            if not hits:
-                hint = closest(selector, layout.names)
-                more = f"; did you mean {hint!r}?" if hint else ""
-                raise ConfigError(
-                    f"overrides selector {selector!r} matches no pruned parameter (pruned: "
-                    f"{', '.join(layout.names)}){more} @ mask.overrides"
-                )
+            hits = _override_hits(selector, layout, _selects)
             for i in hits:
                 if i in claimed:
                     raise ConfigError(
@@ -353,6 +346,21 @@ def _selects(selector: str, name: str) -> bool:
     if selector.startswith("re:"):
         return re.fullmatch(selector[3:], name) is not None
     return selector == name
+
+
+def _override_hits(
+    selector: str, layout: ParamLayout, selects: Callable[[str, str], bool]
+) -> list[int]:
+    """Indices of the parameters an overrides selector picks; raises if it picks none."""
+    hits = [i for i, name in enumerate(layout.names) if selects(selector, name)]
+    if not hits:
+        hint = closest(selector, layout.names)
+        more = f"; did you mean {hint!r}?" if hint else ""
+        raise ConfigError(
+            f"overrides selector {selector!r} matches no pruned parameter (pruned: "
+            f"{', '.join(layout.names)}){more} @ mask.overrides"
+        )
+    return hits
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,14 +587,7 @@ class ChannelMask(_BuiltinMask):
         group_of = [int(sgroup[sid[f]]) if int(sid[f]) >= 0 else -1 for f in first]
         claimed: dict[int, str] = {}
         for selector, value in self.config.overrides.items():
-            hits = [i for i, name in enumerate(layout.names) if _selects_param(selector, name)]
-            if not hits:
-                hint = closest(selector, layout.names)
-                more = f"; did you mean {hint!r}?" if hint else ""
-                raise ConfigError(
-                    f"overrides selector {selector!r} matches no pruned parameter (pruned: "
-                    f"{', '.join(layout.names)}){more} @ mask.overrides"
-                )
+            hits = _override_hits(selector, layout, _selects_param)
             groups = {group_of[i] for i in hits if group_of[i] >= 0}
             if not groups:
                 raise ConfigError(

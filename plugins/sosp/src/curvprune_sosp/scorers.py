@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from curvprune import ConfigError, ParamLayout, PruneContext, SaliencyScorer
-from curvprune_sosp.bottleneck import BottleneckReport, bottleneck_report
+from curvprune_sosp.bottleneck import BottleneckReport, bottleneck_report, plot_bottlenecks
 from curvprune_sosp.config import SospHConfig, SospIConfig
 from curvprune_sosp.curvature import (
     GateStatistics,
@@ -172,6 +173,13 @@ class SospScorer(SaliencyScorer):
             "rank_correlation": rho,
             "markdown": self.bottlenecks.to_markdown() + note,
         }
+
+    def write_figures(self, folder: Path) -> list[str]:
+        """Write ``bottlenecks.png`` (kept fraction per group, bottlenecks highlighted)."""
+        if self.bottlenecks is None:
+            return []
+        plot_bottlenecks(self.bottlenecks, Path(folder) / "bottlenecks.png")
+        return ["bottlenecks.png"]
 
     def report_bottlenecks(self, mask: Tensor, layout: ParamLayout) -> BottleneckReport:
         """Build and keep the bottleneck report for the final keep-mask ``mask`` ``[d]``."""
