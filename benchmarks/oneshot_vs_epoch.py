@@ -7,8 +7,8 @@ What is timed, interleaved in each round so that both see the same machine load:
   gradients, ``gram``) and ``obs``: the per-sample gradients, the block Gram matrices and their
   inverses, the OBS scores, the global mask and the compensating update (the loss audit is off),
   with ``[prune] gradient_chunk`` = 64 samples per vectorised per-sample-gradient call
-  (``--gradient-chunk``; 0 keeps the pipeline's default, which picks 8 rows at this d: cache-sized
-  gradient rows, but about 5× slower for this CNN on CPU than 32-128, see docs/benchmarks.md);
+  (``--gradient-chunk``; 0 keeps the pipeline's default, 32 rows at this d: its floor, since
+  8-row chunks were about 5× slower for this CNN on CPU than 32-128, see docs/benchmarks.md);
 * **epoch**: one epoch of SGD (momentum 0.9, batch 128) over 50,000 32×32 images, **estimated**:
   ``--steps`` training steps (forward, backward, optimizer step) are timed and their median is
   scaled by ⌈50,000 / 128⌉ = 391 steps. Data loading is not included (the images are random
