@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import describe  # noqa: E402
-
 import curvprune  # noqa: E402
+
+from _machine import describe  # noqa: E402
 
 HEADLINE = r"^ratio\b.*$"
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from _machine import describe
 from curvprune.compare import compare
 from curvprune.config import load_raw_config
+
+from _machine import describe
 
 HEADLINE = r"^ratio .*$"
 FULL_ARGS = ("--seeds", "2", "--sparsities", "0.7", "0.9", "0.95")

@@ -37,10 +37,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from _machine import describe
-from _models import ResNet20
 from curvprune import GradientSource, create, distributed, select_parameters
 from curvprune.testing.distributed import run_distributed
+
+from _machine import describe
+from _models import ResNet20
 
 HEADLINE = r"^ratio .*$"
 PHASES = ("gradients (local rows)", "gradients + all-gather", "woodfisher gram update",

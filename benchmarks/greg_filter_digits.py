@@ -41,36 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _machine import describe
 import curvprune
 from curvprune.config import DataConfig
 from curvprune.data import build_data
 from curvprune.models import DigitsCNN, DigitsMLP
 
-
-def train_dense(model: nn.Module, dataset: TensorDataset, epochs: int) -> nn.Module:
-    """Adam (lr 3e-3, batch 64, seed 0) for ``epochs`` passes; returns the model in eval mode."""
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = DataLoader(dataset, batch_size=64, shuffle=True)
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
-
-
-def accuracy(model: nn.Module, dataset: TensorDataset) -> float:
-    """Top-1 accuracy on a whole tensor data set (eval mode)."""
-    x, y = dataset.tensors
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = float((model(x).argmax(1) == y).double().mean())
-    model.train(was)
-    return out
+from _digits import accuracy, train_adam
+from _machine import describe
 
 
 def config(schedule: dict[str, Any], ratio: float) -> dict[str, Any]:
@@ -166,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         dense, what = DigitsMLP(), "DigitsMLP(hidden=(128, 64))"
     print(f"model: {what}, filter ratio {args.ratio} per prunable layer, "
           f"seeds {seeds}, schedule {base} {pick}")
-    dense = train_dense(dense, train_set, dense_epochs)
+    dense = train_adam(dense, train_set, dense_epochs)
     acc_dense = accuracy(dense, test_set)
     example = test_set.tensors[0][:8]
     print(f"dense accuracy {acc_dense:.4f}")

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
-from _machine import describe
 from curvprune.runs import execute_run
+
+from _machine import describe
 
 HEADLINE = r"^ratio .*$"
 

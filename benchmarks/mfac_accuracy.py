@@ -24,38 +24,18 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from _machine import describe
 import curvprune
 from curvprune.config import DataConfig
 from curvprune.data import build_data
 from curvprune.models import DigitsCNN, DigitsMLP
 
+from _digits import accuracy, train_adam
+from _machine import describe
+
 MODELS = {"digits-mlp": DigitsMLP, "digits-cnn": DigitsCNN}
-
-
-def train(model: nn.Module, dataset: TensorDataset, epochs: int) -> nn.Module:
-    """Adam (lr 3e-3, batch 64, seed 0) for ``epochs`` passes; returns the model in eval mode."""
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = DataLoader(dataset, batch_size=64, shuffle=True)
-    model.train()
-    for _ in range(epochs):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
-
-
-def accuracy(model: nn.Module, dataset: TensorDataset) -> float:
-    """Top-1 accuracy of ``model`` on a whole tensor data set."""
-    x, y = dataset.tensors
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
 
 
 def methods(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
@@ -117,7 +97,7 @@ def main() -> None:
     labels = list(methods(args))
     for name in args.models:
         torch.manual_seed(0)  # the initialisation, so the dense model is the same every run
-        dense = train(MODELS[name](), bundle.train, args.epochs)
+        dense = train_adam(MODELS[name](), bundle.train, args.epochs)
         dense_acc[name] = accuracy(dense, bundle.test)
         print(f"{name}: dense accuracy {dense_acc[name]:.4f}", flush=True)
         for sparsity in args.sparsities:

@@ -21,6 +21,7 @@ import time
 import torch
 
 import curvprune
+
 from _machine import describe, median_time
 
 #: the suite's headline: IHVP against two matvecs (python -m benchmarks)

@@ -33,9 +33,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from curvprune import Pipeline
+
 from _machine import describe
 from _models import ResNet20
-from curvprune import Pipeline
 
 #: the suite runs this on CUDA with --device cuda (python -m benchmarks)
 DEVICES = ("cpu", "cuda")

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import curvprune
-from _machine import describe, median_time
 from curvprune import GradientSource, ParamLayout, select_parameters
 from curvprune.models import DigitsCNN, DigitsMLP
+
+from _machine import describe, median_time
 
 #: the suite's headline: vmap against the loop (python -m benchmarks)
 HEADLINE = r"^speed-up .*$"

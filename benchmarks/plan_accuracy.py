@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 import curvprune
-from _machine import describe
 from curvprune import Pipeline, select_parameters
 from curvprune.memprobe import peak_allocated, tensor_bytes
+
+from _machine import describe
 
 DEVICES = ("cpu", "cuda")
 HEADLINE = r"^ratio .*$"

@@ -29,11 +29,12 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from _machine import describe
 from torch import nn
 
 import curvprune
 from curvprune import PruneContext, StructureGraph, select_parameters
+
+from _machine import describe
 
 HEADLINE = r"^ratio\b.*$"
 FULL_ARGS = ("--samples", "512", "--repeats", "5")

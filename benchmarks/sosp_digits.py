@@ -31,13 +31,14 @@ import time
 import warnings
 
 import torch
-from _machine import describe
 
 from curvprune import Pipeline
 from curvprune.config import DataConfig, TrainConfig
 from curvprune.data import build_data, make_loaders
 from curvprune.models import DigitsCNN
 from curvprune.training import evaluate, train
+
+from _machine import describe
 
 HEADLINE = r"^(ratio|right after).*$"
 FULL_ARGS = ("--seeds", "3")

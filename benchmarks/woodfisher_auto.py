@@ -18,9 +18,10 @@ from collections.abc import Sequence
 
 import torch
 
-from _machine import describe
 from curvprune_woodfisher import WoodFisherConfig, WoodFisherEstimator
 from curvprune_woodfisher.estimator import AUTO_WOODBURY_RATIO, choose_algorithm
+
+from _machine import describe
 
 D = 268_336
 

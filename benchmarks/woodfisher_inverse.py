@@ -38,9 +38,10 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from _machine import describe
 from curvprune import BlockLayout
 from curvprune_woodfisher import WoodFisherConfig, WoodFisherEstimator
+
+from _machine import describe
 
 #: the suite's headline: gram against floor and woodbury (python -m benchmarks)
 HEADLINE = r"^m = .*$"

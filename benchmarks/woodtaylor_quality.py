@@ -21,13 +21,14 @@ import time
 
 import torch
 
-from _machine import describe
 from curvprune import GradientSource, PruneContext, create, select_parameters
 from curvprune.config import DataConfig, TrainConfig
 from curvprune.data import build_data, make_loaders
 from curvprune.models import DigitsCNN
 from curvprune.training import evaluate, train
 from curvprune_woodfisher import WoodTaylorConfig, WoodTaylorScorer
+
+from _machine import describe
 
 LEVELS = (0.5, 0.7, 0.8, 0.9)
 

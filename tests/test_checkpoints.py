@@ -324,6 +324,7 @@ def test_another_seed_gives_other_masks(tmp_path, cache):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches(tmp_path, cache):
+    import os
     import signal
     import subprocess
     import sys
@@ -332,10 +333,13 @@ def test_sigkill_mid_run_then_resume_matches(tmp_path, cache):
     cfg, out = config(tmp_path, "gradual-woodfisher", epochs=4, every=2), tmp_path / "runs"
     reference = execute_run(cfg, out=out, name="ref", quiet=True, cache=cache)
     copy_cache(cache, out)
+    # Bit identity needs the same intra-op thread count on both sides (a multi-threaded GEMM
+    # sums in another order); this process runs with the testing plugin's torch threads.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(
         [sys.executable, "-m", "curvprune.cli", "run", str(cfg), "--out", str(out),
          "--name", "k", "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     checkpoint = out / "k.partial" / "checkpoint.pt"
     deadline = time.monotonic() + 120

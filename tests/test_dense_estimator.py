@@ -1,8 +1,12 @@
 """The builtin ``dense`` estimator: its contract suite, OBS exactness, and its own edge cases."""
 
-import curvprune
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import curvprune
 from curvprune import PruneContext
 from curvprune.testing.contracts import CurvatureEstimatorContract
 from curvprune.testing.dense import (
@@ -14,9 +18,6 @@ from curvprune.testing.dense import (
     quadratic_loss_change,
 )
 from curvprune.testing.strategies import block_sizes, dampings, fisher_problems, gradients
-from hypothesis import given
-from hypothesis import strategies as st
-from torch import nn
 
 EPS = torch.finfo(torch.float64).eps
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import curvprune
+from curvprune import ConfigError, Pipeline, get_plugin_manager
 from curvprune.builtin.masks import (
     ChannelMask,
     GlobalMask,
@@ -25,7 +26,6 @@ from curvprune.builtin.masks import (
     rank_alive_in_rows,
     rank_within_groups,
 )
-from curvprune import ConfigError, Pipeline, get_plugin_manager
 from curvprune.config import PruneConfig
 
 # Builtins only: the tests must not depend on which other plugins happen to be installed.

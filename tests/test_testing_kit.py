@@ -1,10 +1,13 @@
 """The plugin authors' testing kit: strategies, dense helpers, fixtures, the contracts' teeth."""
 
-import curvprune
 import numpy as np
 import pluggy
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import curvprune
 from curvprune import MaskApplier, Scheduler, hookimpl
 from curvprune.testing import dense, strategies
 from curvprune.testing.contracts import (
@@ -14,8 +17,6 @@ from curvprune.testing.contracts import (
     SchedulerContract,
 )
 from curvprune.testing.dense import DenseEstimator
-from hypothesis import given
-from hypothesis import strategies as st
 
 # ------------------------------------------------------------------------------------------------
 # Strategies draw what they promise

@@ -1,6 +1,7 @@
 """The core conformance suite for curvature estimators, against the isotropic dense inverse."""
 
 import torch
+
 from curvprune.testing.contracts import CurvatureEstimatorContract
 from curvprune.testing.dense import damped_fisher
 from curvprune_example import plugin

@@ -1,11 +1,12 @@
 """The isotropic estimator against a dense float64 ground truth, with Hypothesis properties."""
 
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
 from curvprune.testing.dense import assert_allclose, damped_fisher
 from curvprune.testing.strategies import fisher_problems, gradients
 from curvprune_example import IsotropicConfig, IsotropicEstimator
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def _fit(problem):

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
 from curvprune import ConfigError, create, get_plugin_manager
 from curvprune.testing.dense import assert_allclose, damped_fisher
 from curvprune.testing.strategies import fisher_problems, gradients
 from curvprune_diagfisher import DiagFisherConfig, DiagFisherEstimator, plugin
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def _fit(problem, dtype="float64"):

@@ -2,9 +2,9 @@
 
 from importlib.metadata import PackageNotFoundError, distribution
 
-import curvprune
 import pytest
 
+import curvprune
 
 
 def test_entry_point_registers_diagfisher():

@@ -8,6 +8,7 @@ float32) against dense inverses in test_kronecker.py. What remains applies uncha
 """
 
 import pytest
+
 from curvprune.testing.contracts import CurvatureEstimatorContract
 from curvprune_kfac import plugin
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
 from curvprune import (
     ConfigError,
     EstimatorStateError,
@@ -15,9 +19,6 @@ from curvprune import (
 from curvprune.testing.dense import assert_allclose
 from curvprune_kfac import KFACConfig, KFACEstimator, plugin
 from curvprune_kfac.factors import kronecker_factors
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from torch import nn
 
 TARGETS = {True: ("Conv2d", "Linear", "re:.*bias"), False: ("Conv2d", "Linear")}
 

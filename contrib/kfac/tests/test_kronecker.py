@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from curvprune.testing.dense import assert_allclose
-from curvprune_kfac import KroneckerInverse
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from curvprune.testing.dense import assert_allclose
+from curvprune_kfac import KroneckerInverse
 
 _EPS64 = torch.finfo(torch.float64).eps
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from curvprune import ConfigError, Pipeline
 from curvprune.config import DataConfig
 from curvprune.data import build_data, make_loaders
 from curvprune.models import DigitsMLP
-from torch import nn
 
 
 @pytest.fixture(scope="module")

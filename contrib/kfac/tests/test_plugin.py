@@ -2,8 +2,9 @@
 
 from importlib.metadata import PackageNotFoundError, distribution, requires
 
-import curvprune
 import pytest
+
+import curvprune
 
 
 def test_entry_point_registers_kfac():

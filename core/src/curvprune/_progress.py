@@ -26,9 +26,11 @@ class Progress:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
-                Progress as RichProgress,
                 TextColumn,
                 TimeElapsedColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
             )
 
             self._rich = RichProgress(

@@ -30,14 +30,20 @@ from curvprune.audit import SingleWeightAudit, audit_single_weights
 from curvprune.config import PipelineConfig, load_raw_config, structure_config
 from curvprune.errors import ConfigError, CurvpruneError, NumericalError
 from curvprune.gradients import GradientSource, LossFn, default_loss
-from curvprune.interfaces import CurvatureEstimator, MaskApplier, PruneContext, SaliencyScorer, Scheduler
+from curvprune.interfaces import (
+    CurvatureEstimator,
+    MaskApplier,
+    PruneContext,
+    SaliencyScorer,
+    Scheduler,
+)
 from curvprune.layout import ParamLayout, select_parameters
 from curvprune.masking import MaskSet
 from curvprune.planning import Plan, make_plan
 from curvprune.plugins import PluginHost, get_plugin_manager
 from curvprune.registry import KINDS
-from curvprune.report import PruneResult, StepReport
 from curvprune.removal import RemovalResult, remove_structures
+from curvprune.report import PruneResult, StepReport
 from curvprune.structures import StructureGraph, attach_structures
 
 __all__ = ["Pipeline", "PruningSession"]

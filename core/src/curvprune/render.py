@@ -120,23 +120,11 @@ def _structure_lines(result: Mapping[str, Any]) -> list[str]:
 
 def plot_layer_ratios(result: Mapping[str, Any], path: Path) -> None:
     """A horizontal bar chart of the fraction of output channels removed per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ratios = result["structure"]["layer_ratios"]
-    names = list(ratios)
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
-    ax.barh(range(len(names)), [100 * ratios[n] for n in names], color="#c44e52")
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("output channels removed (%)")
-    ax.set_title(f"Channels removed per layer — {result['run']['name']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _percent_bars(
+        result["structure"]["layer_ratios"], path, color="#c44e52",
+        xlabel="output channels removed (%)",
+        title=f"Channels removed per layer — {result['run']['name']}",
+    )
 
 
 def _audit_lines(result: Mapping[str, Any]) -> list[str]:
@@ -204,22 +192,33 @@ def plot_single_audit(result: Mapping[str, Any], path: Path) -> None:
 
 def plot_layer_sparsity(result: Mapping[str, Any], path: Path) -> None:
     """A horizontal bar chart of the sparsity of each selected parameter."""
+    _percent_bars(
+        result["sparsity"]["per_layer"], path, color="#4c72b0", xlabel="sparsity (%)",
+        title=f"Sparsity per layer — {result['run']['name']}", total=result["sparsity"]["total"],
+    )
+
+
+def _percent_bars(
+    values: Mapping[str, float], path: Path, *, color: str, xlabel: str, title: str,
+    total: float | None = None,
+) -> None:
+    """One horizontal bar per name, fractions drawn as percentages; ``total`` as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_layer = result["sparsity"]["per_layer"]
-    names = list(per_layer)
+    names = list(values)
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
-    ax.barh(range(len(names)), [100 * per_layer[n] for n in names], color="#4c72b0")
+    ax.barh(range(len(names)), [100 * values[n] for n in names], color=color)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel("sparsity (%)")
-    ax.axvline(100 * result["sparsity"]["total"], color="k", lw=1, ls="--", label="total")
-    ax.set_title(f"Sparsity per layer — {result['run']['name']}", fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel(xlabel)
+    if total is not None:
+        ax.axvline(100 * total, color="k", lw=1, ls="--", label="total")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

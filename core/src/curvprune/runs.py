@@ -41,8 +41,8 @@ from curvprune.errors import CheckpointError, ConfigError, CurvpruneError
 from curvprune.models import build_model, count_parameters
 from curvprune.pipeline import Pipeline
 from curvprune.plugins import PluginHost, get_plugin_manager
-from curvprune.render import plot_layer_sparsity, plot_single_audit, render_report
 from curvprune.prune_phase import run_prune_phase
+from curvprune.render import plot_layer_sparsity, plot_single_audit, render_report
 from curvprune.training import evaluate, make_optimizer, train
 
 __all__ = [

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-import curvprune
 import torch
 from torch import nn
 
+import curvprune
 from curvprune_greg import GRegConfig, GRegSchedule
 
 

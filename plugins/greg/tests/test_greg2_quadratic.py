@@ -13,13 +13,13 @@ Groups are single weights (``granularity = "weight"``): the diagonal model has n
 
 from __future__ import annotations
 
-import curvprune
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import curvprune
 from curvprune_greg import GRegConfig, GRegSchedule
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import io
 
-import curvprune
 import pytest
 import torch
-from curvprune.models import DigitsCNN, DigitsMLP
 from torch import nn
+
+import curvprune
+from curvprune.models import DigitsCNN, DigitsMLP
 
 _DIGITS: dict[str, torch.Tensor] = {}
 

@@ -1,10 +1,10 @@
 """The installed distribution registers ``greg``; the core's schedule contract holds for it."""
 
-import curvprune
 import pytest
 import torch
-from curvprune.testing.contracts import SchedulerContract
 
+import curvprune
+from curvprune.testing.contracts import SchedulerContract
 from curvprune_greg import GRegConfig, GRegSchedule, plugin
 
 

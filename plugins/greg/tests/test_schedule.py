@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 
-import curvprune
 import pytest
 import torch
+
+import curvprune
 
 from .conftest import bound_schedule, expand, reference_pick, tiny_cnn
 

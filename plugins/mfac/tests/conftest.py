@@ -11,9 +11,10 @@ The tests use ``tol(F, m, λ) = 8·(d + m)·eps·κ`` and compare norm-wise.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from curvprune import BlockLayout
 from curvprune.testing.dense import damped_fisher
-from torch import Tensor
 
 EPS64 = torch.finfo(torch.float64).eps
 

@@ -1,8 +1,6 @@
 """The core's estimator conformance suite, run on ``mfac``: both algorithms, unblocked and blocked."""
 
 from curvprune.testing.contracts import CurvatureEstimatorContract
-
-
 from curvprune_mfac import plugin
 
 # Register in-process (entry-point autoload off): other installed plugins cannot interfere.

@@ -1,7 +1,6 @@
 """The installed distribution provides the ``mfac`` estimator through its entry point."""
 
 import curvprune
-
 from curvprune_mfac import MFACConfig, MFACEstimator
 
 

@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import curvprune
-from curvprune import ConfigError, NumericalError
-from curvprune import EstimatorStateError
+from curvprune import ConfigError, EstimatorStateError, NumericalError
 from curvprune_mfac import MFACEstimator, StaticInverse
 from curvprune_mfac.config import MFACConfig
 

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import Tensor
+
 from curvprune import BlockLayout
 from curvprune.testing.dense import damped_fisher
-from torch import Tensor
 
 
 def block_ids(sizes: tuple[int, ...], block_size: int | None) -> Tensor:

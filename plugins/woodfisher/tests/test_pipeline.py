@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import curvprune
 import torch
-from curvprune.models import DigitsMLP
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+import curvprune
+from curvprune.models import DigitsMLP
 
 
 def _loader(n: int = 128, seed: int = 0) -> DataLoader:

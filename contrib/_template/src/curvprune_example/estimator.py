@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 import attrs
 import torch
-from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig
 from torch import Tensor
+
+from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig
 
 __all__ = ["IsotropicConfig", "IsotropicEstimator"]
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import attrs
 import torch
-from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig, distributed
 from torch import Tensor
+
+from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig, distributed
 
 __all__ = ["DiagFisherConfig", "DiagFisherEstimator"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import attrs
+
 from curvprune import EstimatorConfig
 
 __all__ = ["KFACConfig"]

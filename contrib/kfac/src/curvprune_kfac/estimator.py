@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from curvprune import (
     BlockLayout,
     CurvatureEstimator,
@@ -40,8 +42,6 @@ from curvprune import (
     NumericalError,
     ParamLayout,
 )
-from torch import Tensor, nn
-
 from curvprune_kfac.config import KFACConfig
 from curvprune_kfac.factors import kronecker_factors, take_samples
 from curvprune_kfac.kronecker import KroneckerInverse

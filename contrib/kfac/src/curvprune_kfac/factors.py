@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from curvprune import ConfigError, ParamLayout, default_loss
 from torch import Tensor, nn
+
+from curvprune import ConfigError, ParamLayout, default_loss
 
 __all__ = ["SUPPORTED_LOSSES", "curvlinops_loss", "kronecker_factors", "take_samples"]
 

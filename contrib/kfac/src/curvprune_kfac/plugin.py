@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from curvprune import Register, hookimpl
-
 from curvprune_kfac.config import KFACConfig
 from curvprune_kfac.estimator import KFACEstimator
 

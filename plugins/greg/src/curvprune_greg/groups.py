@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
-from curvprune import ConfigError, ParamLayout
 from torch import Tensor
+
+from curvprune import ConfigError, ParamLayout
 
 __all__ = [
     "LayerPlan",

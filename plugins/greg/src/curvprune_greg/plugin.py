@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from curvprune import Register, hookimpl
-
 from curvprune_greg.config import GRegConfig
 from curvprune_greg.schedule import GRegSchedule
 

@@ -18,9 +18,10 @@ says so).
 
 from __future__ import annotations
 
+from torch import nn
+
 import curvprune
 from curvprune import ConfigError, ParamLayout
-from torch import nn
 
 __all__ = ["excluded_layers", "gate_parameters"]
 

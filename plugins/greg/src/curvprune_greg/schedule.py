@@ -49,9 +49,9 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from curvprune import ConfigError, ParamLayout, PruneContext, Scheduler
 from torch import Tensor, nn
 
+from curvprune import ConfigError, ParamLayout, PruneContext, Scheduler
 from curvprune_greg.config import GRegConfig
 from curvprune_greg.groups import (
     LayerPlan,

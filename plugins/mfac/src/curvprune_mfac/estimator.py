@@ -29,16 +29,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
+
 from curvprune import (
     BlockLayout,
     ConfigError,
     CurvatureEstimator,
-    EstimatorStateError,
     EstimatorConfig,
+    EstimatorStateError,
     NumericalError,
 )
-from torch import Tensor
-
 from curvprune_mfac.config import MFACConfig
 from curvprune_mfac.dynamic import DIAGONAL_PIECES, SlidingWindow
 from curvprune_mfac.static import StaticInverse

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from curvprune import ConfigError, NumericalError
 from torch import Tensor
 
+from curvprune import ConfigError, NumericalError
 from curvprune_mfac.dynamic import SlidingWindow
 
 __all__ = ["MFAC"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from curvprune import Register, hookimpl
-
 from curvprune_mfac.config import MFACConfig
 from curvprune_mfac.estimator import MFACEstimator
 

@@ -26,8 +26,9 @@ so they keep [F⁻¹]_qq = 1/λ and never couple to real coordinates.
 from __future__ import annotations
 
 import torch
-from curvprune import NumericalError
 from torch import Tensor
+
+from curvprune import NumericalError
 
 __all__ = ["StaticInverse", "capacitance_cholesky"]
 

@@ -51,7 +51,6 @@ saliencies are computed, so that the ranking sees the same model as the update.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
