@@ -7,6 +7,12 @@ empirical Fisher (1/n)Σ xᵢxᵢᵀ = XᵀX/n, the Hessian itself. With damping
 eigenvalues ≥ ~0.1, the quadratic model of OBS is exact up to a relative 1e-9: each single-weight
 prediction ρ_q = w_q²/(2[F⁻¹]_qq) must equal the measured loss change after the OBS update,
 and so must the joint prediction for a whole step.
+
+Away from the minimum (residual signs that do not cancel, still |rᵢ| = 1, so the empirical
+Fisher is still the Hessian) the loss is still exactly quadratic: the measured change of any
+move δw is ∇Lᵀδw + ½δwᵀHδw with no remainder, and with a large damping λ the OBS prediction
+ρ_q = ½δwᵀ(H + λI)δw. The audit's split (first-order part, damping part) must then recover
+measured − ∇Lᵀδw = ρ_q − ½λ‖δw‖² for every weight, to round-off.
 """
 
 from __future__ import annotations
@@ -25,12 +31,16 @@ from curvprune.audit import audit_single_weights, pearson, spearman
 P, PAIRS = 12, 24
 
 
-def quadratic_problem(seed: int = 0):
+def quadratic_problem(seed: int = 0, stationary: bool = True):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(PAIRS, P, generator=g, dtype=torch.float64)
     w_star = torch.randn(P, generator=g, dtype=torch.float64)
     xs = torch.cat([x, x])  # each input twice
-    ys = xs @ w_star - torch.cat([torch.ones(PAIRS), -torch.ones(PAIRS)]).double()  # residuals ±1
+    if stationary:  # residuals +1 and -1 on each pair: zero gradient
+        residuals = torch.cat([torch.ones(PAIRS), -torch.ones(PAIRS)]).double()
+    else:  # random signs: |rᵢ| = 1 keeps Fisher = Hessian, the gradient is not zero
+        residuals = torch.randint(0, 2, (2 * PAIRS,), generator=g).double() * 2 - 1
+    ys = xs @ w_star - residuals
     model = nn.Linear(P, 1, bias=False).double()
     with torch.no_grad():
         model.weight.copy_(w_star)
@@ -41,12 +51,13 @@ def half_mse(out, y):
     return 0.5 * (out - y).square().mean()
 
 
-def pipeline(sparsity: float, joint: bool, audit: int) -> Pipeline:
+def pipeline(sparsity: float, joint: bool, audit: int, damping: float = 1e-10,
+             update: bool = True) -> Pipeline:
     n = 2 * PAIRS
     return Pipeline.from_config({
         "prune": {"sparsity": sparsity, "loss_samples": n, "audit_single": audit},
-        "estimator": {"name": "dense", "damping": 1e-10, "num_grads": n, "dtype": "float64"},
-        "scorer": {"name": "obs", "joint": joint},
+        "estimator": {"name": "dense", "damping": damping, "num_grads": n, "dtype": "float64"},
+        "scorer": {"name": "obs", "joint": joint, "update": update},
         "schedule": {"name": "oneshot", "steps": 1},
     })
 
@@ -78,6 +89,44 @@ def test_audit_checks_the_summed_update_against_its_own_prediction():
     assert audit["samples"] == 5
     torch.testing.assert_close(torch.tensor(audit["measured"]), torch.tensor(audit["predicted"]),
                                rtol=1e-7, atol=1e-12)
+
+
+def test_audit_splits_first_order_and_damping_parts_exactly_off_the_minimum():
+    model, data = quadratic_problem(seed=2, stationary=False)
+    (xs, ys), = data
+    w = model.weight.detach().flatten().clone()
+    gradient = xs.T @ (xs @ w - ys.squeeze(1)) / xs.shape[0]  # ∇L of ½·mean(xᵀw − y)²
+    assert gradient.norm() > 0.1, "the problem must be away from its minimum"
+    damping = 0.3  # against Hessian eigenvalues ~0.1-3: the damping part is far from negligible
+    (step,) = pipeline(0.25, joint=False, audit=P, damping=damping).prune(
+        model, data, loss_fn=half_mse).steps
+    audit = step.single_audit
+    predicted = torch.tensor(audit["predicted"], dtype=torch.float64)
+    measured = torch.tensor(audit["measured"], dtype=torch.float64)
+    first = torch.tensor(audit["first_order"], dtype=torch.float64)
+    damp = torch.tensor(audit["damping_part"], dtype=torch.float64)
+    # dense ground truth for every removal: δw = −w_q F⁻¹e_q/[F⁻¹]_qq with F = XᵀX/n + λI
+    hessian = xs.T @ xs / xs.shape[0]
+    inverse = torch.linalg.inv(hessian + damping * torch.eye(P, dtype=torch.float64))
+    index = torch.tensor(audit["index"])
+    moves = -(w[index] / inverse.diagonal()[index]).unsqueeze(1) * inverse[:, index].T
+    torch.testing.assert_close(first, moves @ gradient, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(damp, 0.5 * damping * moves.square().sum(1), rtol=1e-9, atol=1e-12)
+    # the loss is exactly quadratic and Fisher = Hessian: both splits agree to round-off
+    torch.testing.assert_close(measured - first, predicted - damp, rtol=1e-7, atol=1e-12)
+    assert (damp / predicted).max() > 0.1, "the damping part must matter in this test"
+    assert audit["spearman_curvature"] == pytest.approx(1.0)
+    assert audit["spearman_first_order"] is not None
+
+
+def test_audit_records_no_split_for_a_prediction_that_is_not_a_quadratic_form():
+    model, data = quadratic_problem(stationary=False)
+    (step,) = pipeline(0.25, joint=False, audit=4, update=False).prune(
+        model, data, loss_fn=half_mse).steps
+    audit = step.single_audit
+    assert audit["first_order"] is None and audit["damping_part"] is None
+    assert audit["spearman_curvature"] is None and audit["spearman_first_order"] is None
+    assert audit["spearman"] is not None
 
 
 def test_audit_is_off_by_default_and_skipped_for_scorers_without_prediction():

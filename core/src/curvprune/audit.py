@@ -15,6 +15,26 @@ calls the pipeline makes for a whole step), and measures the loss on the audit s
 two says whether the scorer orders weights as their true removal cost does; the pipeline runs it
 when ``[prune] audit_single`` > 0.
 
+Two things keep ρ_q from ranking the measured change on a trained network, and the audit
+takes both apart for scorers whose prediction is the quadratic form ½δwᵀFδw at their own update
+(``quadratic_prediction``, OBS):
+
+* **The first-order term.** ρ_q is the model at a stationary point (∇L = 0). A network trained
+  with mini-batch SGD or Adam is not at one: on the digits MLP the full-batch gradient has norm
+  ~0.1 and ∇Lᵀδw is several times ρ_q, so it decides the measured order. The audit computes
+  the exact gradient of the audit loss at w (float64, one pass over the audit batches) and
+  splits the measurement into ∇Lᵀδw and the rest, ½δwᵀHδw + O(‖δw‖³).
+* **The damping.** F = F₀ + λI, and ρ_q = ½δwᵀF₀δw + ½λ‖δw‖². The λ term regularises the
+  update (it keeps δw out of the directions the m gradients do not see) but is no curvature of
+  the loss: the audit reports the model's curvature part ½δwᵀF₀δw = ρ_q − ½λ‖δw‖², as
+  Levenberg-Marquardt and trust-region methods (Moré 1978) measure a damped step's predicted
+  decrease with the undamped model.
+
+``spearman`` is the plain agreement of ρ_q with the measured change; ``spearman_curvature``
+ranks the curvature part against the measured change less ∇Lᵀδw (is the curvature model
+right?); ``spearman_first_order`` ranks ∇Lᵀδw alone against the measured change (how far the
+gradient decides). Other scorers (``woodtaylor`` models the gradient itself) get ``spearman``.
+
 The model is never modified: the perturbed weights go through ``torch.func.functional_call``,
 vectorised over the sampled weights with ``torch.func.vmap`` in memory-bounded chunks.
 """
@@ -30,7 +50,9 @@ from torch import Tensor, nn
 
 from curvprune.interfaces import PruneContext, SaliencyScorer
 
-__all__ = ["SingleWeightAudit", "audit_single_weights", "losses_at", "pearson", "spearman"]
+__all__ = [
+    "SingleWeightAudit", "audit_single_weights", "gradient_at", "losses_at", "pearson", "spearman",
+]
 
 #: Bytes of stacked weight vectors evaluated in one vectorised call.
 _CHUNK_BYTES = 1 << 26
@@ -76,12 +98,19 @@ class SingleWeightAudit:
         index: flat indices of the sampled weights, long ``[n]``.
         predicted: the scorer's predicted loss change for each one-weight removal, ``[n]``.
         measured: the measured change on the audit samples (with the compensation), ``[n]``.
+        first_order: ∇Lᵀδw, the exact first-order term of each removal's move on the audit
+            samples, ``[n]``; None unless the scorer's prediction is a quadratic form
+            (``quadratic_prediction``).
+        damping_part: ½λ‖δw‖², the part of the prediction due to the damping λ, ``[n]``; None
+            as for ``first_order``.
     """
 
     step: int
     index: Tensor
     predicted: Tensor
     measured: Tensor
+    first_order: Tensor | None = None
+    damping_part: Tensor | None = None
 
     @property
     def spearman(self) -> float | None:
@@ -93,18 +122,43 @@ class SingleWeightAudit:
         """Pearson's r between predicted and measured."""
         return pearson(self.predicted, self.measured)
 
+    @property
+    def curvature(self) -> Tensor | None:
+        """The prediction's curvature part ½δwᵀF₀δw = predicted − ½λ‖δw‖² (or None)."""
+        return None if self.damping_part is None else self.predicted - self.damping_part
+
+    @property
+    def second_order(self) -> Tensor | None:
+        """The measured change less its exact first-order part, measured − ∇Lᵀδw (or None)."""
+        return None if self.first_order is None else self.measured - self.first_order
+
+    @property
+    def spearman_curvature(self) -> float | None:
+        """Spearman's ρ between ½δwᵀF₀δw and measured − ∇Lᵀδw: the curvature model's test."""
+        curvature, rest = self.curvature, self.second_order
+        return None if curvature is None or rest is None else spearman(curvature, rest)
+
+    @property
+    def spearman_first_order(self) -> float | None:
+        """Spearman's ρ between ∇Lᵀδw alone and measured: how much the gradient term decides."""
+        return None if self.first_order is None else spearman(self.first_order, self.measured)
+
     def summary(self) -> dict[str, Any]:
-        """Step, sample count and the two correlations (for ``loss_change.single``)."""
+        """Step, sample count and the correlations (for ``loss_change.single``)."""
         return {"step": self.step, "samples": int(self.index.numel()),
-                "spearman": self.spearman, "pearson": self.pearson}
+                "spearman": self.spearman, "pearson": self.pearson,
+                "spearman_curvature": self.spearman_curvature,
+                "spearman_first_order": self.spearman_first_order}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the summary plus the three lists."""
+        """JSON-ready: the summary plus the per-weight lists."""
         return {
             **self.summary(),
             "index": self.index.tolist(),
             "predicted": self.predicted.double().tolist(),
             "measured": self.measured.double().tolist(),
+            "first_order": _as_list(self.first_order),
+            "damping_part": _as_list(self.damping_part),
         }
 
 
@@ -172,6 +226,54 @@ def losses_at(
     return total / max(count, 1)
 
 
+def _as_list(values: Tensor | None) -> list[float] | None:
+    return None if values is None else values.double().tolist()
+
+
+def gradient_at(
+    model: nn.Module,
+    names: Sequence[str],
+    unflatten: Callable[[Tensor], list[Tensor]],
+    weights: Tensor,
+    batches: Sequence[tuple[Any, Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """∇L at ``weights`` of the sample-weighted mean loss over ``batches``, evaluated in ``dtype``.
+
+    The same loss :func:`losses_at` measures (eval mode, the other parameters and buffers
+    frozen), so that ∇Lᵀδw is the exact first-order term of its measured differences.
+
+    Returns:
+        ``[d]`` float64 gradient of the selected parameters.
+    """
+    from torch.func import functional_call, grad
+
+    def cast(t: Tensor) -> Tensor:
+        return t.detach().to(dtype) if t.is_floating_point() else t.detach()
+
+    frozen = {k: cast(v) for k, v in model.named_parameters() if k not in set(names)}
+    frozen.update({k: cast(v) for k, v in model.named_buffers()})
+
+    def loss_of(row: Tensor, x: Any, y: Tensor) -> Tensor:
+        params = dict(zip(names, unflatten(row), strict=True))
+        return loss_fn(functional_call(model, {**frozen, **params}, (x,)), y)
+
+    row = weights.detach().to(dtype)
+    total = torch.zeros_like(row, dtype=torch.float64)
+    count = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            x = cast(x) if isinstance(x, Tensor) else x
+            total += grad(loss_of)(row, x, y).double() * y.shape[0]
+            count += y.shape[0]
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
 def audit_single_weights(
     ctx: PruneContext,
     scorer: SaliencyScorer,
@@ -184,7 +286,9 @@ def audit_single_weights(
     The sample is drawn uniformly from the weights still present (``ctx.mask``). For each
     sampled q the scorer is asked, exactly as for a pruning step but with the set {q}, for its
     compensating update δw (then its prediction, which may depend on it); the measured change is
-    L(w + δw with w_q = 0 and pruned weights at 0) − L(w) on ``batches``.
+    L(w + δw with w_q = 0 and pruned weights at 0) − L(w) on ``batches``. When the scorer's
+    prediction is a quadratic form (``quadratic_prediction``) the exact first-order term ∇Lᵀδw
+    of each move on ``batches`` and the damping part ½λ‖δw‖² are recorded too.
 
     Returns:
         The audit, or None when the scorer predicts no loss change (e.g. ``magnitude``), scores
@@ -217,7 +321,15 @@ def audit_single_weights(
     rows *= mask
     layout = ctx.layout
     losses = losses_at(ctx.model, layout.names, layout.unflatten, rows, batches, ctx.loss_fn)
+    first_order = damping_part = None
+    if scorer.quadratic_prediction and ctx.estimator is not None:
+        moves = rows[1:].double() - rows[0].double()
+        gradient = gradient_at(ctx.model, layout.names, layout.unflatten, rows[0], batches,
+                               ctx.loss_fn)
+        first_order = (moves @ gradient).cpu()
+        damping_part = (0.5 * ctx.estimator.config.damping * moves.square().sum(1)).cpu()
     return SingleWeightAudit(
         step=ctx.step, index=index.cpu(), predicted=predicted,
-        measured=(losses[1:] - losses[0]).cpu(),
+        measured=(losses[1:] - losses[0]).cpu(), first_order=first_order,
+        damping_part=damping_part,
     )

@@ -426,12 +426,19 @@ class SaliencyScorer(abc.ABC):
     * ``needs_curvature``: the pipeline must have an estimator, fitted before :meth:`score`.
     * ``needs_gradient``: ``PruneContext.mean_grad`` must be filled.
     * ``needs_data``: ``PruneContext.batches`` and ``loss_fn`` must be filled.
+    * ``quadratic_prediction``: :meth:`predicted_loss_change` is ½δwᵀFδw at the δw of
+      :meth:`compensate`, F the estimator's damped estimate, with no first-order term (OBS,
+      Hassibi & Stork 1993). The single-weight audit then splits the prediction into the
+      curvature part ½δwᵀF₀δw and the damping part ½λ‖δw‖² (F = F₀ + λI), and the
+      measurement into ∇Lᵀδw and the rest (:mod:`curvprune.audit`). An instance attribute,
+      since an option may turn the compensation off.
     """
 
     granularity: Granularity = "weight"
     needs_curvature: ClassVar[bool] = False
     needs_gradient: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False
+    quadratic_prediction: bool = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config

@@ -147,12 +147,15 @@ def _audit_lines(result: Mapping[str, Any]) -> list[str]:
             "",
             f"Single-weight audit ({single[0]['samples']} weights sampled before each step; the "
             "predicted change of removing each alone, with the scorer's compensation, against "
-            "the measured change):",
+            "the measured change. For OBS-type predictions ½δwᵀ(F₀ + λI)δw, *curvature* compares "
+            "the undamped part ½δwᵀF₀δw with the measured change less its exact first-order "
+            "part ∇Lᵀδw on the audit samples, and *first order only* ranks by ∇Lᵀδw alone):",
             "",
-            "| step | samples | Spearman ρ | Pearson r |",
-            "|---|---|---|---|",
+            "| step | samples | Spearman ρ | Pearson r | Spearman ρ, curvature | Spearman ρ, first order only |",
+            "|---|---|---|---|---|---|",
             *(f"| {a['step']} | {a['samples']} | {_num(a['spearman'], '.3f')} | "
-              f"{_num(a['pearson'], '.3f')} |" for a in single),
+              f"{_num(a['pearson'], '.3f')} | {_num(a.get('spearman_curvature'), '.3f')} | "
+              f"{_num(a.get('spearman_first_order'), '.3f')} |" for a in single),
             "",
             "![single-weight audit](single_weight_audit.png)",
         ]
@@ -166,28 +169,48 @@ def plot_single_audit(result: Mapping[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    steps = [s["single_audit"] for s in result["steps"] if s.get("single_audit")]
+    with_model = any(a.get("first_order") is not None for a in steps)  # the second panel
+    fig, axes = plt.subplots(1, 2 if with_model else 1, figsize=(11 if with_model else 5.5, 5),
+                             squeeze=False)
+    _audit_scatter(axes[0][0], steps, curvature=False)
+    if with_model:
+        _audit_scatter(axes[0][1], steps, curvature=True)
+    fig.suptitle(f"Single-weight removals — {result['run']['name']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _audit_scatter(ax: Any, steps: list[Mapping[str, Any]], *, curvature: bool) -> None:
+    """One panel of :func:`plot_single_audit`: measured against predicted, or their parts.
+
+    With ``curvature``: measured − ∇Lᵀδw against predicted − ½λ‖δw‖² (see
+    :mod:`curvprune.audit`).
+    """
     lo, hi = float("inf"), float("-inf")
-    for i, step in enumerate(s for s in result["steps"] if s.get("single_audit")):
-        audit = step["single_audit"]
-        xs, ys = audit["predicted"], audit["measured"]
+    for i, audit in enumerate(steps):
+        if curvature:
+            if audit.get("first_order") is None:
+                continue
+            xs = [p - h for p, h in zip(audit["predicted"], audit["damping_part"], strict=True)]
+            ys = [m - g for m, g in zip(audit["measured"], audit["first_order"], strict=True)]
+            rho = audit.get("spearman_curvature")
+        else:
+            xs, ys, rho = audit["predicted"], audit["measured"], audit["spearman"]
         ax.scatter(xs, ys, s=9, alpha=0.6, color=f"C{i % 10}",
-                   label=f"step {audit['step']}: Spearman {_num(audit['spearman'], '.3f')}")
-        positive = [v for v in (*xs, *ys) if v > 0]
-        if positive:
-            lo, hi = min(lo, *positive), max(hi, *positive)
+                   label=f"step {audit['step']}: Spearman {_num(rho, '.3f')}")
+        magnitudes = [abs(v) for v in (*xs, *ys) if v != 0]
+        if magnitudes:
+            lo, hi = min(lo, *magnitudes), max(hi, *magnitudes)
     if lo < hi:
         ax.plot([lo, hi], [lo, hi], color="k", lw=1, ls=":", label="measured = predicted")
         ax.set_xscale("symlog", linthresh=lo)
         ax.set_yscale("symlog", linthresh=lo)
-    ax.set_xlabel("predicted loss change")
-    ax.set_ylabel("measured loss change")
-    ax.set_title(f"Single-weight removals — {result['run']['name']}", fontsize=9)
+    ax.set_xlabel("predicted − ½λ‖δw‖²" if curvature else "predicted loss change")
+    ax.set_ylabel("measured − ∇Lᵀδw" if curvature else "measured loss change")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_layer_sparsity(result: Mapping[str, Any], path: Path) -> None:

@@ -430,7 +430,9 @@ def _execute_run(
             "predicted": None if any(p is None for p in predicted) else sum(predicted),
             "measured": None if any(m is None for m in measured) else sum(measured),
             "single": [
-                {k: s.single_audit[k] for k in ("step", "samples", "spearman", "pearson")}
+                {k: s.single_audit.get(k) for k in
+                 ("step", "samples", "spearman", "pearson", "spearman_curvature",
+                  "spearman_first_order")}
                 for s in result.steps if s.single_audit
             ],
         },

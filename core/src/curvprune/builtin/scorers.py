@@ -91,6 +91,7 @@ class OBSScorer(SaliencyScorer):
 
     def __init__(self, config: OBSConfig | None = None) -> None:
         super().__init__(config or OBSConfig())
+        self.quadratic_prediction = self.config.update  # ρ_q = ½δwᵀFδw at the OBS update δw
         self._diag: Tensor | None = None
         self._joint_loss: Tensor | None = None
 
