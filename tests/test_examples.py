@@ -1,4 +1,4 @@
-"""Every example config runs end to end at a quick size, and the matrix covers every valid pairing.
+"""Every example config runs end to end at a quick size, and the matrix holds every valid pairing.
 
 The examples (examples/README.md) are the user-facing proof that the components mix: each one is
 run through :func:`curvprune.runs.execute_run`, as ``curvprune run`` would, with its sizes shrunk
@@ -20,8 +20,9 @@ import pytest
 from curvprune import get_plugin_manager, load_raw_config
 from curvprune.runs import execute_run
 
-EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.toml"))
-#: examples/<model>-<estimator>-<scorer>-<schedule>-<mask>.toml
+EXAMPLES_DIR = Path(__file__).parents[1] / "examples"
+EXAMPLES = sorted([*EXAMPLES_DIR.glob("*.toml"), *EXAMPLES_DIR.glob("matrix/*.toml")])
+#: examples/matrix/<model>-<estimator>-<scorer>-<schedule>-<mask>.toml
 MATRIX_NAME = re.compile(
     r"(?P<model>mlp|cnn)-(?P<estimator>[a-z]+)-(?P<scorer>[a-z0-9]+)-"
     r"(?P<schedule>oneshot|multistep|gradual)-(?P<mask>global|layerwise|nm24|channel)$"
@@ -85,7 +86,8 @@ def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_there_are_examples():
-    assert len(EXAMPLES) >= 30, [p.name for p in EXAMPLES]
+    assert len([p for p in EXAMPLES if p.parent.name == "matrix"]) == 99, [p.name for p in EXAMPLES]
+    assert len(EXAMPLES) > 99
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
@@ -108,7 +110,8 @@ def _matrix() -> list[dict[str, str]]:
     rows = []
     for path in EXAMPLES:
         match = MATRIX_NAME.fullmatch(path.stem)
-        if match and match["mask"] != "channel":
+        if path.parent.name == "matrix":
+            assert match, f"{path.name} is not named <model>-<estimator>-<scorer>-<schedule>-<mask>"
             rows.append(match.groupdict())
     return rows
 
@@ -132,37 +135,49 @@ def test_matrix_names_say_what_the_config_holds():
         assert raw["model"]["name"] == f"digits-{match['model']}", path.name
 
 
-def test_matrix_covers_every_valid_pair_of_choices():
-    """Every pair of choices from two different axes appears in some example (pairwise cover).
+def test_matrix_holds_every_valid_pairing_once():
+    """One file per valid pairing of estimator × scorer × schedule × mask (the model alternates).
 
-    Axes: model, estimator (none for magnitude), scorer, schedule, mask. Invalid pairs are the
-    ones that involve magnitude with an estimator or a curvature scorer without one.
+    Valid: magnitude without an estimator, obs/woodtaylor with one (tests/test_pairings.py checks
+    that the others are refused, or warned about for magnitude with an estimator).
     """
     rows = _matrix()
-    axes = ("model", "estimator", "scorer", "schedule", "mask")
-    levels = {a: {r[a] for r in rows} for a in axes}
-    assert levels["estimator"] == {"none", "diagfisher", "kfac", "woodfisher", "mfacstatic",
-                                   "mfacdynamic"}
-    assert levels["scorer"] == {"magnitude", "obs", "woodtaylor"}
-    assert levels["schedule"] == {"oneshot", "multistep", "gradual"}
-    assert levels["mask"] == {"global", "layerwise", "nm24"}
-    seen = {(a, r[a], b, r[b]) for r in rows for a, b in itertools.combinations(axes, 2)}
-    missing = []
-    for a, b in itertools.combinations(axes, 2):
-        for x, y in itertools.product(sorted(levels[a]), sorted(levels[b])):
-            pair = {a: x, b: y}
-            # magnitude uses no estimator and the curvature scorers need one
-            invalid = {a, b} == {"estimator", "scorer"} and (
-                (pair["estimator"] == "none") != (pair["scorer"] == "magnitude"))
-            if not invalid and (a, x, b, y) not in seen:
-                missing.append(f"{a}={x}, {b}={y}")
-    assert not missing, missing
+    got = sorted((r["estimator"], r["scorer"], r["schedule"], r["mask"]) for r in rows)
+    estimators = ("none", "diagfisher", "kfac", "woodfisher", "mfacstatic", "mfacdynamic")
+    expected = sorted(
+        (e, sc, sh, m)
+        for e, sc, sh, m in itertools.product(estimators, ("magnitude", "obs", "woodtaylor"),
+                                              ("oneshot", "multistep", "gradual"),
+                                              ("global", "layerwise", "nm24"))
+        if (e == "none") == (sc == "magnitude")
+    )
+    assert got == expected
+    # every pair of choices from two axes meets both models
+    for a, b in itertools.combinations(("estimator", "scorer", "schedule", "mask"), 2):
+        for x, y in {(r[a], r[b]) for r in rows}:
+            assert {r["model"] for r in rows if r[a] == x and r[b] == y} == {"mlp", "cnn"}, (a, x, b, y)
+
+
+def test_matrix_files_are_what_the_generator_writes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("examples_generate", EXAMPLES_DIR / "generate.py")
+    assert spec is not None and spec.loader is not None
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    expected = generate.expected_files()
+    on_disk = {p.name: p.read_text(encoding="utf-8") for p in EXAMPLES_DIR.glob("matrix/*.toml")}
+    assert sorted(on_disk) == sorted(expected), "run python examples/generate.py"
+    stale = [name for name, text in expected.items() if on_disk[name] != text]
+    assert not stale, f"run python examples/generate.py: {stale[:5]} differ"
+    readme = (EXAMPLES_DIR / "README.md").read_text(encoding="utf-8")
+    assert generate.readme_table() in readme, "run python examples/generate.py (README table)"
 
 
 def test_readme_lists_every_example_and_links_resolve():
-    readme = (EXAMPLES[0].parent / "README.md").read_text()
+    readme = (EXAMPLES_DIR / "README.md").read_text()
     links = re.findall(r"\]\(([^)#\s]+\.toml)\)", readme)
-    missing = [link for link in links if not (EXAMPLES[0].parent / link).is_file()]
+    missing = [link for link in links if not (EXAMPLES_DIR / link).is_file()]
     assert not missing, f"examples/README.md links to missing files {missing}"
     unlisted = [p.name for p in EXAMPLES if p.name not in readme]
     assert not unlisted, f"examples/README.md does not mention {unlisted}"

@@ -2,8 +2,8 @@
 
 The full product {none, diagfisher, kfac, woodfisher, mfac static, mfac dynamic} × {magnitude,
 obs, woodtaylor} × {oneshot, multi-step, gradual} × {global, layerwise, nm 2:4} is checked at
-config level (no compute; the examples run a pairwise cover of it end to end, tests/
-test_examples.py). Each invalid pairing is refused by ``curvprune validate`` in one line that says
+config level (no compute; examples/matrix/ holds one config per valid pairing, each run end to
+end by tests/test_examples.py). Each invalid pairing is refused by ``curvprune validate`` in one line that says
 why and where (examples/README.md lists them).
 """
 
