@@ -102,3 +102,43 @@ def test_peak_probe_sees_what_torch_allocates():
     assert peak == 6 * 2**20 and b.numel() == 1 << 19
     view = b[:10]
     assert tensor_bytes({"x": b, "y": [view, b]}) == 2 * 2**20, "shared storage counted once"
+
+
+#: One pruning step on the digits CNN (d = 38,160; m = 32), as benchmarks/plan_accuracy.py
+#: --quick: the gradient chunk (C = 32 rows, 4.7 MiB) and the estimator dominate the step.
+STEP_CASES = {
+    "woodfisher-gram": ("woodfisher", {"block_size": 128, "num_grads": 32, "algorithm": "gram"}),
+    "woodfisher-woodbury": ("woodfisher", {"block_size": 128, "num_grads": 8, "algorithm": "woodbury"}),
+    "mfac-static": ("mfac", {"num_grads": 32, "algorithm": "static", "fisher_mini_batch": 1}),
+    "mfac-dynamic": ("mfac", {"num_grads": 32, "algorithm": "dynamic", "window": 8, "fisher_mini_batch": 1}),
+    "diagfisher": ("diagfisher", {"num_grads": 32}),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_whole_step_peak_matches_the_plan_within_20_percent(case):
+    """The plan's total (the larger of the accumulating and the answering phase, plus weights)."""
+    from curvprune.models import build_model
+
+    name, cfg = STEP_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
+               for _ in range(2)]
+    torch.manual_seed(0)
+    model = build_model("digits-cnn", num_classes=10)
+    pipeline = Pipeline.from_config({"prune": {"sparsity": 0.5, "loss_samples": 64},
+                                     "estimator": {"name": name, **cfg}, "scorer": {"name": "obs"}})
+    plan = pipeline.plan(model)
+    _, peak = peak_allocated(lambda: pipeline.prune(model, batches))
+    assert peak == pytest.approx(plan.total_bytes, rel=0.2), plan.memory
+
+
+def test_plan_total_takes_the_larger_phase():
+    pipeline = Pipeline.from_config({"estimator": {"name": "woodfisher", "block_size": 64,
+                                                   "algorithm": "gram"}, "scorer": {"name": "obs"}})
+    plan = pipeline.plan(Model())
+    memory = plan.memory
+    assert plan.estimator_held == memory["estimator"] // 2  # the Gram batch, not the inversion's two
+    accumulating = plan.estimator_held + memory["gradients"]
+    assert plan.total_bytes == memory["weights"] + max(accumulating, memory["estimator"])
+    assert plan.total_bytes < sum(memory.values())

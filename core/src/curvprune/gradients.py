@@ -41,7 +41,8 @@ __all__ = ["GradientSource", "LossFn", "default_chunk_size", "default_loss"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-#: Gradient bytes one chunk may hold at most when no chunk size is given (~3 copies of the rows).
+#: Gradient bytes one chunk may hold at most when no chunk size is given (the rows and their
+#: work: two copies of the rows, docs/benchmarks.md plan accuracy).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 #: Bytes of gradient rows a default chunk aims for: per-sample gradients are memory-bound, and
 #: chunks that stay in cache are ~1.5× faster than larger ones (docs/benchmarks.md).
@@ -181,7 +182,11 @@ class GradientSource:
                     if j % size == me:
                         assert mine is not None
                         self._track(*mine)
-                        yield mine[0]
+                        rows, mine = mine[0], None
+                        yield rows
+                        # free this chunk before the next is computed: two copies at the peak
+                        # (the next chunk's per-parameter gradients and its rows), not three
+                        del rows
                     continue
                 if j % size == size - 1 or j == n_chunks - 1:  # end of a round: gather it
                     first = j - j % size

@@ -352,6 +352,27 @@ class CurvatureEstimator(abc.ABC):
         return cls.memory_bytes(layout.sizes, config)
 
     @classmethod
+    def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """Bytes of state held while gradients are fed to :meth:`update` (for ``plan``).
+
+        ``plan`` takes the step's peak as the larger of two phases: accumulating (this, plus the
+        gradient chunks and :meth:`plan_update_bytes`) and answering queries
+        (:meth:`plan_memory_bytes`, the gradients freed). The default, the whole peak, assumes
+        the two overlap; an estimator whose peak is a transient of its inversion (WoodFisher's
+        ``gram``: the Cholesky factor next to the Gram batch) returns less.
+        """
+        return cls.plan_memory_bytes(layout, config)
+
+    @classmethod
+    def plan_update_bytes(cls, rows: int, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """Work bytes of one :meth:`update` with ``rows`` gradient rows, beside the rows themselves.
+
+        The default is one float32 copy of the rows (an elementwise square, a contiguous copy);
+        an estimator whose update makes more (or none) overrides it.
+        """
+        return rows * layout.d * 4
+
+    @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
         """Rough floating-point operations to build the estimate (for ``plan``); None: unknown."""
         return None

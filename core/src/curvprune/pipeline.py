@@ -615,6 +615,7 @@ class _StepRunner:
                     except NumericalError:
                         source.check_finite()  # the source knows which parameter: say so
                         raise
+                del chunk  # not alive while the next chunk is computed (see iter_grads)
         except CurvpruneError as exc:
             if not source.rows_are_local:
                 raise  # every rank saw the same rows and fails the same way

@@ -3,13 +3,21 @@
 The plan counts the selected weights per layer, the estimator's blocks and the memory each part
 of a pruning step holds at its peak:
 
-* the estimator's own state (:meth:`CurvatureEstimator.plan_memory_bytes`, by default
+* the estimator's peak (:meth:`CurvatureEstimator.plan_memory_bytes`, by default
   :meth:`~CurvatureEstimator.memory_bytes` of the sizes);
-* one chunk of gradients and the per-sample-gradient work space (about three copies of the
-  chunk: the vectorised gradients, the flattened rows and the estimator's update work);
+* one chunk of C gradient rows and its work space, C + max(C, U): the vectorised per-parameter
+  gradients and the flattened rows exist together for a moment, then the rows and the
+  estimator's update work U (:meth:`CurvatureEstimator.plan_update_bytes`, one copy of the rows
+  by default);
 * a snapshot of the selected weights (restored if the step fails), the flat weights and mask;
 * the scorer's own state when it holds more than that (:meth:`SaliencyScorer.memory_bytes`,
   e.g. SOSP-I's S×S structure matrix).
+
+The parts do not all peak together: gradients stream in while the estimator holds its
+accumulating state (:meth:`CurvatureEstimator.plan_held_bytes`), and are freed before it
+inverts or answers queries. :attr:`Plan.total_bytes` is therefore the weights and scorer state
+plus the larger of the two phases, held + gradients and the estimator's peak
+(``docs/benchmarks.md``, plan accuracy, has the measured peaks this model matches).
 
 Under torch.distributed every number is per rank: each rank holds the whole estimator state (no
 estimator shards its memory across ranks yet), so W ranks need W times the estimator memory in
@@ -53,7 +61,9 @@ class Plan:
         estimator: the estimator's name (None without one).
         n_blocks: number of estimator blocks (None without a blocked estimator).
         block_width: their padded width.
-        memory: bytes per part (``estimator``, ``gradients``, ``weights``).
+        memory: bytes per part (``estimator``, ``gradients``, ``weights``, ...).
+        estimator_held: bytes the estimator holds while gradients stream in (None: its whole
+            peak, ``memory["estimator"]``).
         limit: bytes allowed; the run is refused above it.
         limit_source: where the limit comes from.
         flops: rough floating-point operations of one pruning step (None if unknown).
@@ -73,11 +83,21 @@ class Plan:
     device: str
     hint: str
     world_size: int = 1
+    estimator_held: int | None = None
 
     @property
     def total_bytes(self) -> int:
-        """The sum of all parts."""
-        return sum(self.memory.values())
+        """The step's peak: the other parts plus the larger of the two estimator phases.
+
+        Accumulating: the state held meanwhile plus the gradient chunk and its work (and a
+        gathered round under torch.distributed); answering: the estimator's peak, the
+        gradients freed.
+        """
+        parts = dict(self.memory)
+        peak = parts.pop("estimator", 0)
+        streaming = parts.pop("gradients", 0) + parts.pop("gathered", 0)
+        held = peak if self.estimator_held is None else min(self.estimator_held, peak)
+        return sum(parts.values()) + max(held + streaming, peak)
 
     @property
     def fits(self) -> bool:
@@ -116,6 +136,7 @@ class Plan:
             "block_width": self.block_width,
             "memory_bytes": dict(self.memory),
             "total_bytes": self.total_bytes,
+            "estimator_held_bytes": self.estimator_held,
             "limit_bytes": self.limit,
             "limit_source": self.limit_source,
             "fits": self.fits,
@@ -164,7 +185,7 @@ def make_plan(
     memory = {"weights": 3 * d * itemsize + d}
     estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
     name = pipeline.config.estimator.name if pipeline.config.estimator else None
-    n_blocks = width = None
+    n_blocks = width = held = None
     flops = None
     hint = "select fewer parameters ([prune] targets/ignore)"
     if estimator is not None:
@@ -178,10 +199,13 @@ def make_plan(
         rows = chunk if chunk is not None else default_chunk_size(d, cfg.fisher_mini_batch)
         if chunk is None and world > 1:  # as GradientSource balances chunks over the ranks
             rows = max(1, min(rows, -(-cfg.num_grads // world)))
-        memory["gradients"] = 3 * min(rows, cfg.num_grads) * d * itemsize
+        rows = min(rows, cfg.num_grads)
+        update = int(type(estimator).plan_update_bytes(rows, layout, cfg))
+        memory["gradients"] = rows * d * itemsize + max(rows * d * itemsize, update)
+        held = int(type(estimator).plan_held_bytes(layout, cfg))
         if world > 1 and estimator.reduction == "gather":
             # a round of W chunks (+ a loss column): the padded pieces and their concatenation
-            memory["gathered"] = 2 * world * min(rows, cfg.num_grads) * (d + 1) * itemsize
+            memory["gathered"] = 2 * world * rows * (d + 1) * itemsize
         flops = type(estimator).estimated_flops(layout.sizes, cfg)
         if flops is not None:
             # backward passes for the gradients: ~3 forward costs, ~2 flop per weight each
@@ -214,4 +238,5 @@ def make_plan(
         device=device.type,
         hint=hint,
         world_size=world,
+        estimator_held=held,
     )

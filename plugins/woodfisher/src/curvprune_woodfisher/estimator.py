@@ -52,6 +52,7 @@ from curvprune import (
     EstimatorConfig,
     EstimatorStateError,
     NumericalError,
+    ParamLayout,
     distributed,
 )
 from curvprune_woodfisher.blocks import BlockRuns
@@ -195,6 +196,13 @@ class WoodFisherEstimator(CurvatureEstimator):
         blocks = BlockLayout.build(sizes, config.block_size)
         batch = blocks.n_blocks * blocks.width**2 * config.torch_dtype.itemsize
         return batch * (1 if choose_algorithm(config, blocks.width) == "woodbury" else 2)
+
+    @classmethod
+    def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """One ``n_blocks·B²`` batch: ``gram``'s second batch exists only while it inverts."""
+        config = _as_woodfisher(config)
+        blocks = BlockLayout.build(layout.sizes, config.block_size)
+        return blocks.n_blocks * blocks.width**2 * config.torch_dtype.itemsize
 
     @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
