@@ -32,8 +32,8 @@ from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from curvprune.audit import spearman
-from curvprune.data import build_data
 from curvprune.config import DataConfig
+from curvprune.data import build_data
 from curvprune.models import DigitsMLP
 
 from _digits import train_adam

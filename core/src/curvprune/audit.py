@@ -162,6 +162,31 @@ class SingleWeightAudit:
         }
 
 
+def _functional_loss(
+    model: nn.Module,
+    names: Sequence[str],
+    unflatten: Callable[[Tensor], list[Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    dtype: torch.dtype,
+) -> tuple[Callable[[Tensor, Any, Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """``loss_of(row, x, y)``, the loss with the selected parameters set to ``row`` and every
+    other parameter and buffer frozen, all in ``dtype``; and ``cast``, for the inputs."""
+    from torch.func import functional_call
+
+    def cast(t: Tensor) -> Tensor:
+        return t.detach().to(dtype) if t.is_floating_point() else t.detach()
+
+    selected = set(names)
+    frozen = {k: cast(v) for k, v in model.named_parameters() if k not in selected}
+    frozen.update({k: cast(v) for k, v in model.named_buffers()})
+
+    def loss_of(row: Tensor, x: Any, y: Tensor) -> Tensor:
+        params = dict(zip(names, unflatten(row), strict=True))
+        return loss_fn(functional_call(model, {**frozen, **params}, (x,)), y)
+
+    return loss_of, cast
+
+
 def losses_at(
     model: nn.Module,
     names: Sequence[str],
@@ -190,18 +215,10 @@ def losses_at(
     Returns:
         ``[n]`` float64 losses, the sample-weighted mean over all batches.
     """
-    from torch.func import functional_call, vmap
+    from torch.func import vmap
 
-    def cast(t: Tensor) -> Tensor:
-        return t.detach().to(dtype) if t.is_floating_point() else t.detach()
-
-    frozen = {k: cast(v) for k, v in model.named_parameters() if k not in set(names)}
-    frozen.update({k: cast(v) for k, v in model.named_buffers()})
+    loss_of, cast = _functional_loss(model, names, unflatten, loss_fn, dtype)
     rows = rows.to(dtype)
-
-    def loss_of(row: Tensor, x: Any, y: Tensor) -> Tensor:
-        params = dict(zip(names, unflatten(row), strict=True))
-        return loss_fn(functional_call(model, {**frozen, **params}, (x,)), y)
 
     was_training = model.training
     model.eval()
@@ -247,17 +264,9 @@ def gradient_at(
     Returns:
         ``[d]`` float64 gradient of the selected parameters.
     """
-    from torch.func import functional_call, grad
+    from torch.func import grad
 
-    def cast(t: Tensor) -> Tensor:
-        return t.detach().to(dtype) if t.is_floating_point() else t.detach()
-
-    frozen = {k: cast(v) for k, v in model.named_parameters() if k not in set(names)}
-    frozen.update({k: cast(v) for k, v in model.named_buffers()})
-
-    def loss_of(row: Tensor, x: Any, y: Tensor) -> Tensor:
-        params = dict(zip(names, unflatten(row), strict=True))
-        return loss_fn(functional_call(model, {**frozen, **params}, (x,)), y)
+    loss_of, cast = _functional_loss(model, names, unflatten, loss_fn, dtype)
 
     row = weights.detach().to(dtype)
     total = torch.zeros_like(row, dtype=torch.float64)

@@ -74,7 +74,12 @@ class Quadratic:
         return self.gbar @ delta + 0.5 * delta @ self.fisher @ delta
 
     def weight_scale(self, delta: Tensor) -> float:
-        return float(self.w.abs().max() + delta.abs().max())
+        """‖w‖ + ‖δ‖ + ‖u‖ (max norms): the size of the vectors the scorer forms (see the top).
+
+        u = F⁻¹ḡ belongs here even when δ is small: ½ḡᵀu = ½uᵀFu enters every predicted change
+        (a 1-weight problem with |w| = 0.003 has δ = −w but ḡᵀu ≈ 1e-3).
+        """
+        return float(self.w.abs().max() + delta.abs().max() + self.u.abs().max())
 
     def loss_scale(self, delta: Tensor) -> float:
         return float(torch.linalg.matrix_norm(self.fisher, ord=2)) * self.weight_scale(delta) ** 2
