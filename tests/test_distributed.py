@@ -17,6 +17,7 @@ check uses rtol 1e-5, an order above what is measured (1e-7). Masks must be equa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -383,6 +384,72 @@ def test_cli_run_under_torchrun(tmp_path, folder, reference):
     ranks = {json.loads(line).get("rank") for line in proc.stderr.splitlines() if line.startswith("{")}
     assert ranks == {0, 1}  # log events are tagged with the rank
     _check_run_dirs(tmp_path / "out" / "r", folder / "one" / "out" / "r")
+
+
+def _torchrun(*args: str) -> subprocess.Popen:
+    """``curvprune`` under the real launcher, 2 processes of one thread, in its own session."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), "--no-python", "curvprune", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first in no particular order."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+    return found
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_then_resumed_matches_the_uninterrupted_one(tmp_path):
+    """SIGKILL to torchrun and both workers after a checkpoint, then ``torchrun ... --resume``.
+
+    Rank 0 writes the checkpoint and every rank restores from it; bit identity with an
+    uninterrupted two-process run needs every rank's state (model, optimizer, schedule, RNG,
+    the data order) to be the same as rank 0's at a checkpoint, which DDP training keeps.
+    """
+    import signal
+    import time
+
+    config = tmp_path / "run.toml"
+    text = RUN_CONFIG.replace("batch_size = 64", "batch_size = 16").replace(
+        "[finetune]\nepochs = 1", "[finetune]\nepochs = 6")
+    config.write_text(text + "checkpoint_every = 5\n")
+    out = tmp_path / "out"
+    reference = _torchrun("run", str(config), "--out", str(out), "--name", "ref", "--quiet")
+    assert reference.wait(timeout=300) == 0, reference.communicate()[1][-3000:]
+
+    cut = _torchrun("run", str(config), "--out", str(out), "--name", "cut", "--quiet")
+    checkpoint = out / "cut.partial" / "checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_file() and time.monotonic() < deadline and cut.poll() is None:
+        time.sleep(0.05)
+    assert checkpoint.is_file(), cut.communicate()[1][-3000:]
+    for pid in [*_descendants(cut.pid), cut.pid]:  # the workers run in sessions of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    cut.wait(timeout=60)
+    assert not (out / "cut").exists(), "the run ended before the kill: lengthen it"
+
+    resumed = _torchrun("run", "--resume", str(out / "cut.partial"), "--quiet")
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-3000:]
+    assert not (out / "cut.partial").exists()
+    got, ref = _run_outputs(out / "cut"), _run_outputs(out / "ref")
+    assert got["world_size"] == ref["world_size"] == 2
+    assert torch.equal(got["mask"], ref["mask"])
+    assert torch.equal(got["weights"], ref["weights"]), "a resumed run must end bit-identical"
+    record = json.loads((out / "cut" / "result.json").read_text())
+    assert record["run"]["resumed"]["step"] > 0
 
 
 # -- single-process unit tests of the helpers ------------------------------------------------------
