@@ -203,6 +203,7 @@ def _audit_scatter(ax: Any, steps: list[Mapping[str, Any]], *, curvature: bool) 
         magnitudes = [abs(v) for v in (*xs, *ys) if v != 0]
         if magnitudes:
             lo, hi = min(lo, *magnitudes), max(hi, *magnitudes)
+    lo = max(lo, hi * 1e-7)  # round-off-sized values (1e-17 differences) sit in the linear part
     if lo < hi:
         ax.plot([lo, hi], [lo, hi], color="k", lw=1, ls=":", label="measured = predicted")
         ax.set_xscale("symlog", linthresh=lo)
