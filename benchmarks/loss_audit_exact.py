@@ -96,8 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     gauss_newton = _blocks_of(d, columns, valid, _ggn_product(model, names, shapes, w, x))
     hessian = _blocks_of(d, columns, valid, vmap(lambda v: jvp(grad(loss_of), (w,), (v,))[1]))
 
-    def removal(curvature: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
-        """δw [n, d], ρ_q [n], ½δwᵀF₀δw [n] for the OBS removal of each sampled weight."""
+    def removal(curvature: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """δw [n, d], its block part [n, B], ρ_q [n], ½δwᵀF₀δw [n] for each OBS removal.
+
+        Padding past a short block's end is decoupled (identity), so the block part is 0 there.
+        """
         eye = torch.eye(BLOCK, dtype=torch.float64)
         inverse = torch.linalg.inv(curvature + damping * eye)[block_of]  # [n, B, B]
         diag = inverse[torch.arange(len(index)), row_in_block, row_in_block]
@@ -107,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep = valid[block_of]
         moves.scatter_add_(1, cols.clamp_max(w.numel() - 1) * keep, local * keep)  # padding adds 0
         rho = w[index].square() / (2 * diag)
-        return moves, rho, rho - 0.5 * damping * local.square().sum(1)
+        return moves, local, rho, rho - 0.5 * damping * local.square().sum(1)
 
     print()
     print("| curvature | damping | ρ_q vs measured | ρ_q vs measured − ∇Lᵀδw | ½δwᵀF₀δw vs measured − ∇Lᵀδw "
@@ -116,12 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     headline = {}
     for label, curvature in (("empirical Fisher", empirical), ("exact Gauss-Newton", gauss_newton)):
         for damping in args.dampings:
-            moves, rho, undamped = removal(curvature, damping)
+            moves, local, rho, undamped = removal(curvature, damping)
             losses = vmap(loss_of)(torch.cat([w.unsqueeze(0), w + moves]))  # one call: same sums
             measured = losses[1:] - losses[0]
             first = moves @ gradient
-            local_h = torch.einsum("nb,nbc,nc->n", *(_local(moves, columns, block_of, valid),
-                                                      hessian[block_of], _local(moves, columns, block_of, valid))) / 2
+            local_h = torch.einsum("nb,nbc,nc->n", local, hessian[block_of], local) / 2
             row = (spearman(rho, measured), spearman(rho, measured - first),
                    spearman(undamped, measured - first), spearman(first + local_h, measured))
             headline[label, damping] = row
@@ -150,12 +152,6 @@ def _block_end(starts: Tensor, chosen: Tensor) -> Tensor:
     ends = torch.cat([starts[1:], starts[-1:] + BLOCK])
     position = torch.searchsorted(starts, chosen)
     return ends[position]
-
-
-def _local(moves: Tensor, columns: Tensor, block_of: Tensor, valid: Tensor) -> Tensor:
-    """The entries of each move in its own block, ``[n, B]`` (zero past the block's end)."""
-    cols = columns[block_of]
-    return moves.gather(1, cols.clamp_max(moves.shape[1] - 1)) * valid[block_of]
 
 
 def _blocks_of(d: int, columns: Tensor, valid: Tensor, product: Callable[[Tensor], Tensor]) -> Tensor:
