@@ -90,3 +90,63 @@ def test_rows_across_parameters_are_refused():
         assert "one parameter" in str(exc)
     else:
         raise AssertionError("a row across two parameters was accepted")
+
+
+def _failing_eigh(fail_when):
+    """torch.linalg.eigh that raises LinAlgError where ``fail_when(matrix)`` (as LAPACK's float32
+    syevd does on some rank-deficient factors; no small matrix reproduces that reliably)."""
+    real = torch.linalg.eigh
+
+    def eigh(matrix, *args, **kwargs):
+        if fail_when(matrix):
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(matrix, *args, **kwargs)
+
+    return eigh
+
+
+def _check_decomposition(stack, values, vectors, rtol):
+    rebuilt = vectors.double() @ torch.diag_embed(values.double()) @ vectors.double().mT
+    scale = torch.linalg.matrix_norm(stack.double(), ord=2).amax()
+    assert float((rebuilt - stack.double()).abs().amax()) <= rtol * float(scale)
+    eye = torch.eye(stack.shape[-1], dtype=torch.float64)
+    assert float((vectors.double().mT @ vectors.double() - eye).abs().amax()) <= rtol * 10
+
+
+def test_eigh_falls_back_per_matrix_and_to_float64(monkeypatch):
+    from curvprune_kfac.kronecker import symmetric_eigh
+
+    gen = torch.Generator().manual_seed(0)
+    stack = torch.stack([_psd(12, 3, gen), _psd(12, 12, gen), _psd(12, 1, gen)]).float()
+    # the batch fails in float32, and so does the rank-1 matrix alone: it must come from float64
+    rank_one = stack[2]
+    monkeypatch.setattr(torch.linalg, "eigh", _failing_eigh(
+        lambda m: m.dtype == torch.float32 and (m.dim() == 3 or torch.equal(m, rank_one))))
+    values, vectors = symmetric_eigh(stack)
+    assert values.dtype == vectors.dtype == torch.float32
+    _check_decomposition(stack, values, vectors, rtol=1e-5)  # float32 results: ~10 eps32
+
+
+def test_eigh_shifts_a_matrix_that_fails_in_float64_too(monkeypatch):
+    from curvprune_kfac.kronecker import symmetric_eigh
+
+    gen = torch.Generator().manual_seed(1)
+    stack = _psd(10, 2, gen).unsqueeze(0)
+    norm = float(torch.linalg.matrix_norm(stack[0]))
+    # fails unless the diagonal was shifted (float64, unshifted input fails too)
+    monkeypatch.setattr(torch.linalg, "eigh", _failing_eigh(
+        lambda m: m.dim() == 3 or torch.allclose(m.double(), stack[0], rtol=0, atol=0)))
+    values, vectors = symmetric_eigh(stack)
+    _check_decomposition(stack, values, vectors, rtol=50 * _EPS64 * max(norm, 1.0))
+    assert float(values.min()) > -1e-12 * norm  # PSD up to round-off
+    assert torch.equal(stack, _psd(10, 2, torch.Generator().manual_seed(1)).unsqueeze(0)), \
+        "the input must not be modified"
+
+
+def test_inverse_survives_an_eigh_failure(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    factors = [(_psd(3, 2, gen), _psd(4, 1, gen)), (_psd(3, 3, gen), _psd(4, 2, gen))]
+    reference = torch.linalg.inv(_dense(factors, 0.1))
+    monkeypatch.setattr(torch.linalg, "eigh", _failing_eigh(lambda m: m.dim() == 3))
+    inverse = KroneckerInverse(factors, 0.1, torch.float64)
+    assert_allclose(inverse.diagonal(), reference.diagonal(), rtol=1e-10)
