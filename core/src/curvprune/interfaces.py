@@ -447,12 +447,14 @@ class SaliencyScorer(abc.ABC):
     * ``needs_curvature``: the pipeline must have an estimator, fitted before :meth:`score`.
     * ``needs_gradient``: ``PruneContext.mean_grad`` must be filled.
     * ``needs_data``: ``PruneContext.batches`` and ``loss_fn`` must be filled.
-    * ``quadratic_prediction``: :meth:`predicted_loss_change` is ½δwᵀFδw at the δw of
-      :meth:`compensate`, F the estimator's damped estimate, with no first-order term (OBS,
-      Hassibi & Stork 1993). The single-weight audit then splits the prediction into the
-      curvature part ½δwᵀF₀δw and the damping part ½λ‖δw‖² (F = F₀ + λI), and the
-      measurement into ∇Lᵀδw and the rest (:mod:`curvprune.audit`). An instance attribute,
-      since an option may turn the compensation off.
+    * ``quadratic_prediction``: for one pruned weight q, ``predicted_loss_change(ctx, {q})``
+      is ½δwᵀFδw at δw = ``compensate(ctx, {q})``, F the estimator's damped estimate, with no
+      first-order term (OBS, Hassibi & Stork 1993; for a larger set the summed update's
+      prediction need not be one). The single-weight audit then splits the prediction into
+      the curvature part ½δwᵀF₀δw and the damping part ½λ‖δw‖² (F = F₀ + λI), and the
+      measurement into ∇Lᵀδw and the rest (:mod:`curvprune.audit`); the conformance suite
+      checks the identity. An instance attribute, since an option may turn the compensation
+      off.
     """
 
     granularity: Granularity = "weight"

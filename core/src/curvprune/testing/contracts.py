@@ -609,6 +609,40 @@ class SaliencyScorerContract(_ComponentContract):
 
     @settings(_contract_settings, max_examples=5)
     @given(data=st.data())
+    def test_quadratic_prediction_is_the_quadratic_form(self, data: st.DataObject) -> None:
+        """With ``quadratic_prediction``: predicted change of {q} = ½δwᵀFδw, δw its update.
+
+        F is formed densely from the estimator's IHVPs of the unit vectors (float64 by default;
+        d is small here); the identity then holds to ~κ(F)·d·ε, far below the 1e-6 checked.
+        """
+        import pytest  # only collected under pytest; curvprune does not depend on it
+
+        scorer = self.make()
+        if not scorer.quadratic_prediction:
+            pytest.skip(f"{self.name} does not declare quadratic_prediction")
+        ctx = self.make_context(scorer, data.draw(st.integers(0, 2**16), label="seed"), 0.3)
+        scorer.score(ctx)
+        assert ctx.estimator is not None, "quadratic_prediction needs a curvature estimator"
+        eye = torch.eye(ctx.layout.d, dtype=torch.float64)
+        fisher = torch.linalg.inv(ctx.estimator.ihvp(eye).double())
+        kept = ctx.mask.nonzero().squeeze(1)
+        for q in kept[torch.randperm(kept.numel())[:3]].tolist():
+            one = torch.zeros_like(ctx.mask)
+            one[q] = True
+            delta = scorer.compensate(ctx, one)
+            predicted = scorer.predicted_loss_change(ctx, one)
+            assert delta is not None and predicted is not None, (
+                "a scorer with quadratic_prediction must compensate and predict"
+            )
+            delta = delta.double()
+            delta[q] = -float(ctx.weights[q])  # the pipeline zeroes w_q exactly
+            expected = 0.5 * delta @ fisher @ delta
+            assert abs(float(predicted) - float(expected)) <= 1e-6 * abs(float(expected)) + 1e-12, (
+                f"predicted {float(predicted):.6g} but ½δwᵀFδw = {float(expected):.6g} for weight {q}"
+            )
+
+    @settings(_contract_settings, max_examples=5)
+    @given(data=st.data())
     def test_scoring_leaves_the_model_unchanged(self, data: st.DataObject) -> None:
         """Score and compensate modify neither the model nor ctx.weights."""
         scorer = self.make()
