@@ -396,6 +396,22 @@ def _torchrun(*args: str) -> subprocess.Popen:
     )
 
 
+def _worker_errors(stderr: str) -> str:
+    """The workers' own error lines (torchrun's summary only says which rank died)."""
+    keep = [line for line in stderr.splitlines()
+            if any(k in line for k in ("rror", "Traceback", "terminate", "curvprune run:"))]
+    return "\n".join(keep[:60]) + "\n--- tail ---\n" + stderr[-1500:]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has closed its files and released its locks)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (Linux /proc), children first in no particular order."""
     found, todo = [], [pid]
@@ -434,15 +450,20 @@ def test_two_process_run_killed_then_resumed_matches_the_uninterrupted_one(tmp_p
     while not checkpoint.is_file() and time.monotonic() < deadline and cut.poll() is None:
         time.sleep(0.05)
     assert checkpoint.is_file(), cut.communicate()[1][-3000:]
-    for pid in [*_descendants(cut.pid), cut.pid]:  # the workers run in sessions of their own
+    killed = [*_descendants(cut.pid), cut.pid]  # the workers run in sessions of their own
+    for pid in killed:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     cut.wait(timeout=60)
+    # a worker that has not finished dying still holds the run's lock: wait as a user would
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not (out / "cut").exists(), "the run ended before the kill: lengthen it"
 
     resumed = _torchrun("run", "--resume", str(out / "cut.partial"), "--quiet")
     stdout, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr[-3000:]
+    assert resumed.returncode == 0, _worker_errors(stderr)
     assert not (out / "cut.partial").exists()
     got, ref = _run_outputs(out / "cut"), _run_outputs(out / "ref")
     assert got["world_size"] == ref["world_size"] == 2
@@ -450,6 +471,45 @@ def test_two_process_run_killed_then_resumed_matches_the_uninterrupted_one(tmp_p
     assert torch.equal(got["weights"], ref["weights"]), "a resumed run must end bit-identical"
     record = json.loads((out / "cut" / "result.json").read_text())
     assert record["run"]["resumed"]["step"] > 0
+
+
+def _resume_worker(rank: int, world_size: int, partial: str) -> str:
+    from curvprune.errors import CurvpruneError
+    from curvprune.runs import execute_run
+
+    try:
+        execute_run(None, resume=partial, quiet=True)
+    except CurvpruneError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+class _Stop(KeyboardInterrupt):
+    """An interruption right after the first checkpoint."""
+
+
+def test_a_resume_rank_0_cannot_lock_fails_cleanly_on_every_rank(tmp_path):
+    """Rank 0 cannot take the run's lock (a live process holds it): every rank raises a
+    CurvpruneError, instead of the others hanging in, or aborting out of, a collective."""
+    from curvprune.checkpoints import PartialRun
+    from curvprune.runs import execute_run
+
+    def stop(path: Path) -> None:
+        raise _Stop
+
+    config = tmp_path / "run.toml"
+    config.write_text(RUN_CONFIG + "checkpoint_every = 3\n")
+    with pytest.raises(_Stop):
+        execute_run(curvprune.load_raw_config(config), out=tmp_path / "out", name="cut",
+                    quiet=True, on_checkpoint=stop)
+    partial = tmp_path / "out" / "cut.partial"
+    holder = PartialRun.open(partial)  # this process holds the lock, as a live run would
+    try:
+        errors = run_distributed(_resume_worker, (str(partial),), world_size=2, timeout=120)
+    finally:
+        holder.release()
+    assert errors[0].startswith("CheckpointError: another process is running this run"), errors
+    assert errors[1].startswith("CheckpointError: another rank could not resume"), errors
 
 
 # -- single-process unit tests of the helpers ------------------------------------------------------

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from curvprune import distributed
 from curvprune._log import get_logger
-from curvprune.errors import CheckpointError, ConfigError, NumericalError
+from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, NumericalError
 from curvprune.masking import MaskSet
 from curvprune.report import PruneResult, StepReport
 from curvprune.structures import attach_structures
@@ -393,16 +393,27 @@ class RunCheckpoints:
         self.every = every
         self._writer = distributed.rank() == 0
         if self.partial is not None:
-            if self._writer:
-                self.partial.acquire()
-            self._digest = _sha256(self.partial.config_path)
-            if self.partial.checkpoint_path.is_file():
-                ckpt = load_checkpoint_file(self.partial.checkpoint_path)
-                if ckpt["config_sha256"] != self._digest:
-                    raise CheckpointError(
-                        "checkpoint was written for another config.toml @ "
-                        f"{self.partial.checkpoint_path}"
-                    )
+            failure: CurvpruneError | None = None
+            try:  # every rank opens the checkpoint; rank 0 also takes the lock
+                if self._writer:
+                    self.partial.acquire()
+                self._digest = _sha256(self.partial.config_path)
+                ckpt = None
+                if self.partial.checkpoint_path.is_file():
+                    ckpt = load_checkpoint_file(self.partial.checkpoint_path)
+                    if ckpt["config_sha256"] != self._digest:
+                        raise CheckpointError(
+                            "checkpoint was written for another config.toml @ "
+                            f"{self.partial.checkpoint_path}"
+                        )
+            except CurvpruneError as exc:
+                failure = exc
+            # agree before any rank goes on to a collective the failed one would never join
+            if distributed.any_rank(failure is not None):
+                raise failure or CheckpointError(
+                    f"another rank could not resume {self.partial.path}; see its error"
+                )
+            if ckpt is not None:
                 self._checkpoint = ckpt
                 if ckpt.get("versions", {}).get("torch") != str(torch.__version__):
                     log.warning("checkpoint_versions_differ", saved=ckpt.get("versions"),
