@@ -1,6 +1,6 @@
 """Accuracy against sparsity on the digits CNN: ``curvprune compare`` over the one-shot example configs.
 
-Runs ``curvprune.compare.compare`` on examples/cnn-magnitude.toml, cnn-diagfisher-obs.toml,
+Runs ``curvprune.run.compare.compare`` on examples/cnn-magnitude.toml, cnn-diagfisher-obs.toml,
 cnn-woodfisher-obs.toml, cnn-woodfisher-obs-8steps.toml and cnn-mfac-unblocked-obs-8steps.toml:
 one dense model per seed (trained once, cached), every method pruning a copy of it to each
 sparsity, no fine-tuning; prints the comparison tables (mean ± std over seeds). Run:
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from curvprune.compare import compare
+from curvprune.run.compare import compare
 from curvprune.config import load_raw_config
 
 from _machine import describe

@@ -7,7 +7,7 @@ For each damping, the digits MLP (trained once, cached) is pruned with ``woodfis
 training set, 1,437 images, in float64) after its OBS update. Reported per step, mean ± std
 over seeds: Spearman's ρ of ρ_q with the measured change; of the curvature part ½δwᵀF₀δw
 (ρ_q less the damping's ½λ‖δw‖²) with the measured change less its exact first-order part
-∇Lᵀδw; of ∇Lᵀδw alone with the measured change (see ``curvprune.audit``); and the summed
+∇Lᵀδw; of ∇Lᵀδw alone with the measured change (see ``curvprune.pipeline.audit``); and the summed
 predicted against measured change of each whole step. Run:
 
     python benchmarks/loss_audit.py            # 200 weights per step, 3 dampings, 3 seeds
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from curvprune.runs import execute_run
+from curvprune.run.execute import execute_run
 
 from _machine import describe
 

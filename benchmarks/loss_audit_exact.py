@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from curvprune.audit import spearman
+from curvprune.pipeline.audit import spearman
 from curvprune.config import DataConfig
-from curvprune.data import build_data
-from curvprune.models import DigitsMLP
+from curvprune.run.data import build_data
+from curvprune.run.models import DigitsMLP
 
 from _digits import train_adam
 from _machine import describe

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import curvprune
 from curvprune.config import DataConfig
-from curvprune.data import build_data
-from curvprune.models import DigitsCNN, DigitsMLP
+from curvprune.run.data import build_data
+from curvprune.run.models import DigitsCNN, DigitsMLP
 
 from _digits import accuracy, train_adam
 from _machine import describe

@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 
 import curvprune
 from curvprune import GradientSource, ParamLayout, select_parameters
-from curvprune.models import DigitsCNN, DigitsMLP
+from curvprune.run.models import DigitsCNN, DigitsMLP
 
 from _machine import describe, median_time
 

@@ -1,6 +1,6 @@
 """Plan accuracy: the memory ``curvprune plan`` predicts against what torch allocates, per estimator.
 
-Two measurements, both of tensor memory (see :mod:`curvprune.memprobe`: ``torch.profiler``'s
+Two measurements, both of tensor memory (see :mod:`curvprune.pipeline.memprobe`: ``torch.profiler``'s
 per-operator allocation events on CPU, ``max_memory_allocated`` on CUDA):
 
 * **estimator**: ``setup`` + ``update`` with m random gradients (8-row chunks, allocated before
@@ -28,7 +28,7 @@ import torch
 
 import curvprune
 from curvprune import Pipeline, select_parameters
-from curvprune.memprobe import peak_allocated, tensor_bytes
+from curvprune.pipeline.memprobe import peak_allocated, tensor_bytes
 
 from _machine import describe
 
@@ -82,8 +82,8 @@ def measure_estimator(name: str, cfg: dict[str, Any], sizes: Sequence[int],
 def measure_step(name: str, cfg: dict[str, Any], device: torch.device) -> dict[str, float]:
     """Plan total against the measured peak of one pruning step on the digits CNN."""
     from curvprune.config import DataConfig
-    from curvprune.data import build_data, make_loaders
-    from curvprune.models import build_model
+    from curvprune.run.data import build_data, make_loaders
+    from curvprune.run.models import build_model
 
     data_cfg = DataConfig(name="digits")
     _, loader, _ = make_loaders(build_data(data_cfg), data_cfg, seed=0)
@@ -103,7 +103,7 @@ def measure_kfac_resnet18(device: torch.device) -> dict[str, float]:
     On the digits CNN the plan's gradient-chunk stand-in for K-FAC's fit is most of the total;
     here the factors and their eigendecompositions (counted exactly) are.
     """
-    from curvprune.models import build_model
+    from curvprune.run.models import build_model
 
     torch.manual_seed(0)
     model = build_model("torchvision:resnet18", num_classes=10).to(device)
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.quick:
-        from curvprune.models import build_model
+        from curvprune.run.models import build_model
 
         sizes = select_parameters(build_model("digits-cnn", num_classes=10), ("Conv2d", "Linear"), ()).sizes
         m, layout_name = 32, "digits-CNN"

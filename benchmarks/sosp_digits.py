@@ -34,9 +34,9 @@ import torch
 
 from curvprune import Pipeline
 from curvprune.config import DataConfig, TrainConfig
-from curvprune.data import build_data, make_loaders
-from curvprune.models import DigitsCNN
-from curvprune.training import evaluate, train
+from curvprune.run.data import build_data, make_loaders
+from curvprune.run.models import DigitsCNN
+from curvprune.run.training import evaluate, train
 
 from _machine import describe
 

@@ -23,9 +23,9 @@ import torch
 
 from curvprune import GradientSource, PruneContext, create, select_parameters
 from curvprune.config import DataConfig, TrainConfig
-from curvprune.data import build_data, make_loaders
-from curvprune.models import DigitsCNN
-from curvprune.training import evaluate, train
+from curvprune.run.data import build_data, make_loaders
+from curvprune.run.models import DigitsCNN
+from curvprune.run.training import evaluate, train
 from curvprune_woodfisher import WoodTaylorConfig, WoodTaylorScorer
 
 from _machine import describe

@@ -16,17 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from curvprune.checkpoints import (
-    FORMAT,
-    PartialRun,
-    RunCheckpoints,
-    check_plain,
-    load_checkpoint_file,
-    save_checkpoint,
-)
+from curvprune.run.checkpoints import FORMAT, PartialRun, RunCheckpoints, check_plain, load_checkpoint_file, save_checkpoint
 from curvprune.cli import main
 from curvprune.errors import CheckpointError, ConfigError, NumericalError
-from curvprune.runs import execute_run
+from curvprune.run.execute import execute_run
 
 BASE = """
 [model]
@@ -354,7 +347,7 @@ def test_sigkill_mid_run_then_resume_matches(tmp_path, cache):
 
 
 def test_no_checkpoint_is_written_once_the_loss_is_not_finite(tmp_path):
-    from curvprune.training import LoopState
+    from curvprune.run.training import LoopState
 
     class Session:
         def state_dict(self):

@@ -475,7 +475,7 @@ def test_two_process_run_killed_then_resumed_matches_the_uninterrupted_one(tmp_p
 
 def _resume_worker(rank: int, world_size: int, partial: str) -> str:
     from curvprune.errors import CurvpruneError
-    from curvprune.runs import execute_run
+    from curvprune.run.execute import execute_run
 
     try:
         execute_run(None, resume=partial, quiet=True)
@@ -491,8 +491,8 @@ class _Stop(KeyboardInterrupt):
 def test_a_resume_rank_0_cannot_lock_fails_cleanly_on_every_rank(tmp_path):
     """Rank 0 cannot take the run's lock (a live process holds it): every rank raises a
     CurvpruneError, instead of the others hanging in, or aborting out of, a collective."""
-    from curvprune.checkpoints import PartialRun
-    from curvprune.runs import execute_run
+    from curvprune.run.checkpoints import PartialRun
+    from curvprune.run.execute import execute_run
 
     def stop(path: Path) -> None:
         raise _Stop

@@ -29,8 +29,9 @@ import attrs
 import pytest
 
 import curvprune
-from curvprune import ComponentSpec, EstimatorConfig, PipelineConfig, hookspecs
-from curvprune.registry import KINDS, Component
+from curvprune import ComponentSpec, EstimatorConfig, PipelineConfig
+from curvprune.plugin import hookspecs
+from curvprune.plugin.registry import KINDS, Component
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -172,7 +173,7 @@ def test_config_doc_has_a_section_for_every_table_and_no_other() -> None:
         f"config.md table sections {sorted(documented)} differ from the config's tables "
         f"{sorted(set(_fixed_tables()) | set(_role_tables()))}"
     )
-    assert set(_role_tables()) == set(KINDS), "a role table is missing from curvprune.registry"
+    assert set(_role_tables()) == set(KINDS), "a role table is missing from curvprune.plugin.registry"
 
 
 @pytest.mark.parametrize("table", sorted(_fixed_tables()))
@@ -293,7 +294,7 @@ def test_hook_has_a_heading_with_its_argnames(name: str) -> None:
 def test_hooks_doc_documents_no_hook_missing_from_the_specs() -> None:
     pm = curvprune.get_plugin_manager(autoload=False).pm
     specified = set(vars(pm.hook))
-    assert specified == set(_hook_specs()), "pm.hook and curvprune.hookspecs disagree"
+    assert specified == set(_hook_specs()), "pm.hook and curvprune.plugin.hookspecs disagree"
     extra = set(_documented_hooks()) - specified
     assert not extra, f"hooks.md documents hooks that do not exist: {sorted(extra)}"
 
@@ -341,7 +342,7 @@ def result_records(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, A
     Between them they produce every conditional key (``time.prune`` and ``time.finetune`` vs
     ``time.prune_and_finetune``).
     """
-    from curvprune.runs import execute_run
+    from curvprune.run.execute import execute_run
 
     out = tmp_path_factory.mktemp("runs")
     base = {

@@ -1,7 +1,7 @@
 """Every example config runs end to end at a quick size, and the matrix holds every valid pairing.
 
 The examples (examples/README.md) are the user-facing proof that the components mix: each one is
-run through :func:`curvprune.runs.execute_run`, as ``curvprune run`` would, with its sizes shrunk
+run through :func:`curvprune.run.execute.execute_run`, as ``curvprune run`` would, with its sizes shrunk
 (one training epoch on the digits data, a few gradients, one fine-tuning epoch for gradual
 schedules) but its components and their method options unchanged. All runs share one output
 folder, so each dense model is trained once and reused from the run cache.
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from curvprune import get_plugin_manager, load_raw_config
-from curvprune.runs import execute_run
+from curvprune.run.execute import execute_run
 
 EXAMPLES_DIR = Path(__file__).parents[1] / "examples"
 EXAMPLES = sorted([*EXAMPLES_DIR.glob("*.toml"), *EXAMPLES_DIR.glob("matrix/*.toml")])

@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvprune import Pipeline, get_plugin_manager, hookimpl
-from curvprune.checkpoints import FORMAT, PartialRun, save_checkpoint
+from curvprune.run.checkpoints import FORMAT, PartialRun, save_checkpoint
 from curvprune.cli import main
 from curvprune.errors import NumericalError, PluginHookError
-from curvprune.runs import execute_run
+from curvprune.run.execute import execute_run
 
 RUN = """
 [model]
@@ -147,7 +147,7 @@ def test_inf_loss_from_the_loss_function_is_caught():
 NAN_MODEL = '''
 import torch
 from torch import nn
-from curvprune.models import build_model
+from curvprune.run.models import build_model
 
 
 class NaNAfterSteps(nn.Module):
@@ -262,7 +262,7 @@ def test_writer_failing_half_way_leaves_no_run_directory(out, tmp_path, capsys, 
     def broken(record):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("curvprune.runs.render_report", broken)
+    monkeypatch.setattr("curvprune.run.execute.render_report", broken)
     before = snapshot(out)
     cfg = write(tmp_path, RUN.replace("checkpoint_every = 3", "checkpoint_every = 0"))
     assert main(["run", str(cfg), "--out", str(out), "--name", "r", "-q"]) == 1

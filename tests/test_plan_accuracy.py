@@ -1,7 +1,7 @@
 """``plan`` against reality: its estimator numbers are the estimators' ``memory_bytes``, and
 those match the tensors the estimators hold and (where the plan is right) the peak they allocate.
 
-Measured with :mod:`curvprune.memprobe` (torch profiler allocation events on CPU). Sizes are
+Measured with :mod:`curvprune.pipeline.memprobe` (torch profiler allocation events on CPU). Sizes are
 small but chosen so that each estimator's state (≥ 0.5 MiB) dominates the O(d) vectors that
 ``memory_bytes`` leaves out by design; benchmarks/plan_accuracy.py gives the figures at
 ResNet-20 size.
@@ -15,7 +15,7 @@ from torch import nn
 
 import curvprune
 from curvprune import Pipeline, select_parameters
-from curvprune.memprobe import peak_allocated, tensor_bytes
+from curvprune.pipeline.memprobe import peak_allocated, tensor_bytes
 
 SIZES = (1024, 2048, 1024)  # d = 4096
 M = 64
@@ -118,7 +118,7 @@ STEP_CASES = {
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_whole_step_peak_matches_the_plan_within_20_percent(case):
     """The plan's total (the larger of the accumulating and the answering phase, plus weights)."""
-    from curvprune.models import build_model
+    from curvprune.run.models import build_model
 
     name, cfg = STEP_CASES[case]
     g = torch.Generator().manual_seed(0)

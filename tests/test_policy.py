@@ -45,6 +45,27 @@ def test_there_are_plugins_to_check():
     assert PLUGIN_DIRS, "no plugin folders found"
 
 
+def _plugin_tests():
+    for folder in [*PLUGIN_DIRS, ROOT / "contrib" / "_template"]:
+        for path in sorted((folder / "tests").rglob("*.py")):
+            yield folder, path
+
+
+#: What a plugin's tests may import besides ``curvprune``'s public names: the testing kit and
+#: the console entry point (``curvprune = "curvprune.cli:main"``).
+TEST_MODULES = ("curvprune.testing", "curvprune.cli")
+
+
+@pytest.mark.parametrize(("folder", "path"), list(_plugin_tests()), ids=lambda x: str(x)[-50:])
+def test_plugin_tests_use_only_the_public_api_and_the_testing_kit(folder, path):
+    for line, module, name in _imports(path):
+        where = f"{path.relative_to(ROOT)}:{line}"
+        if module == "curvprune":
+            assert name is None or name in curvprune.__all__, f"{where}: curvprune.{name} is not public"
+        elif module.startswith("curvprune."):
+            assert module.startswith(TEST_MODULES), f"{where}: imports private {module}"
+
+
 @pytest.mark.parametrize(("folder", "path"), list(_plugin_sources()), ids=lambda x: str(x)[-50:])
 def test_plugins_import_only_the_public_api_and_never_each_other(folder, path):
     own = f"curvprune_{folder.name}" if folder.name != "_template" else "curvprune_example"

@@ -7,16 +7,13 @@ import torch
 from torch import nn
 
 from curvprune import ConfigError, Pipeline
-from curvprune.config import DataConfig
-from curvprune.data import build_data, make_loaders
-from curvprune.models import DigitsMLP
+from curvprune.testing import DigitsMLP, digits_loaders
 
 
 @pytest.fixture(scope="module")
 def digits():
     """A digits MLP trained for a few epochs, and the gradient loader."""
-    cfg = DataConfig(name="digits", batch_size=64)
-    train_loader, grad_loader, _ = make_loaders(build_data(cfg), cfg, seed=0)
+    train_loader, grad_loader, _ = digits_loaders(64, seed=0)
     torch.manual_seed(0)
     model = DigitsMLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

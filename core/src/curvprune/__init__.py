@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from curvprune import distributed
-from curvprune.api import create, load_pruned, plugins
+from curvprune.api import RunOutcome, create, execute_run, load_pruned, plugins
+from curvprune.builtin.selection import prune_lowest
 from curvprune.config import ComponentSpec, PipelineConfig, load_raw_config
 from curvprune.errors import (
     CheckpointError,
@@ -26,24 +26,23 @@ from curvprune.errors import (
     UnsupportedModelError,
     UnsupportedQuery,
 )
-from curvprune.gradients import GradientSource, default_loss
-from curvprune.interfaces import (
-    CurvatureEstimator,
-    EstimatorConfig,
-    Granularity,
-    MaskApplier,
-    PruneContext,
-    SaliencyScorer,
-    Scheduler,
-)
-from curvprune.layout import BlockLayout, ParamLayout, select_parameters
-from curvprune.masking import MaskSet
-from curvprune.pipeline import Pipeline, PruningSession
-from curvprune.plugins import PluginHost, PluginInfo, get_plugin_manager, hookimpl
-from curvprune.registry import Component, Register, Registry
-from curvprune.removal import RemovalResult, apply_removal, count_flops_params, remove_structures
-from curvprune.report import PruneResult, StepReport
-from curvprune.structures import ChannelGroup, StructureGraph, Structures
+from curvprune.pipeline.pipeline import Pipeline
+from curvprune.pipeline.session import PruningSession
+from curvprune.plugin.manager import PluginHost, PluginInfo, get_plugin_manager, hookimpl
+from curvprune.plugin.registry import Component, Register, Registry
+from curvprune.roles.context import Granularity, PruneContext
+from curvprune.roles.estimator import CurvatureEstimator, EstimatorConfig
+from curvprune.roles.mask_applier import MaskApplier
+from curvprune.roles.reports import PruneResult, StepReport
+from curvprune.roles.scheduler import Scheduler
+from curvprune.roles.scorer import SaliencyScorer
+from curvprune.structure.counting import count_flops_params
+from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
+from curvprune.structure.removal import RemovalResult, apply_removal, remove_structures
+from curvprune.tensors import distributed
+from curvprune.tensors.gradients import GradientSource, default_loss
+from curvprune.tensors.layout import BlockLayout, ParamLayout, select_parameters
+from curvprune.tensors.masks import MaskSet
 
 try:
     __version__ = version("curvprune-core")
@@ -82,6 +81,7 @@ __all__ = [
     "Register",
     "Registry",
     "RemovalResult",
+    "RunOutcome",
     "SaliencyScorer",
     "Scheduler",
     "StepReport",
@@ -96,11 +96,13 @@ __all__ = [
     "create",
     "default_loss",
     "distributed",
+    "execute_run",
     "get_plugin_manager",
     "hookimpl",
     "load_pruned",
     "load_raw_config",
     "plugins",
+    "prune_lowest",
     "remove_structures",
     "select_parameters",
 ]

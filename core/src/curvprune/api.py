@@ -1,17 +1,19 @@
-"""Convenience entry points for notebooks: :func:`create`, :func:`plugins`, :func:`load_pruned`."""
+"""Convenience entry points for notebooks: :func:`create`, :func:`plugins`, :func:`load_pruned`,
+and :func:`execute_run` (a whole ``curvprune run`` from Python)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from torch import nn
 
 from curvprune.config import structure_component
-from curvprune.plugins import PluginHost, PluginInfo, get_plugin_manager
+from curvprune.plugin.manager import PluginHost, PluginInfo, get_plugin_manager
+from curvprune.run.execute import RunOutcome, execute_run
+from curvprune.run.export import load_pruned as _load_pruned
 
-if TYPE_CHECKING:
-    from torch import nn
-
-__all__ = ["create", "load_pruned", "plugins"]
+__all__ = ["RunOutcome", "create", "execute_run", "load_pruned", "plugins"]
 
 _KIND_ALIASES = {
     "estimator": "estimator",
@@ -63,15 +65,13 @@ def load_pruned(path: str | Path, model: nn.Module) -> nn.Module:
 
     ``model`` is a new instance of the run's architecture; it is shrunk first when the run
     removed channels physically. The loaded model's outputs equal the pruned model's. Only
-    safetensors files are read: loading runs no code. See :func:`curvprune.export.load_pruned`.
+    safetensors files are read: loading runs no code. See :func:`curvprune.run.export.load_pruned`.
 
-    >>> from curvprune.models import build_model
+    >>> from curvprune.run.models import build_model
     >>> # model = load_pruned("runs/<run>", build_model("digits-cnn", num_classes=10))
 
     Raises:
         ConfigError: missing or corrupt files, or weights that do not fit ``model`` (which is
             then left untouched).
     """
-    from curvprune.export import load_pruned as load
-
-    return load(path, model)
+    return _load_pruned(path, model)

@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _exit_cleanly_on_sigterm()
     if args.log_json:
         _configure_json_logging()
-    from curvprune import distributed
+    from curvprune.tensors import distributed
 
     try:
         return _COMMANDS[args.command](args)
@@ -149,7 +149,7 @@ def _configure_json_logging() -> None:
 
 def _add_rank(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     """Tag every event with the process's rank under torch.distributed."""
-    from curvprune import distributed
+    from curvprune.tensors import distributed
 
     if distributed.is_distributed():
         event["rank"] = distributed.rank()
@@ -158,7 +158,7 @@ def _add_rank(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]
 
 # --------------------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
-    from curvprune.runs import execute_run
+    from curvprune.run.execute import execute_run
 
     saved: list[Path] = []
     try:
@@ -173,7 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if isinstance(exc, SystemExit):  # SIGTERM: keep its exit status
             raise
         return 130
-    from curvprune import distributed
+    from curvprune.tensors import distributed
 
     if distributed.rank() != 0:  # rank 0 wrote the run directory and prints the summary
         return 0
@@ -255,7 +255,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from curvprune.runs import prepare
+    from curvprune.run.execute import prepare
 
     pipeline = prepare(args.config)
     cfg = pipeline.config
@@ -269,9 +269,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from curvprune.data import build_data
-    from curvprune.models import build_model
-    from curvprune.runs import prepare, resolve_device
+    from curvprune.run.data import build_data
+    from curvprune.run.execute import prepare, resolve_device
+    from curvprune.run.models import build_model
 
     pipeline = prepare(args.config)
     cfg = pipeline.config
@@ -307,7 +307,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from curvprune.compare import compare
+    from curvprune.run.compare import compare
 
     sparsities = None
     if args.sparsities:
@@ -329,7 +329,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from curvprune.export import export_run
+    from curvprune.run.export import export_run
 
     folder = export_run(args.run_dir, args.out)
     print(f"exported to {folder} ({', '.join(sorted(f.name for f in folder.iterdir()))})")
@@ -337,8 +337,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from curvprune.render import plot_layer_sparsity, plot_single_audit, render_report
-    from curvprune.runs import read_result, write_atomic
+    from curvprune.run.files import read_result, write_atomic
+    from curvprune.run.render import plot_layer_sparsity, plot_single_audit, render_report
 
     record = read_result(args.run_dir)
     text = render_report(record)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import curvprune
-from curvprune.models import DigitsCNN, DigitsMLP
+from curvprune.testing import DigitsCNN, DigitsMLP
 
 _DIGITS: dict[str, torch.Tensor] = {}
 

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import curvprune
-from curvprune.config import DataConfig
-from curvprune.data import build_data
-from curvprune.models import DigitsMLP
+from curvprune.testing import DigitsMLP, digits_loaders
 
 #: m, mini-batch and damping of the benchmark's settings, with fewer gradients (speed).
 ESTIMATOR = {"name": "mfac", "num_grads": 128, "fisher_mini_batch": 32, "damping": 1e-6}
@@ -30,10 +28,10 @@ ESTIMATOR = {"name": "mfac", "num_grads": 128, "fisher_mini_batch": 32, "damping
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
-    bundle = build_data(DataConfig(name="digits"))
+    bundle = digits_loaders()
     model = DigitsMLP()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = DataLoader(bundle.train, batch_size=64, shuffle=True)
+    loader = DataLoader(bundle.train.dataset, batch_size=64, shuffle=True)
     for _ in range(40):  # converged: train accuracy 1.0, test ≈ 0.97
         for x, y in loader:
             opt.zero_grad()
@@ -56,15 +54,15 @@ def prune(model, bundle, estimator, *, update=True, sparsity=0.95):
     else:
         cfg["estimator"] = estimator
     pruned = copy.deepcopy(model)
-    loader = DataLoader(bundle.train, batch_size=128, shuffle=True,
+    loader = DataLoader(bundle.train.dataset, batch_size=128, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
     result = curvprune.Pipeline.from_config(cfg).prune(pruned, loader)
-    return accuracy(pruned, bundle.test), pruned, result
+    return accuracy(pruned, bundle.test.dataset), pruned, result
 
 
 def test_mfac_unblocked_and_blocked_beat_magnitude_at_95_percent(trained):
     model, bundle = trained
-    assert accuracy(model, bundle.test) > 0.95
+    assert accuracy(model, bundle.test.dataset) > 0.95
     unblocked, pruned, result = prune(model, bundle, ESTIMATOR)
     assert abs(result.sparsity - 0.95) < 1e-3
     weights = torch.cat([p.detach().reshape(-1) for n, p in pruned.named_parameters()

@@ -21,7 +21,7 @@ def _context():
     import torch.nn.functional as F
 
     from curvprune import PruneContext, StructureGraph, distributed, select_parameters
-    from curvprune.models import DigitsCNN
+    from curvprune.testing import DigitsCNN
 
     torch.manual_seed(SCRIPT_SEED)
     model = DigitsCNN(width=4).double().eval()

@@ -9,8 +9,9 @@ import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
+import curvprune
 from curvprune import ConfigError, MemoryPlanError, Pipeline
-from curvprune.models import DigitsCNN
+from curvprune.testing import DigitsCNN
 from curvprune_sosp import plot_bottlenecks_from_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::curvprune_sosp.RankingStabilityWarning")
@@ -91,8 +92,6 @@ def test_bad_combinations_are_refused_before_compute() -> None:
 @pytest.mark.slow
 def test_run_removes_channels_physically_and_fine_tunes(tmp_path) -> None:
     """``curvprune run`` end to end (train 1 epoch, prune, remove, fine-tune): ~8 s."""
-    from curvprune.runs import execute_run
-
     cfg = {
         "model": {"name": "digits-cnn"},
         "data": {"name": "digits"},
@@ -104,7 +103,7 @@ def test_run_removes_channels_physically_and_fine_tunes(tmp_path) -> None:
         "finetune": {"epochs": 1},
         "run": {"progress": False},
     }
-    outcome = execute_run(cfg, out=tmp_path, name="sosp", quiet=True)
+    outcome = curvprune.execute_run(cfg, out=tmp_path, name="sosp", quiet=True)
     record = json.loads((outcome.run_dir / "result.json").read_text())
     structure = record["structure"]
     assert structure["params_after"] < structure["params_before"]

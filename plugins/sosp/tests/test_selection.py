@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curvprune.builtin.masks import prune_lowest
+from curvprune import prune_lowest
 from curvprune_sosp.selection import greedy_order, order_scores
 
 

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvprune
-from curvprune.models import DigitsMLP
+from curvprune.testing import DigitsMLP
 
 
 def _loader(n: int = 128, seed: int = 0) -> DataLoader:

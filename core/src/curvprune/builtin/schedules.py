@@ -16,9 +16,9 @@ from typing import Any, ClassVar, Literal
 
 import attrs
 
-from curvprune.interfaces import Scheduler
-from curvprune.plugins import hookimpl
-from curvprune.registry import Register
+from curvprune.plugin.manager import hookimpl
+from curvprune.plugin.registry import Register
+from curvprune.roles.scheduler import Scheduler
 
 __all__ = ["GradualConfig", "GradualSchedule", "OneShotConfig", "OneShotSchedule"]
 

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from curvprune.errors import ConfigError
-from curvprune.interfaces import PruneContext, SaliencyScorer
-from curvprune.plugins import hookimpl
-from curvprune.registry import Register
+from curvprune.plugin.manager import hookimpl
+from curvprune.plugin.registry import Register
+from curvprune.roles.context import PruneContext
+from curvprune.roles.scorer import SaliencyScorer
 
 __all__ = ["MagnitudeConfig", "MagnitudeScorer", "OBSConfig", "OBSScorer"]
 

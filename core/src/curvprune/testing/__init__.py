@@ -8,13 +8,15 @@
 * :mod:`curvprune.testing.dense`: float64 ground truths and the exact ``dense`` estimator.
 * :mod:`curvprune.testing.nets`: small CNNs and ResNets (basic and bottleneck blocks, option-A
   pad and concat shortcuts) for tests of channel structures, gates and removal.
+* :mod:`curvprune.testing.digits`: the digits models (``DigitsMLP``, ``DigitsCNN``) and
+  ``digits_loaders``, for a plugin's end-to-end tests on scikit-learn's bundled digits.
 * :mod:`curvprune.testing.distributed`: ``run_distributed`` runs a function in N gloo processes
   (torch.distributed tests: N processes against one).
 * :mod:`curvprune.testing.pytest_plugin`: fixtures (``plugin_host``, ``fake_dist``,
   ``hook_recorder``) and Hypothesis profiles; load it with ``-p curvprune.testing.pytest_plugin``.
 
-Submodules load on first use, so importing :mod:`curvprune.testing.dense` (which the builtin
-``dense`` plugin does) never imports pytest.
+Submodules load on first use, so ``import curvprune.testing`` imports neither pytest nor
+Hypothesis until a name that needs them is used.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
         dense_inverse,
         quadratic_loss_change,
     )
+    from curvprune.testing.digits import DigitsCNN, DigitsLoaders, DigitsMLP, digits_loaders
     from curvprune.testing.distributed import free_port, run_distributed
     from curvprune.testing.strategies import (
         FisherProblem,
@@ -55,6 +58,9 @@ __all__ = [
     "CurvatureEstimatorContract",
     "DenseConfig",
     "DenseEstimator",
+    "DigitsCNN",
+    "DigitsLoaders",
+    "DigitsMLP",
     "FisherProblem",
     "MaskApplierContract",
     "SaliencyScorerContract",
@@ -67,6 +73,7 @@ __all__ = [
     "dampings",
     "damped_fisher",
     "dense_inverse",
+    "digits_loaders",
     "fisher_problems",
     "free_port",
     "gradients",
@@ -92,6 +99,7 @@ _SUBMODULE = {
          "well_conditioned_spd"),
         "strategies",
     ),
+    **dict.fromkeys(("DigitsCNN", "DigitsLoaders", "DigitsMLP", "digits_loaders"), "digits"),
     **dict.fromkeys(("free_port", "run_distributed"), "distributed"),
 }
 

@@ -1,0 +1,293 @@
+"""The pruning pipeline: built once from a config, then run one-shot or inside training.
+
+:meth:`Pipeline.from_config` resolves every name in the registry, structures each component's
+options, builds the components and checks that they can work together, all before any compute.
+Then either
+
+* :meth:`Pipeline.prune` prunes a trained model one-shot (``steps`` sub-steps, with the curvature
+  recomputed from fresh gradients between them), or
+* :meth:`Pipeline.attach` returns a :class:`PruningSession` for the user's own training loop:
+  ``session.before_optimizer_step()`` before and ``session.step()`` after each optimizer step;
+  the session keeps pruned weights at exactly zero and prunes when the schedule says so.
+
+One pruning step: (gradients → estimator) → scores → new mask → compensating update → zero the
+pruned weights. Plugin hooks run only around steps, never inside them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvprune.config import PipelineConfig, load_raw_config, structure_config
+from curvprune.errors import ConfigError
+from curvprune.pipeline.planning import Plan, make_plan
+from curvprune.pipeline.session import PruningSession
+from curvprune.pipeline.steps import StepRunner
+from curvprune.plugin.manager import PluginHost, get_plugin_manager
+from curvprune.plugin.registry import KINDS
+from curvprune.roles.estimator import CurvatureEstimator
+from curvprune.roles.mask_applier import MaskApplier
+from curvprune.roles.reports import PruneResult
+from curvprune.roles.scheduler import Scheduler
+from curvprune.roles.scorer import SaliencyScorer
+from curvprune.structure.graph import StructureGraph
+from curvprune.structure.removal import RemovalResult, remove_structures
+from curvprune.tensors.gradients import LossFn
+from curvprune.tensors.layout import ParamLayout, select_parameters
+from curvprune.tensors.masks import MaskSet
+
+__all__ = ["Pipeline"]
+
+
+class Pipeline:
+    """A validated combination of estimator, scorer, schedule and mask applier.
+
+    Build it with :meth:`from_config`. Attributes ``estimator`` (or None), ``scorer``,
+    ``schedule`` and ``mask`` are the built components; ``config`` the structured config.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        host: PluginHost,
+        *,
+        estimator: CurvatureEstimator | None,
+        scorer: SaliencyScorer,
+        schedule: Scheduler,
+        mask: MaskApplier,
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.estimator = estimator
+        self.scorer = scorer
+        self.schedule = schedule
+        self.mask = mask
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, source: str | Path | Mapping[str, Any] | PipelineConfig, *, host: PluginHost | None = None
+    ) -> Pipeline:
+        """Build a pipeline from a TOML/JSON path, a dict, or a structured :class:`PipelineConfig`.
+
+        ``[model]`` and ``[data]`` are optional here: the model and data are passed to
+        :meth:`prune` or :meth:`attach`. ``[plugins] disable`` blocks plugins by name.
+
+        Raises:
+            ConfigError: every problem of the config, one line each, before any compute.
+        """
+        if isinstance(source, PipelineConfig):
+            config = source
+            host = host or get_plugin_manager(blocked=config.plugins.disable)
+        else:
+            raw = load_raw_config(source)
+            if host is None:
+                disable = raw.get("plugins", {}).get("disable", []) if isinstance(
+                    raw.get("plugins"), Mapping) else []
+                host = get_plugin_manager(blocked=[d for d in disable if isinstance(d, str)])
+            config = structure_config(raw, host.registry)
+        built: dict[str, Any] = {}
+        for role in KINDS:
+            spec = getattr(config, role)
+            if spec is None:
+                built[role] = None
+                continue
+            component = host.registry.get(role, spec.name)
+            try:
+                built[role] = component.factory(spec.config)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{KINDS[role].title} {spec.name!r} rejected its options: {exc} @ {role}") from exc
+        return cls(config, host, **built)
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The built components by role, plus ``prune`` (the :class:`PruneConfig`)."""
+        return {
+            "estimator": self.estimator,
+            "scorer": self.scorer,
+            "schedule": self.schedule,
+            "mask": self.mask,
+            "prune": self.config.prune,
+        }
+
+    def problems(self) -> list[str]:
+        """Why these components cannot work together (empty when they can)."""
+        cfg = self.config
+        out: list[str] = []
+        scorer_name = cfg.scorer.name
+        if self.scorer.needs_curvature and self.estimator is None:
+            names = ", ".join(self.host.registry.names("estimator")) or "none installed"
+            out.append(
+                f"scorer {scorer_name!r} needs a curvature estimator: add an [estimator] table "
+                f"(installed: {names}) @ estimator"
+            )
+        if cfg.prune.audit_single and not cfg.prune.loss_samples:
+            out.append(
+                "the single-weight audit measures losses on the audit samples: set "
+                "[prune] loss_samples > 0 or audit_single = 0 @ prune.audit_single"
+            )
+        if self.scorer.granularity != self.mask.granularity:
+            unit = {"weight": "single weights", "channel": "channels"}
+            out.append(
+                f"scorer {scorer_name!r} scores {unit[self.scorer.granularity]} but mask "
+                f"{cfg.mask.name!r} prunes {unit[self.mask.granularity]}; pick a "
+                f"{self.scorer.granularity} mask applier"
+                + (" ('channel')" if self.scorer.granularity == "channel" else " ('global')")
+                + " @ mask.name"
+            )
+        for role in ("estimator", "scorer", "schedule", "mask"):
+            component = getattr(self, role)
+            reason = component.check_pipeline(self.components) if component is not None else None
+            if reason and reason not in out:
+                out.append(reason if " @ " in reason else f"{reason} @ {role}")
+        return out
+
+    def warnings(self) -> list[str]:
+        """Valid but probably unintended combinations."""
+        if self.estimator is not None and not (
+            self.scorer.needs_curvature or self.scorer.needs_gradient
+        ):
+            return [
+                f"estimator {self.config.estimator.name!r} is configured but scorer "  # type: ignore[union-attr]
+                f"{self.config.scorer.name!r} does not use curvature; it will not run"
+            ]
+        return []
+
+    # -- inspection -----------------------------------------------------------------------------
+    def select(self, model: nn.Module) -> ParamLayout:
+        """The parameters ``[prune] targets`` minus ``ignore`` select in ``model``."""
+        return select_parameters(model, self.config.prune.targets, self.config.prune.ignore)
+
+    def plan(
+        self,
+        model: nn.Module,
+        *,
+        device: torch.device | str | None = None,
+        world_size: int | None = None,
+    ) -> Plan:
+        """Memory and time needed to prune ``model``, computed before any compute.
+
+        Under torch.distributed (or with ``world_size``) the memory is that of one rank.
+        """
+        return make_plan(self, model, device=device, world_size=world_size)
+
+    # -- one-shot -------------------------------------------------------------------------------
+    def prune(
+        self,
+        model: nn.Module,
+        data: Iterable[Any] | None,
+        loss_fn: LossFn | None = None,
+        *,
+        masks: MaskSet | None = None,
+    ) -> PruneResult:
+        """Prune a trained model one-shot to ``[prune] sparsity``, in the schedule's sub-steps.
+
+        Args:
+            model: the model, pruned in place (on its own device).
+            data: ``(inputs, targets)`` batches for gradients and the loss audit (a DataLoader;
+                None only if the scorer needs no data and ``loss_samples = 0``).
+            loss_fn: ``loss_fn(outputs, targets)``, mean over the batch (default cross entropy).
+            masks: masks of an earlier pruning to continue from (default: nothing pruned yet).
+
+        Returns:
+            The masks and one :class:`StepReport` per sub-step.
+
+        Raises:
+            ConfigError: a schedule that prunes during training, or bad data.
+            MemoryPlanError: the plan says the run does not fit (before any compute).
+            NumericalError: non-finite gradients, losses or updates. The model is restored to
+                its state before the call on any error.
+        """
+        if self.schedule.during_training:
+            raise ConfigError(
+                f"schedule {self.config.schedule.name!r} prunes during training: use "
+                "pipeline.attach(model, optimizer, data=...) in a training loop (or "
+                + ("`curvprune run`, which gives it a prune phase" if self.schedule.prune_phase
+                   else "set [finetune] epochs for `curvprune run`")
+                + ") @ schedule.name"
+            )
+        started = time.perf_counter()
+        runner = StepRunner(self, model, data, loss_fn, masks)
+        self.plan(model).check()
+        self.host.pipeline_start(self, model)
+        target = self.config.prune.sparsity
+        current = self.mask.achieved_sparsity(runner.masks.flat, runner.layout)
+        snapshot = runner.layout.gather(model)
+        gate_snapshot = runner.gate_parameters_snapshot()
+        try:
+            for level in self.schedule.levels(target, current):
+                runner.step(level)
+        except BaseException:
+            runner.layout.scatter_(model, snapshot)
+            runner.restore_gate_parameters(gate_snapshot)
+            raise
+        result = PruneResult(
+            masks=runner.masks, steps=runner.reports, seconds=time.perf_counter() - started
+        )
+        self.host.pipeline_end(self, result)
+        return result
+
+    # -- physical removal -----------------------------------------------------------------------
+    def remove(
+        self, model: nn.Module, masks: MaskSet, *, example_input: Tensor | None = None
+    ) -> RemovalResult:
+        """Remove, in place, the channel structures that ``masks`` prunes entirely.
+
+        A structure is removed when none of its weights is kept (what the ``channel`` mask
+        produces). The model gets smaller parameters: rebuild any optimizer afterwards.
+
+        Args:
+            model: the pruned model (the one ``masks`` was made on).
+            masks: masks of a channel pruning (:attr:`PruneResult.masks`).
+            example_input: an input batch, to count FLOPs before and after (optional).
+
+        Raises:
+            UnsupportedModelError: the model cannot be traced or a pruned group cannot be
+                removed (named); ConfigError: a group would lose every channel. The model is
+                untouched on any error.
+        """
+        layout = masks.layout
+        if layout.structures is None:
+            layout = layout.with_structures(StructureGraph.trace(model).structures(layout))
+        keep = layout.alive_structures(masks.flat.to(layout.structure_index().device))
+        return remove_structures(model, layout.structures, keep, example_input=example_input)
+
+    # -- during training ------------------------------------------------------------------------
+    def attach(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        data: Iterable[Any] | None = None,
+        loss_fn: LossFn | None = None,
+        masks: MaskSet | None = None,
+    ) -> PruningSession:
+        """Start a session that prunes ``model`` during the user's training loop.
+
+        Args:
+            model: the model being trained.
+            optimizer: its optimizer (pruned positions of its state are zeroed).
+            data: batches for gradients when the scorer needs curvature (a DataLoader).
+            loss_fn: loss for gradients and the audit (default cross entropy).
+            masks: masks to hold from the start (e.g. from a one-shot :meth:`prune`).
+        """
+        scorer = self.scorer
+        needs_data = scorer.needs_curvature or scorer.needs_gradient or scorer.needs_data
+        if self.schedule.during_training and needs_data and data is None:
+            raise ConfigError(
+                f"schedule {self.config.schedule.name!r} will prune during training with scorer "
+                f"{self.config.scorer.name!r}, which needs data: pass data=<DataLoader> to attach"
+            )
+        self.plan(model).check()
+        session = PruningSession(self, StepRunner(self, model, data, loss_fn, masks), optimizer)
+        self.host.pipeline_start(self, model)
+        return session

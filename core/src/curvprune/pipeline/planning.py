@@ -1,0 +1,240 @@
+"""``plan``: what a pruning run will select, hold and roughly cost, before any compute.
+
+The plan counts the selected weights per layer, the estimator's blocks and the memory each part
+of a pruning step holds at its peak:
+
+* the estimator's peak (:meth:`CurvatureEstimator.plan_memory_bytes`, by default
+  :meth:`~CurvatureEstimator.memory_bytes` of the sizes);
+* one chunk of C gradient rows and its work space, C + max(C, U): the vectorised per-parameter
+  gradients and the flattened rows exist together for a moment, then the rows and the
+  estimator's update work U (:meth:`CurvatureEstimator.plan_update_bytes`, one copy of the rows
+  by default);
+* a snapshot of the selected weights (restored if the step fails), the flat weights and mask;
+* the scorer's own state when it holds more than that (:meth:`SaliencyScorer.memory_bytes`,
+  e.g. SOSP-I's S×S structure matrix).
+
+The parts do not all peak together: gradients stream in while the estimator holds its
+accumulating state (:meth:`CurvatureEstimator.plan_held_bytes`), and are freed before it
+inverts or answers queries. :attr:`Plan.total_bytes` is therefore the weights and scorer state
+plus the larger of the two phases, held + gradients and the estimator's peak
+(``docs/benchmarks.md``, plan accuracy, has the measured peaks this model matches).
+
+Under torch.distributed every number is per rank: each rank holds the whole estimator state (no
+estimator shards its memory across ranks yet), so W ranks need W times the estimator memory in
+all. Estimators that gather rows (``reduction = "gather"``) also hold a round of W gathered
+chunks (``gathered``).
+
+It refuses a run that needs more than the limit (``[run] memory_limit_gb``, else the memory
+available on the device) with a message that names the biggest part and the knob that shrinks it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from curvprune.errors import MemoryPlanError
+from curvprune.pipeline.view import PipelineView
+from curvprune.tensors import distributed
+from curvprune.tensors.gradients import default_chunk_size
+from curvprune.tensors.layout import ParamLayout
+
+__all__ = ["Plan", "available_memory", "make_plan"]
+
+_GiB = 2**30
+#: Rough sustained throughput used to turn flop estimates into a time class.
+_FLOPS_PER_SECOND = {"cpu": 2e10, "cuda": 2e12}
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """What a run will need.
+
+    Attributes:
+        layout: the selected parameters.
+        estimator: the estimator's name (None without one).
+        n_blocks: number of estimator blocks (None without a blocked estimator).
+        block_width: their padded width.
+        memory: bytes per part (``estimator``, ``gradients``, ``weights``, ...).
+        estimator_held: bytes the estimator holds while gradients stream in (None: its whole
+            peak, ``memory["estimator"]``).
+        limit: bytes allowed; the run is refused above it.
+        limit_source: where the limit comes from.
+        flops: rough floating-point operations of one pruning step (None if unknown).
+        device: the device type the estimate is for.
+        hint: the knob that reduces the biggest part.
+        world_size: the ranks the plan is for; ``memory`` is per rank.
+    """
+
+    layout: ParamLayout
+    estimator: str | None
+    n_blocks: int | None
+    block_width: int | None
+    memory: dict[str, int]
+    limit: int
+    limit_source: str
+    flops: float | None
+    device: str
+    hint: str
+    world_size: int = 1
+    estimator_held: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """The step's peak: the other parts plus the larger of the two estimator phases.
+
+        Accumulating: the state held meanwhile plus the gradient chunk and its work (and a
+        gathered round under torch.distributed); answering: the estimator's peak, the
+        gradients freed.
+        """
+        parts = dict(self.memory)
+        peak = parts.pop("estimator", 0)
+        streaming = parts.pop("gradients", 0) + parts.pop("gathered", 0)
+        held = peak if self.estimator_held is None else min(self.estimator_held, peak)
+        return sum(parts.values()) + max(held + streaming, peak)
+
+    @property
+    def fits(self) -> bool:
+        """Whether the run fits under the limit."""
+        return self.total_bytes <= self.limit
+
+    @property
+    def time_class(self) -> str:
+        """``seconds``, ``minutes`` or ``hours`` (order of magnitude for one pruning step)."""
+        if self.flops is None:
+            return "unknown"
+        seconds = self.flops / _FLOPS_PER_SECOND.get(self.device, 2e10)
+        return "seconds" if seconds < 60 else "minutes" if seconds < 3600 else "hours"
+
+    def check(self) -> None:
+        """Raise :class:`MemoryPlanError` if the run does not fit."""
+        if self.fits:
+            return
+        part = max(self.memory, key=self.memory.__getitem__)
+        raise MemoryPlanError(
+            f"the run needs {self.total_bytes / _GiB:.2f} GiB ({part}: "
+            f"{self.memory[part] / _GiB:.2f} GiB) but {self.limit / _GiB:.2f} GiB is available "
+            f"({self.limit_source}); {self.hint}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "layers": [
+                {"name": n, "shape": list(s), "numel": int(torch.Size(s).numel())}
+                for n, s in zip(self.layout.names, self.layout.shapes, strict=True)
+            ],
+            "d": self.layout.d,
+            "estimator": self.estimator,
+            "n_blocks": self.n_blocks,
+            "block_width": self.block_width,
+            "memory_bytes": dict(self.memory),
+            "total_bytes": self.total_bytes,
+            "estimator_held_bytes": self.estimator_held,
+            "limit_bytes": self.limit,
+            "limit_source": self.limit_source,
+            "fits": self.fits,
+            "flops": self.flops,
+            "time_class": self.time_class,
+            "world_size": self.world_size,
+            "memory_scope": "per rank",
+        }
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes available on ``device`` and a phrase saying how that was measured."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free memory of {device}"
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable of this machine"
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages * os.sysconf("SC_PAGE_SIZE")), "available physical memory"
+
+
+def make_plan(
+    pipeline: PipelineView,
+    model: nn.Module,
+    *,
+    device: torch.device | str | None = None,
+    world_size: int | None = None,
+) -> Plan:
+    """Build the :class:`Plan` for pruning ``model`` with ``pipeline`` (no compute).
+
+    ``world_size`` (default: the current one, 1 outside torch.distributed) makes it the plan of
+    one rank among that many.
+    """
+    world = distributed.world_size() if world_size is None else max(1, int(world_size))
+    layout = pipeline.select(model)
+    if device is None:
+        device = next(iter(layout.parameters(model))).device
+    device = torch.device(device)
+    d = layout.d
+    itemsize = 4
+    memory = {"weights": 3 * d * itemsize + d}
+    estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
+    name = pipeline.config.estimator.name if pipeline.config.estimator else None
+    n_blocks = width = held = None
+    flops = None
+    hint = "select fewer parameters ([prune] targets/ignore)"
+    if estimator is not None:
+        cfg = estimator.config
+        memory["estimator"] = int(type(estimator).plan_memory_bytes(layout, cfg))
+        blocks = layout.blocks(getattr(cfg, "block_size", None))
+        n_blocks, width = blocks.n_blocks, blocks.width
+        if estimator.fits_model:  # fitted on the model (K-FAC): one block per parameter
+            n_blocks, width = len(layout), max(layout.sizes)
+        chunk = pipeline.config.prune.gradient_chunk
+        rows = chunk if chunk is not None else default_chunk_size(d, cfg.fisher_mini_batch)
+        if chunk is None and world > 1:  # as GradientSource balances chunks over the ranks
+            rows = max(1, min(rows, -(-cfg.num_grads // world)))
+        rows = min(rows, cfg.num_grads)
+        update = int(type(estimator).plan_update_bytes(rows, layout, cfg))
+        memory["gradients"] = rows * d * itemsize + max(rows * d * itemsize, update)
+        held = int(type(estimator).plan_held_bytes(layout, cfg))
+        if world > 1 and estimator.reduction == "gather":
+            # a round of W chunks (+ a loss column): the padded pieces and their concatenation
+            memory["gathered"] = 2 * world * rows * (d + 1) * itemsize
+        flops = type(estimator).estimated_flops(layout.sizes, cfg)
+        if flops is not None:
+            # backward passes for the gradients: ~3 forward costs, ~2 flop per weight each
+            params = sum(p.numel() for p in model.parameters())
+            flops += 6.0 * params * cfg.num_grads * cfg.fisher_mini_batch
+        hint = (
+            f"lower block_size (now {getattr(cfg, 'block_size', None)}) or num_grads (now "
+            f"{cfg.num_grads}) in [estimator], set [prune] gradient_chunk, or select fewer "
+            "parameters"
+        )
+    scorer_bytes = int(pipeline.scorer.memory_bytes(model, layout))
+    if scorer_bytes:  # a scorer with more than O(d) state (SOSP-I's S×S matrix)
+        memory["scorer"] = scorer_bytes
+        if scorer_bytes >= max(memory.values()):
+            hint = f"scorer {pipeline.config.scorer.name!r}: {pipeline.scorer.memory_hint}"
+    limit_gb = pipeline.config.run.memory_limit_gb
+    if limit_gb is not None:
+        limit, source = int(limit_gb * _GiB), "[run] memory_limit_gb"
+    else:
+        limit, source = available_memory(device)
+    return Plan(
+        layout=layout,
+        estimator=name if estimator is not None else None,
+        n_blocks=n_blocks,
+        block_width=width,
+        memory=memory,
+        limit=limit,
+        limit_source=source,
+        flops=flops,
+        device=device.type,
+        hint=hint,
+        world_size=world,
+        estimator_held=held,
+    )

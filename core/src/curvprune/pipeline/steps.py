@@ -1,0 +1,290 @@
+"""One pruning step on one model: gradients → estimator → scores → mask → update → audit.
+
+:class:`StepRunner` holds the model, its layout and masks for the whole run;
+:meth:`StepRunner.step` is the body of every pruning step, whether :meth:`curvprune.Pipeline.prune`
+runs it one-shot or a :class:`curvprune.PruningSession` runs it inside training. Plugin hooks run
+only after a step, never inside it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvprune._log import get_logger
+from curvprune.errors import ConfigError, CurvpruneError, NumericalError
+from curvprune.pipeline.audit import SingleWeightAudit, audit_single_weights
+from curvprune.pipeline.view import PipelineView
+from curvprune.roles.context import PruneContext
+from curvprune.roles.reports import StepReport
+from curvprune.structure.graph import attach_structures
+from curvprune.tensors import distributed
+from curvprune.tensors.gradients import GradientSource, LossFn, default_loss
+from curvprune.tensors.masks import MaskSet
+
+__all__ = ["AuditSet", "StepRunner"]
+
+log = get_logger(__name__)
+
+#: Rows of gradients per mini-batch when a scorer needs the mean gradient but there is no estimator.
+_MEAN_GRAD_MINI_BATCH = 32
+
+
+class StepRunner:
+    """Runs pruning steps on one model: gradients, estimator, scores, masks, update, audit."""
+
+    def __init__(
+        self,
+        pipeline: PipelineView,
+        model: nn.Module,
+        data: Iterable[Any] | None,
+        loss_fn: LossFn | None,
+        masks: MaskSet | None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.model = model
+        self.data = data
+        self.loss_fn = loss_fn or default_loss
+        self.layout = attach_structures(pipeline.mask, pipeline.select(model), model)
+        self.device = next(iter(self.layout.parameters(model))).device
+        if masks is None:
+            masks = MaskSet.dense(self.layout, self.device)
+        elif masks.layout.names != self.layout.names:
+            raise ConfigError("masks were made for other parameters than [prune] selects @ masks")
+        masks = masks.to(self.device)
+        self.masks = MaskSet(self.layout, masks.flat, masks.extra).with_structure_gates()
+        self.masks.apply_(model)
+        self.reports: list[StepReport] = []
+        self._audit = AuditSet(data, pipeline.config.prune.loss_samples, self.device)
+
+    def step(self, level: float, *, train_step: int | None = None) -> StepReport:
+        pipeline = self.pipeline
+        scorer, estimator = pipeline.scorer, pipeline.estimator
+        if (scorer.needs_curvature or scorer.needs_gradient or scorer.needs_data) and self.data is None:
+            raise ConfigError(
+                f"scorer {pipeline.config.scorer.name!r} needs data: pass batches of "
+                "(inputs, targets) @ data"
+            )
+        index = len(self.reports)
+        times: dict[str, float] = {}
+        started = time.perf_counter()
+        loss_before = self._audit.loss(self.model, self.loss_fn)
+        mean_grad = None
+        num_grads = 0
+        tick = time.perf_counter()
+        if scorer.needs_curvature or scorer.needs_gradient:
+            mean_grad, num_grads = self._collect_gradients(index)
+        times["gradients"] = time.perf_counter() - tick
+        ctx = PruneContext(
+            model=self.model,
+            layout=self.layout,
+            weights=self.layout.gather(self.model),
+            mask=self.masks.flat,
+            target_sparsity=level,
+            estimator=estimator if scorer.needs_curvature else None,
+            mean_grad=mean_grad,
+            batches=self._batches if self.data is not None else None,
+            loss_fn=self.loss_fn,
+            step=index,
+        )
+        tick = time.perf_counter()
+        chosen = pipeline.schedule.select(ctx)
+        if chosen is None:
+            scores = scorer.score(ctx)
+            new_mask = pipeline.mask.select(scores, self.masks.flat, level, self.layout)
+        else:  # the schedule owns the choice (GReg): no scores, no compensation
+            new_mask = self.masks.flat & chosen.to(device=self.masks.flat.device, dtype=torch.bool)
+        times["scores"] = time.perf_counter() - tick
+        if new_mask.shape != self.masks.flat.shape or bool((new_mask & ~self.masks.flat).any()):
+            raise NumericalError(
+                f"mask applier {pipeline.config.mask.name!r} revived pruned weights or returned "
+                "a mask of the wrong shape"
+            )
+        pruned = self.masks.flat & ~new_mask
+        tick = time.perf_counter()
+        delta = predicted = None
+        if chosen is None:
+            delta = scorer.compensate(ctx, pruned)
+            predicted = scorer.predicted_loss_change(ctx, pruned)
+        single = None
+        if chosen is None and pipeline.config.prune.audit_single:
+            audit_tick = time.perf_counter()
+            single = self._single_weight_audit(ctx, index)
+            times["audit"] = time.perf_counter() - audit_tick
+            tick += times["audit"]
+        weights = ctx.weights
+        if delta is not None:
+            if not bool(torch.isfinite(delta).all()):
+                raise NumericalError(
+                    f"the compensating update of scorer {pipeline.config.scorer.name!r} is not "
+                    "finite; increase the estimator's damping or use dtype = 'float64'"
+                )
+            weights = weights + delta.to(weights.dtype)
+        masks = self.masks.narrowed(new_mask)
+        weights = weights * new_mask
+        # Every rank must prune alike (the reduced estimator state is identical): verify with
+        # exact fingerprints (one small all-gather) before touching the model.
+        distributed.check_same_across_ranks((new_mask, weights), "the masks and pruned weights")
+        masks.write_(self.model, weights)
+        self.masks = masks
+        times["update"] = time.perf_counter() - tick
+        loss_after = self._audit.loss(self.model, self.loss_fn)
+        times["total"] = time.perf_counter() - started
+        report = StepReport(
+            step=index,
+            target_sparsity=level,
+            sparsity=self.masks.sparsity(),
+            unit_sparsity=pipeline.mask.achieved_sparsity(new_mask, self.layout),
+            per_layer=self.masks.per_layer_sparsity(),
+            num_pruned=int(pruned.sum()),
+            predicted_loss_change=None if predicted is None else float(predicted),
+            loss_before=loss_before,
+            loss_after=loss_after,
+            num_grads=num_grads,
+            times=times,
+            train_step=train_step,
+            single_audit=None if single is None else single.to_dict(),
+        )
+        self.reports.append(report)
+        log.info(
+            "prune_step_completed", step=index, target=level, sparsity=report.sparsity,
+            predicted=report.predicted_loss_change, measured=report.measured_loss_change,
+        )
+        pipeline.host.after_prune_step(pipeline, report)
+        return report
+
+    def _batches(self, num_samples: int | None = None) -> Iterator[Any]:
+        """``PruneContext.batches``: the data, as this rank's slice of every batch when
+        distributed; ``num_samples`` (over all ranks) cuts it like one process would."""
+        return distributed.shard(self.data, num_samples)  # type: ignore[arg-type]
+
+    def gate_parameters_snapshot(self) -> dict[str, Tensor]:
+        """Copies of the biases and BN γ, β that structure masks zero (restored on errors)."""
+        structures = self.layout.structures
+        if structures is None:
+            return {}
+        names = structures.gate_masks(torch.ones(structures.n_structures, dtype=torch.bool))
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().clone() for n in names if n in params}
+
+    def restore_gate_parameters(self, snapshot: Mapping[str, Tensor]) -> None:
+        """Write back :meth:`gate_parameters_snapshot` output."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                params[name].copy_(value)
+
+    def _single_weight_audit(self, ctx: PruneContext, index: int) -> SingleWeightAudit | None:
+        """Predicted vs measured change of removing single sampled weights (before the step)."""
+        generator = torch.Generator()
+        generator.manual_seed(self.pipeline.config.run.seed * 1_000_003 + index + 7919)
+        return audit_single_weights(
+            ctx, self.pipeline.scorer, self._audit.batches,
+            self.pipeline.config.prune.audit_single, generator,
+        )
+
+    def _collect_gradients(self, index: int) -> tuple[Tensor | None, int]:
+        """Feed ``num_grads`` gradients to the estimator; return their mean and count.
+
+        An estimator with ``fits_model`` (K-FAC) fits itself on the model and data instead;
+        the mean gradient is then computed only if the scorer needs it (else None).
+        """
+        pipeline = self.pipeline
+        estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
+        if estimator is not None and estimator.fits_model:
+            estimator.setup(self.layout.sizes, device=self.device)
+            estimator.fit(self.model, self.data, self.loss_fn, self.layout, generator=generator)  # type: ignore[arg-type]
+            if not pipeline.scorer.needs_gradient:
+                return None, estimator.num_samples
+            estimator = None  # the mean gradient alone, from mini-batches below
+        if estimator is not None:
+            cfg = estimator.config
+            num_grads, mini_batch, fisher = estimator.num_grads, cfg.fisher_mini_batch, cfg.fisher
+            estimator.setup(self.layout.sizes, device=self.device)
+        else:  # only the mean gradient is needed
+            samples = max(pipeline.config.prune.loss_samples, _MEAN_GRAD_MINI_BATCH)
+            num_grads, mini_batch, fisher = max(1, samples // _MEAN_GRAD_MINI_BATCH), _MEAN_GRAD_MINI_BATCH, "empirical"
+        source = GradientSource(
+            self.model,
+            self.layout,
+            self.loss_fn,
+            fisher_mini_batch=mini_batch,
+            fisher=fisher,  # type: ignore[arg-type]
+            mask=self.masks.flat,
+            chunk_size=pipeline.config.prune.gradient_chunk,
+            generator=generator,
+        )
+        # Under torch.distributed: "gather" estimators get every row on every rank (in the
+        # single-process order); "sum" estimators and the mean see this rank's rows, then sum.
+        gather = estimator is not None and estimator.reduction == "gather"
+        failure: CurvpruneError | None = None
+        try:
+            for chunk in source.iter_grads(self.data, num_grads, gather=gather):  # type: ignore[arg-type]
+                if estimator is not None:
+                    try:
+                        estimator.update(chunk)
+                    except NumericalError:
+                        source.check_finite()  # the source knows which parameter: say so
+                        raise
+                del chunk  # not alive while the next chunk is computed (see iter_grads)
+        except CurvpruneError as exc:
+            if not source.rows_are_local:
+                raise  # every rank saw the same rows and fails the same way
+            failure = exc  # only this rank's rows: agree with the others before raising
+        if source.rows_are_local:
+            if distributed.any_rank(failure is not None):
+                raise failure or NumericalError(
+                    "another rank failed while collecting gradients; see its error"
+                )
+            source.synchronize()
+            if estimator is not None:
+                estimator.all_reduce()
+        source.check_finite()
+        return source.mean(), num_grads
+
+
+class AuditSet:
+    """A fixed set of samples on which each step's actual loss change is measured."""
+
+    def __init__(self, data: Iterable[Any] | None, samples: int, device: torch.device) -> None:
+        self.batches: list[tuple[Any, Tensor]] = []
+        if data is None or samples <= 0:
+            return
+        have = 0
+        for batch in data:
+            x, y = batch[0], batch[1]
+            take = min(samples - have, x.shape[0])
+            self.batches.append((x[:take].to(device), y[:take].to(device)))
+            have += take
+            if have >= samples:
+                break
+
+    def loss(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]) -> float | None:
+        """Mean loss over the audit samples; under torch.distributed each rank evaluates its
+        slice of every batch and the sums are all-reduced (``loss_fn`` must be a mean over the
+        batch, so slice mean × slice size is the slice's sum)."""
+        if not self.batches:
+            return None
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                device = self.batches[0][1].device
+                sums = torch.zeros(2, dtype=torch.float64, device=device)
+                for x, y in distributed.shard(self.batches):
+                    if y.shape[0]:
+                        sums[0] += loss_fn(model(x), y).double() * y.shape[0]
+                        sums[1] += y.shape[0]
+                distributed.all_reduce_sum_(sums)
+                value = float(sums[0] / sums[1])
+        finally:
+            model.train(was_training)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise NumericalError("the loss is not finite on the audit samples; check the model and inputs")
+        return value

@@ -1,0 +1,54 @@
+"""The mask-applier role: scores and a target sparsity in, a keep-mask out."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from curvprune.roles.context import Granularity
+from curvprune.tensors.layout import ParamLayout
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["MaskApplier"]
+
+
+class MaskApplier(abc.ABC):
+    """Turns saliencies and a target sparsity into a keep-mask over the selected weights.
+
+    A mask applier never revives a pruned weight: the new mask is a subset of the current one.
+    """
+
+    granularity: Granularity = "weight"
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def select(self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout) -> Tensor:
+        """The new keep-mask.
+
+        Args:
+            scores: saliencies ``[d]`` (weight granularity) or ``[S]`` (channel granularity:
+                one per structure, see :attr:`ParamLayout.n_structures`).
+            mask: the current keep-mask, bool ``[d]``.
+            sparsity: the target fraction of removed units, in [0, 1): of all selected weights
+                (weight granularity) or of all structures (channel granularity), counting the
+                units already removed.
+            layout: the selected parameters.
+
+        Returns:
+            bool ``[d]``, True where a weight is kept; a subset of ``mask``.
+        """
+
+    def achieved_sparsity(self, mask: Tensor, layout: ParamLayout) -> float:
+        """The sparsity of ``mask`` in this applier's units (for reports and schedules)."""
+        return float(1.0 - mask.float().mean())
+
+    def check_pipeline(self, components: Mapping[str, Any]) -> str | None:
+        """Return why this applier cannot run with the other components, or None if it can."""
+        return None

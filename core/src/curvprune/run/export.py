@@ -1,0 +1,189 @@
+"""``curvprune export`` and :func:`load_pruned`: a run's pruned model as standalone safetensors.
+
+The export folder (``RUN_DIR/export`` by default) holds
+
+* ``model.safetensors``: the pruned model's full state dict. For weight and unremoved channel
+  masks this is the dense model with the pruned weights stored as exact zeros; for a run that
+  removed channels physically (a run directory with ``structure.json``) it is the physically
+  smaller model, rebuilt on loading by :func:`curvprune.apply_removal`;
+* ``masks.safetensors``: uint8 keep-masks (1 = kept) of the pruned parameters, named like them;
+* ``structure.json`` (structured removal only): the kept channel indices of every group;
+* ``manifest.json``: how to rebuild the model (name, arguments), the kind (``masked`` or
+  ``removed``), sparsity, and the SHA-256 of every file.
+
+Only tensors are stored (safetensors), so loading never runs code. Before anything is written
+the export is checked: the masks match the zeros of the weights, and a fresh model loaded from
+the export folder reproduces the run model's outputs exactly. The folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvprune.errors import ConfigError
+from curvprune.run.files import atomic_directory, read_result
+from curvprune.run.models import build_model
+from curvprune.structure.removal import apply_removal
+
+__all__ = ["export_run", "load_pruned"]
+
+_STRUCTURE = "structure.json"
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"cannot read {path.name} ({reason}) @ {path}") from None
+
+
+def _read_structure(folder: Path) -> Any | None:
+    path = folder / _STRUCTURE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{_STRUCTURE} is corrupt ({exc}) @ {path}") from None
+
+
+def _apply_removal(model: nn.Module, structure: Any, where: Path) -> None:
+    """Shrink ``model`` to the kept channels that ``structure.json`` records."""
+
+    apply_removal(model, structure)  # takes structure.json's content as it is
+
+
+def _check_fits(model: nn.Module, state: Mapping[str, Tensor], where: Path) -> None:
+    """Refuse (before touching ``model``) a state dict of other keys or shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise ConfigError(f"the saved weights do not fit this model ({what}) @ {where}")
+    for key, value in own.items():
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise ConfigError(
+                f"the saved weights do not fit this model ({key}: saved "
+                f"{list(state[key].shape)}, model {list(value.shape)}) @ {where}"
+            )
+
+
+def _check_masks(state: Mapping[str, Tensor], masks: Mapping[str, Tensor], where: Path) -> None:
+    for name, mask in masks.items():
+        weight = state.get(name)
+        if weight is None or weight.shape != mask.shape:
+            raise ConfigError(f"mask {name!r} does not match the model's weights @ {where}")
+        if bool((weight[mask == 0] != 0).any()):
+            raise ConfigError(f"weights of {name!r} are not zero where masked @ {where}")
+
+
+def load_pruned(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load a pruned model from a run directory or an export folder into ``model``.
+
+    ``model`` is a freshly built instance of the run's architecture (e.g.
+    ``curvprune.run.models.build_model(name, num_classes=...)``, or your own class). For a run that
+    removed channels physically, ``model`` is first shrunk in place to the kept channels
+    (``structure.json``), then loaded. The model's outputs then equal the pruned model's.
+
+    Args:
+        path: a run directory (``model.safetensors`` and ``result.json``) or an export folder.
+        model: the fresh model, loaded in place (left untouched on any error).
+
+    Returns:
+        ``model``, in eval mode.
+
+    Raises:
+        ConfigError: missing or corrupt files, weights that do not fit ``model``, or weights that
+            are not zero where masked.
+    """
+    folder = Path(path)
+    if not (folder / "model.safetensors").is_file():
+        raise ConfigError(f"not a run directory or export folder (no model.safetensors) @ {folder}")
+    state = _read_tensors(folder / "model.safetensors")
+    has_masks = (folder / "masks.safetensors").is_file()
+    masks = _read_tensors(folder / "masks.safetensors") if has_masks else {}
+    structure = _read_structure(folder)
+    if structure is None:
+        _check_fits(model, state, folder)
+        _check_masks(state, masks, folder)
+    else:  # check on a shrunk copy first: the user's model stays whole on any error
+        import copy
+
+        trial = copy.deepcopy(model)
+        _apply_removal(trial, structure, folder)
+        _check_fits(trial, state, folder)
+        _apply_removal(model, structure, folder)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Export the run in ``run_dir``; return the export folder.
+
+    Raises:
+        ConfigError: not a run directory, missing or corrupt files, or a failed check.
+    """
+    from safetensors.torch import save
+
+    run_dir = Path(run_dir)
+    record = read_result(run_dir)
+    state = _read_tensors(run_dir / "model.safetensors")
+    masks = _read_tensors(run_dir / "masks.safetensors")
+    structure = _read_structure(run_dir)
+    spec = record["model"]
+
+    def fresh() -> nn.Module:
+        return build_model(spec["name"], num_classes=spec["num_classes"], **spec.get("kwargs", {}))
+
+    model = load_pruned(run_dir, fresh())
+    final = Path(out) if out is not None else run_dir / "export"
+    with atomic_directory(final) as staging:
+        files = {
+            "model.safetensors": save({k: v.contiguous() for k, v in state.items()}),
+            "masks.safetensors": save(masks),
+        }
+        if structure is not None:
+            files[_STRUCTURE] = json.dumps(structure, indent=2).encode()
+        for fname, blob in files.items():
+            (staging / fname).write_bytes(blob)
+        reloaded = load_pruned(staging, fresh())
+        probe = _probe_input(model)
+        if probe is not None:
+            with torch.no_grad():
+                if not torch.equal(model(probe), reloaded(probe)):
+                    raise ConfigError(
+                        f"the exported model does not reproduce the run's outputs @ {final}"
+                    )
+        manifest = {
+            "model": {k: spec[k] for k in ("name", "num_classes", "kwargs") if k in spec},
+            "kind": "removed" if structure is not None else "masked",
+            "sparsity": record["sparsity"],
+            "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
+            "load": "model = curvprune.run.models.build_model(name, num_classes=..., **kwargs); "
+                    "curvprune.load_pruned(export_folder, model)",
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return final
+
+
+def _probe_input(model: nn.Module) -> Tensor | None:
+    """A small input for the output check, inferred from the first layer."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return torch.randn(2, module.in_channels, 8, 8, generator=generator)
+        if isinstance(module, nn.Linear):
+            return torch.randn(2, module.in_features, generator=generator)
+    return None

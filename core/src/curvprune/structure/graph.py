@@ -1,0 +1,299 @@
+"""Channel structures: which output channels can be pruned together, gated, and removed.
+
+A **channel group** is a set of output channels (dim 0 of Conv/Linear weights) that must be kept
+or removed together. :meth:`StructureGraph.trace` finds them with a ``torch.fx`` symbolic trace
+(no input needed) by following every producer's output through the ops that keep its channels
+apart:
+
+* a producer (``Conv1d``/``Conv2d``/``Conv3d`` with ``groups = 1``, or ``Linear``) starts a group of
+  ``out_channels`` channels;
+* BatchNorm layers slice with it (they are the group's ``norms``);
+* zero-preserving element-wise ops (ReLU and friends, tanh, pooling, dropout, identity, scaling
+  by a number) and flattening pass it on unchanged; flattening a ``[N, C, H, W]`` map turns each
+  channel into ``in_features / C`` consecutive features of the following Linear layer;
+* a residual ``add`` couples the channels of its inputs: channel c of every producer feeding the
+  sum is one **structure** (a torchvision ResNet stage stream is the stem or downsample BN output
+  plus the last BN output of each block: Nonnenmacher et al., 2022, treat such a coupled
+  channel as one structure; greg_sosp memo §4.5);
+* Conv and Linear layers reading the channels are the group's ``consumers`` (their input dims
+  are sliced on removal).
+
+Anything else touching a group's channels (``torch.cat``, ``F.pad``, slicing, views other than a
+flatten, grouped or depthwise convolutions, ops with f(0) ≠ 0 such as sigmoid, modules the
+tracer does not know) marks the groups involved not removable, with a reason naming the node:
+removing their channels would silently produce a wrong model (the option-A zero-pad shortcut
+pitfall of DepGraph, memo §7.1). A group whose channels reach the model's output (the
+classifier) is never prunable.
+
+**Gates.** Removing structure s is the same as multiplying its channel by a gate m_s = 0 at the
+post-BN output of each of its producers (memo §4.2): every later op maps the zero channel to
+zero, so every consumer reads zeros, exactly as if the channel were gone. Masking a structure
+zeroes its producers' weight rows and biases and its BatchNorms' γ and β, which makes the gated
+output exactly 0 (BN computes γ·x̂ + β). :meth:`Structures.gates` installs the gates as forward
+hooks so a scorer can differentiate the loss with respect to them (SOSP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from curvprune.errors import ConfigError, UnsupportedModelError
+from curvprune.structure.groups import ChannelGroup
+from curvprune.structure.trace import Tracer
+from curvprune.tensors.layout import ParamLayout
+
+__all__ = ["ChannelGroup", "StructureGraph", "Structures", "attach_structures"]
+
+
+# --------------------------------------------------------------------------------------------
+# The graph and the structures of a layout
+# --------------------------------------------------------------------------------------------
+@attrs.frozen(eq=False)
+class StructureGraph:
+    """The channel groups of a model, found by :meth:`trace`.
+
+    Attributes:
+        groups: every group, in the order its first producer runs.
+        param_names: the model's parameter names at trace time.
+        model_type: the traced model's class name.
+    """
+
+    groups: tuple[ChannelGroup, ...]
+    param_names: frozenset[str]
+    model_type: str
+
+    @classmethod
+    def trace(cls, model: nn.Module) -> StructureGraph:
+        """Trace ``model`` with ``torch.fx`` (no input needed) and find its channel groups.
+
+        Raises:
+            UnsupportedModelError: the model cannot be traced symbolically (the cause is named),
+                or a Linear layer's input is not a whole number of features per flattened channel.
+        """
+        try:
+            gm = torch.fx.symbolic_trace(model)
+        except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UnsupportedModelError(
+                f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
+                f"{cause}); channel structures need a symbolically traceable model, or set "
+                "mask.coupled = false for per-layer channels without tracing @ model"
+            ) from None
+        tracer = Tracer(gm)
+        tracer.run()
+        return cls(
+            groups=tracer.groups(),
+            param_names=frozenset(n for n, _ in model.named_parameters()),
+            model_type=type(model).__name__,
+        )
+
+    def group(self, name: str) -> ChannelGroup:
+        """The group with this name (its first producer), or the group ``name`` produces."""
+        for g in self.groups:
+            if g.name == name or name in g.producers:
+                return g
+        raise KeyError(f"no channel group produced by {name!r}")
+
+    def structures(self, layout: ParamLayout) -> Structures:
+        """The prunable structures among the parameters ``layout`` selects.
+
+        A group is prunable when it is removable and the weights of all its producers are
+        selected. Its channels become structures ``offsets[g] .. offsets[g] + size - 1``.
+        """
+        position = {name: i for i, name in enumerate(layout.names)}
+        chosen = []
+        for g in self.groups:
+            where = [position.get(f"{p}.weight") for p in g.producers]
+            if g.removable and all(i is not None for i in where):
+                chosen.append((min(w for w in where if w is not None), g))
+        chosen.sort(key=lambda item: item[0])
+        groups = tuple(g for _, g in chosen)
+        offsets, acc = [], 0
+        for g in groups:
+            offsets.append(acc)
+            acc += g.size
+        channel_offsets = [0]
+        for c in layout.channels:
+            channel_offsets.append(channel_offsets[-1] + c)
+        channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
+        for g, off in zip(groups, offsets, strict=True):
+            for p in g.producers:
+                i = position[f"{p}.weight"]
+                if layout.channels[i] != g.size:
+                    raise ConfigError(
+                        f"parameter {p}.weight has {layout.channels[i]} output channels but its "
+                        f"group has {g.size} @ layout"
+                    )
+                start = channel_offsets[i]
+                channel_structure[start : start + g.size] = torch.arange(off, off + g.size)
+        structure_group = torch.repeat_interleave(
+            torch.arange(len(groups)), torch.tensor([g.size for g in groups], dtype=torch.long)
+        )
+        return Structures(
+            graph=self,
+            groups=groups,
+            offsets=tuple(offsets),
+            channel_structure=channel_structure,
+            structure_group=structure_group,
+            layout_names=layout.names,
+        )
+
+
+@attrs.frozen(eq=False)
+class Structures:
+    """The prunable structures of a layout: one per channel of each prunable group.
+
+    Attributes:
+        graph: the traced graph.
+        groups: the prunable groups, ordered by their first producer's place in the layout.
+        offsets: first structure id of each group; structures ``[0, S)``.
+        channel_structure: long ``[n_channels]``: for each output channel of the layout's
+            parameters (numbered as in :meth:`ParamLayout.channel_index`), its structure id, or
+            -1 for channels that are never pruned (not in a prunable group, e.g. the
+            classifier's rows).
+        structure_group: long ``[S]``: the group index of each structure.
+        layout_names: the names of the layout these structures were made for.
+    """
+
+    graph: StructureGraph
+    groups: tuple[ChannelGroup, ...]
+    offsets: tuple[int, ...]
+    channel_structure: Tensor
+    structure_group: Tensor
+    layout_names: tuple[str, ...] = ()
+
+    @property
+    def n_structures(self) -> int:
+        """S, the number of structures."""
+        return int(self.structure_group.numel())
+
+    @property
+    def n_groups(self) -> int:
+        """The number of prunable groups."""
+        return len(self.groups)
+
+    def __len__(self) -> int:
+        return self.n_structures
+
+    def names(self) -> list[str]:
+        """A readable name per structure: ``"<group>[<channel>]"``."""
+        return [f"{g.name}[{c}]" for g in self.groups for c in range(g.size)]
+
+    def group_slice(self, index: int) -> slice:
+        """The structure ids of group ``index``."""
+        start = self.offsets[index]
+        return slice(start, start + self.groups[index].size)
+
+    @contextlib.contextmanager
+    def gates(self, model: nn.Module, values: Tensor) -> Iterator[None]:
+        """Multiply every gate point by its structure's value while the context is open.
+
+        Each group's gate points are the output of the BatchNorm right after each producer, or
+        the producer's output when there is none; channel c of group g is multiplied by
+        ``values[offsets[g] + c]`` (broadcast over the other dims). ``values`` may require grad:
+        ∂loss/∂values is the sensitivity of the loss to each structure's gate (SOSP).
+
+        Args:
+            model: the model the structures were traced from.
+            values: ``[S]`` gate values (1 = unchanged, 0 = structure removed).
+        """
+        if values.dim() != 1 or values.numel() != self.n_structures:
+            raise ValueError(f"gate values must have shape [{self.n_structures}], got "
+                             f"{list(values.shape)}")
+        modules = dict(model.named_modules())
+        handles = []
+        try:
+            for g, off in zip(self.groups, self.offsets, strict=True):
+                for gate in g.gates:
+                    if gate not in modules:
+                        raise ConfigError(f"module {gate!r} is not in the model @ structures")
+                    hook = _gate_hook(values, off, g.size, g.channel_dim)
+                    handles.append(modules[gate].register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def gate_masks(self, keep: Tensor) -> dict[str, Tensor]:
+        """Keep-masks of the non-weight parameters that gate each structure.
+
+        For every prunable group: its producers' biases and its BatchNorms' weight and bias
+        (when the model has them), each ``keep[offsets[g] : offsets[g] + size]``. With the
+        producers' weight rows zeroed (the layout's mask), a removed structure's gated output is
+        exactly zero.
+
+        Args:
+            keep: bool ``[S]``, True for kept structures.
+        """
+        out: dict[str, Tensor] = {}
+        params = self.graph.param_names
+        for i, g in enumerate(self.groups):
+            piece = keep[self.group_slice(i)]
+            names = [f"{p}.bias" for p in g.producers] + [
+                f"{n}.{w}" for n in g.norms for w in ("weight", "bias")
+            ]
+            for name in names:
+                if name in params:
+                    out[name] = piece
+        return out
+
+    def unaffine_norms(self) -> list[str]:
+        """BatchNorms of prunable groups without affine parameters (they cannot gate exactly)."""
+        params = self.graph.param_names
+        return [n for g in self.groups for n in g.norms if f"{n}.weight" not in params]
+
+
+def _gate_hook(values: Tensor, offset: int, size: int, dim: int) -> Any:
+    def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        gate = values[offset : offset + size].to(output.dtype)
+        shape = [1] * output.dim()
+        shape[dim] = size
+        return output * gate.view(shape)
+
+    return hook
+
+
+def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> ParamLayout:
+    """``layout`` with traced structures when ``mask`` prunes coupled channels, else unchanged.
+
+    The pipeline calls this once per run: structures are traced when the mask applier's
+    granularity is ``channel`` and its config has ``coupled = true``.
+
+    Raises:
+        UnsupportedModelError: the model cannot be traced, or no selected channel is prunable
+            (the reasons of the groups are listed).
+    """
+    config = getattr(mask, "config", None)
+    if getattr(mask, "granularity", "weight") != "channel" or not getattr(config, "coupled", False):
+        return layout
+    graph = StructureGraph.trace(model)
+    structures = graph.structures(layout)
+    if structures.n_structures == 0:
+        why = "; ".join(
+            f"{g.name}: {g.reason or 'weights not all selected'}" for g in graph.groups
+        ) or "the model has no Conv or Linear producers"
+        raise UnsupportedModelError(
+            f"no selected channel can be pruned ({why}) @ prune.targets"
+        )
+    unaffine = structures.unaffine_norms()
+    if unaffine and getattr(config, "remove", False):
+        raise UnsupportedModelError(
+            f"BatchNorm layers without affine parameters ({', '.join(unaffine)}) cannot be "
+            "gated exactly, so their channels cannot be removed without changing the model; "
+            "exclude their producers with prune.ignore or set mask.remove = false @ mask.remove"
+        )
+    if unaffine:
+        warnings.warn(
+            f"BatchNorm layers without affine parameters ({', '.join(unaffine)}) cannot be "
+            "gated exactly: a masked channel outputs -mean/std instead of 0, so the masked and "
+            "the physically smaller model differ (removal refuses them)",
+            stacklevel=2,
+        )
+    return layout.with_structures(structures)

@@ -1,0 +1,306 @@
+"""Physical removal of pruned channel structures.
+
+Removing a channel of a group (see :mod:`curvprune.structure.graph`) slices, in place:
+
+* every producer: its weight rows (dim 0) and bias entries, and ``out_channels`` /
+  ``out_features``;
+* every BatchNorm of the group: γ, β, ``running_mean``, ``running_var`` and ``num_features``
+  (``num_batches_tracked`` is kept);
+* every consumer: Conv weight columns (dim 1) and ``in_channels``; Linear columns in blocks of
+  ``per_channel`` consecutive features per channel after a flatten, and ``in_features``.
+
+Parameters are replaced by new :class:`torch.nn.Parameter` objects, so **any optimizer built
+before the removal must be rebuilt** (its state refers to the old tensors). Everything is
+checked first and computed out of place; the model is changed only when every check passed
+(nothing half-written on an error).
+
+A masked structure (weights, bias and BN γ, β zero: :meth:`curvprune.Structures.gate_masks`)
+outputs exactly zero, so the removed model computes the same function as the masked one.
+
+FLOPs and parameters before and after come from :mod:`curvprune.structure.counting`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from curvprune.errors import ConfigError, UnsupportedModelError
+from curvprune.structure.counting import count_flops_params, count_params
+from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
+
+__all__ = ["RemovalResult", "apply_removal", "remove_structures"]
+
+_SCHEMA = "curvprune.structure/1"
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@attrs.frozen
+class RemovalResult:
+    """What a removal did.
+
+    Attributes:
+        params_before, params_after: Conv and Linear weights and biases.
+        flops_before, flops_after: FLOPs per sample (None without an example input).
+        kept: for each group (by name), ``[kept, size]`` channels.
+        kept_indices: for each group that lost channels, the indices of the kept ones
+            (ascending): the input of :func:`apply_removal`, JSON-able.
+        layer_ratios: for each producer module, the fraction of its output channels removed.
+    """
+
+    params_before: int
+    params_after: int
+    flops_before: int | None
+    flops_after: int | None
+    kept: dict[str, list[int]]
+    kept_indices: dict[str, list[int]]
+    layer_ratios: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values (the ``structure`` entry of ``result.json``)."""
+        return {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "kept": {k: list(v) for k, v in self.kept.items()},
+            "layer_ratios": dict(self.layer_ratios),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Removal
+# --------------------------------------------------------------------------------------------
+def remove_structures(
+    model: nn.Module,
+    structures: Structures,
+    keep: Tensor,
+    *,
+    example_input: Tensor | None = None,
+) -> RemovalResult:
+    """Remove, in place, every structure with ``keep`` False.
+
+    Args:
+        model: the model ``structures`` were traced from (same architecture, unchanged since).
+        structures: the prunable structures (:meth:`StructureGraph.structures`).
+        keep: bool ``[S]``, True for kept structures; all True leaves the model as it is.
+        example_input: an input batch, to count FLOPs before and after (optional).
+
+    Returns:
+        Counts before and after, kept channels and kept indices per group.
+
+    Raises:
+        ConfigError: ``keep`` has the wrong shape, or removes every channel of a group.
+        UnsupportedModelError: a group cannot be removed (reason named), a group's BatchNorm
+            has no affine parameters, or the model no longer matches the structures.
+            On any error the model is untouched.
+    """
+    if keep.dtype != torch.bool or tuple(keep.shape) != (structures.n_structures,):
+        raise ConfigError(
+            f"keep must be bool [{structures.n_structures}], got {keep.dtype} "
+            f"{list(keep.shape)} @ keep"
+        )
+    keep = keep.cpu()
+    plan: list[tuple[ChannelGroup, Tensor]] = []
+    for i, group in enumerate(structures.groups):
+        kept = keep[structures.group_slice(i)]
+        if not bool(kept.all()):
+            plan.append((group, kept.nonzero().squeeze(1)))
+    kept_counts = {
+        g.name: [int(keep[structures.group_slice(i)].sum()), g.size]
+        for i, g in enumerate(structures.groups)
+    }
+    return _remove(model, plan, structures.groups, kept_counts, example_input)
+
+
+def apply_removal(
+    model: nn.Module,
+    kept_indices: Mapping[str, Sequence[int]],
+    *,
+    example_input: Tensor | None = None,
+) -> RemovalResult:
+    """Rebuild the smaller architecture of a removal on a fresh model, in place.
+
+    ``kept_indices`` is :attr:`RemovalResult.kept_indices`: for each group name, the channels
+    to keep; a run's ``structure.json`` content (``{"schema": ..., "kept_indices": {...}}``)
+    is accepted as it is. The model is traced, the named groups are sliced, and a state_dict
+    saved from the removed model then loads into it.
+
+    Raises:
+        ConfigError: an unknown group name, or indices out of range, repeated or empty.
+        UnsupportedModelError: a named group cannot be removed (the reason is named), or the
+            model cannot be traced. On any error the model is untouched.
+    """
+    if not isinstance(kept_indices, Mapping):
+        raise ConfigError(f"kept indices must map group names to lists, got "
+                          f"{type(kept_indices).__name__} @ kept_indices")
+    if isinstance(kept_indices.get("kept_indices"), Mapping):  # a structure.json
+        schema = kept_indices.get("schema", _SCHEMA)
+        if schema != _SCHEMA:
+            raise ConfigError(f"unknown structure schema {schema!r} (expected {_SCHEMA!r}) "
+                              "@ structure.json")
+        kept_indices = kept_indices["kept_indices"]
+    graph = StructureGraph.trace(model)
+    plan: list[tuple[ChannelGroup, Tensor]] = []
+    kept_counts: dict[str, list[int]] = {}
+    for name, indices in kept_indices.items():
+        if not isinstance(indices, Sequence) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indices
+        ):
+            raise ConfigError(f"kept indices of group {name!r} must be a list of integers "
+                              f"@ kept_indices.{name}")
+        group = next((g for g in graph.groups if g.name == name), None)
+        if group is None:
+            raise ConfigError(
+                f"no channel group {name!r} in {type(model).__name__} (groups: "
+                f"{', '.join(g.name for g in graph.groups)}) @ kept_indices"
+            )
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        if index.numel() and (
+            bool((index < 0).any()) or bool((index >= group.size).any())
+            or bool((index[1:] <= index[:-1]).any())
+        ):
+            raise ConfigError(
+                f"kept indices of group {name!r} must be ascending, distinct and in "
+                f"[0, {group.size}) @ kept_indices.{name}"
+            )
+        plan.append((group, index))
+        kept_counts[name] = [int(index.numel()), group.size]
+    return _remove(model, plan, [g for g, _ in plan], kept_counts, example_input)
+
+
+def _remove(
+    model: nn.Module,
+    plan: list[tuple[ChannelGroup, Tensor]],
+    groups: Sequence[ChannelGroup],
+    kept_counts: dict[str, list[int]],
+    example_input: Tensor | None,
+) -> RemovalResult:
+    """Check every group of ``plan``, compute every new tensor, then swap them in.
+
+    ``groups`` and ``kept_counts`` (kept and total channels by group name) are reported.
+    """
+    modules = dict(model.named_modules())
+    updates: list[tuple[nn.Module, str, Any]] = []
+    for group, index in plan:
+        updates.extend(_group_updates(group, index, modules))
+    if example_input is not None:
+        flops_before, params_before = count_flops_params(model, example_input)
+    else:
+        flops_before, params_before = None, count_params(model)
+    # Several groups may slice one module (a consumer of one and producer of another) on
+    # different dims: apply them in order, each to the current tensor.
+    _apply_updates(updates)
+    if example_input is not None:
+        flops_after, params_after = count_flops_params(model, example_input)
+    else:
+        flops_after, params_after = None, count_params(model)
+    layer_ratios = {
+        producer: 1.0 - kept_counts[group.name][0] / group.size
+        for group in groups
+        for producer in group.producers
+    }
+    return RemovalResult(
+        params_before=params_before,
+        params_after=params_after,
+        flops_before=flops_before,
+        flops_after=flops_after,
+        kept=kept_counts,
+        kept_indices={g.name: index.tolist() for g, index in plan},
+        layer_ratios=layer_ratios,
+    )
+
+
+def _group_updates(
+    group: ChannelGroup, index: Tensor, modules: Mapping[str, nn.Module]
+) -> list[tuple[nn.Module, str, Any]]:
+    """Checks for one group and the slicing it needs, as ``(module, what, argument)``."""
+    if not group.removable:
+        raise UnsupportedModelError(
+            f"cannot remove channels of group {group.name!r}: {group.reason} @ model"
+        )
+    if index.numel() == 0:
+        raise ConfigError(
+            f"removal would leave group {group.name!r} (producers {', '.join(group.producers)}) "
+            "with no channel; keep at least one (mask.min_channels >= 1) @ mask.min_channels"
+        )
+
+    def module(name: str) -> nn.Module:
+        if name not in modules:
+            raise UnsupportedModelError(
+                f"module {name!r} of group {group.name!r} is not in the model @ model"
+            )
+        return modules[name]
+
+    out: list[tuple[nn.Module, str, Any]] = []
+    for name in group.producers:
+        mod = module(name)
+        is_conv = isinstance(mod, _CONV)
+        size = mod.out_channels if is_conv else getattr(mod, "out_features", None)
+        if size != group.size:
+            raise UnsupportedModelError(
+                f"producer {name!r} has {size} output channels, its group {group.name!r} "
+                f"{group.size}: the model changed since it was traced @ model"
+            )
+        out.append((mod, "out", index))
+    for name in group.norms:
+        mod = module(name)
+        if getattr(mod, "num_features", None) != group.size:
+            raise UnsupportedModelError(
+                f"BatchNorm {name!r} does not have {group.size} features any more @ model"
+            )
+        if not mod.affine:
+            raise UnsupportedModelError(
+                f"BatchNorm {name!r} has no affine parameters, so a masked channel of group "
+                f"{group.name!r} outputs -mean/std, not 0: removing it would change the "
+                "model's function @ model"
+            )
+        out.append((mod, "norm", index))
+    for name, per_channel in group.consumers:
+        mod = module(name)
+        width = mod.in_channels if isinstance(mod, _CONV) else mod.in_features
+        if width != group.size * per_channel:
+            raise UnsupportedModelError(
+                f"consumer {name!r} reads {width} inputs, not {group.size}x{per_channel} "
+                "@ model"
+            )
+        cols = (index[:, None] * per_channel + torch.arange(per_channel)).reshape(-1)
+        out.append((mod, "in", cols))
+    return out
+
+
+def _apply_updates(updates: list[tuple[nn.Module, str, Any]]) -> None:
+    """Slice in place; every check has passed already."""
+    for mod, what, index in updates:
+        index = index.to(mod.weight.device)
+        if what == "out":
+            _set_param(mod, "weight", mod.weight.detach().index_select(0, index))
+            if mod.bias is not None:
+                _set_param(mod, "bias", mod.bias.detach().index_select(0, index))
+            if isinstance(mod, nn.Linear):
+                mod.out_features = int(index.numel())
+            else:
+                mod.out_channels = int(index.numel())
+        elif what == "norm":
+            _set_param(mod, "weight", mod.weight.detach().index_select(0, index))
+            _set_param(mod, "bias", mod.bias.detach().index_select(0, index))
+            for buffer in ("running_mean", "running_var"):
+                value = getattr(mod, buffer)
+                if value is not None:
+                    setattr(mod, buffer, value.index_select(0, index).clone())
+            mod.num_features = int(index.numel())
+        else:
+            _set_param(mod, "weight", mod.weight.detach().index_select(1, index))
+            if isinstance(mod, nn.Linear):
+                mod.in_features = int(index.numel())
+            else:
+                mod.in_channels = int(index.numel())
+
+
+def _set_param(module: nn.Module, name: str, value: Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.clone(), requires_grad=old.requires_grad))

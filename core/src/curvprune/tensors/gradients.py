@@ -1,0 +1,399 @@
+"""Gradients of the selected parameters, as rows of a ``[k, d]`` matrix.
+
+Per-sample gradients come from ``torch.func``: ``vmap(grad(functional_call))`` over chunks of
+samples, so one chunk costs about one batched backward pass instead of k separate ones. With
+``fisher_mini_batch = b > 1`` every row is the gradient of the mean loss over b samples (the
+reference codes' "mini-batch Fisher"), still vectorised over rows.
+
+Labels come from the data (empirical Fisher) or are sampled from the model's predictive
+distribution (true Fisher, ``fisher = "true"``). The model runs in eval mode (BatchNorm uses its
+running statistics; Dropout is off) and its mode is restored afterwards. Gradients of pruned
+weights are multiplied by the mask, so a pruned coordinate has g = 0.
+
+The source keeps the running column sum of the rows it yielded (the mean gradient, which
+first-order terms need); non-finite values are tracked through it and the per-row losses on the
+device, without a host sync per chunk: call :meth:`GradientSource.check_finite` once after
+collection.
+
+Under torch.distributed (:mod:`curvprune.distributed`) every rank reads the same samples and
+regroups them into the same chunks; rank r computes chunks r, r + W, r + 2W, … (W ranks). With
+``gather=True`` the chunks are all-gathered so that every rank yields every chunk in the
+single-process order; otherwise each rank yields its own chunks and :meth:`synchronize` sums the
+running sums. Sampled labels (true Fisher) use one generator per chunk, seeded from the given
+generator and the chunk's index, so they do not depend on which rank computes the chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from curvprune.errors import ConfigError, CurvpruneError, NumericalError
+from curvprune.tensors import distributed
+from curvprune.tensors.layout import ParamLayout
+
+__all__ = ["GradientSource", "LossFn", "default_chunk_size", "default_loss"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Gradient bytes one chunk may hold at most when no chunk size is given (the rows and their
+#: work: two copies of the rows, docs/benchmarks.md plan accuracy).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+#: Bytes of gradient rows a default chunk aims for: per-sample gradients are memory-bound, and
+#: chunks that stay in cache are ~1.5× faster than larger ones (docs/benchmarks.md).
+CACHE_CHUNK_BYTES = 8 * 2**20
+
+
+def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy: the loss of classification models."""
+    return F.cross_entropy(outputs, targets)
+
+
+def default_chunk_size(d: int, fisher_mini_batch: int = 1) -> int:
+    """Rows per chunk: about :data:`CACHE_CHUNK_BYTES` of float32 rows, 32 to 256 of them, and
+    never more than :data:`DEFAULT_CHUNK_BYTES` of work space nor 4096 samples.
+
+    The floor of 32 rows matters for conv nets with d in the hundreds of thousands: vmap over
+    8-sample chunks ran ResNet-20's per-sample gradients ~5× slower than over 64 (measured,
+    docs/benchmarks.md, one-shot prune against one epoch)."""
+    d = max(d, 1)
+    rows = min(max(32, CACHE_CHUNK_BYTES // (4 * d)), 256)
+    rows = min(rows, DEFAULT_CHUNK_BYTES // (12 * d), 4096 // fisher_mini_batch)
+    return max(1, rows)
+
+
+class GradientSource:
+    """Yields gradients of the selected parameters in ``[k, d]`` chunks.
+
+    Args:
+        model: the model (its parameters are read, never modified).
+        layout: the selected parameters; rows are flattened in this layout.
+        loss_fn: ``loss_fn(outputs, targets)``, the mean loss over a batch (default: cross
+            entropy). It must be a pure tensor function (it runs under ``vmap``).
+        fisher_mini_batch: samples averaged into one gradient row (1: per-sample gradients).
+        fisher: ``"empirical"`` (labels from the data) or ``"true"`` (labels sampled from the
+            model's softmax output).
+        mask: bool ``[d]`` keep-mask; pruned coordinates of every row are zeroed.
+        chunk_size: rows per vectorised chunk (None: :func:`default_chunk_size`; under
+            torch.distributed also at most ⌈num_grads / W⌉, so that every rank gets work).
+        generator: random generator for sampled labels (on the model's device); one draw from
+            it seeds the per-chunk generators.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParamLayout,
+        loss_fn: LossFn | None = None,
+        *,
+        fisher_mini_batch: int = 1,
+        fisher: Literal["empirical", "true"] = "empirical",
+        mask: Tensor | None = None,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if fisher_mini_batch < 1:
+            raise ConfigError(f"fisher_mini_batch must be >= 1, got {fisher_mini_batch}")
+        if fisher not in ("empirical", "true"):
+            raise ConfigError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = model
+        self.layout = layout
+        self.loss_fn = loss_fn or default_loss
+        self.fisher_mini_batch = fisher_mini_batch
+        self.fisher = fisher
+        self.mask = mask
+        self.generator = generator
+        self._chunk_given = chunk_size is not None
+        if chunk_size is None:
+            chunk_size = default_chunk_size(layout.d, fisher_mini_batch)
+        self.chunk_size = chunk_size
+        self.samples_used = 0
+        self.rows = 0
+        self._sum: Tensor | None = None
+        self._loss_sum: Tensor | None = None
+        self._local = False  # running sums cover this rank's rows only (synchronize pending)
+
+    # -- main entry point ------------------------------------------------------------------------
+    def iter_grads(
+        self, batches: Iterable[Any], num_grads: int, *, gather: bool = False
+    ) -> Iterator[Tensor]:
+        """Yield chunks ``[k, d]`` (the parameters' dtype and device), ``num_grads`` rows in all.
+
+        Args:
+            batches: an iterable of ``(inputs, targets)`` batches; re-iterated from the start if
+                it runs out (a DataLoader), or an error if it cannot be (an iterator). Under
+                torch.distributed every rank must pass the same, unsharded batches (checked on
+                the first chunk).
+            num_grads: total number of gradient rows (over all ranks).
+            gather: under torch.distributed, yield every rank's chunks on every rank, in the
+                single-process order (``num_grads`` rows on each rank). False: yield only this
+                rank's chunks (about ``num_grads / W`` rows), then call :meth:`synchronize`.
+                Ignored in a single process.
+
+        Raises:
+            ConfigError: the data holds no sample, or runs out and cannot be restarted, or
+                differs between ranks.
+            CurvpruneError: another rank failed computing its gradients (``gather=True``).
+        """
+        if num_grads < 1:
+            return
+        params = dict(self.model.named_parameters())
+        selected = {n: params[n].detach() for n in self.layout.names}
+        frozen = {n: p.detach() for n, p in params.items() if n not in selected}
+        frozen.update(dict(self.model.named_buffers()))
+        device = next(iter(selected.values())).device
+        size, me = distributed.world_size(), distributed.rank()
+        rows_per_chunk = self.chunk_size
+        if size > 1 and not self._chunk_given:
+            rows_per_chunk = max(1, min(rows_per_chunk, -(-num_grads // size)))
+        n_chunks = -(-num_grads // rows_per_chunk)
+        label_seed = self._label_seed() if self.fisher == "true" else 0
+        compute = self._vectorised(frozen)
+        self._local = size > 1 and not gather
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            stream = self._sample_chunks(
+                batches, num_grads * self.fisher_mini_batch, rows_per_chunk * self.fisher_mini_batch
+            )
+            mine: tuple[Tensor, Tensor] | None = None
+            failure: Exception | None = None
+            for j, (xs, ys) in enumerate(stream):
+                if size > 1 and j == 0:
+                    distributed.check_same_across_ranks(
+                        (xs, ys), "the samples for gradients", error=ConfigError, where="data"
+                    )
+                if j % size == me:
+                    try:
+                        mine = self._chunk_grads(compute, selected, frozen, xs, ys, device,
+                                                 label_seed + j)
+                    except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+                        if size == 1 or not gather:
+                            raise
+                        failure, mine = exc, None
+                if size == 1 or not gather:
+                    if j % size == me:
+                        assert mine is not None
+                        self._track(*mine)
+                        rows, mine = mine[0], None
+                        yield rows
+                        # free this chunk before the next is computed: two copies at the peak
+                        # (the next chunk's per-parameter gradients and its rows), not three
+                        del rows
+                    continue
+                if j % size == size - 1 or j == n_chunks - 1:  # end of a round: gather it
+                    first = j - j % size
+                    counts = [
+                        min(rows_per_chunk, num_grads - c * rows_per_chunk) if c < n_chunks else 0
+                        for c in range(first, first + size)
+                    ]
+                    if distributed.any_rank(failure is not None):
+                        if failure is not None:
+                            raise failure
+                        raise CurvpruneError(
+                            "another rank failed while computing gradients; see its error"
+                        )
+                    for flat, losses in self._gather_round(mine, counts, device):
+                        self._track(flat, losses)
+                        yield flat
+                    mine = None
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def rows_are_local(self) -> bool:
+        """Whether the last :meth:`iter_grads` yielded this rank's rows only (sums not yet
+        combined: call :meth:`synchronize`)."""
+        return self._local
+
+    def synchronize(self) -> None:
+        """Sum the running sums (mean gradient, loss, row count) over all ranks, in place.
+
+        Call it on every rank after iterating :meth:`iter_grads` with ``gather=False`` under
+        torch.distributed; then :meth:`mean` and :meth:`check_finite` cover every rank's rows.
+        A no-op in a single process, after ``gather=True``, and when called twice.
+        """
+        if not self._local:
+            return
+        self._local = False
+        d = self.layout.d
+        params = self.layout.parameters(self.model)
+        dtype, device = params[0].dtype, params[0].device
+        column_sum = self._sum
+        if column_sum is None:  # this rank computed no chunk
+            column_sum = torch.zeros(d, dtype=dtype, device=device)
+        loss_sum = self._loss_sum
+        if loss_sum is None:
+            loss_sum = torch.zeros((), dtype=dtype, device=device)
+        packed = torch.cat([
+            column_sum.double(), loss_sum.double().reshape(1),
+            torch.tensor([float(self.rows)], dtype=torch.float64, device=device),
+        ])
+        distributed.all_reduce_sum_(packed)
+        self._sum = packed[:d].to(column_sum.dtype)
+        self._loss_sum = packed[d].to(loss_sum.dtype)
+        self.rows = int(packed[d + 1])
+
+    def mean(self) -> Tensor:
+        """The mean of all rows yielded so far, ``[d]`` (the mean gradient)."""
+        if self._sum is None:
+            raise ConfigError("no gradient was computed yet")
+        return self._sum / self.rows
+
+    def check_finite(self) -> None:
+        """Raise :class:`NumericalError` if any gradient or loss seen so far was NaN or infinite.
+
+        One host sync; the message names the first parameters with non-finite gradients.
+        A non-finite entry makes its column sum non-finite (NaN propagates, ±inf stays or
+        becomes NaN), so the running sum is all that needs checking.
+        """
+        if self._sum is not None:
+            bad_coords = ~torch.isfinite(self._sum)
+            if bool(bad_coords.any()):
+                index = self.layout.param_index(bad_coords.device)
+                bad_params = torch.unique(index[bad_coords]).tolist()
+                names = ", ".join(repr(self.layout.names[i]) for i in bad_params[:3])
+                raise NumericalError(
+                    f"non-finite gradients in {names}; check the inputs, the weights and loss_fn"
+                )
+        if self._loss_sum is not None and not bool(torch.isfinite(self._loss_sum)):
+            raise NumericalError(
+                "non-finite loss while collecting gradients; check the inputs, the model's "
+                "outputs and loss_fn"
+            )
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _chunk_grads(
+        self,
+        compute: Callable[..., tuple[dict, Tensor]],
+        selected: dict[str, Tensor],
+        frozen: dict[str, Tensor],
+        xs: Tensor,
+        ys: Tensor,
+        device: torch.device,
+        seed: int,
+    ) -> tuple[Tensor, Tensor]:
+        """Rows ``[k, d]`` and per-row losses ``[k]`` of one chunk of samples."""
+        xs, ys = xs.to(device), ys.to(device)
+        if self.fisher == "true":
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+            ys = self._sample_labels(xs, selected, frozen, generator)
+        rows = xs.shape[0] // self.fisher_mini_batch
+        xs = xs.reshape(rows, self.fisher_mini_batch, *xs.shape[1:])
+        ys = ys.reshape(rows, self.fisher_mini_batch, *ys.shape[1:])
+        grads, losses = compute(selected, xs, ys)
+        flat = self.layout.flatten([grads[n] for n in self.layout.names])
+        if self.mask is not None:
+            flat.masked_fill_(~self.mask.to(flat.device), 0)
+        return flat, losses
+
+    def _gather_round(
+        self, mine: tuple[Tensor, Tensor] | None, counts: list[int], device: torch.device
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """All-gather one round of chunks (rank r's is chunk r of the round); yield them in order.
+
+        The per-row losses travel as one extra column, so a round costs one collective.
+        """
+        d = self.layout.d
+        if mine is None:
+            dtype = self.layout.parameters(self.model)[0].dtype
+            local = torch.zeros(0, d + 1, dtype=dtype, device=device)
+        else:
+            flat, losses = mine
+            local = torch.cat([flat, losses.to(flat.dtype).unsqueeze(1)], dim=1)
+        every = distributed.all_gather_rows(local, counts)
+        start = 0
+        for n in counts:
+            if n:
+                yield every[start : start + n, :d], every[start : start + n, d]
+            start += n
+
+    def _label_seed(self) -> int:
+        """One draw from the generator (the same on every rank: rank 0's is broadcast)."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator,
+                                 device=self.generator.device if self.generator else "cpu"))
+        return int(distributed.broadcast_object(seed))
+
+    def _vectorised(self, frozen: dict[str, Tensor]) -> Callable[..., tuple[dict, Tensor]]:
+        model, loss_fn = self.model, self.loss_fn
+
+        def loss_of(selected: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            outputs = functional_call(model, ({**frozen, **selected},), (x,), strict=False)
+            return loss_fn(outputs, y)
+
+        return vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
+
+    def _sample_labels(
+        self,
+        xs: Tensor,
+        selected: dict[str, Tensor],
+        frozen: dict[str, Tensor],
+        generator: torch.Generator,
+    ) -> Tensor:
+        with torch.no_grad():
+            logits = functional_call(self.model, ({**frozen, **selected},), (xs,), strict=False)
+            probs = torch.softmax(logits.float(), dim=-1)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def _track(self, flat: Tensor, losses: Tensor) -> None:
+        column_sum, loss_sum = flat.sum(dim=0), losses.sum()
+        if self._sum is None:
+            self._sum, self._loss_sum = column_sum, loss_sum
+        else:
+            self._sum += column_sum
+            self._loss_sum += loss_sum
+        self.rows += flat.shape[0]
+
+    def _sample_chunks(
+        self, batches: Iterable[Any], total: int, per_chunk: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Regroup ``batches`` into chunks of ``per_chunk`` samples, ``total`` samples in all."""
+        pending_x: list[Tensor] = []
+        pending_y: list[Tensor] = []
+        have = 0
+        remaining = total
+        restartable = not isinstance(batches, Iterator)
+        passes = 0
+        while remaining > 0:
+            seen_in_pass = 0
+            for batch in batches:
+                x, y = _split_batch(batch)
+                seen_in_pass += x.shape[0]
+                pending_x.append(x)
+                pending_y.append(y)
+                have += x.shape[0]
+                while have >= min(per_chunk, remaining) and remaining > 0:
+                    take = min(per_chunk, remaining)
+                    xs, ys = torch.cat(pending_x), torch.cat(pending_y)
+                    yield xs[:take], ys[:take]
+                    self.samples_used += take
+                    pending_x, pending_y = [xs[take:]], [ys[take:]]
+                    have -= take
+                    remaining -= take
+                if remaining <= 0:
+                    return
+            passes += 1
+            if seen_in_pass == 0:
+                raise ConfigError("the data holds no sample to compute gradients on @ data")
+            if not restartable:
+                raise ConfigError(
+                    f"the data ran out after {self.samples_used + have} samples; gradients need "
+                    f"{total} (num_grads × fisher_mini_batch): pass a re-iterable DataLoader "
+                    "or lower num_grads"
+                )
+
+
+def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ConfigError(
+        f"each batch must be an (inputs, targets) pair, got {type(batch).__name__} @ data"
+    )
