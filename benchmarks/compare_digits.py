@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from curvprune.run.compare import compare
 from curvprune.config import load_raw_config
+from curvprune.run.compare import compare
 
 from _machine import describe
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from curvprune.pipeline.audit import spearman
 from curvprune.config import DataConfig
+from curvprune.pipeline.audit import spearman
 from curvprune.run.data import build_data
 from curvprune.run.models import DigitsMLP
 

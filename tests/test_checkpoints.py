@@ -16,9 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from curvprune.run.checkpoints import FORMAT, PartialRun, RunCheckpoints, check_plain, load_checkpoint_file, save_checkpoint
 from curvprune.cli import main
 from curvprune.errors import CheckpointError, ConfigError, NumericalError
+from curvprune.run.checkpoints import (
+    FORMAT,
+    PartialRun,
+    RunCheckpoints,
+    check_plain,
+    load_checkpoint_file,
+    save_checkpoint,
+)
 from curvprune.run.execute import execute_run
 
 BASE = """

@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from curvprune import Pipeline, get_plugin_manager, hookimpl
-from curvprune.run.checkpoints import FORMAT, PartialRun, save_checkpoint
 from curvprune.cli import main
 from curvprune.errors import NumericalError, PluginHookError
+from curvprune.run.checkpoints import FORMAT, PartialRun, save_checkpoint
 from curvprune.run.execute import execute_run
 
 RUN = """
