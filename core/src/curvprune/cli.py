@@ -255,10 +255,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from curvprune.run.checks import static_checks
     from curvprune.run.execute import prepare
 
     pipeline = prepare(args.config)
     cfg = pipeline.config
+    _announce_imports(cfg.model.name)
+    static_checks(pipeline)
     print(
         f"{args.config}: ok (estimator={cfg.estimator.name if cfg.estimator else None}, "
         f"scorer={cfg.scorer.name}, schedule={cfg.schedule.name}, mask={cfg.mask.name})"
@@ -268,19 +271,27 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce_imports(model_name: str) -> None:
+    """Name the user modules a config will import (and so run) before importing them."""
+    from curvprune.run.checks import modules_to_import
+
+    for module in modules_to_import(model_name):
+        print(f"note: [model] name imports and runs the module {module!r} (a config is as "
+              "trusted as a script)", file=sys.stderr)
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from curvprune.run.data import build_data
+    from curvprune.run.checks import static_checks
+    from curvprune.run.data import build_data, check_data
     from curvprune.run.execute import prepare, resolve_device
-    from curvprune.run.models import build_model
 
     pipeline = prepare(args.config)
     cfg = pipeline.config
+    _announce_imports(cfg.model.name)
     num_classes = cfg.model.num_classes
-    if num_classes is None:
-        num_classes = 10 if cfg.data.name in ("digits",) else (
-            cfg.data.num_classes if cfg.data.name == "fake" else build_data(cfg.data).num_classes
-        )
-    model = build_model(cfg.model.name, num_classes=num_classes, **cfg.model.kwargs)
+    if num_classes is None and check_data(cfg.data) is None:
+        num_classes = build_data(cfg.data).num_classes  # a data set whose classes need a look
+    model = static_checks(pipeline, num_classes=num_classes).model
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc} @ --nproc")
     plan = pipeline.plan(model, device=resolve_device(cfg.run.device), world_size=args.nproc)

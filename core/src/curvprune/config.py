@@ -72,6 +72,32 @@ def _non_negative(_: Any, attribute: attrs.Attribute, value: float) -> None:
         raise ValueError(f"{attribute.name} must be >= 0, got {value}")
 
 
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run directory, or None when it can.
+
+    A run name is one folder name inside ``[run] out``: no separator, not ``.`` or ``..``, not
+    hidden (a leading ``.`` is kept for curvprune's staging folders), no control characters,
+    at most 200 bytes (``.partial`` and temporary suffixes must still fit a file name).
+    """
+    if not name:
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if name.startswith("."):
+        return "starts with '.'"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    if len(name.encode("utf-8", "surrogateescape")) > 200:
+        return "is longer than 200 bytes"
+    return None
+
+
+def _run_name(_: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    problem = None if value is None else run_name_problem(value)
+    if problem:
+        raise ValueError(f"{attribute.name} must be a single folder name ({value!r} {problem})")
+
+
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """``[model]``: what to prune.
@@ -193,7 +219,7 @@ class RunSettings:
     seed: int = 0
     device: str = "auto"
     out: str = "runs"
-    name: str | None = None
+    name: str | None = attrs.field(default=None, validator=_run_name)
     memory_limit_gb: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(_positive)
     )

@@ -89,7 +89,7 @@ def test_load_pruned_reads_a_run_directory_too(run_dir):
 def test_load_pruned_refuses_another_architecture_and_leaves_it_untouched(run_dir):
     other = build_model("digits-mlp", num_classes=7)  # other keys (CNN run) or shapes (MLP run)
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"do not fit this model .* @ "):
+    with pytest.raises(ConfigError, match=r"do not fit Digits(MLP|CNN) .* @ "):
         curvprune.load_pruned(run_dir, other)
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
@@ -117,7 +117,7 @@ def test_export_of_a_truncated_file_is_one_line(run_dir, tmp_path, capsys):
     (broken / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes()[:64])
     assert main(["export", str(broken)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cannot read model.safetensors" in err
+    assert len(err.splitlines()) == 1 and "model.safetensors is truncated or corrupt" in err
     assert not (broken / "export").exists()
 
 
@@ -126,7 +126,7 @@ def test_cli_export_twice_refuses_to_overwrite(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
     first = (out / "model.safetensors").read_bytes()
     assert main(["export", str(run_dir), "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "export folder exists already" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == first
 
 

@@ -155,3 +155,20 @@ def test_quadratic_model_matches_the_second_order_expansion(dense, seed) -> None
         taylor = -g @ e + 0.5 * e @ hess @ e
         model = -ggn.grad @ e + 0.5 * e @ ggn.matrix @ e
         torch.testing.assert_close(taylor - model, 0.5 * e @ (hess - ggn_dense) @ e, **TOL)
+
+
+def test_forward_mode_products_print_no_torch_deprecation_warning():
+    """torch's first dual tensor scripts its decompositions (a FutureWarning); SOSP hides it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('error', FutureWarning)\n"
+        "from curvprune_sosp.curvature import _make_dual\n"
+        "import torch.autograd.forward_ad as fwAD\n"
+        "with fwAD.dual_level():\n"
+        "    _make_dual(torch.ones(2), torch.ones(2))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-400:]

@@ -15,12 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from curvprune.errors import CheckpointError
+from curvprune.errors import CheckpointError, ConfigError
 from curvprune.run.files import write_atomic
 
-__all__ = ["FORMAT", "check_plain", "load_checkpoint_file", "read_weights_only", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "check_plain",
+    "check_state_fits",
+    "load_checkpoint_file",
+    "read_safetensors",
+    "read_weights_only",
+    "save_checkpoint",
+]
 
 FORMAT = "curvprune.checkpoint/1"
 _REQUIRED = ("format", "phase", "config_sha256", "loop", "model", "optimizer", "session", "rng")
@@ -66,30 +74,58 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     write_atomic(Path(path), buffer.getvalue())
 
 
-def read_weights_only(path: str | Path) -> Any:
+def read_weights_only(path: str | Path, what: str = "checkpoint") -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
 
+    Whatever the weights-only unpickler raises (a text file gives a ``KeyError``, a truncated one
+    an ``EOFError`` or a ``RuntimeError``, a pickle carrying code an ``UnpicklingError``) becomes a
+    :class:`CheckpointError` naming the file; no object outside tensors and plain values is ever
+    constructed.
+
     Raises:
-        CheckpointError: missing, truncated or corrupt file, or one carrying objects that
-            weights-only loading refuses (they are never unpickled).
+        CheckpointError: missing, truncated, corrupt or unsafe file.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found @ {path}")
+        raise CheckpointError(f"{what} not found @ {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [
             ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln
         ]
-        what = lines[0] if lines else " ".join(str(exc).split())[:200]
+        why = _short(lines[0] if lines else exc)
         raise CheckpointError(
-            f"checkpoint holds objects that weights-only loading refuses ({what}); it was not "
-            f"loaded @ {path}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CheckpointError(f"checkpoint is truncated or corrupt ({reason}) @ {path}") from None
+            f"{what} holds objects that weights-only loading refuses ({why}); it was not loaded "
+            f"@ {path}"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - any failure of the reader is a bad file
+        raise CheckpointError(f"{what} is truncated or corrupt ({_short(exc)}) @ {path}") from exc
+
+
+def read_safetensors(path: str | Path, what: str = "tensor file") -> dict[str, Tensor]:
+    """The tensors of a safetensors file, with one-line errors.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file (whatever safetensors raises).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found @ {path}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure of the reader is a bad file
+        raise CheckpointError(f"{what} is truncated or corrupt ({_short(exc)}) @ {path}") from exc
+
+
+def _short(exc: object, limit: int = 80) -> str:
+    """A reader's error on one line, cut to ``limit`` characters (the whole one is in --debug)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, BaseException) and type(exc).__name__ not in text:
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
@@ -108,3 +144,28 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint lacks {', '.join(map(repr, missing))} @ {path}")
     return state
+
+
+def check_state_fits(model: nn.Module, state: Mapping[str, Tensor], where: str | Path) -> None:
+    """Refuse, before touching ``model``, a state dict with other keys or shapes.
+
+    The message names at most three keys and stays on one short line, however large the model.
+
+    Raises:
+        ConfigError: missing or unexpected keys, or a shape that differs.
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing or extra:
+        keys = missing or extra
+        more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+        what = f"{'missing' if missing else 'unexpected'} {', '.join(keys[:3])}{more}"
+        raise ConfigError(f"the saved weights do not fit {type(model).__name__} ({what}) @ {where}")
+    for key, value in own.items():
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise ConfigError(
+                f"the saved weights do not fit {type(model).__name__} ({key}: saved "
+                f"{list(state[key].shape)}, model {list(value.shape)}) @ {where}"
+            )
+

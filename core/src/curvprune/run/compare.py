@@ -117,7 +117,7 @@ def compare(
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     final = Path(out) / f"compare-{stamp}"
     rows: list[dict[str, Any]] = []
-    with atomic_directory(final) as staging:
+    with atomic_directory(final, "comparison folder") as staging:
         for source, raw, label, pipe in zip(names, raws, labels, pipelines, strict=True):
             targets = list(sparsities) if sparsities else [pipe.config.prune.sparsity]
             for target in targets:

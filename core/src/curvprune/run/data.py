@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from curvprune.config import DataConfig
 from curvprune.errors import ConfigError, closest
 
-__all__ = ["DataBundle", "build_data", "make_loaders"]
+__all__ = ["DataBundle", "build_data", "check_data", "make_loaders"]
 
 
 @attrs.frozen
@@ -63,18 +63,10 @@ def _fake(cfg: DataConfig, seed: int) -> DataBundle:
 
 
 def _torchvision(cfg: DataConfig) -> DataBundle:
-    import torchvision.datasets as tvd
     from torchvision import transforms
 
     name = cfg.name.split(":", 1)[1]
-    cls = getattr(tvd, name, None)
-    if not isinstance(cls, type):
-        choices = [n for n in dir(tvd) if n[:1].isupper()]
-        hint = closest(name, choices)
-        more = f"; did you mean 'torchvision:{hint}'?" if hint else ""
-        raise ConfigError(f"torchvision has no data set {name!r}{more} @ data.name")
-    if not cfg.root:
-        raise ConfigError(f"data set {cfg.name!r} needs a local folder: set [data] root @ data.root")
+    cls = _torchvision_class(cfg)
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(0.5, 0.5)])
     try:
         train = cls(cfg.root, train=True, transform=tf, download=cfg.download)
@@ -93,12 +85,7 @@ def _imagefolder(cfg: DataConfig) -> DataBundle:
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
-    if not cfg.root:
-        raise ConfigError("data 'imagefolder' needs [data] root with train/ and val/ @ data.root")
-    root = Path(cfg.root)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise ConfigError(f"no folder {split!r} under {str(root)!r} @ data.root")
+    root = _imagefolder_root(cfg)
     size = cfg.image_size
     tf = transforms.Compose([
         transforms.Resize(int(size * 8 / 7)),
@@ -116,14 +103,47 @@ def build_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
     Raises:
         ConfigError: unknown name, missing root, or a data set that is not on disk.
     """
+    check_data(cfg)
     if cfg.name == "digits":
         return _digits()
     if cfg.name == "fake":
         return _fake(cfg, seed)
     if cfg.name.startswith("torchvision:"):
         return _torchvision(cfg)
+    return _imagefolder(cfg)
+
+
+#: Classes of the torchvision data sets people prune on, known without opening them.
+_TORCHVISION_CLASSES = {
+    "CIFAR10": 10, "CIFAR100": 100, "MNIST": 10, "FashionMNIST": 10, "KMNIST": 10, "SVHN": 10,
+    "STL10": 10, "ImageNet": 1000,
+}
+
+
+def check_data(cfg: DataConfig) -> int | None:
+    """Check ``[data]`` without loading a sample; return its number of classes when known.
+
+    Known without loading: digits (10), fake (``num_classes``), an image folder (the class
+    folders under ``train/``) and the common torchvision sets; None otherwise.
+
+    Raises:
+        ConfigError: unknown name, unknown torchvision data set, missing ``root`` or folders.
+    """
+    if cfg.name == "digits":
+        return 10
+    if cfg.name == "fake":
+        return cfg.num_classes
+    if cfg.name.startswith("torchvision:"):
+        cls = _torchvision_class(cfg)
+        if not cfg.download and not Path(cfg.root or "").is_dir():
+            raise ConfigError(
+                f"{cls.__name__} not found: no folder {cfg.root!r}; put it there or set [data] "
+                "download = true @ data.root"
+            )
+        return _TORCHVISION_CLASSES.get(cls.__name__)
     if cfg.name == "imagefolder":
-        return _imagefolder(cfg)
+        root = _imagefolder_root(cfg)
+        return sum(1 for p in (root / "train").iterdir() if p.is_dir())
     choices = ["digits", "fake", "imagefolder"]
     hint = closest(cfg.name, choices)
     more = f"; did you mean {hint!r}?" if hint else ""
@@ -131,6 +151,31 @@ def build_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
         f"unknown data {cfg.name!r} (choose digits, fake, imagefolder or "
         f"torchvision:<Dataset>){more} @ data.name"
     )
+
+
+def _torchvision_class(cfg: DataConfig) -> type:
+    import torchvision.datasets as tvd
+
+    name = cfg.name.split(":", 1)[1]
+    cls = getattr(tvd, name, None)
+    if not isinstance(cls, type):
+        choices = [n for n in dir(tvd) if n[:1].isupper()]
+        hint = closest(name, choices)
+        more = f"; did you mean 'torchvision:{hint}'?" if hint else ""
+        raise ConfigError(f"torchvision has no data set {name!r}{more} @ data.name")
+    if not cfg.root:
+        raise ConfigError(f"data set {cfg.name!r} needs a local folder: set [data] root @ data.root")
+    return cls
+
+
+def _imagefolder_root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise ConfigError("data 'imagefolder' needs [data] root with train/ and val/ @ data.root")
+    root = Path(cfg.root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(f"no folder {split!r} under {str(root)!r} @ data.root")
+    return root
 
 
 def make_loaders(

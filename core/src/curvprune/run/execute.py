@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import resource
 import time
@@ -32,7 +33,9 @@ from curvprune.config import PipelineConfig, dump_config, load_raw_config, unstr
 from curvprune.errors import CheckpointError, ConfigError, CurvpruneError
 from curvprune.pipeline.pipeline import Pipeline
 from curvprune.plugin.manager import PluginHost, get_plugin_manager
+from curvprune.run.checkpoint_files import check_state_fits, read_safetensors
 from curvprune.run.checkpoints import RunCheckpoints, read_weights_only
+from curvprune.run.checks import static_checks
 from curvprune.run.data import build_data, make_loaders
 from curvprune.run.defaults import default_config
 from curvprune.run.files import SCHEMA, atomic_directory, write_atomic
@@ -80,25 +83,23 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict from ``.safetensors`` or a weights-only torch file into ``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint not found @ {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """Load a state dict from ``.safetensors`` or a weights-only torch file into ``model``.
 
-            state = load_file(str(path))
-        else:
-            state = read_weights_only(path)  # never unpickles arbitrary objects
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        model.load_state_dict(state)
-    except (ConfigError, CheckpointError):
-        raise
-    except Exception as exc:
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        raise ConfigError(f"cannot load checkpoint ({reason}) @ {path}") from None
+    Raises:
+        CheckpointError: a missing, unreadable or unsafe file, or one that holds no state dict.
+        ConfigError: weights of other keys or shapes than ``model``'s (``model`` untouched).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state: Any = read_safetensors(path, "model checkpoint")
+    else:
+        state = read_weights_only(path, "model checkpoint")  # never unpickles arbitrary objects
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"model checkpoint holds no state dict of tensors @ {path}")
+    check_state_fits(model, state, path)
+    model.load_state_dict(state)
 
 
 def _save_state(model: nn.Module, path: Path) -> None:
@@ -124,7 +125,7 @@ def _run_name(config: PipelineConfig) -> str:
 
 def _unique(path: Path) -> Path:
     candidate, n = path, 2
-    while candidate.exists():
+    while os.path.lexists(candidate):
         candidate = path.with_name(f"{path.name}-{n}")
         n += 1
     return candidate
@@ -250,6 +251,7 @@ def _execute_run(
     started = time.perf_counter()
     pipeline = prepare(source, host=host)
     cfg = pipeline.config
+    static_checks(pipeline, out=out, name=name, cache=cache)  # before any data or training
     # under torchrun: join the process group; each rank builds the same model and data
     device = distributed.init_from_env(resolve_device(cfg.run.device))
     torch.manual_seed(cfg.run.seed)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from curvprune.errors import ConfigError
+from curvprune.run.checkpoint_files import check_state_fits, read_safetensors
 from curvprune.run.files import atomic_directory, read_result
 from curvprune.run.models import build_model
 from curvprune.structure.removal import apply_removal
@@ -38,14 +39,7 @@ _STRUCTURE = "structure.json"
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (FileNotFoundError, SafetensorError, OSError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise ConfigError(f"cannot read {path.name} ({reason}) @ {path}") from None
+    return read_safetensors(path, path.name)
 
 
 def _read_structure(folder: Path) -> Any | None:
@@ -62,22 +56,6 @@ def _apply_removal(model: nn.Module, structure: Any, where: Path) -> None:
     """Shrink ``model`` to the kept channels that ``structure.json`` records."""
 
     apply_removal(model, structure)  # takes structure.json's content as it is
-
-
-def _check_fits(model: nn.Module, state: Mapping[str, Tensor], where: Path) -> None:
-    """Refuse (before touching ``model``) a state dict of other keys or shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    if missing or extra:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise ConfigError(f"the saved weights do not fit this model ({what}) @ {where}")
-    for key, value in own.items():
-        if tuple(value.shape) != tuple(state[key].shape):
-            raise ConfigError(
-                f"the saved weights do not fit this model ({key}: saved "
-                f"{list(state[key].shape)}, model {list(value.shape)}) @ {where}"
-            )
 
 
 def _check_masks(state: Mapping[str, Tensor], masks: Mapping[str, Tensor], where: Path) -> None:
@@ -116,14 +94,14 @@ def load_pruned(path: str | Path, model: nn.Module) -> nn.Module:
     masks = _read_tensors(folder / "masks.safetensors") if has_masks else {}
     structure = _read_structure(folder)
     if structure is None:
-        _check_fits(model, state, folder)
+        check_state_fits(model, state, folder)
         _check_masks(state, masks, folder)
     else:  # check on a shrunk copy first: the user's model stays whole on any error
         import copy
 
         trial = copy.deepcopy(model)
         _apply_removal(trial, structure, folder)
-        _check_fits(trial, state, folder)
+        check_state_fits(trial, state, folder)
         _apply_removal(model, structure, folder)
     model.load_state_dict(state)
     return model.eval()
@@ -149,7 +127,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     model = load_pruned(run_dir, fresh())
     final = Path(out) if out is not None else run_dir / "export"
-    with atomic_directory(final) as staging:
+    with atomic_directory(final, "export folder") as staging:
         files = {
             "model.safetensors": save({k: v.contiguous() for k, v in state.items()}),
             "masks.safetensors": save(masks),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from curvprune.errors import ConfigError
+from curvprune.run.paths import new_folder, own_folder
 
 __all__ = ["SCHEMA", "atomic_directory", "read_result", "write_atomic"]
 
@@ -38,24 +39,41 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a hidden staging folder that becomes ``final`` only if the block succeeds."""
-    final = Path(final)
-    if final.exists():
-        raise ConfigError(f"run directory already exists @ {final}")
+def atomic_directory(final: Path, what: str = "run directory") -> Iterator[Path]:
+    """Yield a hidden staging folder that becomes ``final`` only if the block succeeds.
+
+    Raises:
+        ConfigError: ``final`` exists (as anything, a symbolic link included) before the block
+            starts or appears while it runs (another process took the name): nothing is
+            replaced and the staging folder is removed.
+    """
+    final = new_folder(final, what)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".{final.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         yield staging
-        os.replace(staging, final)
+        try:
+            # rename(2) would replace an empty folder, or a link to one: claim the name first
+            os.mkdir(final)
+        except FileExistsError:
+            raise ConfigError(
+                f"{what} was created by another process while this one was writing; "
+                f"this result was not kept @ {final}"
+            ) from None
+        try:
+            os.replace(staging, final)
+        except BaseException:
+            os.rmdir(final)  # still the empty folder claimed above
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def read_result(run_dir: str | Path) -> dict[str, Any]:
     """The ``result.json`` of a run directory."""
+    own_folder(run_dir, "the run directory", str(run_dir))
     path = Path(run_dir) / "result.json"
     if not path.is_file():
         raise ConfigError(f"not a run directory (no result.json) @ {run_dir}")

@@ -8,6 +8,7 @@ live. What a checkpoint holds is :mod:`curvprune.run.checkpoints`' business.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ class PartialRun:
 def unique_name(out: Path, name: str) -> str:
     """``name``, or ``name-2``, ``name-3``, ... so neither the run nor its partial folder exists."""
     candidate, n = name, 2
-    while (out / candidate).exists() or (out / f"{candidate}{PARTIAL_SUFFIX}").exists():
+    while os.path.lexists(out / candidate) or os.path.lexists(out / f"{candidate}{PARTIAL_SUFFIX}"):
         candidate = f"{name}-{n}"
         n += 1
     return candidate

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import warnings
+
 import attrs
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -183,7 +185,7 @@ def gradient_and_ggn_vector(
         for x, y, half in take_samples(batches, num_samples, device):
             gates = torch.ones(size, dtype=dtype, device=device, requires_grad=True)
             with fwAD.dual_level():
-                out = space.forward(fwAD.make_dual(gates, t), x)
+                out = space.forward(_make_dual(gates, t), x)
                 primal, jvp = fwAD.unpack_dual(out)
             if jvp is None:  # the outputs do not depend on the gates
                 jvp = torch.zeros_like(primal)
@@ -222,7 +224,7 @@ def quadratic_form(
     with evaluation(model), torch.no_grad():
         for x, y, _ in take_samples(batches, num_samples, device):
             with fwAD.dual_level():
-                out = space.forward(fwAD.make_dual(torch.ones_like(t), t), x)
+                out = space.forward(_make_dual(torch.ones_like(t), t), x)
                 primal, jvp = fwAD.unpack_dual(out)
             if jvp is not None and curvature is not None:
                 total[0] += (jvp * curvature.apply(primal, y, jvp)).sum().double()
@@ -351,3 +353,18 @@ def _jacobian(space: GateSpace, x: Tensor, ones: Tensor, mode: str) -> tuple[Ten
 
     jac, out = torch.func.jacfwd(batch, has_aux=True)(ones)
     return jac.detach(), out
+
+
+def _make_dual(primal: Tensor, tangent: Tensor) -> Tensor:
+    """``fwAD.make_dual``, without the FutureWarning torch's first call prints.
+
+    The first dual tensor makes torch register its forward-mode decompositions with
+    ``torch.jit.script``, which warns that it is deprecated: torch's own business, not the
+    user's, so that one warning is silenced here (others pass through).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+        )
+        return fwAD.make_dual(primal, tangent)
+
