@@ -308,10 +308,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"  memory {part:<10} {value / 2**20:12.2f} MiB")
     print(f"  memory total      {plan.total_bytes / 2**20:12.2f} MiB of {plan.limit / 2**30:.1f} GiB "
           f"({plan.limit_source})")
+    if plan.total_bytes < sum(plan.memory.values()):
+        print("  (the total is less than the parts: gradients stream while the estimator "
+              "accumulates, and are freed before it answers; the peak is the larger phase)")
     if plan.world_size > 1:
         print(f"  memory is per rank: each of the {plan.world_size} ranks holds the whole estimator "
               "state (not sharded)")
-    print(f"time class: {plan.time_class}")
+    if plan.seconds is None:
+        print("time: unknown (the estimator gives no flop estimate)")
+    else:
+        print(f"time: at least ~{plan.seconds:.3g} s per pruning step ({plan.time_class}): "
+              f"{plan.flops:.3g} flop at this machine's measured "
+              f"{plan.flops_per_second / 1e9:.3g} GFLOP/s matrix-multiply rate")
     if not plan.fits:
         plan.check()
     return 0

@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CurvpruneError",
+    "CurvpruneWarning",
     "DuplicateComponentError",
     "DuplicatePluginError",
     "EstimatorStateError",
@@ -20,6 +21,7 @@ __all__ = [
     "NumericalError",
     "PluginHookError",
     "PluginLoadError",
+    "SampleReuseWarning",
     "UnknownComponentError",
     "UnsupportedModelError",
     "UnsupportedQuery",
@@ -108,3 +110,12 @@ class EstimatorStateError(CurvpruneError, RuntimeError):
 
 class UnsupportedQuery(CurvpruneError, NotImplementedError):
     """An estimator cannot answer a query; the message says what it can do instead."""
+
+
+class CurvpruneWarning(UserWarning):
+    """A run goes on, but probably not as intended; ``curvprune run`` lists these in its report."""
+
+
+class SampleReuseWarning(CurvpruneWarning):
+    """The data holds fewer samples than the gradients need, so some are used more than once."""
+

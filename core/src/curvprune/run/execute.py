@@ -12,13 +12,15 @@ them (model, data, training settings, seed, torch version), so ``compare`` train
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from torch import nn
 from curvprune._log import get_logger
 from curvprune._progress import Progress
 from curvprune.config import PipelineConfig, dump_config, load_raw_config, unstructure_config
-from curvprune.errors import CheckpointError, ConfigError, CurvpruneError
+from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, CurvpruneWarning
 from curvprune.pipeline.pipeline import Pipeline
 from curvprune.plugin.manager import PluginHost, get_plugin_manager
 from curvprune.run.checkpoint_files import check_state_fits, read_safetensors
@@ -232,9 +234,30 @@ def execute_run(
                     raise ConfigError(
                         f"a resumed run keeps its own folder and name ({own}); drop {what} @ resume"
                     )
-        return _execute_run(
-            source, out=out, name=name, quiet=quiet, host=host, cache=cache, checkpoints=checkpoints
-        )
+        with _collect_warnings() as warned:
+            return _execute_run(
+                source, out=out, name=name, quiet=quiet, host=host, cache=cache,
+                checkpoints=checkpoints, warned=warned,
+            )
+
+
+@contextlib.contextmanager
+def _collect_warnings() -> Iterator[list[str]]:
+    """Keep the run's :class:`CurvpruneWarning` messages for its report; they still print."""
+    original = warnings.showwarning
+    collected: list[str] = []
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, CurvpruneWarning) and str(message) not in collected:
+            collected.append(str(message))
+        original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield collected
+    finally:
+        warnings.showwarning = original
 
 
 def _execute_run(
@@ -246,8 +269,9 @@ def _execute_run(
     host: PluginHost | None,
     cache: str | Path | None,
     checkpoints: RunCheckpoints,
+    warned: list[str],
 ) -> RunOutcome:
-    """:func:`execute_run` within its checkpoint handling."""
+    """:func:`execute_run` within its checkpoint handling; ``warned`` fills as warnings come."""
     started = time.perf_counter()
     pipeline = prepare(source, host=host)
     cfg = pipeline.config
@@ -408,6 +432,7 @@ def _execute_run(
         "time": times,
         "memory": {"peak_bytes": peak, "measure": measure, "planned_bytes": plan.total_bytes},
         "plan": plan.to_dict(),
+        "warnings": warned,
     }
     run_dir = distributed.broadcast_object(_unique(out_dir / run_name))  # rank 0 names it
     _write_on_rank_0(lambda: _write_run_dir(run_dir, pipeline, model, result, record, removal))

@@ -42,9 +42,8 @@ def render_report(result: Mapping[str, Any]) -> str:
         f"| accuracy | {_pct(acc['dense'])} | {_pct(acc['pruned'])} | {_pct(acc['finetuned'])} |",
         f"| loss | {_num(loss['dense'])} | {_num(loss['pruned'])} | {_num(loss['finetuned'])} |",
         "",
-        f"Sparsity: {_pct(sp['total'])} of the selected weights (target {_pct(sp['target'])}), "
-        f"{_pct(sp['overall'])} of all parameters.",
-        "",
+        *_sparsity_lines(result),
+        *_warning_lines(result),
         "## Pruning steps",
         "",
         "| step | target | reached | pruned | predicted ΔL | measured ΔL | gradients | seconds |",
@@ -81,6 +80,45 @@ def render_report(result: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _sparsity_lines(result: Mapping[str, Any]) -> list[str]:
+    """Sparsity of the selected weights, and of the whole model in the right terms."""
+    sp = result["sparsity"]
+    lines = [f"Sparsity: {_pct(sp['total'])} of the selected weights (target "
+             f"{_pct(sp['target'])})."]
+    s = result.get("structure")
+    if s:  # the smaller model has no zeros left to count: say what shrank instead
+        cut = 1 - s["params_after"] / s["params_before"] if s["params_before"] else 0.0
+        lines[-1] += (f" The channels were removed physically: the model has "
+                      f"{_pct(cut).strip()} fewer Conv and Linear parameters (below).")
+    else:
+        lines[-1] += f" Zeros make up {_pct(sp['overall']).strip()} of all parameters."
+    return [*lines, ""]
+
+
+def _warning_lines(result: Mapping[str, Any]) -> list[str]:
+    """The run's warnings (sample reuse, unstable rankings, ...), each on one line."""
+    warned = result.get("warnings") or []
+    if not warned:
+        return []
+    return ["**Warnings** (the run went on):", "", *(f"* {w}" for w in warned), ""]
+
+
+def _ratio_meaning(ratio: float) -> str:
+    """One line saying how to read measured / predicted for a summed loss change."""
+    if ratio < 0:
+        return ("The loss moved the other way than predicted: the quadratic model does not "
+                "describe this step (far from a minimum, or too large a step).")
+    if ratio < 0.5:
+        return ("The measured change is well below the prediction: pruning cost less than the "
+                "quadratic model says (the compensating update helped more, or the curvature "
+                "overestimates).")
+    if ratio <= 2:
+        return "The quadratic model predicted the loss change to within a factor of 2."
+    return (f"The measured change is {ratio:.3g}× the prediction: the steps left the region "
+            "where the local quadratic model holds (more steps, i.e. a smaller sparsity "
+            "increase per step, or more gradients bring them closer).")
 
 
 def _scorer_report_lines(result: Mapping[str, Any]) -> list[str]:
@@ -141,6 +179,8 @@ def _audit_lines(result: Mapping[str, Any]) -> list[str]:
             f"Predicted loss change summed over the steps: {_num(predicted)}; measured on the "
             f"audit samples: {_num(measured)}{ratio}. Per step in the table above."
         )
+        if measured is not None and predicted:
+            lines += ["", _ratio_meaning(measured / predicted)]
     single = change.get("single") or []
     if single:
         lines += [

@@ -25,6 +25,7 @@ generator and the chunk's index, so they do not depend on which rank computes th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from curvprune.errors import ConfigError, CurvpruneError, NumericalError
+from curvprune.errors import ConfigError, CurvpruneError, NumericalError, SampleReuseWarning
 from curvprune.tensors import distributed
 from curvprune.tensors.layout import ParamLayout
 
@@ -388,6 +389,14 @@ class GradientSource:
                     f"the data ran out after {self.samples_used + have} samples; gradients need "
                     f"{total} (num_grads × fisher_mini_batch): pass a re-iterable DataLoader "
                     "or lower num_grads"
+                )
+            if passes == 1:
+                warnings.warn(
+                    f"the data holds {seen_in_pass} samples but the gradients need {total} "
+                    f"(num_grads × fisher_mini_batch): samples are reused "
+                    f"{-(-total // seen_in_pass)} times over; lower num_grads or add data",
+                    SampleReuseWarning,
+                    stacklevel=2,
                 )
 
 

@@ -24,11 +24,10 @@ split-half stability check, and is summed over ranks under ``torch.distributed``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
-
-import warnings
 
 import attrs
 import torch

@@ -14,10 +14,12 @@ import warnings
 import torch
 from torch import Tensor
 
+from curvprune import CurvpruneWarning
+
 __all__ = ["RankingStabilityWarning", "average_ranks", "check_stability", "spearman"]
 
 
-class RankingStabilityWarning(UserWarning):
+class RankingStabilityWarning(CurvpruneWarning):
     """The two halves of the samples rank the structures differently: use more samples."""
 
 
