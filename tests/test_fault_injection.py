@@ -183,11 +183,11 @@ def test_nan_during_a_checkpointed_training_run(out, tmp_path, capsys, monkeypat
     model = 'name = "module:nanmodel:build"\nkwargs = {steps = 16}'
     text = RUN.replace('name = "digits-mlp"', model)
     before = snapshot(out)
-    assert main(["run", str(write(tmp_path, text)), "--out", str(out), "--name", "r", "-q"]) == 1
+    assert main(["run", str(write(tmp_path, text)), "--out", str(out), "--name", "n", "-q"]) == 1
     assert "not finite" in one_line(capsys)
     assert snapshot(out).items() >= before.items()  # the run 'r' and the cache are intact
-    assert not (out / "r-2").exists()  # 'r' exists, so this run was r-2
-    state = torch.load(out / "r-2.partial" / "checkpoint.pt", weights_only=True)
+    assert not (out / "n").exists()
+    state = torch.load(out / "n.partial" / "checkpoint.pt", weights_only=True)
     assert state["loop"]["step"] == 3
     assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
 
@@ -248,7 +248,7 @@ def test_cli_run_with_a_raising_plugin(out, tmp_path, fake_dist, capsys):
     ''')
     before = snapshot(out)
     cfg = write(tmp_path, RUN.replace("checkpoint_every = 3", "checkpoint_every = 0"))
-    assert main(["run", str(cfg), "--out", str(out), "--name", "r", "-q"]) == 1
+    assert main(["run", str(cfg), "--out", str(out), "--name", "n", "-q"]) == 1
     assert one_line(capsys) == ("curvprune run: error: plugin 'exploder' failed in "
                                 "curvprune_after_prune_step: ValueError: bad report")
     assert snapshot(out) == before
@@ -265,9 +265,9 @@ def test_writer_failing_half_way_leaves_no_run_directory(out, tmp_path, capsys, 
     monkeypatch.setattr("curvprune.run.execute.render_report", broken)
     before = snapshot(out)
     cfg = write(tmp_path, RUN.replace("checkpoint_every = 3", "checkpoint_every = 0"))
-    assert main(["run", str(cfg), "--out", str(out), "--name", "r", "-q"]) == 1
+    assert main(["run", str(cfg), "--out", str(out), "--name", "n", "-q"]) == 1
     assert "No space left on device" in one_line(capsys)
-    assert snapshot(out) == before  # no r-2, no staging folder, r and the cache intact
+    assert snapshot(out) == before  # no run 'n', no staging folder, r and the cache intact
     assert sorted(p.name for p in out.iterdir()) == ["cache", "r"]
 
 

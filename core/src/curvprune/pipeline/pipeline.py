@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvprune._progress import Progress
 from curvprune.config import PipelineConfig, load_raw_config, structure_config
 from curvprune.errors import ConfigError
 from curvprune.pipeline.planning import Plan, make_plan
@@ -188,6 +189,7 @@ class Pipeline:
         loss_fn: LossFn | None = None,
         *,
         masks: MaskSet | None = None,
+        progress: Progress | None = None,
     ) -> PruneResult:
         """Prune a trained model one-shot to ``[prune] sparsity``, in the schedule's sub-steps.
 
@@ -197,6 +199,7 @@ class Pipeline:
                 None only if the scorer needs no data and ``loss_samples = 0``).
             loss_fn: ``loss_fn(outputs, targets)``, mean over the batch (default cross entropy).
             masks: masks of an earlier pruning to continue from (default: nothing pruned yet).
+            progress: where to show the steps and their gradient chunks (default: nowhere).
 
         Returns:
             The masks and one :class:`StepReport` per sub-step.
@@ -216,16 +219,20 @@ class Pipeline:
                 + ") @ schedule.name"
             )
         started = time.perf_counter()
-        runner = StepRunner(self, model, data, loss_fn, masks)
+        progress = progress or Progress(enabled=False)
+        runner = StepRunner(self, model, data, loss_fn, masks, progress=progress)
         self.plan(model).check()
         self.host.pipeline_start(self, model)
         target = self.config.prune.sparsity
         current = self.mask.achieved_sparsity(runner.masks.flat, runner.layout)
         snapshot = runner.layout.gather(model)
         gate_snapshot = runner.gate_parameters_snapshot()
+        levels = list(self.schedule.levels(target, current))
         try:
-            for level in self.schedule.levels(target, current):
-                runner.step(level)
+            with progress.bar("pruning steps", len(levels)) as advance:
+                for level in levels:
+                    runner.step(level)
+                    advance()
         except BaseException:
             runner.layout.scatter_(model, snapshot)
             runner.restore_gate_parameters(gate_snapshot)

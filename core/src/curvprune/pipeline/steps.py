@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from curvprune._log import get_logger
+from curvprune._progress import Progress
 from curvprune.errors import ConfigError, CurvpruneError, NumericalError
 from curvprune.pipeline.audit import SingleWeightAudit, audit_single_weights
 from curvprune.pipeline.view import PipelineView
@@ -44,8 +45,11 @@ class StepRunner:
         data: Iterable[Any] | None,
         loss_fn: LossFn | None,
         masks: MaskSet | None,
+        *,
+        progress: Progress | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.progress = progress or Progress(enabled=False)
         self.model = model
         self.data = data
         self.loss_fn = loss_fn or default_loss
@@ -224,15 +228,19 @@ class StepRunner:
         # single-process order); "sum" estimators and the mean see this rank's rows, then sum.
         gather = estimator is not None and estimator.reduction == "gather"
         failure: CurvpruneError | None = None
+        # this rank's rows only when they are local (about num_grads / W of them)
+        total = num_grads if gather or distributed.world_size() == 1 else None
         try:
-            for chunk in source.iter_grads(self.data, num_grads, gather=gather):  # type: ignore[arg-type]
-                if estimator is not None:
-                    try:
-                        estimator.update(chunk)
-                    except NumericalError:
-                        source.check_finite()  # the source knows which parameter: say so
-                        raise
-                del chunk  # not alive while the next chunk is computed (see iter_grads)
+            with self.progress.bar(f"step {index + 1} gradients", total) as advance:
+                for chunk in source.iter_grads(self.data, num_grads, gather=gather):  # type: ignore[arg-type]
+                    if estimator is not None:
+                        try:
+                            estimator.update(chunk)
+                        except NumericalError:
+                            source.check_finite()  # the source knows which parameter: say so
+                            raise
+                    advance(chunk.shape[0])
+                    del chunk  # not alive while the next chunk is computed (see iter_grads)
         except CurvpruneError as exc:
             if not source.rows_are_local:
                 raise  # every rank saw the same rows and fails the same way

@@ -158,10 +158,14 @@ class RunCheckpoints:
                 )
         return self.partial.config_path
 
-    def start(self, every: int, out: Path, name: str, config_text: str) -> tuple[Path, str]:
+    def start(
+        self, every: int, out: Path, name: str, config_text: str, *, explicit: bool = False
+    ) -> tuple[Path, str]:
         """Begin checkpointing (if ``every`` > 0); return the run's ``(out, name)``.
 
-        A resumed run keeps its own folder and name and reads its checkpoint here.
+        A resumed run keeps its own folder and name and reads its checkpoint here. A generated
+        ``name`` gets a suffix when taken; an ``explicit`` one (the user's) is used as given, and
+        the partial folder's creation refuses it when taken.
 
         Raises:
             CheckpointError: the checkpoint of a resumed run is unreadable or of another config.
@@ -198,7 +202,7 @@ class RunCheckpoints:
                      phase=None if self._checkpoint is None else self._checkpoint["phase"])
             return self.partial.out, self.partial.name
         if every > 0 and self._writer:
-            name = unique_name(out, name)
+            name = name if explicit else unique_name(out, name)
             self.partial = PartialRun.create(out, name, config_text)
             self._digest = sha256_of(self.partial.config_path)
             log.info("checkpointing", partial=str(self.partial.path), every=every)

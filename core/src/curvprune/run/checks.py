@@ -18,15 +18,18 @@ script. :func:`modules_to_import` names the modules a config would import, so ``
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import attrs
 from torch import nn
 
+from curvprune.errors import ConfigError
 from curvprune.pipeline.pipeline import Pipeline
 from curvprune.run.data import check_data
 from curvprune.run.models import build_model
-from curvprune.run.paths import check_run_name, existing_file, user_folder
+from curvprune.run.partial import PARTIAL_SUFFIX
+from curvprune.run.paths import check_run_name, existing_file, new_folder, user_folder
 from curvprune.structure.graph import attach_structures
 from curvprune.tensors.layout import ParamLayout
 
@@ -73,6 +76,16 @@ def static_checks(
                 "--out" if out is not None else "run.out")
     if name is not None:
         check_run_name(name, "--name")
+    explicit = name if name is not None else cfg.run.name
+    if explicit is not None:  # the user's name must be free: it is never suffixed
+        folder = Path(out if out is not None else cfg.run.out)
+        where = "--name" if name is not None else "run.name"
+        new_folder(folder / explicit, f"run directory {explicit!r}", where)
+        if os.path.lexists(folder / f"{explicit}{PARTIAL_SUFFIX}"):
+            raise ConfigError(
+                f"an interrupted run {explicit!r} exists: continue it with curvprune run "
+                f"--resume {folder / (explicit + PARTIAL_SUFFIX)} @ {where}"
+            )
     if cache is not None:
         user_folder(cache, "the cache folder", "cache")
     known = check_data(cfg.data)

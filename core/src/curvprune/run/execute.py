@@ -12,15 +12,11 @@ them (model, data, training settings, seed, torch version), so ``compare`` train
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import platform
-import resource
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,7 +28,7 @@ from torch import nn
 from curvprune._log import get_logger
 from curvprune._progress import Progress
 from curvprune.config import PipelineConfig, dump_config, load_raw_config, unstructure_config
-from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, CurvpruneWarning
+from curvprune.errors import CheckpointError, ConfigError, CurvpruneError
 from curvprune.pipeline.pipeline import Pipeline
 from curvprune.plugin.manager import PluginHost, get_plugin_manager
 from curvprune.run.checkpoint_files import check_state_fits, read_safetensors
@@ -41,6 +37,7 @@ from curvprune.run.checks import static_checks
 from curvprune.run.data import build_data, make_loaders
 from curvprune.run.defaults import default_config
 from curvprune.run.files import SCHEMA, atomic_directory, write_atomic
+from curvprune.run.measure import collect_warnings, peak_memory, reset_peak_rss, versions
 from curvprune.run.models import build_model, count_parameters
 from curvprune.run.prune_phase import run_prune_phase
 from curvprune.run.removal import removal_requested, remove_for_run, write_structure_files
@@ -133,44 +130,6 @@ def _unique(path: Path) -> Path:
     return candidate
 
 
-def _versions(host: PluginHost) -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for info in host.plugin_infos():
-        if info.distribution and info.version:
-            out[info.distribution] = info.version
-    return out
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the process's RSS high-water mark (Linux ``clear_refs``); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_memory(device: torch.device, rss_reset: bool = False) -> tuple[int, str]:
-    """Peak bytes of this run and how they were measured.
-
-    On CPU the RSS high-water mark (VmHWM) is reset when the run starts where Linux allows it,
-    so runs in one process (``compare``) each report their own peak; elsewhere the process's
-    lifetime peak (``ru_maxrss``) is all there is.
-    """
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
-    if rss_reset:
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024, "peak RSS of the process during the run"
-        except OSError:
-            pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "peak RSS of the process"
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -234,30 +193,11 @@ def execute_run(
                     raise ConfigError(
                         f"a resumed run keeps its own folder and name ({own}); drop {what} @ resume"
                     )
-        with _collect_warnings() as warned:
+        with collect_warnings() as warned:
             return _execute_run(
                 source, out=out, name=name, quiet=quiet, host=host, cache=cache,
                 checkpoints=checkpoints, warned=warned,
             )
-
-
-@contextlib.contextmanager
-def _collect_warnings() -> Iterator[list[str]]:
-    """Keep the run's :class:`CurvpruneWarning` messages for its report; they still print."""
-    original = warnings.showwarning
-    collected: list[str] = []
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: Any = None, line: str | None = None) -> None:
-        if issubclass(category, CurvpruneWarning) and str(message) not in collected:
-            collected.append(str(message))
-        original(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-    try:
-        yield collected
-    finally:
-        warnings.showwarning = original
 
 
 def _execute_run(
@@ -281,7 +221,7 @@ def _execute_run(
     torch.manual_seed(cfg.run.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss_reset = device.type == "cpu" and _reset_peak_rss()
+    rss_reset = device.type == "cpu" and reset_peak_rss()
     out_dir = Path(out if out is not None else cfg.run.out)
     bundle = build_data(cfg.data, seed=cfg.run.seed)
     train_loader, grad_loader, test_loader = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
@@ -299,8 +239,10 @@ def _execute_run(
     )
     _check_model_runs(model, test_loader, cfg)
     model.to(device)
+    explicit = name or cfg.run.name  # the user's name is used as given, never suffixed
     out_dir, run_name = checkpoints.start(
-        cfg.run.checkpoint_every, out_dir, name or cfg.run.name or _run_name(cfg), dump_config(cfg)
+        cfg.run.checkpoint_every, out_dir, explicit or _run_name(cfg), dump_config(cfg),
+        explicit=bool(explicit),
     )
     times: dict[str, float] = {}
     removal = structure = None  # physical channel removal ([mask] remove = true)
@@ -349,8 +291,7 @@ def _execute_run(
                                          data=grad_loader, on_step=advance,
                                          checkpoints=checkpoints)
             else:
-                with progress.spinner("pruning"):
-                    result = pipeline.prune(model, grad_loader)
+                result = pipeline.prune(model, grad_loader, progress=progress)
             if not resumed:
                 times["prune"] = time.perf_counter() - tick + checkpoints.elapsed_before()
                 acc_pruned, loss_pruned = evaluate(model, test_loader, device=device)
@@ -376,7 +317,7 @@ def _execute_run(
     if cfg.finetune.epochs:
         acc_tuned, loss_tuned = evaluate(model, test_loader, device=device)
     times["total"] = time.perf_counter() - started
-    peak, measure = _peak_memory(device, rss_reset)
+    peak, measure = peak_memory(device, rss_reset)
     total_params = count_parameters(model)
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     predicted = [s.predicted_loss_change for s in result.steps]
@@ -391,7 +332,7 @@ def _execute_run(
             "world_size": distributed.world_size(),
             "resumed": checkpoints.resumed_from(),
         },
-        "versions": _versions(pipeline.host),
+        "versions": versions(pipeline.host),
         "model": {
             "name": cfg.model.name,
             "num_classes": cfg.model.num_classes or bundle.num_classes,
@@ -434,7 +375,9 @@ def _execute_run(
         "plan": plan.to_dict(),
         "warnings": warned,
     }
-    run_dir = distributed.broadcast_object(_unique(out_dir / run_name))  # rank 0 names it
+    run_dir = out_dir / run_name
+    if not (explicit or checkpoints.partial is not None):  # a generated name: first free one
+        run_dir = distributed.broadcast_object(_unique(run_dir))  # rank 0 names it
     _write_on_rank_0(lambda: _write_run_dir(run_dir, pipeline, model, result, record, removal))
     log.info("run_completed", run_dir=str(run_dir), dense=acc_dense, pruned=acc_pruned)
     return RunOutcome(run_dir, record)
