@@ -92,10 +92,15 @@ def run_name_problem(name: str) -> str | None:
     return None
 
 
+def shown(value: str, limit: int = 40) -> str:
+    """``repr(value)``, cut to about ``limit`` characters, for one-line messages."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "…"
+
+
 def _run_name(_: Any, attribute: attrs.Attribute, value: str | None) -> None:
     problem = None if value is None else run_name_problem(value)
     if problem:
-        raise ValueError(f"{attribute.name} must be a single folder name ({value!r} {problem})")
+        raise ValueError(f"{attribute.name} must be a single folder name ({shown(value)} {problem})")
 
 
 @attrs.frozen(kw_only=True)

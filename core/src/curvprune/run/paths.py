@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from curvprune.config import run_name_problem
+from curvprune.config import run_name_problem, shown
 from curvprune.errors import ConfigError
 
 __all__ = ["check_run_name", "existing_file", "new_folder", "own_folder", "user_folder"]
@@ -34,7 +34,9 @@ def check_run_name(name: str, where: str = "--name") -> str:
     """
     problem = run_name_problem(name)
     if problem:
-        raise ConfigError(f"run name {name!r} {problem}; it must be a single folder name @ {where}")
+        raise ConfigError(
+            f"run name {shown(name)} {problem}; it must be a single folder name @ {where}"
+        )
     return name
 
 
