@@ -176,6 +176,49 @@ def test_out_may_be_anywhere_even_behind_a_link(tmp_path, cache):
 
 
 # --------------------------------------------------------------------------------------------
+# Static checks: validate finds what a run would find, before any training
+# --------------------------------------------------------------------------------------------
+CHANNELS = """
+[prune]
+sparsity = 0.5
+targets = ['re:5\\.weight']
+[scorer]
+name = "magnitude"
+granularity = "channel"
+[mask]
+name = "channel"
+"""
+STATIC = {
+    "unknown torchvision model": ('[model]\nname = "torchvision:resnet1800"\n', "resnet18"),
+    "misspelt model": ('[model]\nname = "digits-mpl"\n', "digits-mlp"),
+    "missing checkpoint": ('[model]\ncheckpoint = "nope.pt"\n', "nope.pt"),
+    "missing data folder": ('[data]\nname = "torchvision:CIFAR10"\nroot = "no/such"\n',
+                            "CIFAR10 not found"),
+    "image folder without splits": ('[data]\nname = "imagefolder"\nroot = "."\n', "'train'"),
+    "module that does not import": ('[model]\nname = "module:no_such_mod:build"\n',
+                                    "no_such_mod"),
+    "nothing prunable": ('[model]\nname = "digits-mlp"\n' + CHANNELS, "can be pruned"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATIC))
+def test_validate_finds_what_a_run_would_before_any_compute(tmp_path, capsys, monkeypatch, case):
+    text, expected = STATIC[case]
+    monkeypatch.chdir(tmp_path)
+    cfg = write(tmp_path, text)
+    assert main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    if case == "module that does not import":  # validate names the module before importing it
+        note, err = err.split("\n", 1)
+        assert note.startswith("note: [model] name imports and runs the module 'no_such_mod'")
+    assert expected in one_line(err)
+    before = tree(tmp_path)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "runs")]) == 2
+    assert expected in one_line(capsys.readouterr().err)
+    assert tree(tmp_path) == before  # refused before the dense model was trained or cached
+
+
+# --------------------------------------------------------------------------------------------
 # Checkpoint fuzz: any bytes give one CheckpointError, nothing is executed
 # --------------------------------------------------------------------------------------------
 READERS = {

@@ -242,3 +242,31 @@ def test_a_killed_command_leaves_no_staging_folder(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert list(out.iterdir()) == []
+
+
+def test_an_overlong_error_is_cut_to_200_characters_keeping_where(tmp_path, capsys):
+    from curvprune.cli import _brief
+
+    line = _brief("x" * 500 + " @ model.name")
+    message, _, where = line.partition(" @ ")
+    assert len(message) == 200 and message.endswith("(--debug shows it whole)")
+    assert where == "model.name"
+    assert _brief("a @ b\nc @ d") == "a @ b\nc @ d"  # a config error: one line per problem
+
+
+def test_validate_names_the_module_a_config_would_import_before_importing_it(tmp_path, capsys):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def build(num_classes=10):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, num_classes))\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        cfg = write(tmp_path, "[model]\nname = 'module:mymodels:build'\n")
+        assert main(["validate", str(cfg)]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    err = capsys.readouterr().err
+    assert "imports and runs the module 'mymodels'" in err

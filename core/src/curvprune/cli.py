@@ -92,12 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NumericalError, MemoryPlanError, PluginHookError) as exc:
         if args.debug:
             raise
-        print(f"curvprune {args.command}{distributed.rank_tag()}: error: {exc}", file=sys.stderr)
+        print(f"curvprune {args.command}{distributed.rank_tag()}: error: {_brief(exc)}",
+              file=sys.stderr)
         return 1
     except CurvpruneError as exc:
         if args.debug:
             raise
-        print(f"curvprune {args.command}{distributed.rank_tag()}: error: {exc}", file=sys.stderr)
+        print(f"curvprune {args.command}{distributed.rank_tag()}: error: {_brief(exc)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"curvprune {args.command}: interrupted; nothing was written", file=sys.stderr)
@@ -107,12 +109,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(
             f"curvprune {args.command}{distributed.rank_tag()}: internal error: "
-            f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            f"{_brief(f'{type(exc).__name__}: {exc}')} (rerun with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1
     finally:
         distributed.shutdown()  # the process group `run` joined under torchrun, if any
+
+
+#: The most characters of one error line's message (its ``@ where`` part aside).
+_MESSAGE_LIMIT = 200
+
+
+def _brief(error: object) -> str:
+    """Each line of an error, its message cut to :data:`_MESSAGE_LIMIT` characters.
+
+    A config error has one line per problem; any other error is one line. A cut message ends in
+    ``… (--debug shows it whole)``; the ``@ where`` part is always kept.
+    """
+    lines = []
+    for line in str(error).splitlines() or [type(error).__name__]:
+        message, at, where = line.partition(" @ ")
+        message = " ".join(message.split())
+        if len(message) > _MESSAGE_LIMIT:
+            tail = "… (--debug shows it whole)"
+            message = message[: _MESSAGE_LIMIT - len(tail)] + tail
+        lines.append(message + at + where)
+    return "\n".join(lines)
 
 
 def _exit_cleanly_on_sigterm() -> None:
