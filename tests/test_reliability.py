@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from curvprune import CheckpointError, CurvpruneError, Pipeline, execute_run
+from curvprune import CheckpointError, CurvpruneError, Pipeline, SampleReuseWarning, execute_run
 from curvprune.cli import main
 from curvprune.run.checkpoint_files import (
     load_checkpoint_file,
@@ -112,6 +112,20 @@ def tree(folder: Path) -> dict[str, bytes | None]:
         key = str(p.relative_to(folder))
         out[key] = p.read_bytes() if p.is_file() and not p.is_symlink() else None
     return out
+
+
+class _Stop(KeyboardInterrupt):
+    """An interruption right after a checkpoint (raised from the checkpoint callback)."""
+
+
+def _interrupt_after_first_checkpoint(cfg: Path, out: Path, cache: Path) -> None:
+    """Leave ``out/k.partial`` with one checkpoint, as Ctrl-C after it would."""
+
+    def stop(path: Path) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        execute_run(cfg, out=out, name="k", quiet=True, cache=cache, on_checkpoint=stop)
 
 
 @pytest.fixture(scope="module")
@@ -257,9 +271,10 @@ def test_random_bytes_are_refused_in_one_line(tmp_path, data, reader):
 def real_files(tmp_path_factory) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("real")
     model = DigitsMLP()
-    save_checkpoint(folder / "c.pt", {"format": "curvprune.checkpoint/1", "phase": "finetune",
-                                      "config_sha256": "0", "loop": {}, "model": dict(model.state_dict()),
-                                      "optimizer": {}, "session": {}, "rng": {}})
+    state = {"format": "curvprune.checkpoint/1", "phase": "finetune", "config_sha256": "0",
+             "loop": {}, "model": dict(model.state_dict()), "optimizer": {}, "session": {},
+             "rng": {}}
+    save_checkpoint(folder / "c.pt", state)
     save_file(model.state_dict(), str(folder / "m.safetensors"))
     return {"pt": (folder / "c.pt").read_bytes(),
             "safetensors": (folder / "m.safetensors").read_bytes()}
@@ -317,15 +332,7 @@ def test_resume_from_a_corrupt_checkpoint_is_one_line_and_changes_nothing(
         tmp_path, capsys, cache, content):
     cfg = write(tmp_path, GRADUAL)
     out = tmp_path / "runs"
-
-    class Stop(KeyboardInterrupt):
-        pass
-
-    def stop(path: Path) -> None:
-        raise Stop
-
-    with pytest.raises(Stop):
-        execute_run(cfg, out=out, name="k", quiet=True, cache=cache, on_checkpoint=stop)
+    _interrupt_after_first_checkpoint(cfg, out, cache)
     checkpoint = out / "k.partial" / "checkpoint.pt"
     data = {"text": b"this is not a checkpoint\n", "empty": b"",
             "truncated": checkpoint.read_bytes()[:100],
@@ -461,3 +468,29 @@ def test_any_text_as_a_config_file_is_refused_in_one_line_or_accepted(tmp_path, 
         Pipeline.from_config(path)
     except CurvpruneError as exc:
         config_problems(exc)
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings reach the report
+# --------------------------------------------------------------------------------------------
+def test_reused_samples_are_a_warning_in_the_log_the_json_and_the_report(tmp_path, cache):
+    text = QUICK.replace('[scorer]\nname = "magnitude"', (
+        '[estimator]\nname = "dense"\nblock_size = 8\nnum_grads = 2000\n[scorer]\nname = "obs"'
+    ))
+    with pytest.warns(SampleReuseWarning):
+        run = execute_run(write(tmp_path, text), out=tmp_path / "runs", name="r", quiet=True,
+                          cache=cache)
+    (warned,) = run.result["warnings"]
+    assert "holds 1347 samples but the gradients need 2000" in warned
+    assert warned in (run.run_dir / "report.md").read_text()
+
+
+def test_resume_refuses_a_symlinked_partial_folder(tmp_path, capsys, cache):
+    out = tmp_path / "runs"
+    _interrupt_after_first_checkpoint(write(tmp_path, GRADUAL), out, cache)
+    link = tmp_path / "elsewhere.partial"
+    link.symlink_to(out / "k.partial")
+    before = tree(out)
+    assert main(["run", "--resume", str(link)]) == 2
+    assert "symbolic link" in one_line(capsys.readouterr().err)
+    assert tree(out) == before

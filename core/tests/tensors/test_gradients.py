@@ -15,6 +15,7 @@ missing mask) changes entries at O(1e-2) relative or more.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from curvprune import ConfigError, GradientSource, NumericalError, select_parameters
+from curvprune import (
+    ConfigError,
+    GradientSource,
+    NumericalError,
+    SampleReuseWarning,
+    select_parameters,
+)
 from curvprune.run.models import DigitsCNN, DigitsMLP
 
 
@@ -181,10 +188,22 @@ def test_num_grads_beyond_the_dataset_reiterates_a_dataloader():
     x, y = _inputs(10)
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)  # batches 4, 4, 2
     source = GradientSource(model, layout, chunk_size=3)
-    rows = _collect(source, loader, 25)
+    with pytest.warns(SampleReuseWarning, match="holds 10 samples but the gradients need 25") \
+            as got:
+        rows = _collect(source, loader, 25)
+    assert len(got) == 1 and "reused 3 times over" in str(got[0].message)  # once per call
     order = torch.arange(25) % 10  # three passes, the last one partial
     _assert_rows(rows, _loop_grads(model, layout.names, x[order], y[order]))
     assert source.samples_used == 25
+
+
+def test_enough_samples_give_no_reuse_warning():
+    model = _model("mlp")
+    x, y = _inputs(10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SampleReuseWarning)
+        _collect(GradientSource(model, select_parameters(model), chunk_size=3), loader, 10)
 
 
 def test_an_iterator_that_runs_out_raises():

@@ -112,6 +112,10 @@ class PartialRun:
             path = sibling
         if not path.is_dir():
             raise CheckpointError(f"no interrupted run here (no such folder) @ {path}")
+        if path.is_symlink():
+            raise CheckpointError(
+                f"the interrupted run's folder is a symbolic link; resume the real folder @ {path}"
+            )
         partial = cls(path)
         if not partial.config_path.is_file():
             raise CheckpointError(f"not a partial run directory (no config.toml) @ {path}")
