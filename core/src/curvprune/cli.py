@@ -87,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_json_logging()
     from curvprune.tensors import distributed
 
+    succeeded = False
     try:
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        succeeded = code == 0
+        return code
     except (NumericalError, MemoryPlanError, PluginHookError) as exc:
         if args.debug:
             raise
@@ -114,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     finally:
-        distributed.shutdown()  # the process group `run` joined under torchrun, if any
+        # the process group `run` joined under torchrun, if any
+        distributed.shutdown(synchronize=succeeded)
 
 
 #: The most characters of one error line's message (its ``@ where`` part aside).

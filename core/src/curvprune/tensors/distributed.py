@@ -157,10 +157,19 @@ def init_from_env(device: torch.device) -> torch.device:
     return device
 
 
-def shutdown() -> None:
-    """Destroy the process group if :func:`init_from_env` created it (a user's group stays)."""
+def shutdown(*, synchronize: bool = False) -> None:
+    """Destroy the process group if :func:`init_from_env` created it (a user's group stays).
+
+    Args:
+        synchronize: wait for every rank first (after a success, when every rank gets here):
+            a rank that tears gloo down while another still talks to it can abort the other
+            ("terminate called without an active exception"). Never after a failure, where a
+            rank may be gone and the barrier would only wait for the timeout.
+    """
     global _OWNED_GROUP
     if _OWNED_GROUP and is_distributed():
+        if synchronize:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     _OWNED_GROUP = False
 
