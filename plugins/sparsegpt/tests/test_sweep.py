@@ -157,3 +157,5 @@ def test_argument_checks():
         sparsegpt(w, h[:4, :4], sparsity=0.5)
     with pytest.raises(ValueError, match="sparsity"):
         sparsegpt(w, h, sparsity=1.5)
+    with pytest.raises(ValueError, match="scope"):
+        sparsegpt(w, h, sparsity=0.5, scope="global")

@@ -104,6 +104,8 @@ def sparsegpt(weight: Tensor, hessian: Tensor | LayerHessian | InverseFactor, *,
     _modes(sparsity, prune_n, mask)
     if blocksize <= 0 or (mask_block is not None and mask_block <= 0):
         raise ValueError("blocksize and mask_block must be positive")
+    if scope not in ("row", "layer"):
+        raise ValueError(f"scope must be 'row' or 'layer', got {scope!r}")
     factor = as_factor(hessian, percdamp, dtype)
     upper = factor.upper
     rows, d = weight.shape
