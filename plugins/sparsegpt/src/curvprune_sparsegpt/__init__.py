@@ -10,7 +10,8 @@
 * :func:`wanda` (Sun et al., ICLR 2024) and :func:`magnitude`, no-update baselines;
 * :func:`layer_error`: ``tr(ΔW·H·ΔWᵀ)`` to compare them.
 
-Pure torch; not yet wired into the curvprune pipeline roles (no entry point).
+Pure torch. In the pipeline so far: the ``wanda`` scorer (:mod:`curvprune_sparsegpt.scorer`,
+registered by :mod:`curvprune_sparsegpt.plugin`); the SparseGPT roles come later.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -117,7 +117,7 @@ class SaliencyScorerContract(ComponentContract):
                 est.update(grads)
                 ctx.estimator = est
         if scorer.needs_data:
-            ctx.batches = lambda: iter(batches)
+            ctx.batches = lambda num_samples=None: _first_samples(batches, num_samples)
             ctx.loss_fn = F.cross_entropy
         return ctx
 
@@ -225,3 +225,19 @@ class SaliencyScorerContract(ComponentContract):
         for key, value in ctx.model.state_dict().items():
             assert torch.equal(value, before[key]), f"scoring modified the model's {key!r}"
         assert torch.equal(ctx.weights, weights), "scoring modified ctx.weights in place"
+
+
+def _first_samples(
+    batches: list[tuple[Tensor, Tensor]], num_samples: int | None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``PruneContext.batches`` as the pipeline defines it: stop after ``num_samples`` samples
+    (the last batch cut), all of them when None."""
+    left = num_samples
+    for x, y in batches:
+        if left is not None and left <= 0:
+            return
+        take = x.shape[0] if left is None else min(left, x.shape[0])
+        yield x[:take], y[:take]
+        if left is not None:
+            left -= take
+

@@ -1,0 +1,12 @@
+"""Registration hooks of the ``curvprune-sparsegpt`` distribution (entry point ``sparsegpt``)."""
+
+from __future__ import annotations
+
+from curvprune import Register, hookimpl
+from curvprune_sparsegpt.scorer import WandaConfig, WandaScorer
+
+
+@hookimpl
+def curvprune_register_saliency_scorers(register: Register) -> None:
+    """Register the ``wanda`` scorer."""
+    register("wanda", WandaScorer, config=WandaConfig)
