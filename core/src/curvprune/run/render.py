@@ -46,6 +46,10 @@ def render_report(result: Mapping[str, Any]) -> str:
         *_warning_lines(result),
         "## Pruning steps",
         "",
+        "Each step prunes to its target with curvature from fresh gradients; *predicted ΔL* is "
+        "the scorer's estimate of the loss increase (OBS: Σ w²/(2[F⁻¹]_qq)), *measured ΔL* the "
+        "loss on the fixed audit samples after the step minus before.",
+        "",
         "| step | target | reached | pruned | predicted ΔL | measured ΔL | gradients | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -71,8 +75,9 @@ def render_report(result: Mapping[str, Any]) -> str:
         "|---|---|",
         *(f"| {k} | {v:.2f} |" for k, v in t.items()),
         "",
-        f"Peak memory: {mem['peak_bytes'] / 2**20:.0f} MiB ({mem['measure']}); "
-        f"planned for pruning: {mem['planned_bytes'] / 2**20:.1f} MiB.",
+        f"Peak memory: {mem['peak_bytes'] / 2**20:.0f} MiB ({mem['measure']}), the whole run "
+        f"(training included); planned for one pruning step: "
+        f"{mem['planned_bytes'] / 2**20:.1f} MiB (the plan counts tensors only).",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
         "",
