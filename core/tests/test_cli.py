@@ -270,3 +270,16 @@ def test_validate_names_the_module_a_config_would_import_before_importing_it(tmp
         sys.path.remove(str(tmp_path))
     err = capsys.readouterr().err
     assert "imports and runs the module 'mymodels'" in err
+
+
+def test_plan_lists_every_channel_group_and_why_before_any_training(tmp_path, capsys):
+    text = ("[model]\nname = 'digits-cnn'\n[prune]\nsparsity = 0.5\n[scorer]\n"
+            "name = 'magnitude'\ngranularity = 'channel'\n[mask]\nname = 'channel'\n")
+    assert main(["plan", str(write(tmp_path, text))]) == 0
+    out = capsys.readouterr().out
+    assert "channel groups (torch.fx trace): 3 of 4 prunable" in out
+    assert "not prunable: its channels reach the model output" in out
+    assert not (tmp_path / "runs").exists()  # nothing trained, cached or written
+    assert main(["plan", str(write(tmp_path, text)), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["channel_groups"]
+    assert [g["status"] for g in groups].count("prunable") == 3

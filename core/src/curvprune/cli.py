@@ -318,14 +318,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     num_classes = cfg.model.num_classes
     if num_classes is None and check_data(cfg.data) is None:
         num_classes = build_data(cfg.data).num_classes  # a data set whose classes need a look
-    model = static_checks(pipeline, num_classes=num_classes).model
+    checked = static_checks(pipeline, num_classes=num_classes)
+    model = checked.model
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc} @ --nproc")
     plan = pipeline.plan(model, device=resolve_device(cfg.run.device), world_size=args.nproc)
+    groups = _channel_groups(checked.layout)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps({**plan.to_dict(), "channel_groups": groups}, indent=2))
         return 0 if plan.fits else 1
     print(f"plan for {cfg.model.name}: {plan.layout.d:,} weights selected in {len(plan.layout)} parameters")
+    if groups is not None:
+        _print_channel_groups(groups)
     width = max(len(n) for n in plan.layout.names)
     for name, shape, size in zip(plan.layout.names, plan.layout.shapes, plan.layout.sizes, strict=True):
         print(f"  {name:<{width}}  {'×'.join(map(str, shape)):>16}  {size:>12,}")
@@ -350,6 +354,35 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if not plan.fits:
         plan.check()
     return 0
+
+
+def _channel_groups(layout: Any) -> list[dict[str, Any]] | None:
+    """Every traced channel group, prunable or not and why (None without a channel mask)."""
+    structures = layout.structures
+    if structures is None:
+        return None
+    selected = set(layout.names)
+    chosen = {g.name for g in structures.groups}
+    out = []
+    for g in structures.graph.groups:
+        if g.name in chosen:
+            status = "prunable"
+        elif not all(f"{p}.weight" in selected for p in g.producers):
+            status = "not selected ([prune] targets/ignore)"
+        else:
+            status = f"not prunable: {g.reason}"
+        out.append({"name": g.name, "size": g.size, "producers": list(g.producers),
+                    "consumers": [c for c, _ in g.consumers], "status": status})
+    return out
+
+
+def _print_channel_groups(groups: list[dict[str, Any]]) -> None:
+    prunable = sum(g["status"] == "prunable" for g in groups)
+    print(f"channel groups (torch.fx trace): {prunable} of {len(groups)} prunable")
+    width = max(len(g["name"]) for g in groups)
+    for g in groups:
+        coupled = f" + {len(g['producers']) - 1} coupled" if len(g["producers"]) > 1 else ""
+        print(f"  {g['name']:<{width}}  {g['size']:>6} channels{coupled:<14}  {g['status']}")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

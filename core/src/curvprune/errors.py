@@ -22,6 +22,7 @@ __all__ = [
     "PluginHookError",
     "PluginLoadError",
     "SampleReuseWarning",
+    "StructureSkipWarning",
     "UnknownComponentError",
     "UnsupportedModelError",
     "UnsupportedQuery",
@@ -118,4 +119,8 @@ class CurvpruneWarning(UserWarning):
 
 class SampleReuseWarning(CurvpruneWarning):
     """The data holds fewer samples than the gradients need, so some are used more than once."""
+
+
+class StructureSkipWarning(CurvpruneWarning):
+    """Selected layers whose channels cannot be pruned stay dense (the reason is named)."""
 

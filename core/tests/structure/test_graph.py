@@ -402,3 +402,40 @@ def test_batchnorm_without_affine_warns_for_masks_and_refuses_removal():
     options["mask"]["remove"] = True
     with pytest.raises(UnsupportedModelError, match=r"\(1\) cannot be gated exactly.*@ mask.remove"):
         Pipeline.from_config(options, host=HOST).prune(nn.Sequential(*model), None)
+
+
+def _channel_pipeline(**mask):
+    return Pipeline.from_config({
+        "prune": {"sparsity": 0.3},
+        "scorer": {"name": "magnitude", "granularity": "channel"},
+        "mask": {"name": "channel", **mask},
+    }, host=curvprune.get_plugin_manager(autoload=False))
+
+
+def test_a_selected_group_that_cannot_be_pruned_is_a_warning_naming_why():
+    from curvprune import StructureSkipWarning
+    from curvprune.structure.graph import attach_structures
+
+
+    model, pipeline = CatNet(), _channel_pipeline()
+    with pytest.warns(StructureSkipWarning, match=r"2 selected channel group\(s\) cannot be "
+                                                   r"pruned.*cat at node 'cat'"):
+        layout = attach_structures(pipeline.mask, pipeline.select(model), model)
+    assert layout.structures.n_structures > 0  # the other groups are still pruned
+
+
+def test_strict_makes_a_skipped_group_an_error():
+    from curvprune.structure.graph import attach_structures
+
+
+    model, pipeline = CatNet(), _channel_pipeline(strict=True)
+    with pytest.raises(curvprune.UnsupportedModelError, match=r"stay dense.*@ mask\.strict"):
+        attach_structures(pipeline.mask, pipeline.select(model), model)
+
+
+def test_the_classifier_is_never_pruned_and_never_warned_about(recwarn):
+    from curvprune.structure.graph import attach_structures
+
+    model, pipeline = DigitsCNN(), _channel_pipeline()
+    attach_structures(pipeline.mask, pipeline.select(model), model)
+    assert not [w for w in recwarn if issubclass(w.category, curvprune.CurvpruneWarning)]

@@ -43,6 +43,8 @@ class ChannelMaskConfig:
             groups instead of the step's level, by selector: a module name (``"features.3"``),
             a parameter name (``"features.3.weight"``) or ``"re:<regex>"`` (full match on
             parameter names); a selector matching any producer of a group sets that group.
+        strict: a selected layer whose channels cannot be pruned (its group is not removable,
+            e.g. it feeds a ``torch.cat``) is an error instead of a warning.
     """
 
     scope: Literal["global", "layerwise"] = attrs.field(
@@ -54,6 +56,7 @@ class ChannelMaskConfig:
     overrides: dict[str, float] = attrs.field(
         factory=dict, converter=dict, validator=check_overrides, hash=False
     )
+    strict: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.overrides and self.scope != "layerwise":

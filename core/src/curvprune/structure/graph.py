@@ -44,12 +44,18 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from curvprune.errors import ConfigError, UnsupportedModelError
+from curvprune.errors import ConfigError, StructureSkipWarning, UnsupportedModelError
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.trace import Tracer
 from curvprune.tensors.layout import ParamLayout
 
-__all__ = ["ChannelGroup", "StructureGraph", "Structures", "attach_structures"]
+__all__ = [
+    "ChannelGroup",
+    "StructureGraph",
+    "Structures",
+    "attach_structures",
+    "skipped_groups",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +266,17 @@ def _gate_hook(values: Tensor, offset: int, size: int, dim: int) -> Any:
     return hook
 
 
+def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGroup]:
+    """Groups whose producers are all selected but that cannot be pruned, for a reason other
+    than reaching the model's output (the classifier is never pruned, by design)."""
+    selected = set(layout.names)
+    return [
+        g for g in graph.groups
+        if not g.removable and all(f"{p}.weight" in selected for p in g.producers)
+        and "reach the model output" not in (g.reason or "")
+    ]
+
+
 def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> ParamLayout:
     """``layout`` with traced structures when ``mask`` prunes coupled channels, else unchanged.
 
@@ -275,6 +292,18 @@ def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> Param
         return layout
     graph = StructureGraph.trace(model)
     structures = graph.structures(layout)
+    skipped = skipped_groups(graph, layout)
+    if skipped and structures.n_structures:
+        listed = "; ".join(f"{g.name}: {g.reason}" for g in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        message = (f"{len(skipped)} selected channel group(s) cannot be pruned and stay dense "
+                   f"({listed}{more})")
+        if getattr(config, "strict", False):
+            raise UnsupportedModelError(
+                f"{message}; leave them out with prune.ignore or set mask.strict = false "
+                "@ mask.strict"
+            )
+        warnings.warn(message, StructureSkipWarning, stacklevel=2)
     if structures.n_structures == 0:
         why = "; ".join(
             f"{g.name}: {g.reason or 'weights not all selected'}" for g in graph.groups
