@@ -12,6 +12,7 @@ from curvprune.api import RunOutcome, create, execute_run, load_pruned, plugins
 from curvprune.builtin.selection import prune_lowest
 from curvprune.config import ComponentSpec, PipelineConfig, load_raw_config
 from curvprune.errors import (
+    ChannelCollapseWarning,
     CheckpointError,
     ConfigError,
     CurvpruneError,
@@ -53,6 +54,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "ChannelCollapseWarning",
     "BlockLayout",
     "ChannelGroup",
     "CheckpointError",

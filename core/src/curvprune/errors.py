@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Iterable, Sequence
 
 __all__ = [
+    "ChannelCollapseWarning",
     "CheckpointError",
     "ConfigError",
     "CurvpruneError",
@@ -123,4 +124,8 @@ class SampleReuseWarning(CurvpruneWarning):
 
 class StructureSkipWarning(CurvpruneWarning):
     """Selected layers whose channels cannot be pruned stay dense (the reason is named)."""
+
+
+class ChannelCollapseWarning(CurvpruneWarning):
+    """A global channel ranking left a layer with 10 % or less of its channels."""
 

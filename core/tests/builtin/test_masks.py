@@ -549,6 +549,17 @@ def test_channel_global_vs_layerwise():
     assert kept["layerwise"] == [4, 4]
 
 
+def test_a_global_ranking_that_empties_a_layer_warns_and_layerwise_does_not(recwarn):
+    layout = make_layout((16, 3), (16, 3))
+    scores = torch.cat([torch.arange(16.0), torch.arange(16.0) + 100])
+    with pytest.warns(curvprune.ChannelCollapseWarning, match=r"keeps 10 % or less of 1 "
+                                                              r"group\(s\) \(group 0: 1 of 16\)"):
+        create("mask", "channel").select(scores, dense_mask(layout), 0.5, layout)
+    recwarn.clear()
+    create("mask", "channel", scope="layerwise").select(scores, dense_mask(layout), 0.5, layout)
+    assert not [w for w in recwarn if issubclass(w.category, curvprune.ChannelCollapseWarning)]
+
+
 def test_channel_min_channels():
     layout = make_layout((4, 2), (6, 2))
     applier = create("mask", "channel", min_channels=3)

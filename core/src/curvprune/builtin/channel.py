@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from curvprune.builtin.selection import (
     round_count,
     selects,
 )
-from curvprune.errors import ConfigError
+from curvprune.errors import ChannelCollapseWarning, ConfigError
 from curvprune.roles.context import Granularity
 from curvprune.tensors.layout import ParamLayout
 
@@ -166,10 +167,31 @@ class ChannelMask(BuiltinMask):
             limit = torch.minimum(round_count(level, size), size - self.config.min_channels)
             quota = (limit - removed).clamp_min(0)
         alive = prune_lowest(scores, alive, group, quota, total)
+        if total is not None:
+            self._warn_collapse(count_per_group(alive, group, n_groups), size, sparsity)
         sid = layout.structure_index(mask.device)
         never = torch.ones_like(sid, dtype=torch.bool)  # channels outside prunable groups
         keep_channel = torch.where(sid >= 0, alive[sid.clamp_min(0)], never)
         return mask & layout.expand_channels(keep_channel)
+
+    @staticmethod
+    def _warn_collapse(kept: Tensor, size: Tensor, sparsity: float) -> None:
+        """Warn when a global ranking leaves a group 10 % or less of its channels.
+
+        Scores of different layers need not be comparable (a magnitude norm grows with the
+        fan-in), so one global ranking can empty a layer while the target is modest.
+        """
+        collapsed = (kept * 10 <= size) & (size > 1)
+        if bool(collapsed.any()):  # one host sync per pruning step
+            worst = int((kept.double() / size.clamp_min(1)).argmin())
+            warnings.warn(
+                f"the global channel ranking at {100 * sparsity:.0f} % keeps 10 % or less of "
+                f"{int(collapsed.sum())} group(s) (group {worst}: {int(kept[worst])} of "
+                f"{int(size[worst])}); use scope = 'layerwise', raise min_channels or a scorer "
+                "whose scores compare across layers",
+                ChannelCollapseWarning,
+                stacklevel=4,
+            )
 
     def achieved_sparsity(self, mask: Tensor, layout: ParamLayout) -> float:
         """Fraction of structures with no kept weight."""
