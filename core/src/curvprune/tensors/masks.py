@@ -173,15 +173,25 @@ class MaskSet:
 
     # -- statistics -----------------------------------------------------------------------------
     def sparsity(self) -> float:
-        """Fraction of selected weights removed."""
-        return float(1.0 - self.flat.float().mean()) if self.layout.d else 0.0
+        """Fraction of selected weights removed: an integer count over d, divided once."""
+        return self.num_removed() / self.layout.d if self.layout.d else 0.0
+
+    def removed_per_layer(self) -> dict[str, int]:
+        """Count the removed weights of each selected parameter (in int64, exact)."""
+        param = self.layout.param_index(self.flat.device)
+        counts = torch.bincount(param[~self.flat], minlength=len(self.layout))
+        return dict(zip(self.layout.names, (int(c) for c in counts.tolist()), strict=True))
 
     def per_layer_sparsity(self) -> dict[str, float]:
-        """Fraction removed in each selected parameter."""
-        removed = torch.zeros(len(self.layout), device=self.flat.device)
-        removed.index_add_(0, self.layout.param_index(self.flat.device), (~self.flat).float())
-        sizes = torch.tensor(self.layout.sizes, device=self.flat.device, dtype=torch.float32)
-        return dict(zip(self.layout.names, (removed / sizes).tolist(), strict=True))
+        """Fraction removed in each selected parameter.
+
+        Counted in integers and divided once at the end, so the fraction is the correctly
+        rounded k/n whatever the default dtype (float32 counts stop being exact above 2^24
+        weights; float32 division rounds 1/3 to 0.3333333432...).
+        """
+        removed = self.removed_per_layer()
+        sizes = dict(zip(self.layout.names, self.layout.sizes, strict=True))
+        return {name: removed[name] / sizes[name] if sizes[name] else 0.0 for name in removed}
 
     def num_removed(self) -> int:
         """Number of removed weights."""
