@@ -260,6 +260,53 @@ def test_gradual_substeps_report_every_sub_step_of_every_event():
     assert sparsities == sorted(sparsities) and len(set(sparsities)) == 8
 
 
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that implements the MaskAwareOptimizer protocol and records its calls."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.calls = []
+
+    def apply_masks(self, masks):
+        self.calls.append({id(p): m.clone() for p, m in masks.items()})
+
+
+def test_session_tells_a_mask_aware_optimizer_after_every_pruning_step():
+    pipe = Pipeline.from_config(_config(
+        prune={"sparsity": 0.6, "loss_samples": 0}, estimator=None,
+        scorer={"name": "magnitude"},
+        schedule={"name": "gradual", "start": 0, "end": 2, "frequency": 2, "substeps": 2,
+                  "initial_sparsity": 0.3},
+    ))
+    model = _model()
+    head = model[1].weight  # a selected (masked) parameter the optimizer does not hold
+    held = [p for p in model.parameters() if p is not head]
+    optimizer = _RecordingSGD(held, lr=0.01)
+    assert isinstance(optimizer, curvprune.MaskAwareOptimizer)
+    session = pipe.attach(model, optimizer)
+    assert optimizer.calls == []  # nothing pruned yet
+    layout = pipe.select(model)
+    for x, y in _data(n=48):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        session.before_optimizer_step()
+        optimizer.step()
+        calls_before = len(optimizer.calls)
+        session.step()
+        if session.iteration - 1 in (0, 2):
+            assert len(optimizer.calls) == calls_before + 2  # once per sub-step
+            last = optimizer.calls[-1]
+            expected = dict(zip(layout.names, layout.unflatten(session.masks.flat), strict=True))
+            named = dict(model.named_parameters())
+            assert set(last) == {id(named[n]) for n in expected if named[n] is not head}
+            for name, mask in expected.items():
+                if named[name] is not head:
+                    assert torch.equal(last[id(named[name])], mask)
+        else:
+            assert len(optimizer.calls) == calls_before
+    assert len(optimizer.calls) == 4 == len(session.close().steps)
+
+
 def test_session_state_round_trip():
     model = _model()
     pipe = Pipeline.from_config(_config(estimator=None, scorer={"name": "magnitude"},

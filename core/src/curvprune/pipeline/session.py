@@ -42,6 +42,9 @@ class PruningSession:
         self._closed = False
         self._sparsity_of: MaskSet | None = None  # the masks self._sparsity was computed for
         self._sparsity = 0.0
+        masks = runner.masks
+        if masks.extra or masks.num_removed():  # masks given to attach: the state may predate them
+            masks.mask_optimizer_(optimizer, runner.model)
 
     @property
     def masks(self) -> MaskSet:
@@ -62,6 +65,10 @@ class PruningSession:
     def step(self) -> StepReport | None:
         """After ``optimizer.step()``: re-zero pruned weights and state, prune if it is time.
 
+        After every pruning step the optimizer's state loses the pruned coordinates
+        (:meth:`MaskSet.mask_optimizer_`: state shaped like a parameter, and
+        ``optimizer.apply_masks`` for a :class:`~curvprune.tensors.masks.MaskAwareOptimizer`).
+
         At a pruning event the schedule may ask for several sub-steps
         (:meth:`~curvprune.roles.scheduler.Scheduler.levels_at`, e.g. the ``gradual``
         schedule's ``substeps``); each is a full pruning step with fresh gradients and its own
@@ -80,7 +87,8 @@ class PruningSession:
         report = None
         for level in levels:
             report = runner.step(level, train_step=self.iteration)
-            runner.masks.mask_optimizer_state_(self.optimizer, runner.model)
+            # Momentum and moments, and any state an optimizer couples across coordinates.
+            runner.masks.mask_optimizer_(self.optimizer, runner.model)
         self.iteration += 1
         return report
 
