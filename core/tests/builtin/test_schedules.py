@@ -276,3 +276,14 @@ def test_default_levels_at_wraps_level_at():
     assert schedule.levels_at(1, 0.9, 0.0) == []
     assert schedule.levels_at(2, 0.9, 0.0) == [0.5]
     assert schedule.levels_at(2, 0.9, 0.5) == []
+
+
+def test_oneshot_default_spacing_and_the_documented_cubic_levels():
+    # docs/methods/woodfisher.md: geometric stays the default; cubic is the documented option.
+    assert create("schedule", "oneshot").config.spacing == "geometric"
+    cubic = create("schedule", "oneshot", steps=4, spacing="poly", power=3).levels(0.95)
+    expected = [0.95 * (1 - (1 - j / 4) ** 3) for j in range(1, 5)]
+    assert cubic == pytest.approx(expected, abs=ULPS)
+    assert [round(x, 3) for x in cubic] == [0.549, 0.831, 0.935, 0.95]
+    geometric = create("schedule", "oneshot", steps=4).levels(0.95)
+    assert geometric[-1] - geometric[-2] > 3 * (cubic[-1] - cubic[-2])  # cubic's small last step
