@@ -46,7 +46,7 @@ from curvprune.structure.removal import RemovalResult, apply_removal, remove_str
 from curvprune.tensors import distributed
 from curvprune.tensors.gradients import GradientSource, default_loss
 from curvprune.tensors.layout import BlockLayout, ParamLayout, select_parameters
-from curvprune.tensors.masks import MaskSet
+from curvprune.tensors.masks import MaskAwareOptimizer, MaskSet
 
 try:
     __version__ = version("curvprune-core")
@@ -71,6 +71,7 @@ __all__ = [
     "GradientSource",
     "Granularity",
     "MaskApplier",
+    "MaskAwareOptimizer",
     "MaskSet",
     "MemoryPlanError",
     "NumericalError",

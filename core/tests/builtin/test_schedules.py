@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import curvprune
-from curvprune.builtin.schedules import GradualSchedule, OneShotSchedule
+from curvprune.builtin.schedules import GradualSchedule, OneShotSchedule, spaced_levels
 from curvprune.config import PruneConfig
 
 # Builtins only: the tests must not depend on which other plugins happen to be installed.
@@ -62,6 +62,7 @@ def test_registered_by_name(name, options, cls, during_training):
         ("gradual", {"power": -3}, "power"),
         ("gradual", {"initial_sparsity": 1.0}, "initial_sparsity"),
         ("gradual", {"freqency": 10}, "freqency"),
+        ("gradual", {"substeps": 0}, "substeps"),
     ],
 )
 def test_bad_options_name_the_field(name, options, field):
@@ -235,3 +236,54 @@ def test_gradual_levels_are_monotone_and_hit_the_target(
     assert all(initial <= a <= b <= target for a, b in zip(values, values[1:], strict=False))
     gaps = [b - a for a, b in zip(schedule.event_steps(), schedule.event_steps()[1:], strict=False)]
     assert all(0 < g <= frequency for g in gaps)
+
+
+# --------------------------------------------------------------------------------------------
+# gradual sub-steps (M-FAC's --nrecomps)
+# --------------------------------------------------------------------------------------------
+def test_gradual_substeps_split_each_event_geometrically():
+    schedule = create("schedule", "gradual", start=0, end=20, frequency=10, substeps=4)
+    assert schedule.levels_at(3, 0.9, 0.0) == []  # no event
+    s10 = schedule.level_at(10, 0.9)
+    levels = schedule.levels_at(10, 0.9, 0.2)
+    assert len(levels) == 4 and levels[-1] == s10
+    # density after sub-step j: 0.8·((1 − s10)/0.8)^(j/4), the oneshot geometric rule
+    for j, level in enumerate(levels, start=1):
+        assert level == pytest.approx(1 - 0.8 * ((1 - s10) / 0.8) ** (j / 4), abs=ULPS)
+    oneshot = create("schedule", "oneshot", steps=4, spacing="geometric")
+    assert levels == oneshot.levels(s10, 0.2)
+    assert schedule.levels_at(10, 0.9, s10) == []  # already there: nothing to do
+
+
+def test_gradual_one_substep_is_the_plain_event_and_mfac_reference_numbers():
+    plain = create("schedule", "gradual", start=0, end=20, frequency=10)
+    assert plain.config.substeps == 1
+    assert plain.levels_at(10, 0.9, 0.1) == [plain.level_at(10, 0.9)]
+    # The M-FAC reference, 0 → 0.9 in --nrecomps 16: densities 0.1^(j/16).
+    levels = spaced_levels(0.0, 0.9, 16)
+    assert levels[0] == pytest.approx(1 - 0.1 ** (1 / 16), abs=ULPS)  # ≈ 13.4 %
+    assert levels[-1] == 0.9
+
+
+def test_default_levels_at_wraps_level_at():
+    class OneLevel(curvprune.Scheduler):
+        during_training = True
+
+        def level_at(self, step, target):
+            return 0.5 if step == 2 else None
+
+    schedule = OneLevel()
+    assert schedule.levels_at(1, 0.9, 0.0) == []
+    assert schedule.levels_at(2, 0.9, 0.0) == [0.5]
+    assert schedule.levels_at(2, 0.9, 0.5) == []
+
+
+def test_oneshot_default_spacing_and_the_documented_cubic_levels():
+    # docs/methods/woodfisher.md: geometric stays the default; cubic is the documented option.
+    assert create("schedule", "oneshot").config.spacing == "geometric"
+    cubic = create("schedule", "oneshot", steps=4, spacing="poly", power=3).levels(0.95)
+    expected = [0.95 * (1 - (1 - j / 4) ** 3) for j in range(1, 5)]
+    assert cubic == pytest.approx(expected, abs=ULPS)
+    assert [round(x, 3) for x in cubic] == [0.549, 0.831, 0.935, 0.95]
+    geometric = create("schedule", "oneshot", steps=4).levels(0.95)
+    assert geometric[-1] - geometric[-2] > 3 * (cubic[-1] - cubic[-2])  # cubic's small last step

@@ -187,6 +187,126 @@ def test_gradual_session_prunes_on_schedule():
     assert levels == sorted(levels)
 
 
+def _train_once_then_prune(pipe, model, data):
+    """One optimizer step with lr = 0 (weights unchanged), then the session's pruning event."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    session = pipe.attach(model, optimizer, data=data)
+    x, y = next(iter(data))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    session.before_optimizer_step()
+    optimizer.step()
+    session.step()
+    return session.close()
+
+
+@pytest.mark.parametrize("substeps", [1, 3])
+def test_gradual_substeps_equal_successive_oneshot_prunes(substeps):
+    # A single event (start = end = 0) to 0.8 in k sub-steps prunes exactly as the oneshot
+    # schedule's k geometric steps: same levels, same gradients (seeded by the step index),
+    # the dense float64 estimator, so the same masks and weights.
+    data = _data()
+    estimator = {"name": "dense", "block_size": 16, "damping": 1e-2, "num_grads": 16,
+                 "dtype": "float64"}
+    gradual = Pipeline.from_config(_config(
+        estimator=estimator,
+        schedule={"name": "gradual", "start": 0, "end": 0, "substeps": substeps},
+    ))
+    oneshot = Pipeline.from_config(_config(
+        estimator=estimator, schedule={"name": "oneshot", "steps": substeps},
+    ))
+    during, after = _model(), _model()
+    result = _train_once_then_prune(gradual, during, data)
+    reference = oneshot.prune(after, data)
+    assert len(result.steps) == len(reference.steps) == substeps
+    assert [s.target_sparsity for s in result.steps] == [s.target_sparsity
+                                                         for s in reference.steps]
+    assert all(s.train_step == 0 for s in result.steps)
+    assert [s.step for s in result.steps] == list(range(substeps))
+    assert torch.equal(result.masks.flat, reference.masks.flat)
+    layout = gradual.select(during)
+    torch.testing.assert_close(layout.gather(during), layout.gather(after), rtol=0, atol=0)
+    if substeps > 1:  # the recomputations matter: one step to 0.8 chooses other weights
+        single = Pipeline.from_config(_config(estimator=estimator,
+                                              schedule={"name": "oneshot", "steps": 1}))
+        assert not torch.equal(single.prune(_model(), data).masks.flat, result.masks.flat)
+
+
+def test_gradual_substeps_report_every_sub_step_of_every_event():
+    pipe = Pipeline.from_config(_config(
+        prune={"sparsity": 0.75, "loss_samples": 0},
+        schedule={"name": "gradual", "start": 1, "end": 3, "frequency": 2,
+                  "initial_sparsity": 0.3, "substeps": 4},
+    ))
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = _data(n=64)
+    session = pipe.attach(model, optimizer, data=data)
+    returned = []
+    for x, y in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        session.before_optimizer_step()
+        optimizer.step()
+        returned.append(session.step())
+    result = session.close()
+    assert len(result.steps) == 8
+    assert [s.train_step for s in result.steps] == [1] * 4 + [3] * 4
+    assert returned[1] is result.steps[3] and returned[3] is result.steps[7]
+    assert returned[0] is None and returned[2] is None
+    assert result.steps[3].target_sparsity == pytest.approx(0.3, abs=1e-12)
+    assert result.steps[7].target_sparsity == 0.75
+    sparsities = [s.sparsity for s in result.steps]
+    assert sparsities == sorted(sparsities) and len(set(sparsities)) == 8
+
+
+class _RecordingSGD(torch.optim.SGD):
+    """SGD that implements the MaskAwareOptimizer protocol and records its calls."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.calls = []
+
+    def apply_masks(self, masks):
+        self.calls.append({id(p): m.clone() for p, m in masks.items()})
+
+
+def test_session_tells_a_mask_aware_optimizer_after_every_pruning_step():
+    pipe = Pipeline.from_config(_config(
+        prune={"sparsity": 0.6, "loss_samples": 0}, estimator=None,
+        scorer={"name": "magnitude"},
+        schedule={"name": "gradual", "start": 0, "end": 2, "frequency": 2, "substeps": 2,
+                  "initial_sparsity": 0.3},
+    ))
+    model = _model()
+    head = model[1].weight  # a selected (masked) parameter the optimizer does not hold
+    held = [p for p in model.parameters() if p is not head]
+    optimizer = _RecordingSGD(held, lr=0.01)
+    assert isinstance(optimizer, curvprune.MaskAwareOptimizer)
+    session = pipe.attach(model, optimizer)
+    assert optimizer.calls == []  # nothing pruned yet
+    layout = pipe.select(model)
+    for x, y in _data(n=48):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        session.before_optimizer_step()
+        optimizer.step()
+        calls_before = len(optimizer.calls)
+        session.step()
+        if session.iteration - 1 in (0, 2):
+            assert len(optimizer.calls) == calls_before + 2  # once per sub-step
+            last = optimizer.calls[-1]
+            expected = dict(zip(layout.names, layout.unflatten(session.masks.flat), strict=True))
+            named = dict(model.named_parameters())
+            assert set(last) == {id(named[n]) for n in expected if named[n] is not head}
+            for name, mask in expected.items():
+                if named[name] is not head:
+                    assert torch.equal(last[id(named[name])], mask)
+        else:
+            assert len(optimizer.calls) == calls_before
+    assert len(optimizer.calls) == 4 == len(session.close().steps)
+
+
 def test_session_state_round_trip():
     model = _model()
     pipe = Pipeline.from_config(_config(estimator=None, scorer={"name": "magnitude"},

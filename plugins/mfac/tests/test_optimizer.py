@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from curvprune import ConfigError, NumericalError
+import curvprune
+from curvprune import ConfigError, NumericalError, Pipeline
 from curvprune_mfac import MFAC
 
 from .conftest import dense_fisher
@@ -99,10 +100,10 @@ def test_masked_coordinates_stay_exactly_zero_once_the_window_is_masked():
     assert bool((w.detach()[~keep] != 0).all())
     with torch.no_grad():
         w.mul_(keep)  # what the pruning session does after every step
-    opt.mask_({w: keep})
+    opt.apply_masks({w: keep})
     steps_with_grads(opt, [w], torch.randn(5, 6, dtype=torch.float64) * keep)
     assert bool((w.detach()[~keep] == 0).all())  # exactly zero: F e_q = λ e_q there
-    # Without mask_, the window forgets the coupling after ngrads masked steps.
+    # Without apply_masks, the window forgets the coupling after ngrads masked steps.
     v = torch.randn(6, dtype=torch.float64).mul(keep).requires_grad_(True)
     fresh = MFAC([v], lr=0.1, ngrads=3, damping=0.1)
     steps_with_grads(fresh, [v], torch.randn(3, 6, dtype=torch.float64))
@@ -113,6 +114,92 @@ def test_masked_coordinates_stay_exactly_zero_once_the_window_is_masked():
         v.mul_(keep)
     steps_with_grads(fresh, [v], torch.randn(4, 6, dtype=torch.float64) * keep)
     assert bool((v.detach()[~keep] == 0).all())
+
+
+def _flat_keep(model, masks):
+    """Keep-mask over every parameter of ``model`` in order (unmasked ones all True)."""
+    tensors = masks.tensors()
+    return torch.cat([tensors[n].reshape(-1) if n in tensors
+                      else torch.ones(p.numel(), dtype=torch.bool)
+                      for n, p in model.named_parameters()])
+
+
+def _gradual_session(model, opt, step=2):
+    pipe = Pipeline.from_config({
+        "prune": {"sparsity": 0.5, "loss_samples": 0},
+        "scorer": {"name": "magnitude"},
+        "schedule": {"name": "gradual", "start": step, "end": step},
+        "mask": {"name": "global"},
+    })
+    return pipe.attach(model, opt)
+
+
+def test_mfac_is_a_mask_aware_optimizer():
+    assert isinstance(MFAC([torch.zeros(2, requires_grad=True)], ngrads=2),
+                      curvprune.MaskAwareOptimizer)
+    assert not isinstance(torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1),
+                          curvprune.MaskAwareOptimizer)
+
+
+def test_session_masks_the_window_after_a_pruning_step_and_pruned_weights_stay_zero():
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(),
+                                torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    lr, mu, damping, m = 0.05, 0.5, 0.1, 4
+    opt = MFAC(model.parameters(), lr=lr, momentum=mu, ngrads=m, damping=damping)
+    session = _gradual_session(model, opt, step=2)
+    seen, keep = [], None
+    for t in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        session.before_optimizer_step()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        seen.append(g.clone())
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        buf = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) if p in opt.state
+                         else torch.zeros(p.numel(), dtype=torch.float64)
+                         for p in model.parameters()])
+        opt.step()
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        if t >= 3:  # after the pruning step: checked before the session re-zeroes anything
+            assert bool((after[~keep] == 0).all()), f"step {t} moved pruned weights"
+            # The same dense check as above: F = λI + (1/m)·Σ over the window, whose gradients
+            # from before the pruning step are restricted to the kept coordinates.
+            window = torch.stack([h * keep for h in seen[-m:]])
+            u = torch.linalg.solve(dense_fisher(window, (g.numel(),), None, damping, scale=m), g)
+            expected = before - lr * (mu * buf + (1 - mu) * u)
+            torch.testing.assert_close(after, expected, rtol=1e-10, atol=1e-12)
+        session.step()
+        if t == 2:
+            assert len(session.reports) == 1
+            keep = _flat_keep(model, session.masks)
+            assert int((~keep).sum()) > 0
+            grads = opt._window.grads  # [1, m, d]: the window rows
+            assert bool((grads[..., ~keep] == 0).all()), "window rows not masked"
+            assert bool((grads[..., keep] != 0).any())
+            for p, k in zip(model.parameters(), torch.split(keep, [q.numel() for q in
+                                                                    model.parameters()]),
+                            strict=True):
+                assert bool((opt.state[p]["momentum_buffer"].reshape(-1)[~k] == 0).all())
+    session.close()
+
+
+def test_attach_with_masks_masks_a_window_filled_before_pruning():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).double()
+    opt = MFAC(model.parameters(), lr=0.01, ngrads=3, damping=0.1)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for _ in range(3):  # dense training fills the window
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    pipe = Pipeline.from_config({"prune": {"sparsity": 0.5, "loss_samples": 0},
+                                 "scorer": {"name": "magnitude"}})
+    result = pipe.prune(model, None)
+    pipe.attach(model, opt, masks=result.masks)
+    keep = _flat_keep(model, result.masks)
+    assert bool((opt._window.grads[..., ~keep] == 0).all())
 
 
 def steps_to_target(make_optimizer, h, target, max_steps, seed=0):

@@ -5,7 +5,8 @@
   levels follow M-FAC's geometric recomputations (a constant fraction of the remaining weights
   each time) or WoodFisher's ``--recompute-schedule poly``.
 * ``gradual`` prunes during training on the polynomial schedule of Zhu & Gupta (2017), cubic by
-  default as in WoodFisher's gradual runs.
+  default as in WoodFisher's gradual runs; with ``substeps > 1`` each event prunes in geometric
+  sub-steps with the curvature recomputed before each, as the M-FAC reference's ``--nrecomps``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import attrs
 
 from curvprune.plugin.manager import hookimpl
 from curvprune.plugin.registry import Register
-from curvprune.roles.scheduler import Scheduler
+from curvprune.roles.scheduler import LEVEL_TOLERANCE, Scheduler
 
-__all__ = ["GradualConfig", "GradualSchedule", "OneShotConfig", "OneShotSchedule"]
+__all__ = [
+    "GradualConfig", "GradualSchedule", "OneShotConfig", "OneShotSchedule", "spaced_levels",
+]
 
 
 def _positive(_: Any, attribute: attrs.Attribute, value: float) -> None:
@@ -36,6 +39,29 @@ def _fraction(_: Any, attribute: attrs.Attribute, value: float) -> None:
 def _check_level(name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a sparsity in [0, 1), got {value}")
+
+
+def spaced_levels(
+    current: float, target: float, steps: int, spacing: str = "geometric", power: float = 2.0
+) -> list[float]:
+    """List the sparsity after each of ``steps`` sub-steps from ``current`` to ``target``.
+
+    The rule of the ``oneshot`` schedule (see :class:`OneShotSchedule`), shared by the
+    ``gradual`` schedule's ``substeps``. Levels are non-decreasing, within [current, target],
+    the last exactly ``target``; empty when ``target <= current``.
+    """
+    if target <= current:
+        return []
+    fractions = [j / steps for j in range(1, steps)]
+    if spacing == "geometric":
+        ratio = (1.0 - target) / (1.0 - current)
+        inner = [1.0 - (1.0 - current) * ratio**f for f in fractions]
+    else:
+        exponent = power if spacing == "poly" else 1.0
+        inner = [current + (target - current) * (1.0 - (1.0 - f) ** exponent) for f in fractions]
+    # Guard round-off: every level within [current, target], never decreasing.
+    clipped = (min(max(level, current), target) for level in [*inner, target])
+    return list(itertools.accumulate(clipped, max))
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,19 +119,8 @@ class OneShotSchedule(Scheduler):
         """
         _check_level("target", target)
         _check_level("current", current)
-        if target <= current:
-            return []
-        steps, spacing = self.config.steps, self.config.spacing
-        fractions = [j / steps for j in range(1, steps)]
-        if spacing == "geometric":
-            ratio = (1.0 - target) / (1.0 - current)
-            inner = [1.0 - (1.0 - current) * ratio**f for f in fractions]
-        else:
-            power = self.config.power if spacing == "poly" else 1.0
-            inner = [current + (target - current) * (1.0 - (1.0 - f) ** power) for f in fractions]
-        # Guard round-off: every level within [current, target], never decreasing.
-        clipped = (min(max(level, current), target) for level in [*inner, target])
-        return list(itertools.accumulate(clipped, max))
+        cfg = self.config
+        return spaced_levels(current, target, cfg.steps, cfg.spacing, cfg.power)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +136,10 @@ class GradualConfig:
         frequency: steps between pruning events, >= 1.
         power: exponent of the polynomial (3: the cubic schedule), > 0.
         initial_sparsity: s_i, the level of the first event, in [0, 1).
+        substeps: pruning sub-steps per event, >= 1: each event goes from the current level to
+            s(t) in ``substeps`` geometrically spaced sub-steps (the ``oneshot`` schedule's
+            ``geometric`` rule), each with fresh gradients and curvature. 16 is the M-FAC
+            reference's ``--nrecomps`` default.
     """
 
     start: int = attrs.field(default=0, validator=attrs.validators.ge(0))
@@ -128,6 +147,7 @@ class GradualConfig:
     frequency: int = attrs.field(default=100, validator=attrs.validators.ge(1))
     power: float = attrs.field(default=3.0, converter=float, validator=_positive)
     initial_sparsity: float = attrs.field(default=0.0, converter=float, validator=_fraction)
+    substeps: int = attrs.field(default=1, validator=attrs.validators.ge(1))
 
     @end.validator
     def _end_after_start(self, attribute: attrs.Attribute, value: int) -> None:
@@ -148,6 +168,12 @@ class GradualSchedule(Scheduler):
     frequency their last event falls short of s_f (WoodFisher's ResNet-50 config, t₀ = 1,
     t_e = 40, frequency 5, ends at s(36) ≈ 0.899 instead of 0.9); the extra event at t_e makes
     the schedule reach the target exactly.
+
+    With ``substeps`` = K > 1 an event does not prune to s(t) at once: :meth:`levels_at`
+    splits the way from the current sparsity c to s(t) into K geometric sub-steps,
+    density (1−c)·((1−s(t))/(1−c))^(j/K) after sub-step j, each with fresh gradients and a fresh
+    curvature estimate (the session runs one pruning step per level). The M-FAC reference's
+    gradual runs do this with K = ``--nrecomps`` = 16.
 
     The schedule is stateless given the step; :meth:`state_dict` is empty.
     """
@@ -183,6 +209,18 @@ class GradualSchedule(Scheduler):
         """s(step) at a pruning event, else None."""
         _check_level("target", target)
         return self.sparsity_at(step, target) if self.is_event(step) else None
+
+    def levels_at(self, step: int, target: float, current: float) -> list[float]:
+        """List the sub-step levels of the event after ``step`` (empty if there is none).
+
+        ``substeps`` levels from ``current`` to s(step), geometrically spaced (the ``oneshot``
+        schedule's rule): each sub-step keeps the same fraction of the weights it starts with.
+        Empty when ``step`` is no event or s(step) <= ``current``.
+        """
+        level = self.level_at(step, target)
+        if level is None or level <= current + LEVEL_TOLERANCE:
+            return []
+        return spaced_levels(current, level, self.config.substeps, "geometric")
 
     def finished(self, step: int) -> bool:
         """Return True from ``end`` on: no pruning event remains after that step."""

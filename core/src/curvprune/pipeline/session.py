@@ -40,6 +40,11 @@ class PruningSession:
         self.iteration = 0
         self._started = time.perf_counter()
         self._closed = False
+        self._sparsity_of: MaskSet | None = None  # the masks self._sparsity was computed for
+        self._sparsity = 0.0
+        masks = runner.masks
+        if masks.extra or masks.num_removed():  # masks given to attach: the state may predate them
+            masks.mask_optimizer_(optimizer, runner.model)
 
     @property
     def masks(self) -> MaskSet:
@@ -60,21 +65,40 @@ class PruningSession:
     def step(self) -> StepReport | None:
         """After ``optimizer.step()``: re-zero pruned weights and state, prune if it is time.
 
+        After every pruning step the optimizer's state loses the pruned coordinates
+        (:meth:`MaskSet.mask_optimizer_`: state shaped like a parameter, and
+        ``optimizer.apply_masks`` for a :class:`~curvprune.tensors.masks.MaskAwareOptimizer`).
+
+        At a pruning event the schedule may ask for several sub-steps
+        (:meth:`~curvprune.roles.scheduler.Scheduler.levels_at`, e.g. the ``gradual``
+        schedule's ``substeps``); each is a full pruning step with fresh gradients and its own
+        report in :attr:`reports`.
+
         Returns:
-            The report of the pruning step that ran, or None.
+            The report of the last pruning step that ran, or None.
         """
         runner = self._runner
         runner.masks.apply_(runner.model)
         runner.masks.mask_optimizer_state_(self.optimizer, runner.model)
-        level = self.pipeline.schedule.level_at(self.iteration, self.pipeline.config.prune.sparsity)
+        schedule = self.pipeline.schedule
+        levels = schedule.levels_at(
+            self.iteration, self.pipeline.config.prune.sparsity, self._current_sparsity()
+        )
         report = None
-        if level is not None:
-            current = self.pipeline.mask.achieved_sparsity(runner.masks.flat, runner.layout)
-            if level > current + 1e-12:
-                report = runner.step(level, train_step=self.iteration)
-                runner.masks.mask_optimizer_state_(self.optimizer, runner.model)
+        for level in levels:
+            report = runner.step(level, train_step=self.iteration)
+            # Momentum and moments, and any state an optimizer couples across coordinates.
+            runner.masks.mask_optimizer_(self.optimizer, runner.model)
         self.iteration += 1
         return report
+
+    def _current_sparsity(self) -> float:
+        """Return the mask applier's sparsity of the current masks (once per mask set)."""
+        masks = self._runner.masks
+        if self._sparsity_of is not masks:
+            self._sparsity = self.pipeline.mask.achieved_sparsity(masks.flat, self._runner.layout)
+            self._sparsity_of = masks
+        return self._sparsity
 
     def state_dict(self) -> dict[str, Any]:
         """Iteration, masks, schedule state and step reports, for checkpoints.

@@ -15,15 +15,19 @@ from curvprune.tensors.layout import ParamLayout
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["Scheduler"]
+__all__ = ["LEVEL_TOLERANCE", "Scheduler"]
+
+#: A level at most this far above the current sparsity is not worth a pruning step.
+LEVEL_TOLERANCE = 1e-12
 
 
 class Scheduler(abc.ABC):
     """Decides when to prune and to which sparsity.
 
     One-shot pruning asks :meth:`levels` for the sparsity of each sub-step (curvature is
-    recomputed between sub-steps). Pruning during training asks :meth:`level_at` after every
-    optimizer step and prunes when it returns a level; :meth:`before_optimizer_step` lets a
+    recomputed between sub-steps). Pruning during training asks :meth:`levels_at` after every
+    optimizer step and runs one pruning step per level it returns (by default the one level of
+    :meth:`level_at`, if any); :meth:`before_optimizer_step` lets a
     schedule act on gradients (penalties) before each optimizer step.
 
     ``during_training`` is True for schedules that only make sense inside a training loop
@@ -50,6 +54,19 @@ class Scheduler(abc.ABC):
     def level_at(self, step: int, target: float) -> float | None:
         """The sparsity to prune to after optimizer step ``step`` (0-based), or None."""
         return None
+
+    def levels_at(self, step: int, target: float, current: float) -> list[float]:
+        """List the levels of the pruning steps to run after optimizer step ``step``, in order.
+
+        A pruning event may run several steps (sub-steps with the curvature recomputed
+        between them). The default is :meth:`level_at` alone: one step when it returns a level
+        above ``current`` (the sparsity already reached, in the mask applier's units), none
+        otherwise.
+        """
+        level = self.level_at(step, target)
+        if level is None or level <= current + LEVEL_TOLERANCE:
+            return []
+        return [level]
 
     def before_optimizer_step(self, step: int, model: nn.Module, layout: ParamLayout) -> None:
         """Act on gradients before optimizer step ``step`` (e.g. add a penalty). Default: no-op."""

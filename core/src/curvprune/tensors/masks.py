@@ -14,13 +14,37 @@ BatchNorms' γ and β (:meth:`curvprune.Structures.gate_masks`). They are enforc
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from curvprune.tensors.layout import ParamLayout
 
-__all__ = ["MaskSet"]
+__all__ = ["MaskAwareOptimizer", "MaskSet"]
+
+
+@runtime_checkable
+class MaskAwareOptimizer(Protocol):
+    """An optimizer with state that mixes coordinates, told about every new mask.
+
+    Zeroing the optimizer state shaped like a parameter (:meth:`MaskSet.mask_optimizer_state_`)
+    is enough for SGD's momentum or Adam's moments, which are per coordinate. An optimizer whose
+    state couples coordinates (M-FAC's window of past gradients, a preconditioner, a low-rank
+    factor) must itself remove pruned coordinates from that state, or its next update moves
+    pruned weights. It does so in ``apply_masks``, which the pruning session calls after every
+    pruning step (not every optimizer step: it may be costly, and gradients of pruned weights
+    are zeroed before each step anyway). Any optimizer may implement it; nothing registers.
+    """
+
+    def apply_masks(self, masks: Mapping[Tensor, Tensor]) -> None:
+        """Remove pruned coordinates from the optimizer's state.
+
+        Args:
+            masks: bool keep-mask (True = kept), shaped like its parameter, for every masked
+                parameter that this optimizer optimizes (looked up by identity); parameters
+                not in the mapping are unmasked.
+        """
 
 
 class MaskSet:
@@ -148,6 +172,21 @@ class MaskSet:
                 if isinstance(value, Tensor) and value.shape == param.shape:
                     value.mul_(mask)
 
+    @torch.no_grad()
+    def mask_optimizer_(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        """Remove pruned coordinates from all of the optimizer's state (after a pruning step).
+
+        Zeroes the state shaped like a parameter (:meth:`mask_optimizer_state_`) and, for a
+        :class:`MaskAwareOptimizer`, calls ``optimizer.apply_masks`` with the keep-mask of
+        every masked parameter the optimizer holds.
+        """
+        self.mask_optimizer_state_(optimizer, model)
+        if isinstance(optimizer, MaskAwareOptimizer):
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            optimizer.apply_masks(
+                {param: mask for param, mask in self._pairs(model) if id(param) in held}
+            )
+
     def _pairs(self, model: nn.Module) -> list[tuple[Tensor, Tensor]]:
         """(parameter, mask) for the selected parameters and the extra-masked ones."""
         params = self.layout.parameters(model)
@@ -173,15 +212,25 @@ class MaskSet:
 
     # -- statistics -----------------------------------------------------------------------------
     def sparsity(self) -> float:
-        """Fraction of selected weights removed."""
-        return float(1.0 - self.flat.float().mean()) if self.layout.d else 0.0
+        """Fraction of selected weights removed: an integer count over d, divided once."""
+        return self.num_removed() / self.layout.d if self.layout.d else 0.0
+
+    def removed_per_layer(self) -> dict[str, int]:
+        """Count the removed weights of each selected parameter (in int64, exact)."""
+        param = self.layout.param_index(self.flat.device)
+        counts = torch.bincount(param[~self.flat], minlength=len(self.layout))
+        return dict(zip(self.layout.names, (int(c) for c in counts.tolist()), strict=True))
 
     def per_layer_sparsity(self) -> dict[str, float]:
-        """Fraction removed in each selected parameter."""
-        removed = torch.zeros(len(self.layout), device=self.flat.device)
-        removed.index_add_(0, self.layout.param_index(self.flat.device), (~self.flat).float())
-        sizes = torch.tensor(self.layout.sizes, device=self.flat.device, dtype=torch.float32)
-        return dict(zip(self.layout.names, (removed / sizes).tolist(), strict=True))
+        """Fraction removed in each selected parameter.
+
+        Counted in integers and divided once at the end, so the fraction is the correctly
+        rounded k/n whatever the default dtype (float32 counts stop being exact above 2^24
+        weights; float32 division rounds 1/3 to 0.3333333432...).
+        """
+        removed = self.removed_per_layer()
+        sizes = dict(zip(self.layout.names, self.layout.sizes, strict=True))
+        return {name: removed[name] / sizes[name] if sizes[name] else 0.0 for name in removed}
 
     def num_removed(self) -> int:
         """Number of removed weights."""

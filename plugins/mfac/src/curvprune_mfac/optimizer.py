@@ -15,10 +15,16 @@ step: with one gradient in it, u = g/(λ + ‖g‖²/m), a step of length ≈ m/
 
 Masks: if every gradient in the window is zero at coordinate q, then F e_q = λ e_q, so
 u_q = g_q/λ, which is exactly 0 when the weight and its gradient are (pruned weight, masked
-gradient). Gradients taken before q was pruned still couple q to the kept weights, so for the next
-m steps u_q ≠ 0 in general and the pruning session's re-zeroing is what keeps w_q = 0.
-:meth:`MFAC.mask_` removes pruned coordinates from the window at once, after which pruned weights
-stay exactly zero through every step.
+gradient). Gradients taken before q was pruned still couple q to the kept weights: for the next
+m steps u_q ≠ 0 in general, and the kept weights' steps still see the pruned coordinates' old
+gradients. :meth:`MFAC.apply_masks` (curvprune's :class:`curvprune.MaskAwareOptimizer`
+protocol, which a :class:`curvprune.PruningSession` calls after every pruning step) zeroes the
+pruned coordinates of every window gradient and of the momentum at once, after which pruned
+weights stay exactly zero. On the kept coordinates F is then the Fisher of the held gradients
+restricted to them, the matrix the reference's ``sparse=True`` mode forms (it drops the
+coordinates whose weight is zero when the optimizer is built, and never updates them). The
+reference cannot mask a running optimizer: a new mask there means a new optimizer with an empty
+(zero-filled) window, whereas here the last m gradients, restricted, are kept.
 """
 
 from __future__ import annotations
@@ -118,20 +124,34 @@ class MFAC(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def mask_(self, masks: Mapping[Tensor, Tensor]) -> None:
+    def apply_masks(self, masks: Mapping[Tensor, Tensor]) -> None:
         """Remove pruned coordinates from the window (and their momentum): O(d·m²).
+
+        Every gradient in the window is zeroed where a mask is False and the window's Gram
+        matrix is recomputed, so F = blockdiag(F_kept, λI): F_kept is the Fisher of the window
+        restricted to the kept coordinates, as the reference's sparse mode builds it.
 
         Args:
             masks: keep-mask (bool, the parameter's shape) of each masked parameter; parameters
                 not in the mapping are kept whole.
+
+        Raises:
+            ValueError: a parameter this optimizer does not optimize, or a mask of another
+                shape (nothing changed).
         """
         known = {id(p) for p in self._params()}
         unknown = [tuple(p.shape) for p in masks if id(p) not in known]
         if unknown:
-            raise ValueError(f"MFAC.mask_: parameters of shapes {unknown} are not optimized here")
+            raise ValueError(
+                f"MFAC.apply_masks: parameters of shapes {unknown} are not optimized here"
+            )
+        wrong = [(tuple(p.shape), tuple(m.shape)) for p, m in masks.items()
+                 if m.numel() != p.numel()]
+        if wrong:
+            raise ValueError(f"MFAC.apply_masks: (parameter, mask) shapes differ: {wrong}")
         by_id = {id(p): mask for p, mask in masks.items()}
         keep = torch.cat([
-            by_id[id(p)].reshape(-1).to(torch.bool) if id(p) in by_id
+            by_id[id(p)].reshape(-1).to(device=p.device, dtype=torch.bool) if id(p) in by_id
             else torch.ones(p.numel(), dtype=torch.bool, device=p.device)
             for p in self._params()
         ])
@@ -139,7 +159,10 @@ class MFAC(torch.optim.Optimizer):
         for p in self._params():
             buf = self.state.get(p, {}).get("momentum_buffer")
             if buf is not None and id(p) in by_id:
-                buf.mul_(by_id[id(p)].to(buf.dtype))
+                buf.mul_(by_id[id(p)].reshape(buf.shape).to(device=buf.device, dtype=buf.dtype))
+
+    #: The former name of :meth:`apply_masks`.
+    mask_ = apply_masks
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's optimizer state (momentum, groups) plus the window under ``"mfac"``."""
