@@ -27,6 +27,7 @@ How curvprune splits work (docs/distributed.md):
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -171,6 +172,7 @@ def shutdown(*, synchronize: bool = False) -> None:
         if synchronize:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        gc.collect()  # gloo's work objects go now, not during interpreter finalization
     _OWNED_GROUP = False
 
 
