@@ -328,6 +328,8 @@ class GRegSchedule(Scheduler):
         self, params: Mapping[str, nn.Parameter], sets: Mapping[str, Tensor]
     ) -> None:
         """EMA of mean kept / mean pruned group magnitude per layer of ``sets`` (one host sync)."""
+        if not sets:
+            return
         ratios = []
         for name, pruned in sets.items():
             s = group_scores(params[name], self.config.granularity).double()
