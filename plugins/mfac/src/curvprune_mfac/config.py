@@ -44,10 +44,11 @@ class MFACConfig(EstimatorConfig):
 
     Attributes:
         damping: λ, absolute (never divided by m). Default 1e-5, the reference ``prundamp``.
-        block_size: B. Default 128, the reference pruner's (``main_prun.py --blocksize``).
-            None (Python only) or a B at least the number of live weights (with ``blocks =
-            "alive"``) gives one block over all selected weights: the unblocked algorithm
-            (reference ``--blocksize -1``).
+        block_size: B. Default 128 for ``static``, the reference pruner's (``main_prun.py
+            --blocksize``); None (one block over all selected weights) for ``dynamic``, as the
+            reference optimizer. None (Python only) or, with ``blocks = "alive"``, a B at least
+            the number of live weights gives the unblocked algorithm (reference ``--blocksize
+            -1``).
         blocks: what is cut into blocks of B. ``"alive"`` (the reference's ``w[mask]``): the
             concatenation of the live weights of all selected parameters, in layout order, cut
             into consecutive blocks of B live weights, so blocks straddle parameters and move as
@@ -74,15 +75,20 @@ class MFACConfig(EstimatorConfig):
     """
 
     damping: float = attrs.field(default=1e-5, converter=float, validator=_positive)
-    block_size: int | None = attrs.field(default=128, validator=_optional_at_least_one)
+    # algorithm before block_size: block_size's default depends on it
+    algorithm: Algorithm = attrs.field(
+        default="static", validator=attrs.validators.in_(("static", "dynamic"))
+    )
+    block_size: int | None = attrs.field(
+        default=attrs.Factory(lambda self: 128 if self.algorithm == "static" else None,
+                              takes_self=True),
+        validator=_optional_at_least_one,
+    )
     blocks: BlockMode | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.in_(("alive", "fixed")))
     )
     num_grads: int = attrs.field(default=64, validator=_at_least_one)
     fisher_mini_batch: int = attrs.field(default=32, validator=_at_least_one)
-    algorithm: Algorithm = attrs.field(
-        default="static", validator=attrs.validators.in_(("static", "dynamic"))
-    )
     window: int | None = attrs.field(default=None, validator=_optional_at_least_one)
 
     def __attrs_post_init__(self) -> None:
