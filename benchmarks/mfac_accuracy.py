@@ -42,10 +42,11 @@ def methods(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
     """Label → ``[estimator]`` table (None: magnitude, no estimator)."""
     common = {"num_grads": args.num_grads, "damping": args.damping,
               "fisher_mini_batch": args.fisher_mini_batch}
-    blocked = {"block_size": args.block_size, "blocks": "fixed", **common}
+    blocked = {"block_size": args.block_size, **common}
     out: dict[str, dict[str, Any] | None] = {
         "mfac unblocked": {"name": "mfac", **common, "block_size": None},
-        f"mfac B={args.block_size}": {"name": "mfac", **blocked},
+        # per-parameter blocks, as the figures in docs/benchmarks.md ("alive": fidelity.py)
+        f"mfac B={args.block_size}": {"name": "mfac", "blocks": "fixed", **blocked},
     }
     if "woodfisher" in curvprune.get_plugin_manager().registry.names("estimator"):
         out[f"woodfisher B={args.block_size}"] = {"name": "woodfisher", **blocked}
