@@ -44,8 +44,9 @@ def methods(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
               "fisher_mini_batch": args.fisher_mini_batch}
     blocked = {"block_size": args.block_size, **common}
     out: dict[str, dict[str, Any] | None] = {
-        "mfac unblocked": {"name": "mfac", **common},
-        f"mfac B={args.block_size}": {"name": "mfac", **blocked},
+        "mfac unblocked": {"name": "mfac", **common, "block_size": None},
+        # per-parameter blocks, as the figures in docs/benchmarks.md ("alive": fidelity.py)
+        f"mfac B={args.block_size}": {"name": "mfac", "blocks": "fixed", **blocked},
     }
     if "woodfisher" in curvprune.get_plugin_manager().registry.names("estimator"):
         out[f"woodfisher B={args.block_size}"] = {"name": "woodfisher", **blocked}

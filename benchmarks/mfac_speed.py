@@ -31,7 +31,7 @@ HEADLINE = r"^static IHVP .*$"
 def static_vs_matvec(d: int, m: int, repeats: int) -> None:
     g = torch.Generator().manual_seed(0)
     grads = torch.randn(m, d, generator=g) * 1e-3
-    est = curvprune.create("estimator", "mfac", num_grads=m, damping=1e-5)
+    est = curvprune.create("estimator", "mfac", num_grads=m, damping=1e-5, block_size=None)
     est.setup([d])
     est.update(grads)
     x = torch.randn(d, generator=g)

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     scorers = {
         "obs": lambda: create("scorer", "obs"),
         "woodtaylor exact": lambda: WoodTaylorScorer(WoodTaylorConfig(normalize_update=False)),
-        "woodtaylor default": lambda: WoodTaylorScorer(WoodTaylorConfig()),
+        "woodtaylor first_order r=0.003": lambda: WoodTaylorScorer(WoodTaylorConfig(
+            normalize_update=True, normalize="first_order", normalize_update_mult=0.003)),
     }
     rows = []
     for level in LEVELS:

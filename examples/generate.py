@@ -35,7 +35,7 @@ ESTIMATORS: dict[str, tuple[dict[str, object], str] | None] = {
     "woodfisher": ({"name": "woodfisher", "block_size": 128, "damping": 1e-3, "num_grads": 256},
                    "WoodFisher: exact blocks of 128 weights of the empirical Fisher"),
     "mfacstatic": ({"name": "mfac", "algorithm": "static", "damping": 1e-3, "num_grads": 64,
-                    "fisher_mini_batch": 4},
+                    "fisher_mini_batch": 4, "block_size": 1000000},
                    "M-FAC static: matrix-free inverse of the unblocked Fisher of all m gradients"),
     "mfacdynamic": ({"name": "mfac", "algorithm": "dynamic", "damping": 1e-3, "num_grads": 64,
                      "fisher_mini_batch": 4},
@@ -47,6 +47,8 @@ SCORERS = {
     "obs": "OBS saliency w²/(2[F⁻¹]_qq) and the summed compensating update −F⁻¹u",
     "woodtaylor": "WoodTaylor: OBS with the first-order term ḡᵀδ of the local model kept",
 }
+#: woodtaylor's options in the matrix: the first-order move clipped to 0.3 % of each layer's norm.
+WOODTAYLOR = {"normalize_update": True, "normalize": "first_order", "normalize_update_mult": 0.003}
 #: name → ([schedule] table, [finetune] epochs, description).
 SCHEDULES: dict[str, tuple[dict[str, object], int, str]] = {
     "oneshot": ({"name": "oneshot", "steps": 1}, 0, "one-shot in one step"),
@@ -114,7 +116,13 @@ def render(model: str, est: str, scorer: str, schedule: str, mask: str) -> str:
                   'ignore = ["0.weight"]']
     if estimator is not None:
         lines += _table("estimator", estimator[0])
-    lines += _table("scorer", {"name": scorer})
+    if scorer == "woodtaylor":
+        lines += ["", "# the exact method (woodtaylor's default) collapses a trained model: the",
+                  "# move −F⁻¹ḡ is several times ‖w‖; clip it to a small trust radius",
+                  "# (docs/methods/woodfisher.md)"]
+        lines += _table("scorer", {"name": scorer, **WOODTAYLOR})[1:]
+    else:
+        lines += _table("scorer", {"name": scorer})
     lines += _table("schedule", schedule_table)
     lines += _table("mask", mask_table)
     if finetune:

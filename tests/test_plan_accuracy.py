@@ -22,8 +22,10 @@ M = 64
 CASES = {
     "woodfisher-gram": ("woodfisher", {"block_size": 64, "num_grads": M, "algorithm": "gram"}),
     "woodfisher-woodbury": ("woodfisher", {"block_size": 64, "num_grads": 8, "algorithm": "woodbury"}),
-    "mfac-static": ("mfac", {"num_grads": M, "algorithm": "static", "fisher_mini_batch": 1}),
-    "mfac-dynamic": ("mfac", {"num_grads": M, "algorithm": "dynamic", "window": 32, "fisher_mini_batch": 1}),
+    "mfac-static": ("mfac", {"num_grads": M, "algorithm": "static", "fisher_mini_batch": 1,
+                            "block_size": None}),
+    "mfac-dynamic": ("mfac", {"num_grads": M, "algorithm": "dynamic", "window": 32,
+                             "fisher_mini_batch": 1, "block_size": None}),
     "diagfisher": ("diagfisher", {"num_grads": M}),
     "dense": ("dense", {"block_size": 64, "num_grads": M}),
 }
@@ -110,7 +112,10 @@ STEP_CASES = {
     "woodfisher-gram": ("woodfisher", {"block_size": 128, "num_grads": 32, "algorithm": "gram"}),
     "woodfisher-woodbury": ("woodfisher", {"block_size": 128, "num_grads": 8, "algorithm": "woodbury"}),
     "mfac-static": ("mfac", {"num_grads": 32, "algorithm": "static", "fisher_mini_batch": 1}),
-    "mfac-dynamic": ("mfac", {"num_grads": 32, "algorithm": "dynamic", "window": 8, "fisher_mini_batch": 1}),
+    "mfac-static-unblocked": ("mfac", {"num_grads": 32, "algorithm": "static",
+                                       "fisher_mini_batch": 1, "block_size": None}),
+    "mfac-dynamic": ("mfac", {"num_grads": 32, "algorithm": "dynamic", "window": 8,
+                              "fisher_mini_batch": 1, "block_size": None}),
     "diagfisher": ("diagfisher", {"num_grads": 32}),
 }
 

@@ -150,3 +150,55 @@ def test_inverse_survives_an_eigh_failure(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", _failing_eigh(lambda m: m.dim() == 3))
     inverse = KroneckerInverse(factors, 0.1, torch.float64)
     assert_allclose(inverse.diagonal(), reference.diagonal(), rtol=1e-10)
+
+
+def _dense_pi(factors, damping):
+    """Martens & Grosse (2015) Sec. 6.3, written from the definition: per layer
+    π = sqrt((tr A/dim A)/(tr G/dim G)) and the block (G + √λ/π·I) ⊗ (A + π√λ·I)."""
+    blocks = []
+    for g, a in factors:
+        pi = ((torch.trace(a) / a.shape[0]) / (torch.trace(g) / g.shape[0])).sqrt()
+        root = damping**0.5
+        eye_g = torch.eye(g.shape[0], dtype=torch.float64)
+        eye_a = torch.eye(a.shape[0], dtype=torch.float64)
+        blocks.append(torch.kron(g + root / pi * eye_g, a + pi * root * eye_a))
+    return torch.block_diag(*blocks)
+
+
+@settings(max_examples=25, deadline=None)
+@given(problems())
+def test_pi_split_matches_the_dense_damped_factors(problem):
+    factors, damping, gen = problem
+    inv = KroneckerInverse(factors, damping, torch.float64, split="pi")
+    fisher = _dense_pi(factors, damping)
+    dense_inv = torch.linalg.inv(fisher)
+    d = fisher.shape[0]
+    rtol = 16 * d * _EPS64 * float(torch.linalg.cond(fisher))
+    scale = float(torch.linalg.matrix_norm(dense_inv, ord=2))
+    v = torch.randn(3, d, dtype=torch.float64, generator=gen)
+    assert_allclose(inv.solve(v), v @ dense_inv, rtol=rtol, atol=rtol * scale * 4, what="solve")
+    assert_allclose(inv.diagonal(), dense_inv.diagonal(), rtol=rtol, atol=rtol * scale, what="diag")
+    offsets = torch.tensor([0, *inv.sizes]).cumsum(0).tolist()
+    width = max(inv.sizes)
+    idx = torch.tensor([list(range(s, e)) + [-1] * (width - (e - s))
+                        for s, e in zip(offsets, offsets[1:])])
+    got = inv.entries(idx)
+    valid = (idx >= 0)[:, :, None] & (idx >= 0)[:, None, :]
+    safe = idx.clamp_min(0)
+    want = dense_inv[safe[:, :, None], safe[:, None, :]]
+    assert_allclose(got[valid], want[valid], rtol=rtol, atol=rtol * scale, what="entries")
+
+
+def test_pi_split_differs_from_exact_and_guards_a_dead_factor():
+    gen = torch.Generator().manual_seed(1)
+    g, a = 100 * _psd(3, 3, gen), _psd(2, 2, gen)  # unbalanced traces: π far from 1
+    exact = KroneckerInverse([(g, a)], 0.1, torch.float64)
+    pi = KroneckerInverse([(g, a)], 0.1, torch.float64, split="pi")
+    assert not torch.allclose(exact.diagonal(), pi.diagonal(), rtol=1e-3)
+    # (G + cI)⊗(A + c′I) = G⊗A + c′G⊗I + cI⊗A + λI with cc′ = λ: F_pi ⪰ F_exact, smaller inverse
+    assert bool((pi.diagonal() <= exact.diagonal() * (1 + 1e-12)).all())
+    zero = KroneckerInverse([(torch.zeros(3, 3, dtype=torch.float64), a)], 0.1, torch.float64,
+                            split="pi")
+    expected = torch.linalg.inv(torch.kron(0.1**0.5 * torch.eye(3, dtype=torch.float64),
+                                           a + 0.1**0.5 * torch.eye(2, dtype=torch.float64)))
+    assert torch.allclose(zero.diagonal(), expected.diagonal())

@@ -13,6 +13,8 @@ import torch
 
 import curvprune
 
+from curvprune_greg import GRegSchedule
+
 from .conftest import bound_schedule, expand, reference_pick, tiny_cnn
 
 
@@ -231,3 +233,79 @@ def test_reg_affine_penalises_the_pruned_filters_gates_only(variant):
             torch.testing.assert_close(params[name].grad, before[name] + lam * params[name].detach(),
                                        rtol=0, atol=4 * torch.finfo(torch.float64).eps)
     assert schedule.phase == "grow"
+
+
+def _script_magnitudes(model, table):
+    """Set every filter of each layer in ``table`` to sign(w)·m_j (mean |w| = m_j exactly)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mags in table.items():
+            w = params[name]
+            mags = torch.tensor(mags, dtype=torch.float64)
+            w.copy_(torch.where(w >= 0, 1.0, -1.0) * expand(mags, w.shape, "filter"))
+
+
+def test_greg2_layers_stop_one_by_one_with_the_ema_kept_through_the_pick():
+    """GReg-2 per layer, as the reference's ``_greg_2``/``_update_reg``: a scripted sequence of
+    filter magnitudes; the EMA is transcribed from ``_update_mag_ratio`` (moving L1 set while
+    picking, picked set after), each layer stops on its own EMA, a stopped layer's λ and EMA
+    freeze while the other keeps growing, and ``grow`` ends when the last one stops."""
+    model = tiny_cnn()
+    delta_pick, tau_pick, delta, recover = 0.25, 0.5, 0.25, -0.125
+    schedule, layout = bound_schedule(
+        model, 0.5, variant=2, residual="none", update_reg_interval=1,
+        reg_granularity_pick=delta_pick, reg_upper_limit_pick=tau_pick,
+        reg_granularity_prune=delta, reg_upper_limit=10.0, reg_granularity_recover=recover,
+        mag_ratio_limit=100.0, stabilize_reg_interval=3)
+    a, b = "0.weight", "2.weight"  # 6 and 5 filters, 3 pruned in each; the classifier excluded
+    low, high = [0.5] * 3 + [1.0] * 3, [1.0] * 3 + [0.25] * 3
+    script = {  # step: (magnitudes of a, magnitudes of b)
+        0: (low, [0.5] * 3 + [1.0] * 2),
+        1: (high, [0.5] * 3 + [1.0] * 2),  # a's lowest set moved to {3, 4, 5}: picked there
+        2: ([1.0] * 3 + [1e-3] * 3, [0.5] * 3 + [1.0] * 2),
+        3: (low, [0.5] * 3 + [1.0] * 2),  # a finished: its EMA no longer moves
+        4: (low, [0.5] * 3 + [1.0] * 2),
+        5: (low, [1e-4] * 3 + [1.0] * 2),
+    }
+
+    def ratio(mags, pruned):
+        mags = torch.tensor(mags, dtype=torch.float64)
+        return float(mags[~pruned].mean() / mags[pruned].mean())
+
+    ema: dict[str, float] = {}
+    picked: dict[str, torch.Tensor] = {}
+    finished: set[str] = set()
+    for step in range(6):
+        _script_magnitudes(model, dict(zip((a, b), script[step], strict=True)))
+        _set_grads(model)
+        schedule.before_optimizer_step(step, model, layout)
+        for name, mags in zip((a, b), script[step], strict=True):
+            if name in finished:
+                continue
+            if name in picked:
+                current = picked[name]
+            else:  # the moving L1 set: the 3 lowest now
+                current = torch.zeros(len(mags), dtype=torch.bool)
+                current[torch.argsort(torch.tensor(mags), stable=True)[:3]] = True
+            rho = ratio(mags, current)
+            ema[name] = rho if name not in ema else 0.9 * ema[name] + 0.1 * rho
+        if step == 1:
+            picked = schedule.pruned_groups()
+            assert picked[a].tolist() == [False] * 3 + [True] * 3
+            assert picked[b].tolist() == [True] * 3 + [False] * 2
+        assert schedule.magnitude_ratios() == pytest.approx(ema, rel=1e-12), step
+        finished |= {n for n in (a, b) if n in picked and ema[n] >= 100.0}
+        assert schedule.finished_layers() == finished, step
+    assert ema[a] == pytest.approx(0.9 * 2.2 + 0.1 * 1000.0)  # 101.98 at step 2
+    lams = schedule.lambdas()
+    # a stopped after one grow update (step 2), b after four (steps 2-5)
+    assert torch.equal(lams[a], torch.where(picked[a], tau_pick + delta, recover).to(lams[a].dtype))
+    assert torch.equal(lams[b], torch.where(picked[b], tau_pick + 4 * delta, recover)
+                       .to(lams[b].dtype))
+    assert schedule.events == [(0, "pick"), (1, "grow"), (5, "stabilize")]
+    state = schedule.state_dict()
+    again = GRegSchedule(schedule.config)
+    again.load_state_dict(state)
+    restored = again.state_dict()
+    assert again.finished_layers() == finished
+    assert restored["layer_updates"] == {a: 1, b: 4} == state["layer_updates"]

@@ -13,7 +13,8 @@ from .conftest import dense_fisher, normwise_error, tol
 
 
 def make(**options) -> MFACEstimator:
-    return MFACEstimator(MFACConfig(**{"dtype": "float64", **options}))
+    options = {"dtype": "float64", "block_size": None, "blocks": "fixed", **options}
+    return MFACEstimator(MFACConfig(**options))
 
 
 @settings(max_examples=40)

@@ -22,7 +22,8 @@ import curvprune
 from curvprune.testing import DigitsMLP, digits_loaders
 
 #: m, mini-batch and damping of the benchmark's settings, with fewer gradients (speed).
-ESTIMATOR = {"name": "mfac", "num_grads": 128, "fisher_mini_batch": 32, "damping": 1e-6}
+ESTIMATOR = {"name": "mfac", "num_grads": 128, "fisher_mini_batch": 32, "damping": 1e-6,
+             "block_size": None}
 
 
 @pytest.fixture(scope="module")

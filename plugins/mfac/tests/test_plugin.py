@@ -15,6 +15,6 @@ def test_installed_distribution_registers_mfac():
 
 def test_reference_defaults():
     cfg = MFACConfig()
-    assert (cfg.damping, cfg.num_grads, cfg.fisher_mini_batch, cfg.block_size, cfg.algorithm) == (
-        1e-5, 64, 32, None, "static")
+    assert (cfg.damping, cfg.num_grads, cfg.fisher_mini_batch, cfg.block_size, cfg.algorithm,
+            cfg.block_mode) == (1e-5, 64, 32, 128, "static", "alive")
     assert cfg.window_size == 64

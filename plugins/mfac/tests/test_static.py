@@ -18,7 +18,8 @@ from .conftest import dense_fisher, normwise_error, tol
 
 
 def make(**options) -> MFACEstimator:
-    return MFACEstimator(MFACConfig(**{"dtype": "float64", **options}))
+    options = {"dtype": "float64", "block_size": None, "blocks": "fixed", **options}
+    return MFACEstimator(MFACConfig(**options))
 
 
 @st.composite
@@ -114,7 +115,7 @@ def test_float32_at_reference_damping_matches_float64():
     v = torch.randn(2, 2000, generator=g, dtype=torch.float64)
     results = {}
     for dtype in ("float32", "float64"):
-        est = MFACEstimator(MFACConfig(num_grads=32, dtype=dtype))
+        est = MFACEstimator(MFACConfig(num_grads=32, dtype=dtype, block_size=None))
         est.setup([1000, 1000])
         est.update(grads)
         results[dtype] = (est.ihvp(v).double(), est.inverse_diagonal().double())

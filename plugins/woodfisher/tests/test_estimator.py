@@ -397,3 +397,28 @@ def test_block_layout_matches_core_layout() -> None:
     expected = BlockLayout.build([7, 2], 3)
     assert torch.equal(est.block_layout.starts, expected.starts)
     assert torch.equal(est.block_layout.lengths, expected.lengths)
+
+
+@pytest.mark.parametrize("kind", ["low-rank", "near-repeated"])
+def test_woodbury_float32_breakdown_raises_instead_of_returning_nan(kind):
+    """λ = 1e-7 on low-rank float32 gradients: the recursion's m + gᵀv rounds to ≤ 0 (NaN via
+    rsqrt, or negative diagonal entries); before the guard the estimator returned them silently
+    (1664 of 2048 NaN in the issue). float64 on the same gradients stays positive definite."""
+    gen = torch.Generator().manual_seed(0)
+    m, d = 64, 2048
+    if kind == "low-rank":
+        grads = torch.randn(m, 4, generator=gen) @ torch.randn(4, d, generator=gen)
+    else:
+        base = torch.randn(1, d, generator=gen).repeat(m, 1)
+        grads = base + 1e-3 * torch.randn(m, d, generator=gen)
+    options = {"algorithm": "woodbury", "block_size": 128, "damping": 1e-7, "num_grads": m}
+    est = WoodFisherEstimator(WoodFisherConfig(**options))
+    est.setup([d])
+    with pytest.raises(NumericalError, match=r"lost positive definiteness in torch.float32 .* "
+                                              r"inverse diagonal entries are NaN or <= 0"):
+        est.update(grads)
+    exact = WoodFisherEstimator(WoodFisherConfig(**options, dtype="float64"))
+    exact.setup([d])
+    exact.update(grads.double())
+    diag = exact.inverse_diagonal()
+    assert bool(torch.isfinite(diag).all() and (diag > 0).all())

@@ -19,6 +19,6 @@ def test_woodtaylor_quality_quick() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "machine: " in proc.stdout and "torch " in proc.stdout
-    assert "| sparsity | obs | woodtaylor exact | woodtaylor default |" in proc.stdout
+    assert "| sparsity | obs | woodtaylor exact | woodtaylor first_order r=0.003 |" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "%" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| 50%", "| 70%", "| 80%", "| 90%"]

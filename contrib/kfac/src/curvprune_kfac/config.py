@@ -32,9 +32,13 @@ class KFACConfig(EstimatorConfig):
     """Options of the ``kfac`` estimator (the shared ones are :class:`curvprune.EstimatorConfig`'s).
 
     Attributes:
-        damping: λ in F = λ·I + A⊗G per layer: added to the Kronecker product, not to each
-            factor (curvlinops' ``use_exact_damping = True``; its default damps the factors,
-            (A + λI)⊗(G + λI), which is a different matrix).
+        damping: λ. With ``damping_split = "exact"``, F = λ·I + A⊗G per layer: added to the
+            Kronecker product (curvlinops' ``use_exact_damping = True``; its default damps the
+            factors, (A + λI)⊗(G + λI), which is a different matrix).
+        damping_split: ``"exact"`` (default; the core's F = λI + ... convention) or ``"pi"``:
+            Martens & Grosse's (2015, Sec. 6.3) π-corrected factor damping, as WoodFisher's
+            K-FAC baseline (``inv_covs``, ``use_pi = True``) does: (A + π√λ·I)⊗(G + √λ/π·I),
+            π = sqrt((tr A/dim A)/(tr G/dim G)) per layer.
         block_size: must stay unset; the blocks are the selected parameters.
         num_grads: m, the number of samples the factors average over.
         fisher_mini_batch: must be 1 (the factors are per-sample averages by construction).
@@ -57,6 +61,9 @@ class KFACConfig(EstimatorConfig):
     mc_samples: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     kfac_approx: Literal["expand", "reduce"] = attrs.field(
         default="expand", validator=attrs.validators.in_(("expand", "reduce"))
+    )
+    damping_split: Literal["exact", "pi"] = attrs.field(
+        default="exact", validator=attrs.validators.in_(("exact", "pi"))
     )
 
     def __attrs_post_init__(self) -> None:

@@ -147,7 +147,8 @@ class KFACEstimator(CurvatureEstimator):
         for (g, a), name in zip(factors, layout.names, strict=True):
             if not bool(torch.isfinite(g).all() and torch.isfinite(a).all()):
                 raise NumericalError(f"kfac factors of {name!r} are not finite; check the model and data")
-        self._inverse = KroneckerInverse(factors, self.config.damping, self.dtype)
+        self._inverse = KroneckerInverse(factors, self.config.damping, self.dtype,
+                                         self.config.damping_split)
         self._m = sum(int(x.shape[0]) for x, _ in data)
 
     def set_factors(self, factors: Sequence[tuple[Tensor, Tensor]], num_samples: int) -> None:
@@ -157,7 +158,8 @@ class KFACEstimator(CurvatureEstimator):
         if sizes != self.sizes:
             raise ValueError(f"factors of sizes {list(sizes)} do not match setup's {list(self.sizes)}")
         self._inverse = KroneckerInverse(
-            [(g.to(self.device), a.to(self.device)) for g, a in factors], self.config.damping, self.dtype
+            [(g.to(self.device), a.to(self.device)) for g, a in factors], self.config.damping,
+            self.dtype, self.config.damping_split,
         )
         self._m = int(num_samples)
 

@@ -15,6 +15,12 @@ R[j, k] = 1/(s_g[j]·s_a[k] + λ):
 * diagonal: [F_l⁻¹]_(p,q),(p,q) = Σ_jk U_g[p,j]² R[j,k] U_a[q,k]², i.e. (U_g∘U_g) R (U_a∘U_a)ᵀ;
 * entries: [F_l⁻¹]_(p,q),(p',q') = Σ_jk U_g[p,j] U_g[p',j] R[j,k] U_a[q,k] U_a[q',k].
 
+With ``split = "pi"`` (Martens & Grosse, ICML 2015, Sec. 6.3; WoodFisher's K-FAC baseline,
+``utils/kfac_fisher_utils.py`` ``inv_covs``) the damping goes into the factors instead,
+(G + √λ/π·I) ⊗ (A + π√λ·I) with π = sqrt((tr A/dim A)/(tr G/dim G)) per layer, so
+R[j, k] = 1/((s_g[j] + √λ/π)(s_a[k] + π√λ)): the same eigenvectors, another scale. A layer
+whose A or G has zero trace gets π = 1 (the reference divides by zero there).
+
 Layers with the same factor shapes are stacked and handled by one batched call; the only Python
 loop runs over the distinct shapes.
 """
@@ -27,7 +33,7 @@ import attrs
 import torch
 from torch import Tensor
 
-__all__ = ["KroneckerGroup", "KroneckerInverse"]
+__all__ = ["KroneckerGroup", "KroneckerInverse", "pi_correction"]
 
 
 @attrs.frozen(eq=False)
@@ -90,6 +96,18 @@ def symmetric_eigh(stack: Tensor) -> tuple[Tensor, Tensor]:
     return values, vectors
 
 
+def pi_correction(g_stack: Tensor, a_stack: Tensor) -> Tensor:
+    """π = sqrt((tr A/dim A)/(tr G/dim G)) per layer of ``[n, o, o]``, ``[n, i, i]`` stacks.
+
+    1 where either trace is not positive (a dead layer): the split is then √λ to each factor.
+    """
+    mean_a = torch.diagonal(a_stack, dim1=-2, dim2=-1).mean(-1)
+    mean_g = torch.diagonal(g_stack, dim1=-2, dim2=-1).mean(-1)
+    ok = (mean_a > 0) & (mean_g > 0)
+    ratio = torch.where(ok, mean_a / torch.where(ok, mean_g, 1.0), 1.0)
+    return ratio.sqrt()
+
+
 class KroneckerInverse:
     """(λI + blockdiag_l(G_l ⊗ A_l))⁻¹ over a flat vector of d weights.
 
@@ -98,11 +116,16 @@ class KroneckerInverse:
             with o·i the parameter's size (A_l = ``[[1]]`` for a bias). Symmetric PSD.
         damping: λ > 0.
         dtype: the dtype of the eigendecompositions and every query.
+        split: ``"exact"``: λI added to the Kronecker product; ``"pi"``: the π-corrected
+            split into the factors (module docstring).
     """
 
     def __init__(
-        self, factors: Sequence[tuple[Tensor, Tensor]], damping: float, dtype: torch.dtype
+        self, factors: Sequence[tuple[Tensor, Tensor]], damping: float, dtype: torch.dtype,
+        split: str = "exact",
     ) -> None:
+        if split not in ("exact", "pi"):
+            raise ValueError(f"split must be 'exact' or 'pi', got {split!r}")
         if not factors:
             raise ValueError("KroneckerInverse needs at least one (G, A) pair")
         self.damping = float(damping)
@@ -121,7 +144,12 @@ class KroneckerInverse:
             s_a, u_a = symmetric_eigh(a_stack)
             # The factors are PSD; clamp the round-off below zero so every s_g·s_a + λ ≥ λ.
             s_g, s_a = s_g.clamp_min(0), s_a.clamp_min(0)
-            scale = (s_g[:, :, None] * s_a[:, None, :] + self.damping).reciprocal()
+            if split == "exact":
+                scale = (s_g[:, :, None] * s_a[:, None, :] + self.damping).reciprocal()
+            else:
+                pi = pi_correction(g_stack, a_stack)[:, None]
+                root = self.damping**0.5
+                scale = ((s_g + root / pi)[:, :, None] * (s_a + root * pi)[:, None, :]).reciprocal()
             starts = torch.tensor([offsets[p] for p in members], device=device)
             index = starts[:, None] + torch.arange(o * i, device=device)
             self.groups.append(KroneckerGroup(

@@ -30,11 +30,20 @@ the options of :class:`~curvprune_greg.GRegConfig`::
                groups after step t_s + K_s; no penalty after that (fine-tuning is plain).
 
 λ is recomputed as k·δλ from the update count k (not accumulated by repeated addition), so it
-matches the formula to one rounding. All layers share the counts: every layer with n_p > 0 grows
-alike, so they leave ``grow`` together (layers with n_p = 0 count as finished from the start, as
-in the reference). The reference checks the ratio condition layer by layer inside one update,
-reading the other layers' EMA from the previous update for layers not yet visited; here every
-layer's EMA is updated first and then the condition is checked once (order-independent).
+matches the formula to one rounding.
+
+GReg-1: all layers share the counts: every layer with n_p > 0 grows alike, so they leave ``grow``
+together (layers with n_p = 0 count as finished from the start, as in the reference). The
+reference checks the ratio condition layer by layer inside one update, reading the other layers'
+EMA from the previous update for layers not yet visited; here every layer's EMA is updated first
+and then the condition is checked once (order-independent).
+
+GReg-2 (the reference's ``_greg_2``): each layer stops on its own. During ``pick`` the EMA of every
+pruned layer is updated against the *moving* L1 set (its n_p lowest groups at that update), so it
+is warm when the layer picks; after the pick it follows the picked set. A layer finishes once it
+has picked and (structured) its own EMA ≥ ``mag_ratio_limit``, or its λ > τ; a finished layer's
+λ is frozen (still applied) while the others keep growing; ``grow`` ends when every layer has
+finished. The per-layer count k_ℓ gives λ_ℓ = λ_pick + k_ℓ·δλ.
 
 Cost: one fused multiply-add per selected parameter per step; the magnitude statistics (one
 reduction per layer and a single host synchronisation) only at update iterations, every K_u steps.
@@ -109,6 +118,8 @@ class GRegSchedule(Scheduler):
         self._lam: dict[str, Tensor] = {}  # per group, on the parameter's device
         self._pruned: dict[str, Tensor] = {}  # bool per group
         self._ema: dict[str, float] = {}
+        self._layer_updates: dict[str, int] = {}  # GReg-2: grow updates of each layer
+        self._finished: set[str] = set()  # GReg-2: layers that stopped growing
         self._bound = False
         self._layout: ParamLayout | None = None
         self._affine: dict[str, list[str]] = {}  # weight → gating 1-D parameters (reg_affine)
@@ -216,21 +227,27 @@ class GRegSchedule(Scheduler):
 
     def _update(self, step: int, params: Mapping[str, nn.Parameter]) -> None:
         cfg = self.config
+        structured = cfg.granularity != "weight"
         if self.phase == "pick":
             self.pick_updates += 1
             value = self.pick_updates * cfg.reg_granularity_pick
             for lam in self._lam.values():
                 lam.fill_(value)
+            if structured and self._lam:  # the EMA follows the moving L1 set while picking
+                self._update_ratios(params, self._moving_sets(params))
             if not self._lam or value >= cfg.reg_upper_limit_pick * (1 - _PICK_SLACK):
                 self._pick(params)
                 self._refresh_affine()
                 self._enter("grow", step)
-                if not self._lam:
+                self._finish_layers(list(self._lam), value)
+                if len(self._finished) == len(self._lam):
                     self._enter("stabilize", step)
             return
-        structured = cfg.granularity != "weight"
+        if cfg.variant == 2:
+            self._grow_per_layer(step, params)
+            return
         if structured and self._lam:
-            self._update_ratios(params)
+            self._update_ratios(params, self._pruned)
         self.updates += 1
         top = self.pruned_lambda
         for name, lam in self._lam.items():
@@ -242,6 +259,56 @@ class GRegSchedule(Scheduler):
             r >= cfg.mag_ratio_limit for r in self._ema.values())
         if not self._lam or by_ratio or self.max_lambda > cfg.reg_upper_limit:
             self._enter("stabilize", step)
+
+    def _grow_per_layer(self, step: int, params: Mapping[str, nn.Parameter]) -> None:
+        """Run GReg-2's ``grow``: every layer not finished takes one step and checks its stop."""
+        cfg = self.config
+        growing = [name for name in self._lam if name not in self._finished]
+        if cfg.granularity != "weight" and growing:
+            self._update_ratios(params, {name: self._pruned[name] for name in growing})
+        self.updates += 1
+        base = self.pick_updates * cfg.reg_granularity_pick
+        for name in growing:
+            k = self._layer_updates.get(name, 0) + 1
+            self._layer_updates[name] = k
+            top = base + k * cfg.reg_granularity_prune
+            lam = self._lam[name]
+            lam.copy_(torch.where(self._pruned[name], torch.full_like(lam, top),
+                                  torch.full_like(lam, cfg.reg_granularity_recover)))
+        self._refresh_affine()
+        self._finish_layers(growing, None)
+        if len(self._finished) == len(self._lam):
+            self._enter("stabilize", step)
+
+    def _finish_layers(self, names: list[str], pick_value: float | None) -> None:
+        """Mark each layer of ``names`` finished once its EMA ≥ limit (structured) or λ > τ.
+
+        The layer's λ max is its pruned groups' value (``pick_value`` at the pick, else
+        λ_pick + k_ℓ·δλ) or ``reg_granularity_recover`` on its kept groups, whichever is larger
+        (the reference's ``reg.max()``).
+        """
+        cfg = self.config
+        base = self.pick_updates * cfg.reg_granularity_pick
+        for name in names:
+            if pick_value is not None:
+                top = pick_value
+            else:
+                top = max(base + self._layer_updates.get(name, 0) * cfg.reg_granularity_prune,
+                          cfg.reg_granularity_recover)
+            ema = self._ema.get(name, 0.0)
+            by_ratio = cfg.granularity != "weight" and ema >= cfg.mag_ratio_limit
+            if by_ratio or top > cfg.reg_upper_limit:
+                self._finished.add(name)
+                log.info("greg: %s finished growing (λ %.4g, EMA ratio %s)", name, top,
+                         self._ema.get(name))
+
+    def _moving_sets(self, params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+        """GReg-2 before its pick: each pruned layer's n_p groups of lowest current score."""
+        return {
+            plan.name: pick_lowest(group_scores(params[plan.name], self.config.granularity),
+                                   plan.n_pruned)
+            for plan in self.active
+        }
 
     def _refresh_affine(self) -> None:
         """``reg_affine``: each pruned group's λ for its gating parameters, 0 for kept groups and
@@ -257,15 +324,19 @@ class GRegSchedule(Scheduler):
             scores = group_scores(params[plan.name], self.config.granularity)
             self._pruned[plan.name] = pick_lowest(scores, plan.n_pruned)
 
-    def _update_ratios(self, params: Mapping[str, nn.Parameter]) -> None:
-        """EMA of mean kept / mean pruned group magnitude per layer (one host sync)."""
+    def _update_ratios(
+        self, params: Mapping[str, nn.Parameter], sets: Mapping[str, Tensor]
+    ) -> None:
+        """EMA of mean kept / mean pruned group magnitude per layer of ``sets`` (one host sync)."""
+        if not sets:
+            return
         ratios = []
-        for name, pruned in self._pruned.items():
+        for name, pruned in sets.items():
             s = group_scores(params[name], self.config.granularity).double()
             kept_mean = s[~pruned].mean()
             pruned_mean = s[pruned].mean()
             ratios.append(kept_mean / pruned_mean)  # inf once the pruned groups are exactly 0
-        for name, ratio in zip(self._pruned, torch.stack(ratios).tolist(), strict=True):
+        for name, ratio in zip(sets, torch.stack(ratios).tolist(), strict=True):
             old = self._ema.get(name)
             self._ema[name] = ratio if old is None else _MAG_EMA * old + (1 - _MAG_EMA) * ratio
 
@@ -362,7 +433,10 @@ class GRegSchedule(Scheduler):
     # -- inspection ---------------------------------------------------------------------------
     @property
     def pruned_lambda(self) -> float:
-        """λ of the pruned groups now: k·δλ (GReg-1) or λ_pick + k·δλ (GReg-2); 0 before growth."""
+        """λ of the pruned groups now: k·δλ (GReg-1) or λ_pick + k·δλ (GReg-2); 0 before growth.
+
+        GReg-2: the value of the layers still growing; a finished layer keeps its own.
+        """
         cfg = self.config
         base = self.pick_updates * cfg.reg_granularity_pick if cfg.variant == 2 else 0.0
         return base + self.updates * cfg.reg_granularity_prune
@@ -384,6 +458,10 @@ class GRegSchedule(Scheduler):
         """The chosen groups of each layer, bool per group (empty before GReg-2 picks)."""
         return {k: v.clone() for k, v in self._pruned.items()}
 
+    def finished_layers(self) -> set[str]:
+        """GReg-2: the layers that stopped growing (their λ frozen)."""
+        return set(self._finished)
+
     def magnitude_ratios(self) -> dict[str, float]:
         """The smoothed kept/pruned magnitude ratio of each pruned layer."""
         return dict(self._ema)
@@ -401,6 +479,8 @@ class GRegSchedule(Scheduler):
             "lambda": {k: v.detach().cpu().clone() for k, v in self._lam.items()},
             "pruned": {k: v.cpu().clone() for k, v in self._pruned.items()},
             "ema": dict(self._ema),
+            "layer_updates": dict(self._layer_updates),
+            "finished": sorted(self._finished),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -418,6 +498,10 @@ class GRegSchedule(Scheduler):
         self._lam = {k: v.clone() for k, v in state["lambda"].items()}
         self._pruned = {k: v.clone().bool() for k, v in state["pruned"].items()}
         self._ema = {k: float(v) for k, v in state["ema"].items()}
+        # states saved before GReg-2 stopped layers one by one: every layer grew alike
+        default = dict.fromkeys(self._lam, self.updates) if self.config.variant == 2 else {}
+        self._layer_updates = {k: int(v) for k, v in state.get("layer_updates", default).items()}
+        self._finished = {str(k) for k in state.get("finished", ())}
 
     # -- validation -----------------------------------------------------------------------------
     def check_pipeline(self, components: Mapping[str, Any]) -> str | None:

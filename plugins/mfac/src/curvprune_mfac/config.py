@@ -12,9 +12,10 @@ import attrs
 
 from curvprune import EstimatorConfig
 
-__all__ = ["Algorithm", "MFACConfig"]
+__all__ = ["Algorithm", "BlockMode", "MFACConfig"]
 
 Algorithm = Literal["static", "dynamic"]
+BlockMode = Literal["alive", "fixed"]
 
 
 def _at_least_one(_: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -43,11 +44,23 @@ class MFACConfig(EstimatorConfig):
 
     Attributes:
         damping: λ, absolute (never divided by m). Default 1e-5, the reference ``prundamp``.
-        block_size: B. Default None: one block over all selected weights (the unblocked
-            algorithm, M-FAC's main point: the static algorithm costs O(d·m) whatever B is).
-            The reference pruner's default is 128; set it to compare with WoodFisher at equal
-            blocks. Blocks never cross a parameter here (the reference packs the masked,
-            concatenated weights, so its blocks straddle layers).
+        block_size: B. Default 128 for ``static``, the reference pruner's (``main_prun.py
+            --blocksize``); None (one block over all selected weights) for ``dynamic``, as the
+            reference optimizer. None (Python only) or, with ``blocks = "alive"``, a B at least
+            the number of live weights gives the unblocked algorithm (reference ``--blocksize
+            -1``).
+        blocks: what is cut into blocks of B. ``"alive"`` (the reference's ``w[mask]``): the
+            concatenation of the live weights of all selected parameters, in layout order, cut
+            into consecutive blocks of B live weights, so blocks straddle parameters and move as
+            the mask changes. ``"fixed"``: each parameter's flattened weights, pruned ones
+            included, cut into blocks of B that never cross a parameter (the core's
+            convention, and WoodFisher's). Default None: ``"alive"`` for ``static``,
+            ``"fixed"`` for ``dynamic`` (a window outlives a mask; ``"alive"`` is static-only).
+            The estimator does not see the mask (the core gives it none): a coordinate is live
+            when some gradient fed is non-zero there; the core's GradientSource zeroes the
+            gradients of pruned weights exactly. A live weight whose gradients are all exactly
+            zero is then treated as pruned; its own entries are the same either way (F⁻¹ e_q =
+            e_q/λ), only the block boundaries of the weights after it shift.
         num_grads: m, gradients fed before each pruning step. Default 64 (reference
             ``ngrads_schedule = [64]``).
         fisher_mini_batch: samples averaged into one gradient. Default 32 (reference
@@ -62,13 +75,40 @@ class MFACConfig(EstimatorConfig):
     """
 
     damping: float = attrs.field(default=1e-5, converter=float, validator=_positive)
-    block_size: int | None = attrs.field(default=None, validator=_optional_at_least_one)
-    num_grads: int = attrs.field(default=64, validator=_at_least_one)
-    fisher_mini_batch: int = attrs.field(default=32, validator=_at_least_one)
+    # algorithm before block_size: block_size's default depends on it
     algorithm: Algorithm = attrs.field(
         default="static", validator=attrs.validators.in_(("static", "dynamic"))
     )
+    block_size: int | None = attrs.field(
+        default=attrs.Factory(lambda self: 128 if self.algorithm == "static" else None,
+                              takes_self=True),
+        validator=_optional_at_least_one,
+    )
+    blocks: BlockMode | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.in_(("alive", "fixed")))
+    )
+    num_grads: int = attrs.field(default=64, validator=_at_least_one)
+    fisher_mini_batch: int = attrs.field(default=32, validator=_at_least_one)
     window: int | None = attrs.field(default=None, validator=_optional_at_least_one)
+
+    def __attrs_post_init__(self) -> None:
+        if self.blocks == "alive" and self.algorithm == "dynamic":
+            raise ValueError(
+                "blocks = 'alive' needs algorithm = 'static' (a sliding window outlives the mask "
+                "its live set was read from); use blocks = 'fixed'"
+            )
+
+    @property
+    def block_mode(self) -> BlockMode:
+        """``blocks``, or its default: ``"alive"`` for static, ``"fixed"`` for dynamic."""
+        if self.blocks is not None:
+            return self.blocks
+        return "alive" if self.algorithm == "static" else "fixed"
+
+    @property
+    def alive_blocks(self) -> bool:
+        """Blocks of B live weights (``block_mode == "alive"`` with a ``block_size``)."""
+        return self.block_mode == "alive" and self.block_size is not None
 
     @property
     def window_size(self) -> int:

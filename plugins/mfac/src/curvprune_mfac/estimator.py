@@ -14,6 +14,12 @@ uses the gradient rows as they are (b = 1, W = d), with no copy.
   update costs O(d·m) per gradient plus one O(m³) refactorization before the next query, F⁻¹x
   costs O(d·m + m²), and updates may follow queries indefinitely.
 
+Blocks (``blocks``): ``"alive"`` (the default for ``static``, the reference pruner's
+``HInvFastBlock(grads[:, mask])``) gathers the live coordinates, those where some gradient fed is
+non-zero, and cuts them into consecutive blocks of B live weights across parameters; the other
+coordinates get F⁻¹e_q = e_q/λ. ``"fixed"`` cuts each parameter into blocks of B, pruned weights
+included (:class:`curvprune.BlockLayout`).
+
 Both average over the gradients actually held: with fewer than ``num_grads`` (static) or than
 ``window`` (dynamic), F is exactly λI + (1/n)·Σ over those n.
 
@@ -38,6 +44,7 @@ from curvprune import (
     EstimatorConfig,
     EstimatorStateError,
     NumericalError,
+    ParamLayout,
 )
 from curvprune_mfac.config import MFACConfig
 from curvprune_mfac.dynamic import DIAGONAL_PIECES, SlidingWindow
@@ -63,18 +70,27 @@ class MFACEstimator(CurvatureEstimator):
         self._static: StaticInverse | None = None
         self._window: SlidingWindow | None = None
         self._count = 0
+        self._alive: Tensor | None = None  # "alive" blocks: live flat indices, once frozen
 
     # -- sizes --------------------------------------------------------------------------------
     @staticmethod
     def _shape(sizes: Sequence[int], config: MFACConfig) -> tuple[int, int, int]:
         """(b, m, W): blocks, gradient rows stored, padded block width."""
-        blocks = BlockLayout.build(sizes, config.block_size)
         rows = config.num_grads if config.algorithm == "static" else config.window_size
+        if config.alive_blocks:
+            assert config.block_size is not None
+            d = int(sum(sizes))
+            width = min(config.block_size, d)
+            return -(-d // width), rows, width
+        blocks = BlockLayout.build(sizes, config.block_size)
         return blocks.n_blocks, rows, blocks.width
 
     @classmethod
     def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
         """b·m·W·itemsize for G (Ŵ overwrites it) + 3·b·m²·8 for K, C and C⁻¹ (float64).
+
+        ``alive`` blocks: G is stored whole and then packed, so the peak is the larger of two
+        copies of G and the above (b·W ≥ d is the packed width for all weights live).
 
         ``dynamic`` adds the piece of Ŵ its diagonal query forms at a time (1/8 of G).
         """
@@ -82,9 +98,20 @@ class MFACEstimator(CurvatureEstimator):
         b, m, width = cls._shape(sizes, cfg)
         itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
         total = b * m * width * itemsize + 3 * b * m * m * 8
+        if cfg.alive_blocks:  # G whole, then its live columns packed: two copies at a time
+            total = max(2 * b * m * width * itemsize, total)
         if cfg.algorithm == "dynamic":
             total += b * m * -(-width // DIAGONAL_PIECES) * itemsize
         return total
+
+    @classmethod
+    def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """``alive`` blocks hold G whole (m·d) while gradients stream in; the rest is the peak."""
+        cfg = _as_mfac(config)
+        if cfg.alive_blocks:
+            itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
+            return cfg.num_grads * layout.d * itemsize
+        return super().plan_held_bytes(layout, config)
 
     @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
@@ -105,7 +132,10 @@ class MFACEstimator(CurvatureEstimator):
         self._blocks = BlockLayout.build(self.sizes, self.config.block_size)
         b, m, width = self._shape(self.sizes, self.config)
         self._static, self._window, self._grads, self._count = None, None, None, 0
-        if self.config.algorithm == "static":
+        self._alive = None
+        if self.config.alive_blocks:  # G whole; blocks of live columns are cut when frozen
+            self._grads = torch.zeros(1, m, self.d, dtype=self.dtype, device=self.device)
+        elif self.config.algorithm == "static":
             self._grads = torch.zeros(b, m, width, dtype=self.dtype, device=self.device)
         else:
             self._window = SlidingWindow(b, m, width, damping=self.config.damping,
@@ -119,7 +149,10 @@ class MFACEstimator(CurvatureEstimator):
                 f"mfac.update: gradient rows {bad} (of {grads.shape[0]} in this chunk) hold NaN "
                 "or Inf; the estimate is unchanged"
             )
-        packed = self._pack(grads).transpose(0, 1)  # [b, k, W]
+        if self.config.alive_blocks:
+            packed = grads.unsqueeze(0)  # [1, k, d]: the live set is known only when frozen
+        else:
+            packed = self._pack(grads).transpose(0, 1)  # [b, k, W]
         if self._window is not None:
             self._window.push(packed)
             return
@@ -150,6 +183,9 @@ class MFACEstimator(CurvatureEstimator):
             return self._window
         if self._static is None:
             assert self._grads is not None
+            if self.config.alive_blocks:
+                self._static = self._freeze_alive()
+                return self._static
             grads = self._grads[:, : self._count]
             self._static = StaticInverse.from_gradients_(grads, self._count,
                                                          self.config.damping)
@@ -163,10 +199,21 @@ class MFACEstimator(CurvatureEstimator):
         # scale of v (F⁻¹ is linear, so the scale is put back exactly).
         amax = v.abs().amax(dim=1, keepdim=True)
         scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(amax))), 1.0)
-        return self._unpack(backend.ihvp(self._pack(v / scale))) * scale
+        v = v / scale
+        if self._alive is not None:  # dead coordinates: (F⁻¹v)_q = v_q/λ
+            out = v / self.config.damping
+            out[:, self._alive] = self._unpack_alive(backend.ihvp(self._pack_alive(v)))
+            return out * scale
+        return self._unpack(backend.ihvp(self._pack(v))) * scale
 
     def _inverse_diagonal(self) -> Tensor:
-        return self._unpack(self._backend().diagonal())
+        backend = self._backend()
+        if self._alive is not None:
+            out = torch.full((self.d,), 1.0 / self.config.damping, dtype=self.dtype,
+                             device=self.device)
+            out[self._alive] = self._unpack_alive(backend.diagonal())
+            return out
+        return self._unpack(backend.diagonal())
 
     def _inverse_columns(self, idx: Tensor) -> Tensor:
         """[F⁻¹]_pq = δ_pq/λ − ⟨Ŵ_:p, Ŵ_:q⟩ for each row's pairs: O(n·k²·m), no IHVP.
@@ -179,6 +226,8 @@ class MFACEstimator(CurvatureEstimator):
             ``[n, k, k]``.
         """
         backend = self._backend()
+        if self._alive is not None:
+            return self._alive_columns(backend, idx)
         assert self._blocks is not None
         k = idx.shape[1]
         valid = idx >= 0
@@ -195,6 +244,74 @@ class MFACEstimator(CurvatureEstimator):
         cols = backend.columns(block, position)  # [n, k, m]
         eye = torch.eye(k, dtype=self.dtype, device=self.device)
         return eye / self.config.damping - cols @ cols.mT
+
+    # -- "alive" blocks ------------------------------------------------------------------------
+    def _freeze_alive(self) -> StaticInverse:
+        """Gather the live columns of G, cut them into blocks of B, build Ŵ on them."""
+        assert self._grads is not None and self.config.block_size is not None
+        grads = self._grads[0, : self._count]  # [m, d]
+        self._alive = grads.ne(0).any(dim=0).nonzero().squeeze(1)
+        n = int(self._alive.numel())
+        width = max(1, min(self.config.block_size, n))
+        n_blocks = max(1, -(-n // width))
+        flat = torch.zeros(self._count, n_blocks * width, dtype=self.dtype, device=self.device)
+        flat[:, :n] = grads[:, self._alive]
+        del grads
+        self._grads = None  # at most two copies of G at a time (memory_bytes)
+        packed = flat.reshape(self._count, n_blocks, width).transpose(0, 1).contiguous()
+        del flat
+        return StaticInverse.from_gradients_(packed, self._count, self.config.damping)
+
+    def _pack_alive(self, x: Tensor) -> Tensor:
+        """``[n, d]`` to ``[n, b, B]``: the live coordinates, zero-padded after the last."""
+        assert self._alive is not None and self._static is not None
+        b, _, width = self._static.scaled.shape
+        out = x.new_zeros(x.shape[0], b * width)
+        out[:, : self._alive.numel()] = x[:, self._alive]
+        return out.reshape(x.shape[0], b, width)
+
+    def _unpack_alive(self, x: Tensor) -> Tensor:
+        """``[..., b, B]`` to the live coordinates' values ``[..., n_alive]``."""
+        assert self._alive is not None
+        return x.flatten(-2)[..., : self._alive.numel()]
+
+    def _alive_columns(self, backend: StaticInverse | SlidingWindow, idx: Tensor) -> Tensor:
+        """[F⁻¹]_pq for any pairs of ``idx`` ``[n, k]``.
+
+        δ_pq/λ − ⟨Ŵ_:p, Ŵ_:q⟩ within a block of live weights, else δ_pq/λ (a dead coordinate,
+        or two live ones in different blocks: F⁻¹ is block diagonal).
+        """
+        assert self._alive is not None and self._static is not None
+        n, k = idx.shape
+        width = self._static.scaled.shape[-1]
+        slot = torch.full((self.d,), -1, dtype=torch.long, device=self.device)
+        slot[self._alive] = torch.arange(self._alive.numel(), device=self.device)
+        where = torch.where(idx >= 0, slot[idx.clamp_min(0)], -1).reshape(-1)  # [n·k]
+        live = where >= 0
+        safe = where.clamp_min(0)
+        cols = backend.columns(safe // width, (safe % width)[:, None])  # [n·k, 1, m]
+        cols = (cols.squeeze(1) * live[:, None].to(cols.dtype)).reshape(n, k, -1)
+        block = torch.where(live, safe // width, -1).reshape(n, k)
+        same = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
+        eye = torch.eye(k, dtype=self.dtype, device=self.device)
+        return eye / self.config.damping - (cols @ cols.mT) * same.to(cols.dtype)
+
+    @property
+    def block_layout(self) -> BlockLayout:
+        """The blocks as contiguous ranges of [0, d).
+
+        ``"alive"``, once the estimate is frozen: block k runs from its first live weight to the
+        next block's first (dead coordinates in between are decoupled, so they may belong to
+        any block); it may cross parameters. Before that, and for ``"fixed"``: the core's.
+        """
+        if self._alive is None or self._static is None:
+            return super().block_layout
+        width = self._static.scaled.shape[-1]
+        firsts = self._alive[::width].cpu()
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), firsts[1:]])
+        ends = torch.cat([starts[1:], torch.tensor([self.d])])
+        lengths = ends - starts
+        return BlockLayout(starts, lengths, int(lengths.max()), self.d)
 
     # -- layout -------------------------------------------------------------------------------
     def _single_block(self) -> bool:

@@ -15,6 +15,9 @@ from curvprune import EstimatorConfig
 __all__ = ["Algorithm", "WoodFisherConfig", "WoodTaylorConfig"]
 
 Algorithm = Literal["auto", "woodbury", "gram"]
+Normalize = Literal["reference", "first_order"]
+Ranking = Literal["exact", "reference"]
+MeanGradient = Literal["labels", "estimator"]
 
 
 def _optional_at_least_one(_: Any, attribute: attrs.Attribute, value: int | None) -> None:
@@ -83,15 +86,30 @@ class WoodTaylorConfig:
             factorises a matrix of that size per block).
         first_order: α, the weight of the linear term (ḡ → αḡ); 0 gives ``obs``. Default 1,
             the paper's model.
-        normalize_update: clip the first-order move of each parameter to
-            ``normalize_update_mult``·‖w_l‖ (see :mod:`curvprune_woodfisher.woodtaylor`).
-            Default true: unclipped, the move −F⁻¹ḡ is 6× ‖w‖ on the digits CNN and accuracy
-            falls to 10 %; false gives the paper's exact method.
-        normalize_update_mult: r, the radius relative to the parameter's norm. Default
-            0.003: on the digits CNN one-shot at 50-90 % (3 trainings), r = 0.003 is within 2 of
-            450 test samples of ``obs`` and up to 1 point better at 90 %; r = 0.01 loses up to
-            0.4 points at 50-70 %, r = 0.03 up to 2, r = 0.1 up to 38 and r = 1 (the
-            reference's radius) 89.
+        normalize_update: bound the update (default false: the exact method, the paper's
+            model; the reference's ``--normalize-update`` is off by default too).
+        normalize: how ``normalize_update`` bounds it. ``"reference"`` (the reference's
+            ``_get_weight_update``): the whole update of parameter l, OBS part and −u_l,
+            δ_l ← δ_l / (‖δ_l‖/(r‖w_l‖) + 1e-9) when ‖δ_l‖ > ‖w_l‖; scores are unchanged, the
+            pruned weights are zeroed afterwards by the pipeline, and no loss change is
+            predicted (the quadratic model's prediction is for the unscaled update).
+            ``"first_order"`` (curvprune's extension): the linear term is clipped per parameter
+            to a trust radius r‖w_l‖ before scoring, so scores and update are exact WoodTaylor
+            on the clipped model (see :mod:`curvprune_woodfisher.woodtaylor`).
+        normalize_update_mult: r. Default 1, the reference's ``--normalize-update-mult``. With
+            ``"first_order"``, 0.003 was the best on the digits CNN one-shot at 50-90 % (3
+            trainings): within 2 of 450 test samples of ``obs``; 0.01 lost up to 0.4 points,
+            0.03 up to 2, 0.1 up to 38 and 1 89.
+        ranking: ``"exact"`` (default): ρ_q = ½(w_q − u_q)²/[F⁻¹]_qq, the model's change up to
+            one global constant. ``"reference"`` (``woodtaylorblock._get_param_stat``): per
+            parameter l, ρ_q − ½ḡ_lᵀu_l, minus its minimum over l, plus 1e-10, times the mask;
+            the global threshold then compares layers shifted by different amounts.
+        mean_gradient: where ḡ comes from. ``"labels"`` (default): the data's labels, also
+            when the estimator samples labels (``fisher = "true"``), for which the mean of the
+            fed gradients estimates E_y~p[∇ log p] = 0, not the loss gradient; the scorer then
+            computes it from the same number of samples (one extra backward pass over them).
+            ``"estimator"``: the mean of the gradients fed to the estimator (the reference's
+            ``avg_grads``, sampled labels with ``--true-fisher``).
 
     """
 
@@ -99,5 +117,14 @@ class WoodTaylorConfig:
     joint: bool = False
     max_joint_group: int = attrs.field(default=2048, validator=_at_least_one)
     first_order: float = attrs.field(default=1.0, converter=float, validator=_non_negative)
-    normalize_update: bool = True
-    normalize_update_mult: float = attrs.field(default=0.003, converter=float, validator=_positive)
+    normalize_update: bool = False
+    normalize: Normalize = attrs.field(
+        default="reference", validator=attrs.validators.in_(("reference", "first_order"))
+    )
+    normalize_update_mult: float = attrs.field(default=1.0, converter=float, validator=_positive)
+    ranking: Ranking = attrs.field(
+        default="exact", validator=attrs.validators.in_(("exact", "reference"))
+    )
+    mean_gradient: MeanGradient = attrs.field(
+        default="labels", validator=attrs.validators.in_(("labels", "estimator"))
+    )

@@ -308,7 +308,34 @@ class WoodFisherEstimator(CurvatureEstimator):
             for g in grads:  # the recursion is sequential in the gradients, batched over blocks
                 flat.index_copy_(0, self._slots, g)
                 woodbury_update_(self._inverse, self._packed, m)
+            self._count += k
+            self._check_inverse()
+            return
         self._count += k
+
+    def _check_inverse(self) -> None:
+        """Raise :class:`NumericalError` if a ``woodbury`` block lost positive definiteness.
+
+        In float32 with λ below the rounding of the Gram's scale (λ = 1e-7 on low-rank
+        gradients), m + gᵀv can round to ≤ 0: rsqrt gives NaN, or the subtraction drives
+        diagonal entries negative, silently. A positive definite inverse has a positive finite
+        diagonal; checked once per chunk (one host sync, O(d) work). The recursion keeps no
+        gradients, so unlike ``gram`` it cannot redo a block in float64.
+        """
+        assert self._inverse is not None and self._blocks is not None
+        diag = self._inverse.diagonal(dim1=-2, dim2=-1)
+        valid = self._blocks.valid(self.device)
+        bad = valid & ~(torch.isfinite(diag) & (diag > 0))
+        n_bad = int(bad.sum())
+        if n_bad:
+            raise NumericalError(
+                f"woodfisher (woodbury) lost positive definiteness in {self.dtype} after "
+                f"{self._count} of {self.config.num_grads} gradients: {n_bad} of {self.d} "
+                f"inverse diagonal entries are NaN or <= 0 (damping = {self.config.damping:g} is "
+                "below the rounding of the gradients' scale); use dtype = 'float64', "
+                "algorithm = 'gram' (it redoes such blocks in float64) or a larger damping; "
+                "call setup() to start over @ estimator.dtype"
+            )
 
     # -- queries ------------------------------------------------------------------------------
     def _ready_inverse(self) -> Tensor:

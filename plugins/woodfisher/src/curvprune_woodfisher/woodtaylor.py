@@ -29,24 +29,40 @@ leaves it out (it is up to n_blocks/2 and would swamp small saliencies in float3
 counted once in :meth:`WoodTaylorScorer.predicted_loss_change`. With ḡ = 0 every formula is
 OBS's.
 
-**Trust region on the first-order move** (``first_order`` α, ``normalize_update``,
-``normalize_update_mult`` r). The model is only trusted near w, but ‖u‖ ≤ ‖ḡ‖/λ: with the
-empirical Fisher of a few hundred per-sample gradients and λ = 1e-4, a trained digits CNN gives
-‖u‖ = 63 against ‖w‖ = 9.9, a predicted change −½ḡᵀu = −0.32 and a measured one of +5.8e5
-(docs/methods/woodfisher.md). So the linear term is replaced by ḡ_t = α·Tḡ, T scaling the
-entries of parameter l by
+**Defaults: the exact method.** ``normalize_update = false``, ``ranking = "exact"``: the
+paper's model, unclipped. On a trained model the move to the unconstrained minimiser,
+‖u‖ ≤ ‖ḡ‖/λ, can be far outside the region where the model holds (digits CNN, λ = 1e-4,
+256 per-sample gradients: ‖u‖ = 63 against ‖w‖ = 9.9; docs/methods/woodfisher.md), so two
+bounds are offered.
+
+**The reference's normalisation** (``normalize = "reference"``, ``woodtaylorblock.py``
+``_get_weight_update``): the whole update of parameter l (OBS part and −u_l) is rescaled,
+δ_l ← δ_l / (‖δ_l‖/(r‖w_l‖) + 1e-9), when ‖δ_l‖ > ‖w_l‖ (r = ``normalize_update_mult``,
+default 1 as in the reference). Scores are not affected; pruned weights move off zero and the
+pipeline zeroes them; the quadratic model's prediction does not hold for the scaled update, so
+:meth:`WoodTaylorScorer.predicted_loss_change` returns None.
+
+**Trust region on the first-order move** (``normalize = "first_order"``, curvprune's
+extension): the linear term is replaced by ḡ_t = α·Tḡ, T scaling the entries of parameter l by
 
     t_l = min(1, r‖w_l‖ / (α‖u_l‖)),
 
 the largest factor that keeps the unconstrained first-order move of that parameter inside the
 ball ‖u_t,l‖ ≤ r‖w_l‖, u_t = F⁻¹ḡ_t (exactly u_t,l = α t_l u_l when F's blocks do not cross
-parameters, as for every blocked estimator; for an unblocked F the bound holds up to the
-cross-parameter terms of F⁻¹). Every formula above holds with (ḡ_t, u_t) for (ḡ, u): the
-scorer is exact WoodTaylor on the model ḡ_tᵀδ + ½δᵀFδ, so the joint update still puts the
-pruned weights exactly at zero, and with t_l = α = 1 it is the unclipped method. Unlike the
-reference's ``--normalize-update`` (which rescales the whole update, OBS part included, and
-so moves pruned weights off zero), only the first-order move is clipped, before the
-saliencies are computed, so that the ranking sees the same model as the update.
+parameters; for an unblocked F the bound holds up to the cross-parameter terms of F⁻¹). Every
+formula above holds with (ḡ_t, u_t) for (ḡ, u): the scorer is exact WoodTaylor on the model
+ḡ_tᵀδ + ½δᵀFδ, so the joint update still puts the pruned weights exactly at zero.
+
+**The reference's ranking** (``ranking = "reference"``, ``_get_param_stat``): per parameter l,
+s_q = ½(w_q − u_q)²/d_q − ½ḡ_lᵀu_l, then s_q − min_l s + 1e-10, times the mask; layers are
+shifted by different amounts before the global threshold (the exact ranking shifts all by one
+constant, so it ranks by the model's change).
+
+**ḡ from the labels** (``mean_gradient = "labels"``, default): with ``fisher = "true"`` the
+gradients fed to the estimator use labels sampled from the model, whose mean estimates
+E_y~p[∇ log p(y|x)] = 0 rather than the loss gradient; the scorer then computes ḡ from the
+data's labels over the same number of samples (``PruneContext.batches``, model in eval mode,
+pruned coordinates zeroed). With the empirical Fisher the pipeline's mean is already that.
 """
 
 from __future__ import annotations
@@ -54,7 +70,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from curvprune import ConfigError, CurvatureEstimator, PruneContext, SaliencyScorer
+from curvprune import (
+    ConfigError,
+    CurvatureEstimator,
+    PruneContext,
+    SaliencyScorer,
+    distributed,
+)
 from curvprune_woodfisher.config import WoodTaylorConfig
 
 __all__ = ["WoodTaylorScorer"]
@@ -107,11 +129,11 @@ class WoodTaylorScorer(SaliencyScorer):
 
         t_l = min(1, r‖w_l‖/(α‖u_l‖)) per parameter l; one extra IHVP when a clip is active.
         """
-        assert ctx.mean_grad is not None
-        u = estimator.ihvp(ctx.mean_grad)
-        gbar = ctx.mean_grad.to(device=u.device, dtype=u.dtype)
+        mean = self._mean_gradient(ctx, estimator)
+        u = estimator.ihvp(mean)
+        gbar = mean.to(device=u.device, dtype=u.dtype)
         alpha = self.config.first_order
-        if not self.config.normalize_update:
+        if not (self.config.normalize_update and self.config.normalize == "first_order"):
             return (gbar, u) if alpha == 1 else (alpha * gbar, alpha * u)
         sizes = torch.tensor(ctx.layout.sizes, device=u.device)
         param = torch.repeat_interleave(torch.arange(sizes.numel(), device=u.device), sizes)
@@ -136,22 +158,81 @@ class WoodTaylorScorer(SaliencyScorer):
         gbar_t = alpha * scale[param] * gbar
         return gbar_t, estimator.ihvp(gbar_t)
 
+    def _mean_gradient(self, ctx: PruneContext, estimator: CurvatureEstimator) -> Tensor:
+        """ḡ: the pipeline's mean, or, for sampled labels, the data labels' (module docstring)."""
+        assert ctx.mean_grad is not None
+        sampled = getattr(estimator.config, "fisher", "empirical") == "true"
+        if self.config.mean_gradient == "estimator" or not sampled:
+            return ctx.mean_grad
+        if ctx.batches is None or ctx.loss_fn is None:
+            raise ConfigError(
+                "woodtaylor with fisher = 'true' computes the mean gradient from the data's "
+                "labels and needs the data (PruneContext.batches and loss_fn); pass data, or set "
+                "mean_gradient = 'estimator' @ scorer.mean_gradient"
+            )
+        samples = estimator.num_grads * int(getattr(estimator.config, "fisher_mini_batch", 1))
+        return labelled_mean_gradient(ctx, samples).to(ctx.mean_grad)
+
     def score(self, ctx: PruneContext) -> Tensor:
-        """ρ_q + ½ ḡ_tᵀu_t = ½ (w_q − u_t,q)² / [F⁻¹]_qq, ``[d]`` (ranking equals ρ's)."""
-        _, _, u, diag = self._prepare(ctx)
-        w = (ctx.weights * ctx.mask).to(u.dtype)
-        return (w - u).square() / (2 * diag)
+        """ρ_q + ½ ḡ_tᵀu_t = ½ (w_q − u_t,q)² / [F⁻¹]_qq, ``[d]`` (ranking equals ρ's).
+
+        With ``ranking = "reference"``: per parameter l, that minus ½ḡ_t,lᵀu_t,l, minus its
+        minimum over l, plus 1e-10, times the mask (the reference's ``_get_param_stat``).
+        """
+        _, gbar, u, diag = self._prepare(ctx)
+        mask = ctx.mask.to(device=u.device, dtype=u.dtype)
+        w = ctx.weights.to(u) * mask
+        rho = (w - u).square() / (2 * diag)
+        if self.config.ranking == "exact":
+            return rho
+        param = ctx.layout.param_index(u.device)
+        n = len(ctx.layout.sizes)
+        per_layer = torch.zeros(n, dtype=u.dtype, device=u.device).index_add_(0, param, gbar * u)
+        stat = rho - 0.5 * per_layer[param]
+        low = torch.full((n,), torch.inf, dtype=u.dtype, device=u.device)
+        low = low.scatter_reduce(0, param, stat, reduce="amin")
+        return (stat - low[param] + 1e-10) * mask
 
     def compensate(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
-        """δw = −F⁻¹(ḡ_t + z) = −u_t − F⁻¹z: z summed single-weight multipliers, or joint ones."""
+        """δw = −F⁻¹(ḡ_t + z) = −u_t − F⁻¹z: z summed single-weight multipliers, or joint ones.
+
+        With ``normalize_update`` and ``normalize = "reference"``, each parameter's δ_l is then
+        rescaled to r‖w_l‖ when ‖δ_l‖ > ‖w_l‖ (the reference's ``_get_weight_update``).
+        """
         estimator, _, u, _ = self._prepare(ctx)
         z = self._multipliers(ctx, pruned)
         if not self.config.update:
             return None
-        return -(u + estimator.ihvp(z))
+        delta = -(u + estimator.ihvp(z))
+        if self._reference_normalized:
+            delta = self._reference_rescale(ctx, delta)
+        return delta
+
+    @property
+    def _reference_normalized(self) -> bool:
+        return self.config.normalize_update and self.config.normalize == "reference"
+
+    def _reference_rescale(self, ctx: PruneContext, delta: Tensor) -> Tensor:
+        """δ_l / (‖δ_l‖/(r‖w_l‖) + 1e-9) for every parameter l with ‖δ_l‖ > ‖w_l‖."""
+        param = ctx.layout.param_index(delta.device)
+        n = len(ctx.layout.sizes)
+        w = ctx.weights.to(delta) * ctx.mask.to(device=delta.device, dtype=delta.dtype)
+        w_norm = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+        w_norm = w_norm.index_add_(0, param, w.square()).sqrt()
+        d_norm = torch.zeros_like(w_norm).index_add_(0, param, delta.square()).sqrt()
+        r = self.config.normalize_update_mult
+        divisor = torch.where(d_norm > w_norm, d_norm / (w_norm * r) + 1e-9,
+                              torch.ones_like(d_norm))
+        return delta / divisor[param]
 
     def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
-        """Return the quadratic model's change for this step, with −½ḡ_tᵀu_t counted once."""
+        """Return the quadratic model's change for this step, with −½ḡ_tᵀu_t counted once.
+
+        None under the reference's normalisation (the model's change is for the unscaled
+        update).
+        """
+        if self._reference_normalized and self.config.update:
+            return None
         if self._ctx is not ctx or self._predicted is None:
             self._multipliers(ctx, pruned)
         return self._predicted
@@ -192,3 +273,35 @@ class WoodTaylorScorer(SaliencyScorer):
             mu = torch.cholesky_solve(rhs, chol)
         z[index] = mu.squeeze(-1)[row, col]
         return z
+
+
+def labelled_mean_gradient(ctx: PruneContext, samples: int) -> Tensor:
+    """Mean over ``samples`` samples of ∇L with the data's labels, flat ``[d]``, pruned zeroed.
+
+    The model runs in eval mode (as the core's GradientSource does) and its mode is restored.
+    Under torch.distributed each rank sums its slice; sums and counts are all-reduced.
+    """
+    assert ctx.batches is not None and ctx.loss_fn is not None
+    params = ctx.layout.parameters(ctx.model)
+    total = torch.zeros(ctx.layout.d, dtype=torch.float64, device=ctx.weights.device)
+    count = torch.zeros((), dtype=torch.float64, device=ctx.weights.device)
+    was_training = ctx.model.training
+    ctx.model.eval()
+    try:
+        for inputs, targets in ctx.batches(num_samples=samples):
+            n = int(targets.shape[0])
+            if n == 0:
+                continue
+            loss = ctx.loss_fn(ctx.model(inputs), targets) * n
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g
+                     for g, p in zip(grads, params, strict=True)]
+            total += ctx.layout.flatten(grads).to(total)
+            count += n
+    finally:
+        ctx.model.train(was_training)
+    distributed.all_reduce_sum_(total)
+    distributed.all_reduce_sum_(count)
+    if float(count) == 0:
+        raise ConfigError("woodtaylor: the data yielded no samples for the mean gradient @ data")
+    return (total / count).masked_fill_(~ctx.mask.to(total.device), 0)
