@@ -40,8 +40,8 @@ from mfac_accuracy import prune
 
 import curvprune
 from curvprune.config import DataConfig
-from curvprune.data import build_data
-from curvprune.models import DigitsCNN
+from curvprune.run.data import build_data
+from curvprune.run.models import DigitsCNN
 from curvprune_greg import GRegSchedule
 
 from _digits import accuracy, train_adam

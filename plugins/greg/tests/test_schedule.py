@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import curvprune
-
 from curvprune_greg import GRegSchedule
 
 from .conftest import bound_schedule, expand, reference_pick, tiny_cnn
