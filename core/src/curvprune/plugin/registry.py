@@ -81,11 +81,17 @@ class Component:
         """``(name, type, default)`` for each config field (``attrs.NOTHING`` if required)."""
         if self.config is None:
             return []
+        try:  # the defaults as a config built with none given (factories that read others too)
+            instance = self.config()
+        except (TypeError, ValueError):  # a required option: read the defaults one by one
+            instance = None
         out = []
         for field in attrs.fields(self.config):
             default = field.default
-            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-                default = default.factory()
+            if instance is not None:
+                default = getattr(instance, field.name)
+            elif isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                default = "(depends on other options)" if default.takes_self else default.factory()
             typ = field.type if isinstance(field.type, str) else getattr(
                 field.type, "__name__", repr(field.type)
             )
