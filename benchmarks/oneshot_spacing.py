@@ -142,9 +142,12 @@ def gradual_run(dense: nn.Module, bundle: Any, args: argparse.Namespace, substep
 
 def substeps_part(args: argparse.Namespace, bundle: Any) -> None:
     torch.manual_seed(0)
-    dense = train_adam(DigitsMLP(), bundle.train, args.mlp_epochs)
+    if args.gradual_model == "cnn":
+        dense, label = train_adam(DigitsCNN(), bundle.train, args.cnn_epochs), "digits CNN"
+    else:
+        dense, label = train_adam(DigitsMLP(), bundle.train, args.mlp_epochs), "digits MLP"
     dense_acc = accuracy(dense, bundle.test)
-    print(f"digits MLP: dense accuracy {dense_acc:.4f}; gradual mfac B=128, m={args.mfac_grads} "
+    print(f"{label}: dense accuracy {dense_acc:.4f}; gradual mfac B=128, m={args.mfac_grads} "
           f"x 32, damping 1e-5; {args.events} cubic events (from 50 %) to "
           f"{args.gradual_sparsity:.0%} over "
           f"{args.prune_epochs} epochs of SGD (lr 0.01, momentum 0.9), then "
@@ -184,6 +187,8 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=1e-4)
     parser.add_argument("--cnn-epochs", type=int, default=15)
     parser.add_argument("--mlp-epochs", type=int, default=40)
+    parser.add_argument("--gradual-model", choices=["mlp", "cnn"], default="mlp",
+                        help="the model of the substeps part")
     parser.add_argument("--gradual-sparsity", type=float, default=0.95)
     parser.add_argument("--mfac-grads", type=int, default=64)
     parser.add_argument("--events", type=int, default=4)
