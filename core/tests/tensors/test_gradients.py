@@ -361,3 +361,14 @@ def test_invalid_options(kwargs, message):
     model = _model("mlp")
     with pytest.raises(ConfigError, match=message):
         GradientSource(model, select_parameters(model), **kwargs)
+
+
+def test_a_mask_that_prunes_nothing_makes_no_masking_pass():
+    model = _model("mlp")
+    layout = select_parameters(model)
+    dense = GradientSource(model, layout, mask=torch.ones(layout.d, dtype=torch.bool))
+    assert dense._pruned is None  # no per-chunk masked_fill over [k, d]
+    sparse_mask = torch.ones(layout.d, dtype=torch.bool)
+    sparse_mask[::3] = False
+    sparse = GradientSource(model, layout, mask=sparse_mask)
+    assert torch.equal(sparse._pruned, ~sparse_mask)

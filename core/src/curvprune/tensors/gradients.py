@@ -110,6 +110,9 @@ class GradientSource:
         self.fisher_mini_batch = fisher_mini_batch
         self.fisher = fisher
         self.mask = mask
+        # the coordinates to zero in every row, decided once (one host sync here, none per
+        # chunk); None while nothing is pruned, so a dense step makes no masking pass at all
+        self._pruned = None if mask is None or bool(mask.all()) else ~mask.bool()
         self.generator = generator
         self._chunk_given = chunk_size is not None
         if chunk_size is None:
@@ -292,8 +295,10 @@ class GradientSource:
         ys = ys.reshape(rows, self.fisher_mini_batch, *ys.shape[1:])
         grads, losses = compute(selected, xs, ys)
         flat = self.layout.flatten([grads[n] for n in self.layout.names])
-        if self.mask is not None:
-            flat.masked_fill_(~self.mask.to(flat.device), 0)
+        if self._pruned is not None:
+            if self._pruned.device != flat.device:
+                self._pruned = self._pruned.to(flat.device)
+            flat.masked_fill_(self._pruned, 0)
         return flat, losses
 
     def _gather_round(
