@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -39,6 +38,7 @@ from curvprune.run.defaults import default_config
 from curvprune.run.files import SCHEMA, atomic_directory, write_atomic
 from curvprune.run.measure import collect_warnings, peak_memory, reset_peak_rss, versions
 from curvprune.run.models import build_model, count_parameters
+from curvprune.run.partial import unique_name
 from curvprune.run.prune_phase import run_prune_phase
 from curvprune.run.removal import removal_requested, remove_for_run, write_structure_files
 from curvprune.run.render import plot_layer_sparsity, plot_single_audit, render_report
@@ -120,14 +120,6 @@ def _run_name(config: PipelineConfig) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     est = config.estimator.name if config.estimator else "none"
     return f"{stamp}-{config.scorer.name}-{est}-s{config.prune.sparsity:.2f}"
-
-
-def _unique(path: Path) -> Path:
-    candidate, n = path, 2
-    while os.path.lexists(candidate):
-        candidate = path.with_name(f"{path.name}-{n}")
-        n += 1
-    return candidate
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +369,8 @@ def _execute_run(
     }
     run_dir = out_dir / run_name
     if not (explicit or checkpoints.partial is not None):  # a generated name: first free one
-        run_dir = distributed.broadcast_object(_unique(run_dir))  # rank 0 names it
+        # rank 0 names it, every rank agrees
+        run_dir = distributed.broadcast_object(out_dir / unique_name(out_dir, run_name))
     _write_on_rank_0(lambda: _write_run_dir(run_dir, pipeline, model, result, record, removal))
     log.info("run_completed", run_dir=str(run_dir), dense=acc_dense, pruned=acc_pruned)
     return RunOutcome(run_dir, record)
