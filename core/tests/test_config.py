@@ -70,7 +70,7 @@ def test_defaults_fill_missing_tables(registry):
     cfg = structure_config({}, registry)
     assert cfg.scorer.name == "magnitude" and cfg.schedule.name == "oneshot"
     assert cfg.mask.name == "global" and cfg.estimator is None
-    assert cfg.prune.targets == ("Conv2d", "Linear")
+    assert cfg.prune.targets == ("Conv2d", "Linear", "Conv1D")
 
 
 def test_toml_syntax_error_names_file_and_line(tmp_path):

@@ -169,7 +169,7 @@ class PruneConfig:
     """
 
     sparsity: float = attrs.field(default=0.5, converter=float, validator=_in_unit_interval)
-    targets: tuple[str, ...] = ("Conv2d", "Linear")
+    targets: tuple[str, ...] = ("Conv2d", "Linear", "Conv1D")
     ignore: tuple[str, ...] = ()
     loss_samples: int = attrs.field(default=256, validator=attrs.validators.ge(0))
     audit_single: int = attrs.field(default=0, validator=attrs.validators.ge(0))

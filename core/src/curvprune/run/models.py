@@ -6,12 +6,19 @@
   (nothing is downloaded); ``num_classes`` sets the classifier width.
 * ``module:package.module:factory``: ``factory(**kwargs)`` from an importable module (with
   ``num_classes`` passed when given).
+* ``hf:<folder>``: a Hugging Face transformers model saved in a local folder (``config.json``
+  and its weights, e.g. by ``save_pretrained``), loaded with ``local_files_only`` (nothing is
+  downloaded): the class named in its ``config.json`` (``architectures``, what
+  ``save_pretrained`` wrote), else ``AutoModelForCausalLM``, else ``AutoModel``; the folder's
+  config decides the heads (``num_classes`` is not passed); ``kwargs`` go to
+  ``from_pretrained``. Needs the ``hf`` extra (transformers).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,10 +102,52 @@ def build_model(name: str, *, num_classes: int | None = None, **kwargs: Any) -> 
         if not callable(factory):
             raise ConfigError(f"{modname!r} has no callable {attr!r} @ model.name")
         return _call(factory, kwargs, name)
-    choices = [*BUILTIN_MODELS, "torchvision:<name>", "module:<pkg.mod>:<factory>"]
+    if name.startswith("hf:"):
+        return _huggingface(name.split(":", 1)[1], kwargs)
+    choices = [*BUILTIN_MODELS, "torchvision:<name>", "module:<pkg.mod>:<factory>", "hf:<folder>"]
     hint = closest(name, list(BUILTIN_MODELS))
     more = f"; did you mean {hint!r}?" if hint else ""
     raise ConfigError(f"unknown model {name!r} (choose {', '.join(choices)}){more} @ model.name")
+
+
+def _huggingface(folder_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A transformers model from a local folder, never downloaded."""
+    folder = Path(folder_name).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"no model folder {folder_name!r}: hf: takes a local folder holding config.json and "
+            "the weights (nothing is downloaded) @ model.name"
+        )
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"{folder_name!r} is not a Hugging Face model folder (no config.json) @ model.name"
+        )
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(
+            "hf: models need transformers: pip install 'curvprune-core[hf]' @ model.name"
+        ) from None
+    kwargs = {k: v for k, v in kwargs.items() if k != "num_classes"}  # the config has the heads
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        # the class that saved the folder (config.architectures), else a causal LM, else the
+        # bare model: what was saved is what is pruned
+        saved = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+        candidates = [saved] if isinstance(saved, type) else [
+            transformers.AutoModelForCausalLM, transformers.AutoModel]
+        failure: Exception | None = None
+        for cls in candidates:
+            try:
+                return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
+            except ValueError as exc:  # this Auto class does not cover the config: the next
+                failure = exc
+        raise failure or ValueError("no model class")
+    except (OSError, TypeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:120]
+        raise ConfigError(
+            f"cannot load the model in {folder_name!r} ({reason}) @ model.name"
+        ) from None
 
 
 def _call(factory: Callable[..., Any], kwargs: dict[str, Any], name: str) -> nn.Module:

@@ -50,9 +50,27 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 CACHE_CHUNK_BYTES = 8 * 2**20
 
 
-def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy: the loss of classification models."""
-    return F.cross_entropy(outputs, targets)
+def default_loss(outputs: Any, targets: Tensor) -> Tensor:
+    """Mean cross-entropy, for classifiers and causal language models.
+
+    * Classification: ``outputs`` ``[N, C]`` (or an object with ``.logits``), targets ``[N]``.
+    * Causal language models (Hugging Face ``...ForCausalLM``): ``outputs.logits`` ``[N, T, V]``
+      and token ids ``[N, T]`` as targets (the inputs themselves): the next-token loss, the
+      logits at position t scored against token t + 1, averaged over the N·(T − 1) positions.
+
+    Raises:
+        ConfigError: the outputs hold no tensor of logits (pass ``loss_fn`` reading them).
+    """
+    logits = getattr(outputs, "logits", outputs)
+    if not isinstance(logits, Tensor):
+        raise ConfigError(
+            f"the model returns a {type(outputs).__name__} without logits; pass "
+            "loss_fn=lambda outputs, targets: ... reading it @ loss_fn"
+        )
+    if logits.dim() == 3 and targets.dim() == 2 and tuple(targets.shape) == logits.shape[:2]:
+        vocab = logits.shape[-1]
+        return F.cross_entropy(logits[:, :-1].reshape(-1, vocab), targets[:, 1:].reshape(-1))
+    return F.cross_entropy(logits, targets)
 
 
 def default_chunk_size(d: int, fisher_mini_batch: int = 1) -> int:

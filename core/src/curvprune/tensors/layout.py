@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from curvprune.errors import ConfigError, closest
 
-__all__ = ["BlockLayout", "ParamLayout", "StructureMap", "select_parameters"]
+__all__ = [
+    "DEFAULT_TARGETS",
+    "EXTERNAL_LAYER_TYPES",
+    "BlockLayout",
+    "ParamLayout",
+    "StructureMap",
+    "select_parameters",
+]
 
 
 class StructureMap(Protocol):
@@ -345,9 +352,17 @@ def _selector_matches(selector: str, pname: str, mname: str, module: nn.Module) 
     return is_weight and (by_type or selector == mname)
 
 
+#: Layer types of other libraries that selectors may name without importing them (matched by
+#: class name): Hugging Face transformers' ``Conv1D`` (GPT-2's ``y = x @ W + b``, W ``[in, out]``).
+EXTERNAL_LAYER_TYPES = frozenset({"Conv1D"})
+
+#: What ``[prune] targets`` selects by default: the weights of convolutions and dense layers.
+DEFAULT_TARGETS = ("Conv2d", "Linear", "Conv1D")
+
+
 def select_parameters(
     model: nn.Module,
-    targets: Iterable[str] = ("Conv2d", "Linear"),
+    targets: Iterable[str] = DEFAULT_TARGETS,
     ignore: Iterable[str] = (),
     *,
     where: str = "prune",
@@ -373,7 +388,7 @@ def select_parameters(
             or nothing is selected.
     """
     targets, ignore = list(targets), list(ignore)
-    known = _torch_module_types()
+    known = {**_torch_module_types(), **dict.fromkeys(EXTERNAL_LAYER_TYPES)}
     owners: dict[str, tuple[str, nn.Module]] = {}
     for mname, module in model.named_modules():
         for pname, _ in module.named_parameters(prefix=mname, recurse=False):
