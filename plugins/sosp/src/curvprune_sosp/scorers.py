@@ -36,6 +36,7 @@ from curvprune_sosp.curvature import (
     GateStatistics,
     StructureGGN,
     gradient_and_ggn_vector,
+    gradient_and_hessian_vector,
     quadratic_form,
     structure_ggn,
 )
@@ -210,7 +211,9 @@ class SospHScorer(SospScorer):
         """|λₛ| (or λₛ with ``absolute = false``) per structure, ``[S]``."""
         space, alive, device = self._prepare(ctx)
         tangent = alive.to(torch.float64)
-        stats, curv = gradient_and_ggn_vector(
+        product = (gradient_and_hessian_vector if self.config.hessian == "exact"
+                   else gradient_and_ggn_vector)
+        stats, curv = product(
             space, ctx.model, self._data(ctx), self._curvature(ctx), tangent,
             self.config.num_samples,
         )
@@ -236,8 +239,14 @@ class SospHScorer(SospScorer):
         direction = removed.to(torch.float64)
         if not bool(removed.any()):
             return torch.zeros((), dtype=torch.float64)
-        quad = quadratic_form(self.space, ctx.model, self._data(ctx), self._curv, direction,
-                              self.config.num_samples)
+        if self.config.hessian == "exact":
+            stats, _ = gradient_and_hessian_vector(
+                self.space, ctx.model, self._data(ctx), self._curvature(ctx), direction,
+                self.config.num_samples)
+            quad = (direction * stats.mean_ggn_vector()).sum()
+        else:
+            quad = quadratic_form(self.space, ctx.model, self._data(ctx), self._curv,
+                                  direction, self.config.num_samples)
         return -(self.grad * direction).sum() + 0.5 * quad
 
 
@@ -284,16 +293,43 @@ class SospIScorer(SospScorer):
             device=device, mode=self.config.jacobian, dtype=_DTYPES[self.config.dtype],
             max_jacobian_elements=self.config.max_jacobian_elements,
         )
-        count, quota = self._target_count(ctx, space, alive)
-        self.greedy = greedy_order(-ggn.grad, ggn.matrix, count, candidates=alive,
-                                   group=space.group.to(device), quota=quota)
         self.ggn = ggn
         halves = ggn.half_saliencies()
         self.rank_correlation = check_stability(
             halves, alive, self.config.min_rank_correlation, scorer=self.scorer_name,
             num_samples=int(ggn.count.sum()),
         )
+        if self.config.selection != "greedy":
+            self.greedy = None
+            return self.saliencies(alive)
+        count, quota = self._target_count(ctx, space, alive)
+        self.greedy = greedy_order(-ggn.grad, ggn.matrix, count, candidates=alive,
+                                   group=space.group.to(device), quota=quota)
         return order_scores(self.greedy.order, space.size)
+
+    def saliencies(self, alive: Tensor) -> Tensor:
+        """Per-structure scores of the non-greedy ``selection`` rules, ``[S]`` float64.
+
+        With q = −g and Q restricted to the alive structures a: ``"diagonal"`` |qₛ + ½Qₛₛ|;
+        ``"all"`` |qₛ + ½(Qa)ₛ|; ``"upper_bound"`` |qₛ + ½Qₛₛ| + ½·Σ_{s'≠s} |Q_{ss'}|a_{s'}.
+        Structures already removed score 0.
+        """
+        assert self.ggn is not None
+        q = -self.ggn.grad
+        mat = self.ggn.matrix.to(torch.float64)
+        a = alive.to(mat.device, torch.float64)
+        diag = mat.diagonal()
+        rule = self.config.selection
+        if rule == "diagonal":
+            score = (q + 0.5 * diag).abs()
+        elif rule == "all":
+            score = (q + 0.5 * (mat @ a)).abs()
+        elif rule == "upper_bound":
+            off = mat.abs() @ a - diag.abs() * a
+            score = (q + 0.5 * diag).abs() + 0.5 * off
+        else:  # pragma: no cover - validated by the config
+            raise ValueError(rule)
+        return torch.where(alive.to(score.device), score, torch.zeros_like(score))
 
     def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
         """ΔL(M) = Σ_M qₛ + ½·Σ_{M×M} Q for the removed set M, read from Q."""
