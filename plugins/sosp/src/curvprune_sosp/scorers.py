@@ -8,10 +8,11 @@ structure) in loss units under the second-order model of :mod:`curvprune_sosp.cu
 and leave the global ranking to the core's ``channel`` mask (``scope = "global"``, no per-layer
 normalisation: the scores are loss changes and compare across layers as they are).
 
-* **SOSP-H** (memo Eq. 3): λₛ = qₛ + ½·(G𝟙)ₛ, the structure's share of the modelled loss change
+* **SOSP-H** (memo Eq. 3): λₛ = qₛ + ½·(H𝟙)ₛ, the structure's share of the modelled loss change
   of removing every structure, its interaction with all structures of all layers included;
-  Σₛ λₛ = ΔL(all). Cost per batch: a dual-number forward, a forward and two backward passes;
-  no S×S object. Ranked by |λₛ| (``absolute``).
+  Σₛ λₛ = ΔL(all). H is the exact gate-space Hessian (double backward; the paper's abstract
+  describes SOSP-H with the whole Hessian) or, with ``hessian = "ggn"``, G (a dual-number
+  forward and two backward passes); no S×S object either way. Ranked by |λₛ| (``absolute``).
 * **SOSP-I**: the explicit S×S matrix Q and the greedy selection of
   :mod:`curvprune_sosp.selection`, whose interaction terms range over the structures actually
   removed. The scorer runs the greedy to the step's target count, with the mask's per-group
@@ -190,7 +191,10 @@ class SospScorer(SaliencyScorer):
 
 
 class SospHScorer(SospScorer):
-    """SOSP-H: λₛ = −gₛ + ½·(G𝟙)ₛ from one GGN-vector product per batch (memo Eq. 3).
+    """SOSP-H: λₛ = −gₛ + ½·(H𝟙)ₛ from one Hessian-vector product per batch (memo Eq. 3).
+
+    H is the exact gate-space Hessian (``hessian = "exact"``, default) or the Gauss-Newton
+    matrix G (``hessian = "ggn"``).
 
     Attributes:
         saliency: the signed λ of the last :meth:`score` call, ``[S]`` float64 (0 for
@@ -228,10 +232,10 @@ class SospHScorer(SospScorer):
         return saliency.abs() if self.config.absolute else saliency
 
     def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
-        """ΔL(M) = −gᵀe_M + ½·e_MᵀGe_M for the removed set M (one more forward-mode pass).
+        """ΔL(M) = −gᵀe_M + ½·e_MᵀHe_M for the removed set M, H as in :meth:`score`.
 
-        Exact under the quadratic model: e_MᵀGe_M = (1/N)·Σₙ (Aₙe_M)ᵀΛₙ(Aₙe_M) on the same N
-        samples, computed with forward-mode products only (O(parameters) memory).
+        Exact H: one more Hessian-vector product with tangent e_M. GGN: e_MᵀGe_M =
+        (1/N)·Σₙ (Aₙe_M)ᵀΛₙ(Aₙe_M) on the same N samples from forward-mode products only.
         """
         if self.grad is None or self.space is None:
             return None
