@@ -7,9 +7,15 @@ structures, evaluated (accuracy right after removal), physically shrunk with
 :meth:`curvprune.Pipeline.remove` (parameters and FLOPs of the smaller model; its accuracy must
 equal the masked one), fine-tuned briefly on the smaller model, and evaluated again.
 
-* ``sosp-h``: |−g + ½G𝟙| (SOSP-H), N = 1024 samples;
-* ``sosp-i``: explicit S×S GGN, greedy selection, N = 1024;
+* ``sosp-h``: |−g + ½H𝟙| with the exact gate-space Hessian H (SOSP-H as the paper's abstract
+  describes it: products with the whole Hessian), N = 1024 samples;
 * ``sosp-h signed``: the same λ ranked by its signed value (``absolute = false``);
+* ``sosp-h ggn``: |−g + ½G𝟙| with the Gauss-Newton matrix G (``hessian = "ggn"``);
+* ``sosp-i``: explicit S×S GGN, greedy selection, N = 1024;
+* ``sosp-i upper_bound``: |qₛ + ½Qₛₛ| + ½·Σ_{s'≠s}|Q_{ss'}|, ranked globally;
+* ``diagonal only``: |qₛ + ½Qₛₛ| (``sosp-i``, ``selection = "diagonal"``): SOSP without the
+  correlations. On this ReLU/max-pool network the loss is piecewise linear in any single gate
+  through the logits, so the exact Hessian's diagonal equals the GGN's;
 * ``l1``: the core's ``magnitude`` scorer, ``granularity = "channel"``, ``norm = "l1"``, with
   the same global mask, and with ``scope = "layerwise"`` (every layer loses 50 %): the
   L1-filter criterion of Li et al. (2017), which ranks within each layer.
@@ -47,7 +53,12 @@ L1 = {"name": "magnitude", "granularity": "channel", "norm": "l1"}
 METHODS = {
     "sosp-h": ({"name": "sosp-h", "num_samples": 1024}, "global"),
     "sosp-h signed": ({"name": "sosp-h", "num_samples": 1024, "absolute": False}, "global"),
+    "sosp-h ggn": ({"name": "sosp-h", "num_samples": 1024, "hessian": "ggn"}, "global"),
     "sosp-i": ({"name": "sosp-i", "num_samples": 1024}, "global"),
+    "sosp-i upper_bound": ({"name": "sosp-i", "num_samples": 1024, "selection": "upper_bound"},
+                           "global"),
+    "diagonal only": ({"name": "sosp-i", "num_samples": 1024, "selection": "diagonal"},
+                      "global"),
     "l1 global": (L1, "global"),
     "l1 layerwise (L1-filter)": (L1, "layerwise"),
 }

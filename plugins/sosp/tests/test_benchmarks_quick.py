@@ -36,5 +36,6 @@ def test_sosp_digits_quick() -> None:
     out = run("sosp_digits.py")
     rows = [line.split(" | ")[0] for line in out.splitlines()
             if line.startswith("| ") and "%" in line]
-    assert rows == ["| sosp-h", "| sosp-h signed", "| sosp-i", "| l1 global",
+    assert rows == ["| sosp-h", "| sosp-h signed", "| sosp-h ggn", "| sosp-i",
+                    "| sosp-i upper_bound", "| diagonal only", "| l1 global",
                     "| l1 layerwise (L1-filter)"], out

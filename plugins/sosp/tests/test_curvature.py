@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from curvprune_sosp.curvature import (
     choose_jacobian_mode,
     gradient_and_ggn_vector,
+    gradient_and_hessian_vector,
     quadratic_form,
     structure_ggn,
 )
@@ -172,3 +173,30 @@ def test_forward_mode_products_print_no_torch_deprecation_warning():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-400:]
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), kind=st.sampled_from(LOSS_KINDS), ones=st.booleans())
+def test_exact_hessian_vector_product_and_gradient_equal_dense(dense, seed, kind, ones) -> None:
+    """SOSP-H's exact product: H·t with H = ∂²L/∂m² (brute-force dense Hessian), and g."""
+    p = dense.problem(seed, kind)
+    gen = torch.Generator().manual_seed(seed + 2)
+    t = torch.ones(p.S, dtype=torch.float64) if ones else torch.randn(p.S, generator=gen,
+                                                                      dtype=torch.float64)
+    stats, _ = gradient_and_hessian_vector(p.space, p.model, p.batches,
+                                           factory(kind, p.loss_fn), t, num_samples=10_000)
+    assert stats.num_samples == p.x.shape[0]
+    torch.testing.assert_close(stats.mean_ggn_vector(), dense.hessian(p) @ t, **TOL)
+    torch.testing.assert_close(stats.mean_grad(), dense.grad(p), **TOL)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_and_ggn_products_differ_by_the_residual_term(dense, seed) -> None:
+    """The exact product is not the GGN one where the logits are nonlinear in the gates."""
+    p = dense.problem(seed, "cross_entropy")
+    t = torch.ones(p.S, dtype=torch.float64)
+    exact, _ = gradient_and_hessian_vector(p.space, p.model, p.batches,
+                                           factory("cross_entropy", p.loss_fn), t, 10_000)
+    ggn, _ = gradient_and_ggn_vector(p.space, p.model, p.batches,
+                                     factory("cross_entropy", p.loss_fn), t, 10_000)
+    assert not torch.allclose(exact.mean_ggn_vector(), ggn.mean_ggn_vector())

@@ -85,12 +85,32 @@ def dense_truth(ctx, structures, x, y):
     return grad, ggn
 
 
+def dense_hessian(ctx, structures, x, y):
+    """The exact gate-space Hessian ∂²L/∂m² at m = 𝟙, by brute force."""
+    model = ctx.model
+    model.eval()
+
+    def loss(m):
+        with structures.gates(model, m):
+            return F.cross_entropy(model(x), y)
+
+    return torch.autograd.functional.hessian(
+        loss, torch.ones(structures.n_structures, dtype=torch.float64))
+
+
 @pytest.mark.parametrize(("seed", "removed"), [(0, ()), (1, (0, 4)), (2, (2,))])
-def test_sosp_h_scores_and_prediction_equal_dense(seed, removed) -> None:
+@pytest.mark.parametrize("hessian", ["exact", "ggn"])
+def test_sosp_h_scores_and_prediction_equal_dense(seed, removed, hessian) -> None:
+    """λ = −g + ½·H·a (a: alive), |λ| and ΔL(M) = −gᵀe_M + ½e_MᵀHe_M, H exact (default) or G."""
     ctx, structures, x, y = context(seed, removed=removed)
-    scorer = SospHScorer(create("scorer", "sosp-h", num_samples=100).config)
+    options = {} if hessian == "exact" else {"hessian": "ggn"}
+    scorer = SospHScorer(create("scorer", "sosp-h", num_samples=100, **options).config)
     scores = scorer.score(ctx)
     grad, ggn = dense_truth(ctx, structures, x, y)
+    if hessian == "exact":
+        exact = dense_hessian(ctx, structures, x, y)
+        assert not torch.allclose(exact, ggn)  # cross-layer gate products: residual term ≠ 0
+        ggn = exact
     alive = torch.ones(structures.n_structures, dtype=torch.bool)
     alive[list(removed)] = False
     expected = torch.where(alive, -grad + 0.5 * ggn @ alive.double(), 0.0)
@@ -175,3 +195,26 @@ def test_bottleneck_report_from_the_scorer() -> None:
     assert [(g.size, g.kept, g.bottleneck, g.suggested_width) for g in report.groups] == [
         (3, 2, False, 3), (4, 3, True, 8)]
     assert isinstance(scorer, SospHScorer) and not isinstance(scorer, SospIScorer)
+
+
+@pytest.mark.parametrize("selection", ["diagonal", "all", "upper_bound"])
+def test_sosp_i_scoring_rules_equal_dense(selection) -> None:
+    """SOSP-I's non-greedy rules against the dense GGN (structures 0 and 4 already removed)."""
+    ctx, structures, x, y = context(1, removed=(0, 4))
+    scorer = SospIScorer(create("scorer", "sosp-i", num_samples=100, dtype="float64",
+                                selection=selection).config)
+    scores = scorer.score(ctx)
+    grad, ggn = dense_truth(ctx, structures, x, y)
+    alive = torch.ones(structures.n_structures, dtype=torch.bool)
+    alive[[0, 4]] = False
+    a, q, diag = alive.double(), -grad, ggn.diagonal()
+    expected = {
+        "diagonal": (q + 0.5 * diag).abs(),
+        "all": (q + 0.5 * ggn @ a).abs(),
+        "upper_bound": (q + 0.5 * diag).abs()
+        + 0.5 * torch.tensor([sum(abs(float(ggn[s, t])) for t in range(len(a))
+                                  if t != s and alive[t]) for s in range(len(a))],
+                             dtype=torch.float64),
+    }[selection]
+    torch.testing.assert_close(scores, torch.where(alive, expected, 0.0), **TOL)
+    assert scorer.greedy is None

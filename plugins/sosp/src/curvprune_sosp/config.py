@@ -60,15 +60,23 @@ class _SospConfig:
 
 @attrs.frozen(kw_only=True)
 class SospHConfig(_SospConfig):
-    """Options of the ``sosp-h`` scorer (SOSP-H: saliencies from one GGN-vector product).
+    """Options of the ``sosp-h`` scorer (SOSP-H: saliencies from one Hessian-vector product).
 
     Attributes:
-        absolute: rank by |λ_s| (the paper's criterion, as for first-order Taylor scores);
+        absolute: rank by |λ_s| (a sensitivity: the size of the modelled loss change);
             false ranks by the signed λ_s.
+        hessian: ``"exact"`` (default): λ_s = −g_s + ½·(H𝟙)_s with the exact gate-space
+            Hessian H = ∂²L/∂m² by double backward: the paper's abstract describes SOSP-H as
+            Hessian-vector products that account for the whole Hessian; ``"ggn"``: the Gauss-Newton
+            matrix G instead (drops the residual term; the plugin's earlier behaviour, one
+            forward-mode pass, positive semi-definite for convex losses).
 
     """
 
     absolute: bool = True
+    hessian: Literal["exact", "ggn"] = attrs.field(
+        default="exact", validator=attrs.validators.in_(("exact", "ggn"))
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -82,6 +90,13 @@ class SospIConfig(_SospConfig):
         dtype: accumulation dtype of the S×S matrix (its memory is S²·itemsize).
         max_jacobian_elements: the per-sample Jacobians of one chunk hold at most this many
             numbers (B·C·S); batches are split to respect it.
+        selection: how Q = G and q = −g become a pruning set. ``"greedy"`` (default): add
+            the structure with the smallest exact increase of the quadratic model, one at a
+            time (interactions over the structures actually removed). The others score each
+            structure and leave the ranking to the mask: ``"upper_bound"``:
+            |qₛ + ½Qₛₛ| + ½·Σ_{s'≠s alive} |Q_{ss'}| (sums to an upper bound of |ΔL(M)| over
+            any M); ``"all"``: |qₛ + ½(Q𝟙)ₛ| (SOSP-H's form with the GGN); ``"diagonal"``:
+            |qₛ + ½Qₛₛ| (no correlations: the diagonal-only baseline).
 
     """
 
@@ -92,3 +107,7 @@ class SospIConfig(_SospConfig):
         default="float32", validator=attrs.validators.in_(("float32", "float64"))
     )
     max_jacobian_elements: int = attrs.field(default=1 << 22, validator=attrs.validators.ge(1))
+    selection: Literal["greedy", "upper_bound", "all", "diagonal"] = attrs.field(
+        default="greedy",
+        validator=attrs.validators.in_(("greedy", "upper_bound", "all", "diagonal")),
+    )

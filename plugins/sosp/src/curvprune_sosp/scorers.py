@@ -8,10 +8,11 @@ structure) in loss units under the second-order model of :mod:`curvprune_sosp.cu
 and leave the global ranking to the core's ``channel`` mask (``scope = "global"``, no per-layer
 normalisation: the scores are loss changes and compare across layers as they are).
 
-* **SOSP-H** (memo Eq. 3): λₛ = qₛ + ½·(G𝟙)ₛ, the structure's share of the modelled loss change
+* **SOSP-H** (memo Eq. 3): λₛ = qₛ + ½·(H𝟙)ₛ, the structure's share of the modelled loss change
   of removing every structure, its interaction with all structures of all layers included;
-  Σₛ λₛ = ΔL(all). Cost per batch: a dual-number forward, a forward and two backward passes;
-  no S×S object. Ranked by |λₛ| (``absolute``).
+  Σₛ λₛ = ΔL(all). H is the exact gate-space Hessian (double backward; the paper's abstract
+  describes SOSP-H with the whole Hessian) or, with ``hessian = "ggn"``, G (a dual-number
+  forward and two backward passes); no S×S object either way. Ranked by |λₛ| (``absolute``).
 * **SOSP-I**: the explicit S×S matrix Q and the greedy selection of
   :mod:`curvprune_sosp.selection`, whose interaction terms range over the structures actually
   removed. The scorer runs the greedy to the step's target count, with the mask's per-group
@@ -36,6 +37,7 @@ from curvprune_sosp.curvature import (
     GateStatistics,
     StructureGGN,
     gradient_and_ggn_vector,
+    gradient_and_hessian_vector,
     quadratic_form,
     structure_ggn,
 )
@@ -189,7 +191,10 @@ class SospScorer(SaliencyScorer):
 
 
 class SospHScorer(SospScorer):
-    """SOSP-H: λₛ = −gₛ + ½·(G𝟙)ₛ from one GGN-vector product per batch (memo Eq. 3).
+    """SOSP-H: λₛ = −gₛ + ½·(H𝟙)ₛ from one Hessian-vector product per batch (memo Eq. 3).
+
+    H is the exact gate-space Hessian (``hessian = "exact"``, default) or the Gauss-Newton
+    matrix G (``hessian = "ggn"``).
 
     Attributes:
         saliency: the signed λ of the last :meth:`score` call, ``[S]`` float64 (0 for
@@ -210,7 +215,9 @@ class SospHScorer(SospScorer):
         """|λₛ| (or λₛ with ``absolute = false``) per structure, ``[S]``."""
         space, alive, device = self._prepare(ctx)
         tangent = alive.to(torch.float64)
-        stats, curv = gradient_and_ggn_vector(
+        product = (gradient_and_hessian_vector if self.config.hessian == "exact"
+                   else gradient_and_ggn_vector)
+        stats, curv = product(
             space, ctx.model, self._data(ctx), self._curvature(ctx), tangent,
             self.config.num_samples,
         )
@@ -225,10 +232,10 @@ class SospHScorer(SospScorer):
         return saliency.abs() if self.config.absolute else saliency
 
     def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
-        """ΔL(M) = −gᵀe_M + ½·e_MᵀGe_M for the removed set M (one more forward-mode pass).
+        """ΔL(M) = −gᵀe_M + ½·e_MᵀHe_M for the removed set M, H as in :meth:`score`.
 
-        Exact under the quadratic model: e_MᵀGe_M = (1/N)·Σₙ (Aₙe_M)ᵀΛₙ(Aₙe_M) on the same N
-        samples, computed with forward-mode products only (O(parameters) memory).
+        Exact H: one more Hessian-vector product with tangent e_M. GGN: e_MᵀGe_M =
+        (1/N)·Σₙ (Aₙe_M)ᵀΛₙ(Aₙe_M) on the same N samples from forward-mode products only.
         """
         if self.grad is None or self.space is None:
             return None
@@ -236,8 +243,14 @@ class SospHScorer(SospScorer):
         direction = removed.to(torch.float64)
         if not bool(removed.any()):
             return torch.zeros((), dtype=torch.float64)
-        quad = quadratic_form(self.space, ctx.model, self._data(ctx), self._curv, direction,
-                              self.config.num_samples)
+        if self.config.hessian == "exact":
+            stats, _ = gradient_and_hessian_vector(
+                self.space, ctx.model, self._data(ctx), self._curvature(ctx), direction,
+                self.config.num_samples)
+            quad = (direction * stats.mean_ggn_vector()).sum()
+        else:
+            quad = quadratic_form(self.space, ctx.model, self._data(ctx), self._curv,
+                                  direction, self.config.num_samples)
         return -(self.grad * direction).sum() + 0.5 * quad
 
 
@@ -284,16 +297,43 @@ class SospIScorer(SospScorer):
             device=device, mode=self.config.jacobian, dtype=_DTYPES[self.config.dtype],
             max_jacobian_elements=self.config.max_jacobian_elements,
         )
-        count, quota = self._target_count(ctx, space, alive)
-        self.greedy = greedy_order(-ggn.grad, ggn.matrix, count, candidates=alive,
-                                   group=space.group.to(device), quota=quota)
         self.ggn = ggn
         halves = ggn.half_saliencies()
         self.rank_correlation = check_stability(
             halves, alive, self.config.min_rank_correlation, scorer=self.scorer_name,
             num_samples=int(ggn.count.sum()),
         )
+        if self.config.selection != "greedy":
+            self.greedy = None
+            return self.saliencies(alive)
+        count, quota = self._target_count(ctx, space, alive)
+        self.greedy = greedy_order(-ggn.grad, ggn.matrix, count, candidates=alive,
+                                   group=space.group.to(device), quota=quota)
         return order_scores(self.greedy.order, space.size)
+
+    def saliencies(self, alive: Tensor) -> Tensor:
+        """Per-structure scores of the non-greedy ``selection`` rules, ``[S]`` float64.
+
+        With q = −g and Q restricted to the alive structures a: ``"diagonal"`` |qₛ + ½Qₛₛ|;
+        ``"all"`` |qₛ + ½(Qa)ₛ|; ``"upper_bound"`` |qₛ + ½Qₛₛ| + ½·Σ_{s'≠s} |Q_{ss'}|a_{s'}.
+        Structures already removed score 0.
+        """
+        assert self.ggn is not None
+        q = -self.ggn.grad
+        mat = self.ggn.matrix.to(torch.float64)
+        a = alive.to(mat.device, torch.float64)
+        diag = mat.diagonal()
+        rule = self.config.selection
+        if rule == "diagonal":
+            score = (q + 0.5 * diag).abs()
+        elif rule == "all":
+            score = (q + 0.5 * (mat @ a)).abs()
+        elif rule == "upper_bound":
+            off = mat.abs() @ a - diag.abs() * a
+            score = (q + 0.5 * diag).abs() + 0.5 * off
+        else:  # pragma: no cover - validated by the config
+            raise ValueError(rule)
+        return torch.where(alive.to(score.device), score, torch.zeros_like(score))
 
     def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
         """ΔL(M) = Σ_M qₛ + ½·Σ_{M×M} Q for the removed set M, read from Q."""
