@@ -203,11 +203,22 @@ def gradient_and_ggn_vector(
             ggn[half] += gw.double()
             grad[half] += gr.double()
             count[half] += x.shape[0]
-    packed = _all_reduce_(torch.cat([grad.reshape(-1), ggn.reshape(-1), count]))
-    grad, ggn, count = packed[: 2 * size], packed[2 * size : 4 * size], packed[4 * size :]
+    return _reduced(grad, ggn, count, num_samples), lam
+
+
+def _reduced(grad: Tensor, product: Tensor, count: Tensor, num_samples: int) -> GateStatistics:
+    """Per-half sums ``[2, S]`` of g and a curvature-vector product, summed over ranks in one
+    all-reduce.
+
+    Raises:
+        ConfigError: no rank saw a sample.
+    """
+    size = grad.shape[1]
+    packed = _all_reduce_(torch.cat([grad.reshape(-1), product.reshape(-1), count]))
+    grad, product, count = packed[: 2 * size], packed[2 * size : 4 * size], packed[4 * size :]
     if float(count.sum()) == 0:
         raise _no_samples(num_samples)
-    return GateStatistics(grad.reshape(2, size), ggn.reshape(2, size), count), lam
+    return GateStatistics(grad.reshape(2, size), product.reshape(2, size), count)
 
 
 def gradient_and_hessian_vector(
@@ -254,11 +265,7 @@ def gradient_and_hessian_vector(
             hvp[half] += hv.detach().double()
             grad[half] += gr.detach().double()
             count[half] += x.shape[0]
-    packed = _all_reduce_(torch.cat([grad.reshape(-1), hvp.reshape(-1), count]))
-    grad, hvp, count = packed[: 2 * size], packed[2 * size : 4 * size], packed[4 * size :]
-    if float(count.sum()) == 0:
-        raise _no_samples(num_samples)
-    return GateStatistics(grad.reshape(2, size), hvp.reshape(2, size), count), lam
+    return _reduced(grad, hvp, count, num_samples), lam
 
 
 def quadratic_form(
