@@ -122,6 +122,7 @@ class LayerwiseMask(BuiltinMask):
     """
 
     name = "layerwise"
+    per_parameter = True
 
     def __init__(self, config: LayerwiseMaskConfig | None = None) -> None:
         super().__init__(config or LayerwiseMaskConfig())
@@ -135,6 +136,8 @@ class LayerwiseMask(BuiltinMask):
         out = [sparsity] * len(layout)
         claimed: dict[int, str] = {}
         for selector, value in self.config.overrides.items():
+            if layout.partial and not any(selects(selector, n) for n in layout.names):
+                continue  # a stage of a sequential step: the selector names another stage
             hits = override_hits(selector, layout, selects)
             for i in hits:
                 if i in claimed:
@@ -209,13 +212,16 @@ class NMMask(BuiltinMask):
 
     Groups are M consecutive input weights: for a Linear weight ``[out, in]`` the runs
     ``w[o, kM:(k+1)M]``; for a Conv weight ``[out, in, kh, kw]`` the runs of M consecutive input
-    channels ``w[o, kM:(k+1)M, i, j]`` at each kernel position. At level s every group has
+    channels ``w[o, kM:(k+1)M, i, j]`` at each kernel position; for transformers' ``Conv1D``
+    (weight stored ``[in, out]``) the runs ``w[kM:(k+1)M, o]``, the same input-side groups as
+    the equivalent Linear (what sparse tensor cores need). At level s every group has
     ``round(s·M)`` weights removed (its lowest-scored, counting those already removed), so the
     final level (M−N)/M gives exactly M−N removed per group; an intermediate level counts per
     group, not over all weights.
     """
 
     name = "nm"
+    per_parameter = True
 
     def __init__(self, config: NMMaskConfig | None = None) -> None:
         super().__init__(config or NMMaskConfig())
@@ -243,9 +249,22 @@ class NMMask(BuiltinMask):
         """
         m = self.config.m
         parts = []
-        for name, shape, offset in zip(
-            layout.names, layout.shapes, layout.offsets[:-1], strict=True
+        for name, shape, offset, kind in zip(
+            layout.names, layout.shapes, layout.offsets[:-1], layout.module_types, strict=True
         ):
+            if kind == "Conv1D" and len(shape) == 2:  # transformers' [in, out] weight
+                inp, out = int(shape[0]), int(shape[1])
+                if inp % m:
+                    raise ConfigError(
+                        f"mask 'nm' ({self.config.n_m}) groups {m} consecutive input weights, "
+                        f"but {name!r} (Conv1D, shape [in, out] = {list(shape)}) has input "
+                        f"dimension {inp}, not divisible by {m}; exclude it with prune.ignore "
+                        "@ mask.n_m"
+                    )
+                flat = torch.arange(offset, offset + inp * out, device=device)
+                # [in/M, M, out] -> [in/M, out, M]: each row is M consecutive inputs of an output.
+                parts.append(flat.view(inp // m, m, out).transpose(1, 2).reshape(-1, m))
+                continue
             if len(shape) < 2 or shape[1] % m:
                 why = (
                     "has no input dimension"

@@ -49,6 +49,7 @@ class WandaScorer(SaliencyScorer):
 
     granularity = "weight"
     needs_data = True
+    layer_local = True
 
     def __init__(self, config: WandaConfig | None = None) -> None:
         super().__init__(config or WandaConfig())
