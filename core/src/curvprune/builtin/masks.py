@@ -149,6 +149,14 @@ class LayerwiseMask(BuiltinMask):
                 out[i] = float(value)
         return out
 
+    def layer_counts(self, sparsity: float, layout: ParamLayout) -> list[int]:
+        """How many weights each layer ends with removed at ``sparsity`` (before counting
+        what is already removed): ``min(round(s_l · n_l), n_l − min_keep)``, at least 0."""
+        size = torch.tensor(layout.sizes)
+        level = torch.tensor(self.layer_sparsities(sparsity, layout), dtype=torch.float64)
+        limit = torch.minimum(round_count(level, size), size - self.config.min_keep)
+        return [int(c) for c in limit.clamp_min(0).tolist()]
+
     def select(self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout) -> Tensor:
         """Keep-mask with ``round(s_l · n_l)`` weights removed in each layer l."""
         scores = self._check_select(scores, mask, sparsity, layout)
@@ -156,10 +164,7 @@ class LayerwiseMask(BuiltinMask):
         self._check_finite(scores, mask, layer, layout)
         size = torch.tensor(layout.sizes, device=mask.device)
         removed = size - count_per_group(mask, layer, len(layout))
-        level = torch.tensor(
-            self.layer_sparsities(sparsity, layout), dtype=torch.float64, device=mask.device
-        )
-        limit = torch.minimum(round_count(level, size), size - self.config.min_keep)
+        limit = torch.tensor(self.layer_counts(sparsity, layout), device=mask.device)
         quota = (limit - removed).clamp_min(0)
         return prune_lowest(scores, mask, layer, quota)
 

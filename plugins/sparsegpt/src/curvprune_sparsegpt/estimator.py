@@ -289,13 +289,17 @@ class SparseGPTEstimator(CurvatureEstimator):
     ) -> Selection | None:
         """SparseGPT's sweep (or OBC-exact) on every layer at the mask applier's rule.
 
-        ``layerwise``: each layer at its sparsity (``overrides`` honoured); ``nm``: round(level·m)
+        ``layerwise``: each layer loses the applier's count (``round(s·n)``, ``overrides`` and
+        ``min_keep`` honoured; with ``scope = "row"`` floor(s·d) per row); ``nm``: round(level·m)
         of every m inputs pruned. Weights pruned before stay pruned and count. Any other
         applier: None (refused earlier by :meth:`check_pipeline`).
         """
         self._require_fit()
         if isinstance(applier, LayerwiseMask):
-            levels: list[float | None] = list(applier.layer_sparsities(level, layout))
+            # the applier's own counts (round(s·n), min_keep), as fractions the sweep floors back
+            levels: list[float | None] = [
+                count / size for count, size in zip(applier.layer_counts(level, layout), layout.sizes, strict=True)
+            ]
             prune_n = prune_m = 0
         elif isinstance(applier, NMMask):
             prune_m = applier.config.m
