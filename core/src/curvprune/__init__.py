@@ -36,12 +36,12 @@ from curvprune.pipeline.session import PruningSession
 from curvprune.plugin.manager import PluginHost, PluginInfo, get_plugin_manager, hookimpl
 from curvprune.plugin.registry import Component, Register, Registry
 from curvprune.roles.context import PruneContext
-from curvprune.roles.units import Granularity, Selection
 from curvprune.roles.estimator import CurvatureEstimator, EstimatorConfig
 from curvprune.roles.mask_applier import MaskApplier
 from curvprune.roles.reports import PruneResult, StepReport
 from curvprune.roles.scheduler import Scheduler
 from curvprune.roles.scorer import SaliencyScorer
+from curvprune.roles.units import Granularity, Selection
 from curvprune.structure.counting import count_flops_params
 from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
 from curvprune.structure.removal import RemovalResult, apply_removal, remove_structures

@@ -210,3 +210,16 @@ def test_weights_pruned_before_stay_pruned_and_count():
     for name, size in zip(layout.names, layout.sizes, strict=True):
         assert second.per_layer[name] == round(0.6 * size) / size  # the layerwise mask's count
         assert first.per_layer[name] <= second.per_layer[name]
+
+
+def test_plan_counts_one_stage_of_hessians_and_no_gradient_rows():
+    """Sequential: the largest stage's H and factor (2·d_in² floats per layer); dense: all."""
+    model = _net()
+    config = {"estimator": {"name": "sparsegpt"}, "scorer": {"name": "obs"},
+              "mask": {"name": "layerwise"}, "prune": {"sparsity": 0.5}}
+    sequential = Pipeline.from_config({**config, "schedule": {"name": "sequential"}}).plan(model)
+    dense = Pipeline.from_config({**config, "schedule": {"name": "oneshot", "calibration": "dense"}}).plan(model)
+    d_ins = [2 * 9, 64, 12, 8]  # conv (in·kh·kw), Linear, Conv1D (rows of [in, out]), Linear
+    assert sequential.memory["estimator"] == max(2 * d * d * 4 for d in d_ins)
+    assert dense.memory["estimator"] == sum(2 * d * d * 4 for d in d_ins)
+    assert "gradients" not in sequential.memory and "gradients" not in dense.memory
