@@ -24,9 +24,15 @@ def _num(value: float | None, fmt: str = ".4g") -> str:
     return "–" if value is None else format(value, fmt)
 
 
+#: Row labels of the run's metric in report.md.
+_METRIC_LABELS = {"accuracy": "accuracy", "perplexity": "perplexity (held out)"}
+
+
 def render_report(result: Mapping[str, Any]) -> str:
     """The ``report.md`` of a run, from its ``result.json`` content."""
-    acc, loss, sp = result["accuracy"], result["loss"], result["sparsity"]
+    metric = result.get("metric", "accuracy")  # the task's: accuracy, or perplexity for text
+    score, loss, sp = result[metric], result["loss"], result["sparsity"]
+    show = _pct if metric == "accuracy" else (lambda v: _num(v, ".2f"))
     methods = result["methods"]
     lines = [
         f"# curvprune run `{result['run']['name']}`",
@@ -39,7 +45,8 @@ def render_report(result: Mapping[str, Any]) -> str:
         "",
         "| | dense | pruned | fine-tuned |",
         "|---|---|---|---|",
-        f"| accuracy | {_pct(acc['dense'])} | {_pct(acc['pruned'])} | {_pct(acc['finetuned'])} |",
+        f"| {_METRIC_LABELS.get(metric, metric)} | {show(score['dense'])} | "
+        f"{show(score['pruned'])} | {show(score['finetuned'])} |",
         f"| loss | {_num(loss['dense'])} | {_num(loss['pruned'])} | {_num(loss['finetuned'])} |",
         "",
         *_sparsity_lines(result),
