@@ -38,8 +38,10 @@ __all__ = ["export_huggingface", "tokenizer_source"]
 
 
 def tokenizer_source(model_name: str, config: Mapping[str, Any]) -> Path | None:
-    """The folder whose tokenizer goes with the export: the run's ``[data] tokenizer``, else the
-    ``hf:`` model's folder; None when it holds no tokenizer files."""
+    """The folder whose tokenizer goes with the export, None when it holds no tokenizer files.
+
+    The run's ``[data] tokenizer``, else the ``hf:`` model's folder.
+    """
     data = config.get("data", {})
     given = data.get("tokenizer") if isinstance(data, Mapping) else None
     folder = Path(given or model_name.split(":", 1)[1]).expanduser()
