@@ -167,3 +167,21 @@ def test_bad_text_input_is_one_line_and_leaves_no_run_folder(corpus, tmp_path, c
     if case != "short text":  # static: validate finds it without tokenizing or loading weights
         assert main(["validate", str(config)]) == 2
         assert message in _error_line(capsys)
+
+
+def test_compare_of_text_runs_tabulates_perplexity(corpus, tmp_path):
+    from curvprune.run.compare import compare
+
+    model_dir, text = corpus
+    base = _config(tmp_path, model_dir, text).read_text().replace("epochs = 1", "epochs = 0")
+    configs = [_write(tmp_path / "layerwise.toml", base),
+               _write(tmp_path / "global.toml", base.replace('name = "layerwise"',
+                                                             'name = "global"'))]
+    folder = compare([str(c) for c in configs], out=tmp_path / "cmp", sparsities=[0.3, 0.6],
+                     quiet=True)
+    summary = json.loads((folder / "comparison.json").read_text())["summary"]
+    assert all(s["metric"] == "perplexity" and s["perplexity_pruned"] > 1 for s in summary)
+    assert all(s["accuracy_pruned"] is None for s in summary)
+    md = (folder / "comparison.md").read_text()
+    assert "## Perplexity vs sparsity" in md and "fine-tuned are the test perplexity" in md
+    assert (folder / "accuracy_vs_sparsity.png").stat().st_size > 1000
