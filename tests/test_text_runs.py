@@ -185,3 +185,13 @@ def test_compare_of_text_runs_tabulates_perplexity(corpus, tmp_path):
     md = (folder / "comparison.md").read_text()
     assert "## Perplexity vs sparsity" in md and "fine-tuned are the test perplexity" in md
     assert (folder / "accuracy_vs_sparsity.png").stat().st_size > 1000
+
+
+def test_a_curvature_scorer_prunes_a_causal_lm_on_text(corpus, tmp_path):
+    model_dir, text = corpus
+    config = _config(tmp_path, model_dir, text).read_text().replace("epochs = 1", "epochs = 0")
+    config = config.replace('name = "magnitude"', 'name = "obs"')
+    config += '[estimator]\nname = "diagfisher"\nnum_grads = 16\n'
+    r = execute_run(_write(tmp_path / "obs.toml", config), out=tmp_path / "runs", quiet=True).result
+    assert r["loss_change"]["predicted"] is not None and r["loss_change"]["measured"] is not None
+    assert math.isfinite(r["perplexity"]["pruned"]) and r["sparsity"]["total"] == pytest.approx(0.5)
