@@ -38,7 +38,9 @@ def tiny_causal_lm(
     Args:
         folder: where both go (created).
         text: what the tokenizer's vocabulary is trained on (default :func:`sample_text`).
-        n_layer, n_embd, n_positions: the GPT-2 sizes (two heads).
+        n_layer: transformer blocks.
+        n_embd: width (two attention heads).
+        n_positions: the longest sequence the model takes.
         seed: the weights' seed.
 
     Returns:
