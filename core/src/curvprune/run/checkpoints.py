@@ -227,7 +227,11 @@ class RunCheckpoints:
     def pruned_extra(
         result: PruneResult, seconds: float, accuracy: float | None, loss: float | None
     ) -> dict[str, Any]:
-        """What a checkpoint of the fine-tuning after pruning keeps of the pruning itself."""
+        """What a checkpoint of the fine-tuning after pruning keeps of the pruning itself.
+
+        ``accuracy`` is the run's metric right after pruning (perplexity for text); the key keeps
+        its name so that checkpoints written before metrics existed still resume.
+        """
         return {
             "pruned": {
                 "masks": result.masks.flat.detach().cpu().clone(),
