@@ -195,3 +195,63 @@ def test_a_curvature_scorer_prunes_a_causal_lm_on_text(corpus, tmp_path):
     r = execute_run(_write(tmp_path / "obs.toml", config), out=tmp_path / "runs", quiet=True).result
     assert r["loss_change"]["predicted"] is not None and r["loss_change"]["measured"] is not None
     assert math.isfinite(r["perplexity"]["pruned"]) and r["sparsity"]["total"] == pytest.approx(0.5)
+
+
+SPARSEGPT = """
+[model]
+name = "hf:{model}"
+[data]
+name = "text"
+path = "{text}"
+seq_len = 16
+num_samples = 16
+batch_size = 8
+[estimator]
+name = "sparsegpt"
+num_grads = 16
+[scorer]
+name = "obs"
+[schedule]
+name = "oneshot"
+[mask]
+name = "layerwise"
+[prune]
+sparsity = 0.5
+loss_samples = 8
+[run]
+device = "cpu"
+progress = false
+checkpoint_every = 1
+"""
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_sparsegpt_run_from_toml_resumes_between_blocks_to_identical_masks(corpus, tmp_path):
+    """SparseGPT from a TOML file, sequential over the blocks, reports perplexity; killed after
+    the first block's checkpoint and resumed, it ends with the uninterrupted run's tensors."""
+    from safetensors.torch import load_file
+
+    model_dir, text = corpus
+    config = tmp_path / "sparsegpt.toml"
+    config.write_text(SPARSEGPT.format(model=model_dir, text=text))
+    out = tmp_path / "runs"
+    reference = execute_run(config, out=out, name="ref", quiet=True)
+    assert reference.result["metric"] == "perplexity"
+    assert reference.result["steps"][0]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+    def stop(_path):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        execute_run(config, out=out, name="cut", quiet=True, on_checkpoint=stop)
+    partial = out / "cut.partial"
+    raw = torch.load(partial / "checkpoint.pt", weights_only=True)
+    assert raw["phase"] == "prune" and raw["extra"]["oneshot"]["stages_done"] == 1
+    resumed = execute_run(None, resume=partial, quiet=True)
+    assert resumed.result["run"]["resumed"] == {"phase": "prune", "step": 1}
+    for name in ("model.safetensors", "masks.safetensors"):
+        a, b = load_file(str(reference.run_dir / name)), load_file(str(resumed.run_dir / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -164,3 +164,33 @@ def test_sequential_is_refused_for_a_loss_based_estimator():
             "schedule": {"name": "sequential"}, "mask": {"name": "layerwise"},
             "prune": {"sparsity": 0.5},
         })
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_interrupted_between_stages_resumes_to_identical_masks(stop_after):
+    """Kill the prune after a stage (the model is rolled back, the progress was saved), load
+    the weights of that moment, resume: the result equals the uninterrupted prune."""
+    model, _ = _model("llama")
+    uninterrupted, _ = _model("llama")
+    _pipeline().prune(uninterrupted, _data(), loss_fn=_loss)
+    saved = {}
+
+    def checkpoint(progress):
+        if progress.stages_done == stop_after:
+            saved["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+            saved["progress"] = type(progress).from_state_dict(progress.state_dict())
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _pipeline().prune(model, _data(), loss_fn=_loss, on_stage=checkpoint)
+    fresh, _ = _model("llama")
+    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, saved["model"]["model.layers.0.mlp.up_proj.weight"])
+    fresh.load_state_dict(saved["model"])
+    result = _pipeline().prune(fresh, _data(), loss_fn=_loss, resume=saved["progress"])
+    layout = select_parameters(uninterrupted)
+    assert torch.equal(layout.gather(fresh), layout.gather(uninterrupted))
+    assert len(result.steps) == 1 and result.steps[0].sparsity == pytest.approx(0.5)

@@ -35,13 +35,65 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from curvprune.errors import ConfigError
+from curvprune.errors import CheckpointError, ConfigError
+from curvprune.roles.reports import StepReport
 from curvprune.tensors import distributed
 from curvprune.tensors.layout import ParamLayout
 
-__all__ = ["SequentialCalibration", "Stage", "StagePlan", "plan_stages"]
+__all__ = ["OneShotProgress", "SequentialCalibration", "Stage", "StagePlan", "plan_stages"]
 
 StageUnit = Literal["block", "layer"]
+
+
+@attrs.define(kw_only=True)
+class OneShotProgress:
+    """Where a one-shot prune with sequential calibration stands after a stage (to resume).
+
+    ``Pipeline.prune(..., on_stage=f)`` calls ``f`` with it after every stage;
+    ``Pipeline.prune(..., resume=progress)`` continues from it, on a model holding the weights
+    of that moment: the next stage's inputs are recomputed through the stages already pruned,
+    so the masks end identical to an uninterrupted run.
+
+    Attributes:
+        levels: the sparsity of each step of the prune.
+        level_index: the step in progress.
+        stages_done: stages of that step already pruned.
+        masks: the flat keep-mask after them.
+        reports: the reports of the steps completed before.
+        loss_before: the step's audit loss before its first stage.
+        times: the step's seconds so far, per phase.
+    """
+
+    levels: list[float]
+    level_index: int
+    stages_done: int
+    masks: Tensor
+    reports: list[StepReport] = attrs.field(factory=list)
+    loss_before: float | None = None
+    times: dict[str, float] = attrs.field(factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only (for ``torch.save(..., weights_only)`` files)."""
+        return {
+            "levels": [float(x) for x in self.levels], "level_index": int(self.level_index),
+            "stages_done": int(self.stages_done), "masks": self.masks.detach().cpu().clone(),
+            "reports": [r.to_dict() for r in self.reports], "loss_before": self.loss_before,
+            "times": {k: float(v) for k, v in self.times.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], where: str = "checkpoint") -> OneShotProgress:
+        """The inverse of :meth:`state_dict`."""
+        try:
+            return cls(
+                levels=[float(x) for x in state["levels"]], level_index=int(state["level_index"]),
+                stages_done=int(state["stages_done"]), masks=state["masks"].to(torch.bool),
+                reports=[StepReport.from_dict(r) for r in state["reports"]],
+                loss_before=state["loss_before"], times=dict(state["times"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise CheckpointError(f"the one-shot progress is unreadable ({reason}) @ {where}") from None
 
 
 class _StopForward(Exception):

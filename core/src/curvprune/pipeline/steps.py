@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from curvprune._log import get_logger
 from curvprune._progress import Progress
-from curvprune.errors import ConfigError, CurvpruneError, NumericalError
+from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, NumericalError
 from curvprune.pipeline.audit import SingleWeightAudit, audit_single_weights
-from curvprune.pipeline.stages import SequentialCalibration, plan_stages
+from curvprune.pipeline.stages import OneShotProgress, SequentialCalibration, plan_stages
 from curvprune.pipeline.view import PipelineView
 from curvprune.roles.context import PruneContext
 from curvprune.roles.reports import StepReport
@@ -66,6 +66,10 @@ class StepRunner:
         self.masks.apply_(model)
         self.reports: list[StepReport] = []
         self._audit = AuditSet(data, pipeline.config.prune.loss_samples, self.device)
+        #: called after every stage of a sequential step (``Pipeline.prune(on_stage=...)``)
+        self.on_stage: Callable[[int, float | None, dict[str, float]], None] | None = None
+        #: (stages done, loss before, times) of a sequential step being resumed
+        self.resume_stage: tuple[int, float | None, dict[str, float]] | None = None
 
     def step(self, level: float, *, train_step: int | None = None) -> StepReport:
         pipeline = self.pipeline
@@ -143,6 +147,19 @@ class StepRunner:
         )
         return self._finish(report)
 
+    def resume_from(self, progress: OneShotProgress) -> None:
+        """Take over the masks and reports of an interrupted prune; the next sequential step
+        skips the stages it had finished (:meth:`curvprune.Pipeline.prune`, ``resume``)."""
+        if progress.masks.shape != self.masks.flat.shape:
+            raise CheckpointError(
+                f"the saved masks cover {progress.masks.numel()} weights, the model's selection "
+                f"{self.layout.d} @ checkpoint"
+            )
+        self.masks = self.masks.narrowed(progress.masks.to(self.masks.flat.device))
+        self.reports = list(progress.reports)
+        if progress.stages_done:
+            self.resume_stage = (progress.stages_done, progress.loss_before, dict(progress.times))
+
     def _finish(self, report: StepReport) -> StepReport:
         self.reports.append(report)
         log.info(
@@ -169,7 +186,14 @@ class StepRunner:
         index = len(self.reports)
         times = {"gradients": 0.0, "scores": 0.0, "update": 0.0}
         started = time.perf_counter()
-        loss_before = self._audit.loss(self.model, self.loss_fn)
+        skip = 0
+        if self.resume_stage is not None:  # continue a step interrupted between stages
+            skip, loss_before, done = self.resume_stage
+            self.resume_stage = None
+            times.update({k: v for k, v in done.items() if k in times})
+            started -= done.get("total", 0.0)
+        else:
+            loss_before = self._audit.loss(self.model, self.loss_fn)
         plan = plan_stages(self.model, self.layout, staged.stages)
         samples = staged.num_samples or (estimator.num_grads if estimator is not None else 128)
         calibration = SequentialCalibration(self.model, plan, self.data, samples, self.device)
@@ -179,7 +203,10 @@ class StepRunner:
         num_samples = 0
         try:
             with self.progress.bar(f"step {index + 1} stages", len(plan.stages)) as advance:
-                for stage in plan.stages:
+                for position, stage in enumerate(plan.stages):
+                    if position < skip:
+                        advance(1)
+                        continue
                     tick = time.perf_counter()
                     stage_model, batches = calibration.enter(stage)
                     sub = self.layout.subset(stage.indices)
@@ -209,6 +236,9 @@ class StepRunner:
                     calibration.leave(stage)
                     times["update"] += time.perf_counter() - tick
                     advance(1)
+                    if self.on_stage is not None and position + 1 < len(plan.stages):
+                        elapsed = {**times, "total": time.perf_counter() - started}
+                        self.on_stage(position + 1, loss_before, elapsed)
         finally:
             self.model.train(was_training)
         self.masks.apply_(self.model)

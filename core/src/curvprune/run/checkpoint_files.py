@@ -33,6 +33,8 @@ __all__ = [
 
 FORMAT = "curvprune.checkpoint/1"
 _REQUIRED = ("format", "phase", "config_sha256", "loop", "model", "optimizer", "session", "rng")
+#: a one-shot prune checkpointed between stages has no optimizer or session, but its progress
+_REQUIRED_PRUNE = ("format", "phase", "config_sha256", "loop", "model", "rng", "extra")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +161,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"not a curvprune run checkpoint (format {got!r}, want {FORMAT!r}) @ {path}"
         )
-    missing = [k for k in _REQUIRED if k not in state]
+    required = _REQUIRED_PRUNE if state.get("phase") == "prune" else _REQUIRED
+    missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint lacks {', '.join(map(repr, missing))} @ {path}")
     return state

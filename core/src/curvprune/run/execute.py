@@ -289,8 +289,10 @@ def _execute_run(
                 result = run_prune_phase(pipeline, model, train_loader, device=device,
                                          data=grad_loader, on_step=advance,
                                          checkpoints=checkpoints)
-            else:
-                result = pipeline.prune(model, grad_loader, progress=progress)
+            else:  # one-shot; with sequential calibration checkpointed between stages
+                resume, after_stage = checkpoints.oneshot(model)
+                result = pipeline.prune(model, grad_loader, progress=progress,
+                                        on_stage=after_stage, resume=resume)
             if not resumed:
                 times["prune"] = time.perf_counter() - tick + checkpoints.elapsed_before()
                 score_pruned, loss_pruned = evaluate(model, test_loader, device=device,
