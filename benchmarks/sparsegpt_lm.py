@@ -42,10 +42,16 @@ def corpus() -> tuple[str, str]:
     """The training text and where it came from."""
     manuals = sorted(Path("/usr/share/vim").glob("vim*/doc/usr_*.txt"))
     if manuals:
-        return "\n".join(p.read_text(errors="replace") for p in manuals), f"Vim user manual ({len(manuals)} files)"
-    stdlib = Path(torch.__file__).resolve().parents[1].parent  # site-packages' parent: lib/python3.x
+        return "\n".join(
+            p.read_text(errors="replace") for p in manuals
+        ), f"Vim user manual ({len(manuals)} files)"
+    stdlib = (
+        Path(torch.__file__).resolve().parents[1].parent
+    )  # site-packages' parent: lib/python3.x
     sources = sorted(p for p in stdlib.glob("*.py"))[:200]
-    return "\n".join(p.read_text(errors="replace") for p in sources), f"Python stdlib sources ({len(sources)} files)"
+    return "\n".join(
+        p.read_text(errors="replace") for p in sources
+    ), f"Python stdlib sources ({len(sources)} files)"
 
 
 def tokenize(text: str, vocab: int) -> tuple[torch.Tensor, int]:
@@ -54,8 +60,9 @@ def tokenize(text: str, vocab: int) -> tuple[torch.Tensor, int]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     cut = int(len(text) * 0.9)  # the tokenizer never sees the held-out text
     tok.train_from_iterator([text[:cut]], trainer)
     ids = torch.tensor(tok.encode(text).ids, dtype=torch.long)
@@ -75,13 +82,16 @@ def perplexity(model: torch.nn.Module, held: torch.Tensor, batch: int = 16) -> f
             x = held[i : i + batch]
             logits = model(x).logits[:, :-1]
             loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            )
             total += float(loss)
             count += x[:, 1:].numel()
     return math.exp(total / count)
 
 
-def train(model: torch.nn.Module, data: torch.Tensor, steps: int, batch: int, lr: float, seed: int) -> None:
+def train(
+    model: torch.nn.Module, data: torch.Tensor, steps: int, batch: int, lr: float, seed: int
+) -> None:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -134,21 +144,36 @@ def main(argv: list[str] | None = None) -> int:
     ids, vocab = tokenize(text, vocab)
     cut = int(ids.numel() * 0.9)
     train_seqs, held = sequences(ids[:cut], seq), sequences(ids[cut:], seq)
-    cfg = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=4, n_positions=seq,
-                                  vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=layers,
+        n_embd=width,
+        n_head=4,
+        n_positions=seq,
+        vocab_size=vocab,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = transformers.GPT2LMHeadModel(cfg)
     print(f"machine: {describe()}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}")
-    print(f"corpus: {source}, {ids.numel():,} tokens (vocab {vocab}); {train_seqs.shape[0]} training and "
-          f"{held.shape[0]} held-out sequences of {seq}; model {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters ({layers} blocks, width {width}); {steps} training steps of 32 sequences")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"corpus: {source}, {ids.numel():,} tokens (vocab {vocab}); {train_seqs.shape[0]} training and "
+        f"{held.shape[0]} held-out sequences of {seq}; model {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters ({layers} blocks, width {width}); {steps} training steps of 32 sequences"
+    )
     started = time.perf_counter()
     train(model, train_seqs, steps, 32, 3e-3, args.seed)
     print(f"trained in {time.perf_counter() - started:.0f} s")
     dense = perplexity(model, held)
-    calib = train_seqs[torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(1))[:calib_n]]
+    calib = train_seqs[
+        torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(1))[:calib_n]
+    ]
     print()
-    print("| pattern | dense | magnitude | WANDA | SparseGPT | prune time (magnitude / WANDA / SparseGPT) |")
+    print(
+        "| pattern | dense | magnitude | WANDA | SparseGPT | prune time (magnitude / WANDA / SparseGPT) |"
+    )
     print("|---|---:|---:|---:|---:|---|")
     results = {}
     for pattern in ("50%", "2:4"):
@@ -158,15 +183,19 @@ def main(argv: list[str] | None = None) -> int:
             times[method] = prune(pruned, method, pattern, calib)
             row[method] = perplexity(pruned, held)
         results[pattern] = row
-        print(f"| {pattern} | {dense:.2f} | {row['magnitude']:.2f} | {row['wanda']:.2f} | "
-              f"{row['sparsegpt']:.2f} | {times['magnitude']:.1f} / {times['wanda']:.1f} / "
-              f"{times['sparsegpt']:.1f} s |")
+        print(
+            f"| {pattern} | {dense:.2f} | {row['magnitude']:.2f} | {row['wanda']:.2f} | "
+            f"{row['sparsegpt']:.2f} | {times['magnitude']:.1f} / {times['wanda']:.1f} / "
+            f"{times['sparsegpt']:.1f} s |"
+        )
     print()
     for pattern, row in results.items():
         order = row["sparsegpt"] < row["wanda"] < row["magnitude"]
-        print(f"ratio perplexity {pattern} sparsegpt / wanda: {row['sparsegpt'] / row['wanda']:.3f}, "
-              f"wanda / magnitude: {row['wanda'] / row['magnitude']:.3f} "
-              f"(sparsegpt < wanda < magnitude: {order})")
+        print(
+            f"ratio perplexity {pattern} sparsegpt / wanda: {row['sparsegpt'] / row['wanda']:.3f}, "
+            f"wanda / magnitude: {row['wanda'] / row['magnitude']:.3f} "
+            f"(sparsegpt < wanda < magnitude: {order})"
+        )
     return 0
 
 

@@ -40,8 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     from curvprune.run.measure import peak_memory, reset_peak_rss
 
     if args.quick:
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000,
-                                      n_positions=128, bos_token_id=0, eos_token_id=0)
+        cfg = transformers.GPT2Config(
+            n_layer=2,
+            n_embd=64,
+            n_head=4,
+            vocab_size=1000,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         samples, seq = 8, 64
     else:
         cfg = transformers.GPT2Config()
@@ -49,20 +56,30 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     params = sum(p.numel() for p in model.parameters())
-    ids = torch.randint(0, cfg.vocab_size, (samples, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, cfg.vocab_size, (samples, seq), generator=torch.Generator().manual_seed(0)
+    )
     batches = [(ids[i : i + 8], ids[i : i + 8]) for i in range(0, samples, 8)]
-    pipeline = Pipeline.from_config({
-        "estimator": {"name": "sparsegpt", "num_grads": samples},
-        "scorer": {"name": "obs"}, "schedule": {"name": "oneshot"}, "mask": {"name": "layerwise"},
-        "prune": {"sparsity": 0.5, "loss_samples": 0},
-    })
+    pipeline = Pipeline.from_config(
+        {
+            "estimator": {"name": "sparsegpt", "num_grads": samples},
+            "scorer": {"name": "obs"},
+            "schedule": {"name": "oneshot"},
+            "mask": {"name": "layerwise"},
+            "prune": {"sparsity": 0.5, "loss_samples": 0},
+        }
+    )
     plan = pipeline.plan(model)
     cache = samples * seq * cfg.n_embd * 4  # one block's inputs (float32)
     print(f"machine: {describe()}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    print(f"model: GPT-2 {cfg.n_layer} blocks, width {cfg.n_embd}, {params / 1e6:.1f} M parameters "
-          f"({plan.layout.d / 1e6:.1f} M selected); {samples} sequences of {seq} tokens")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
+    print(
+        f"model: GPT-2 {cfg.n_layer} blocks, width {cfg.n_embd}, {params / 1e6:.1f} M parameters "
+        f"({plan.layout.d / 1e6:.1f} M selected); {samples} sequences of {seq} tokens"
+    )
     rss_reset = reset_peak_rss()
     before, _ = peak_memory(torch.device("cpu"), rss_reset)
     started = time.perf_counter()
@@ -75,16 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     print("| measure | value |")
     print("|---|---:|")
     print(f"| prune wall time | {seconds:.0f} s |")
-    print(f"| of which fitting H / sweeps / writing and propagating | {step.times['gradients']:.0f} / "
-          f"{step.times['scores']:.0f} / {step.times['update']:.0f} s |")
+    print(
+        f"| of which fitting H / sweeps / writing and propagating | {step.times['gradients']:.0f} / "
+        f"{step.times['scores']:.0f} / {step.times['update']:.0f} s |"
+    )
     print(f"| peak memory ({how}) | {peak / GiB:.2f} GiB |")
     print(f"| model parameters (float32) | {model_bytes / GiB:.2f} GiB |")
     print(f"| plan: step on top of the model | {plan.total_bytes / GiB:.2f} GiB |")
     print(f"| one block's cached inputs (not in the plan) | {cache / GiB:.2f} GiB |")
     print(f"| sparsity reached | {step.sparsity:.4f} |")
     print()
-    print(f"ratio peak memory / 4 GiB budget: {peak / (4 * GiB):.2f}; wall time / 15 min: "
-          f"{seconds / 900:.2f} (before the prune the process held {before / GiB:.2f} GiB)")
+    print(
+        f"ratio peak memory / 4 GiB budget: {peak / (4 * GiB):.2f}; wall time / 15 min: "
+        f"{seconds / 900:.2f} (before the prune the process held {before / GiB:.2f} GiB)"
+    )
     return 0
 
 

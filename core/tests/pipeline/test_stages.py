@@ -136,8 +136,12 @@ def test_prefix_stage_stops_after_its_layer():
 
 
 def _config(**schedule) -> dict:
-    return {"scorer": {"name": "magnitude"}, "schedule": {"name": "oneshot", **schedule},
-            "mask": {"name": "layerwise"}, "prune": {"sparsity": 0.5, "loss_samples": 0}}
+    return {
+        "scorer": {"name": "magnitude"},
+        "schedule": {"name": "oneshot", **schedule},
+        "mask": {"name": "layerwise"},
+        "prune": {"sparsity": 0.5, "loss_samples": 0},
+    }
 
 
 def test_auto_calibration_is_dense_without_a_layer_wise_estimator():
@@ -174,4 +178,6 @@ def test_sequential_schedule_is_oneshot_with_sequential_calibration():
     pipeline = Pipeline.from_config({**_config(), "schedule": {"name": "sequential"}})
     assert pipeline.schedule.staged_calibration(pipeline.components) is not None
     with pytest.raises(ConfigError, match="calibration"):
-        Pipeline.from_config({**_config(), "schedule": {"name": "sequential", "calibration": "dense"}})
+        Pipeline.from_config(
+            {**_config(), "schedule": {"name": "sequential", "calibration": "dense"}}
+        )

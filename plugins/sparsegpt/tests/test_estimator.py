@@ -27,17 +27,27 @@ class TestSparseGPTContract(CurvatureEstimatorContract):
     options = {"damping": 0.01}
     exact_block_fisher = False
 
-    test_ihvp_matches_reference_solve = _ROWS(CurvatureEstimatorContract.test_ihvp_matches_reference_solve)
+    test_ihvp_matches_reference_solve = _ROWS(
+        CurvatureEstimatorContract.test_ihvp_matches_reference_solve
+    )
     test_inverse_diagonal_matches_reference = _ROWS(
-        CurvatureEstimatorContract.test_inverse_diagonal_matches_reference)
-    test_inverse_columns_within_blocks = _ROWS(CurvatureEstimatorContract.test_inverse_columns_within_blocks)
+        CurvatureEstimatorContract.test_inverse_diagonal_matches_reference
+    )
+    test_inverse_columns_within_blocks = _ROWS(
+        CurvatureEstimatorContract.test_inverse_columns_within_blocks
+    )
     test_block_structure = _ROWS(CurvatureEstimatorContract.test_block_structure)
     test_num_samples_counts = _ROWS(CurvatureEstimatorContract.test_num_samples_counts)
     test_streaming_in_chunks_equals_one_update = _ROWS(
-        CurvatureEstimatorContract.test_streaming_in_chunks_equals_one_update)
-    test_gradient_order_does_not_matter = _ROWS(CurvatureEstimatorContract.test_gradient_order_does_not_matter)
+        CurvatureEstimatorContract.test_streaming_in_chunks_equals_one_update
+    )
+    test_gradient_order_does_not_matter = _ROWS(
+        CurvatureEstimatorContract.test_gradient_order_does_not_matter
+    )
     test_setup_resets_state = _ROWS(CurvatureEstimatorContract.test_setup_resets_state)
-    test_float32_agrees_with_float64 = _ROWS(CurvatureEstimatorContract.test_float32_agrees_with_float64)
+    test_float32_agrees_with_float64 = _ROWS(
+        CurvatureEstimatorContract.test_float32_agrees_with_float64
+    )
 
 
 class Conv1D(nn.Module):
@@ -55,12 +65,20 @@ class Conv1D(nn.Module):
 def _net(conv_in: int = 2) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(conv_in, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 12), nn.Tanh(), Conv1D(12, 8), nn.Tanh(), nn.Linear(8, 4),
+        nn.Conv2d(conv_in, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 12),
+        nn.Tanh(),
+        Conv1D(12, 8),
+        nn.Tanh(),
+        nn.Linear(8, 4),
     ).double()
 
 
-def _data(n: int = 48, batch: int = 16, conv_in: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _data(
+    n: int = 48, batch: int = 16, conv_in: int = 2
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, conv_in, 4, 4, generator=g, dtype=F64)
     y = torch.randint(0, 4, (n,), generator=g)
@@ -78,8 +96,12 @@ def _fitted(model: nn.Module, data=None) -> tuple[SparseGPTEstimator, list[Layer
     for name in layout.names:
         acc = LayerHessian(modules[name.rpartition(".")[0]], dtype=F64)
         refs.append(acc)
-    handles = [modules[n.rpartition(".")[0]].register_forward_pre_hook(
-        lambda _, a, acc=acc: acc.add_batch(a[0])) for n, acc in zip(layout.names, refs)]
+    handles = [
+        modules[n.rpartition(".")[0]].register_forward_pre_hook(
+            lambda _, a, acc=acc: acc.add_batch(a[0])
+        )
+        for n, acc in zip(layout.names, refs)
+    ]
     with torch.no_grad():
         x = torch.cat([b[0] for b in data])[:40]  # the first num_grads samples, one batch
         model(x)
@@ -133,11 +155,20 @@ def test_obs_scorer_runs_the_layer_algorithm_with_dense_calibration(algorithm, m
     ``nm`` mask defines them (a conv's columns swept in (kh, kw, in) order)."""
     model, reference = _net(conv_in=4), _net(conv_in=4)
     data = _data(conv_in=4)
-    pipeline = Pipeline.from_config({
-        "estimator": {"name": "sparsegpt", "dtype": "float64", "num_grads": 40, "algorithm": algorithm},
-        "scorer": {"name": "obs"}, "schedule": {"name": "oneshot", "calibration": "dense"},
-        "mask": mask, "prune": {"sparsity": 0.5, "loss_samples": 0},
-    })
+    pipeline = Pipeline.from_config(
+        {
+            "estimator": {
+                "name": "sparsegpt",
+                "dtype": "float64",
+                "num_grads": 40,
+                "algorithm": algorithm,
+            },
+            "scorer": {"name": "obs"},
+            "schedule": {"name": "oneshot", "calibration": "dense"},
+            "mask": mask,
+            "prune": {"sparsity": 0.5, "loss_samples": 0},
+        }
+    )
     pipeline.prune(model, data, loss_fn=lambda out, y: out.sum())
     _, refs = _fitted(reference, data=data)
     layout = select_parameters(reference)
@@ -170,11 +201,15 @@ def test_obs_scorer_runs_the_layer_algorithm_with_dense_calibration(algorithm, m
 @pytest.mark.parametrize("calibration", ["dense", "sequential"])
 def test_global_mask_is_refused_in_one_line(calibration):
     with pytest.raises(ConfigError, match=r"not comparable across layers.*@ mask.name"):
-        Pipeline.from_config({
-            "estimator": {"name": "sparsegpt"}, "scorer": {"name": "obs"},
-            "schedule": {"name": "oneshot", "calibration": calibration},
-            "mask": {"name": "global"}, "prune": {"sparsity": 0.5},
-        })
+        Pipeline.from_config(
+            {
+                "estimator": {"name": "sparsegpt"},
+                "scorer": {"name": "obs"},
+                "schedule": {"name": "oneshot", "calibration": calibration},
+                "mask": {"name": "global"},
+                "prune": {"sparsity": 0.5},
+            }
+        )
 
 
 def test_block_size_and_update_are_refused():
@@ -198,12 +233,15 @@ def test_unsupported_layer_is_a_one_line_error():
 def test_weights_pruned_before_stay_pruned_and_count():
     """A second step (oneshot steps = 2) never revives and reaches the exact per-layer count."""
     model = _net()
-    pipeline = Pipeline.from_config({
-        "estimator": {"name": "sparsegpt", "dtype": "float64", "num_grads": 40},
-        "scorer": {"name": "obs"},
-        "schedule": {"name": "oneshot", "steps": 2, "calibration": "dense"},
-        "mask": {"name": "layerwise"}, "prune": {"sparsity": 0.6, "loss_samples": 0},
-    })
+    pipeline = Pipeline.from_config(
+        {
+            "estimator": {"name": "sparsegpt", "dtype": "float64", "num_grads": 40},
+            "scorer": {"name": "obs"},
+            "schedule": {"name": "oneshot", "steps": 2, "calibration": "dense"},
+            "mask": {"name": "layerwise"},
+            "prune": {"sparsity": 0.6, "loss_samples": 0},
+        }
+    )
     result = pipeline.prune(model, _data(), loss_fn=lambda out, y: out.sum())
     first, second = result.steps
     layout = select_parameters(model)
@@ -215,10 +253,16 @@ def test_weights_pruned_before_stay_pruned_and_count():
 def test_plan_counts_one_stage_of_hessians_and_no_gradient_rows():
     """Sequential: the largest stage's H and factor (2·d_in² floats per layer); dense: all."""
     model = _net()
-    config = {"estimator": {"name": "sparsegpt"}, "scorer": {"name": "obs"},
-              "mask": {"name": "layerwise"}, "prune": {"sparsity": 0.5}}
+    config = {
+        "estimator": {"name": "sparsegpt"},
+        "scorer": {"name": "obs"},
+        "mask": {"name": "layerwise"},
+        "prune": {"sparsity": 0.5},
+    }
     sequential = Pipeline.from_config({**config, "schedule": {"name": "sequential"}}).plan(model)
-    dense = Pipeline.from_config({**config, "schedule": {"name": "oneshot", "calibration": "dense"}}).plan(model)
+    dense = Pipeline.from_config(
+        {**config, "schedule": {"name": "oneshot", "calibration": "dense"}}
+    ).plan(model)
     d_ins = [2 * 9, 64, 12, 8]  # conv (in·kh·kw), Linear, Conv1D (rows of [in, out]), Linear
     assert sequential.memory["estimator"] == max(2 * d * d * 4 for d in d_ins)
     assert dense.memory["estimator"] == sum(2 * d * d * 4 for d in d_ins)

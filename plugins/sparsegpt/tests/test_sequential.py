@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from curvprune import ConfigError, LayerwiseMask, Pipeline, select_parameters
-from curvprune_sparsegpt import LayerHessian, set_weight_matrix, sparsegpt, wanda_scores, weight_matrix
+from curvprune_sparsegpt import (
+    LayerHessian,
+    set_weight_matrix,
+    sparsegpt,
+    wanda_scores,
+    weight_matrix,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,21 +28,42 @@ VOCAB = 64
 
 
 def _gpt2():
-    cfg = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=3,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(cfg), "transformer.h"
 
 
 def _llama():
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                   max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.LlamaForCausalLM(cfg), "model.layers"
 
 
 def _bert():
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
     return transformers.BertModel(cfg), "encoder.layer"
 
 
@@ -60,7 +87,9 @@ def _loss(out, y):
     return hidden.square().mean()
 
 
-def _reference(model, blocks: str, data, *, sparsity: float, stages: str = "block", method: str = "sparsegpt"):
+def _reference(
+    model, blocks: str, data, *, sparsity: float, stages: str = "block", method: str = "sparsegpt"
+):
     """Prune ``model`` in place the papers' way: stage by stage, inputs from a full forward."""
     layout = select_parameters(model)
     modules = dict(model.named_modules())
@@ -76,8 +105,10 @@ def _reference(model, blocks: str, data, *, sparsity: float, stages: str = "bloc
         names = groups[key]
         owners = [modules[n.rpartition(".")[0]] for n in names]
         accs = [LayerHessian(m, dtype=F64) for m in owners]
-        handles = [m.register_forward_pre_hook(lambda _, a, acc=acc: acc.add_batch(a[0]))
-                   for m, acc in zip(owners, accs, strict=True)]
+        handles = [
+            m.register_forward_pre_hook(lambda _, a, acc=acc: acc.add_batch(a[0]))
+            for m, acc in zip(owners, accs, strict=True)
+        ]
         with torch.no_grad():
             for x, _ in data:
                 model(x)
@@ -86,13 +117,16 @@ def _reference(model, blocks: str, data, *, sparsity: float, stages: str = "bloc
         for name, module, acc in zip(names, owners, accs, strict=True):
             w = weight_matrix(module)
             if method == "sparsegpt":
-                set_weight_matrix(module, sparsegpt(w, acc, sparsity=sparsity, scope="layer").weight)
+                set_weight_matrix(
+                    module, sparsegpt(w, acc, sparsity=sparsity, scope="layer").weight
+                )
                 continue
             scores = wanda_scores(w, acc)  # the pipeline's layerwise mask ranks the whole layer
             sub = select_parameters(model).subset([layout.names.index(name)])
             shaped = scores.t() if type(module).__name__ == "Conv1D" else scores
-            keep = LayerwiseMask().select(shaped.reshape(-1).float(), torch.ones(sub.d, dtype=torch.bool),
-                                          sparsity, sub)
+            keep = LayerwiseMask().select(
+                shaped.reshape(-1).float(), torch.ones(sub.d, dtype=torch.bool), sparsity, sub
+            )
             with torch.no_grad():
                 module.weight.mul_(keep.reshape(module.weight.shape))
 
@@ -158,12 +192,18 @@ def test_sequential_differs_from_dense_calibration_after_the_first_block():
 
 
 def test_sequential_is_refused_for_a_loss_based_estimator():
-    with pytest.raises(ConfigError, match=r"fits the loss's curvature of the whole model.*@ schedule.calibration$"):
-        Pipeline.from_config({
-            "estimator": {"name": "dense"}, "scorer": {"name": "obs"},
-            "schedule": {"name": "sequential"}, "mask": {"name": "layerwise"},
-            "prune": {"sparsity": 0.5},
-        })
+    with pytest.raises(
+        ConfigError, match=r"fits the loss's curvature of the whole model.*@ schedule.calibration$"
+    ):
+        Pipeline.from_config(
+            {
+                "estimator": {"name": "dense"},
+                "scorer": {"name": "obs"},
+                "schedule": {"name": "sequential"},
+                "mask": {"name": "layerwise"},
+                "prune": {"sparsity": 0.5},
+            }
+        )
 
 
 class _Stop(Exception):
@@ -188,7 +228,10 @@ def test_interrupted_between_stages_resumes_to_identical_masks(stop_after):
     with pytest.raises(_Stop):
         _pipeline().prune(model, _data(), loss_fn=_loss, on_stage=checkpoint)
     fresh, _ = _model("llama")
-    assert not torch.equal(fresh.model.layers[0].mlp.up_proj.weight, saved["model"]["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        fresh.model.layers[0].mlp.up_proj.weight,
+        saved["model"]["model.layers.0.mlp.up_proj.weight"],
+    )
     fresh.load_state_dict(saved["model"])
     result = _pipeline().prune(fresh, _data(), loss_fn=_loss, resume=saved["progress"])
     layout = select_parameters(uninterrupted)

@@ -151,10 +151,14 @@ class OneShotSchedule(Scheduler):
             mode = "sequential" if uses and estimator.prefers_sequential else "dense"
         if mode == "dense":
             return None
-        return StagedCalibration(stages=self.config.stages, num_samples=self.config.calibration_samples)
+        cfg = self.config
+        return StagedCalibration(stages=cfg.stages, num_samples=cfg.calibration_samples)
 
     def check_pipeline(self, components: Mapping[str, Any]) -> str | None:
-        """With sequential calibration, refuse what needs the whole model (:func:`sequential_problem`)."""
+        """With sequential calibration, refuse what needs the whole model.
+
+        See :func:`sequential_problem`.
+        """
         if self.staged_calibration(components) is None:
             return None
         return sequential_problem(components)
@@ -172,7 +176,10 @@ def sequential_problem(components: Mapping[str, Any]) -> str | None:
     why = "sequential calibration prunes one stage at a time from its inputs"
     fix = "or set calibration = 'dense' @ schedule.calibration"
     if not scorer.layer_local or scorer.needs_gradient:
-        return f"{why}, but the scorer needs the whole model's loss; use wanda, obs or magnitude {fix}"
+        return (
+            f"{why}, but the scorer needs the whole model's loss; use wanda, obs or magnitude "
+            f"{fix}"
+        )
     if scorer.needs_curvature and estimator is not None and not estimator.layer_local:
         return (
             f"{why}, but estimator {type(estimator).__name__} fits the loss's curvature of the "
@@ -184,7 +191,10 @@ def sequential_problem(components: Mapping[str, Any]) -> str | None:
             f"{getattr(mask, 'name', type(mask).__name__)!r} {fix}"
         )
     if prune is not None and prune.audit_single:
-        return f"{why}; the single-weight audit needs the whole model's loss: set audit_single = 0 {fix}"
+        return (
+            f"{why}; the single-weight audit needs the whole model's loss: set audit_single = 0 "
+            f"{fix}"
+        )
     return None
 
 

@@ -75,9 +75,12 @@ class OneShotProgress:
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (for ``torch.save(..., weights_only)`` files)."""
         return {
-            "levels": [float(x) for x in self.levels], "level_index": int(self.level_index),
-            "stages_done": int(self.stages_done), "masks": self.masks.detach().cpu().clone(),
-            "reports": [r.to_dict() for r in self.reports], "loss_before": self.loss_before,
+            "levels": [float(x) for x in self.levels],
+            "level_index": int(self.level_index),
+            "stages_done": int(self.stages_done),
+            "masks": self.masks.detach().cpu().clone(),
+            "reports": [r.to_dict() for r in self.reports],
+            "loss_before": self.loss_before,
             "times": {k: float(v) for k, v in self.times.items()},
         }
 
@@ -86,14 +89,19 @@ class OneShotProgress:
         """The inverse of :meth:`state_dict`."""
         try:
             return cls(
-                levels=[float(x) for x in state["levels"]], level_index=int(state["level_index"]),
-                stages_done=int(state["stages_done"]), masks=state["masks"].to(torch.bool),
+                levels=[float(x) for x in state["levels"]],
+                level_index=int(state["level_index"]),
+                stages_done=int(state["stages_done"]),
+                masks=state["masks"].to(torch.bool),
                 reports=[StepReport.from_dict(r) for r in state["reports"]],
-                loss_before=state["loss_before"], times=dict(state["times"]),
+                loss_before=state["loss_before"],
+                times=dict(state["times"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-            raise CheckpointError(f"the one-shot progress is unreadable ({reason}) @ {where}") from None
+            raise CheckpointError(
+                f"the one-shot progress is unreadable ({reason}) @ {where}"
+            ) from None
 
 
 class _StopForward(Exception):
@@ -169,7 +177,8 @@ def plan_stages(model: nn.Module, layout: ParamLayout, unit: StageUnit = "block"
         if owner not in order or not owner:
             raise ConfigError(
                 f"sequential calibration prunes layer by layer, but {name!r} is a parameter of "
-                "the model itself, not of a layer; leave it out with prune.ignore @ schedule.calibration"
+                "the model itself, not of a layer; leave it out with prune.ignore "
+                "@ schedule.calibration"
             )
         if found is not None and owner.startswith(found[0] + "."):
             index = int(owner[len(found[0]) + 1 :].split(".")[0])
@@ -243,6 +252,7 @@ class _PrefixStage(nn.Module):
                 pending.discard(index)
                 if not pending:
                     raise _StopForward
+
             return hook
 
         handles = [m.register_forward_hook(stop_when_all_ran(i)) for i, m in enumerate(self._stops)]
@@ -343,8 +353,9 @@ class SequentialCalibration:
         device: where inputs go.
     """
 
-    def __init__(self, model: nn.Module, plan: StagePlan, data: Any, num_samples: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, plan: StagePlan, data: Any, num_samples: int, device: torch.device
+    ) -> None:
         self.model = model
         self.plan = plan
         self.data = data

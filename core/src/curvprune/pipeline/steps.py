@@ -215,7 +215,9 @@ class StepRunner:
                         estimator.setup(sub.sizes, device=self.device)
                         generator = torch.Generator(device=self.device)
                         generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
-                        estimator.fit(stage_model, batches(), self.loss_fn, sub, generator=generator)
+                        estimator.fit(
+                            stage_model, batches(), self.loss_fn, sub, generator=generator
+                        )
                         num_samples = estimator.num_samples
                     times["gradients"] += time.perf_counter() - tick
                     tick = time.perf_counter()
@@ -228,7 +230,9 @@ class StepRunner:
                     times["scores"] += time.perf_counter() - tick
                     tick = time.perf_counter()
                     weights = self._updated(ctx.weights, delta) * keep
-                    distributed.check_same_across_ranks((keep, weights), f"the masks of {stage.label}")
+                    distributed.check_same_across_ranks(
+                        (keep, weights), f"the masks of {stage.label}"
+                    )
                     flat = self.masks.flat.clone()
                     flat[where] = keep
                     sub.scatter_(self.model, weights)
@@ -260,7 +264,9 @@ class StepRunner:
         )
         return self._finish(report)
 
-    def _decide(self, ctx: PruneContext, level: float) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _decide(
+        self, ctx: PruneContext, level: float
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The new keep-mask, the update and the predicted loss change of one step (or stage).
 
         The scorer's joint :meth:`SaliencyScorer.select` if it has one, else scores → mask

@@ -356,7 +356,9 @@ class RunCheckpoints:
                 torch.set_rng_state(ckpt["rng"]["torch"])
             except (RuntimeError, KeyError, TypeError) as exc:
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-                raise CheckpointError(f"checkpoint does not fit this run ({reason}) @ {where}") from None
+                raise CheckpointError(
+                    f"checkpoint does not fit this run ({reason}) @ {where}"
+                ) from None
             resume = OneShotProgress.from_state_dict(ckpt["extra"]["oneshot"], where)
             self._elapsed_before = float(ckpt.get("elapsed", 0.0))
             log.info("checkpoint_restored", phase="prune", stage=resume.stages_done)

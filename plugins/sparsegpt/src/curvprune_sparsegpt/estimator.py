@@ -86,7 +86,9 @@ class SparseGPTConfig(EstimatorConfig):
 
     def __attrs_post_init__(self) -> None:
         if self.block_size is not None:
-            raise ValueError("block_size does not apply: every output row is a block with its layer's H")
+            raise ValueError(
+                "block_size does not apply: every output row is a block with its layer's H"
+            )
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -169,7 +171,8 @@ class SparseGPTEstimator(CurvatureEstimator):
 
     def _update(self, grads: Tensor) -> None:
         raise self.unsupported(
-            "update(grads)", "it builds layer Hessians from the layers' inputs with fit(model, batches)"
+            "update(grads)",
+            "it builds layer Hessians from the layers' inputs with fit(model, batches)",
         )
 
     def fit(
@@ -206,7 +209,9 @@ class SparseGPTEstimator(CurvatureEstimator):
             self._shapes.append(module.weight.shape)
             self._hessians.append(LayerHessian(module, dtype=self.dtype, device=self.device))
         handles = [
-            layer.register_forward_pre_hook(lambda _, args, acc=acc: acc.add_batch(args[0].detach()))
+            layer.register_forward_pre_hook(
+                lambda _, args, acc=acc: acc.add_batch(args[0].detach())
+            )
             for layer, acc in zip(layers, self._hessians, strict=True)
         ]
         was_training = model.training
@@ -298,7 +303,10 @@ class SparseGPTEstimator(CurvatureEstimator):
         if isinstance(applier, LayerwiseMask):
             # the applier's own counts (round(s·n), min_keep), as fractions the sweep floors back
             levels: list[float | None] = [
-                count / size for count, size in zip(applier.layer_counts(level, layout), layout.sizes, strict=True)
+                count / size
+                for count, size in zip(
+                    applier.layer_counts(level, layout), layout.sizes, strict=True
+                )
             ]
             prune_n = prune_m = 0
         elif isinstance(applier, NMMask):
@@ -336,15 +344,35 @@ class SparseGPTEstimator(CurvatureEstimator):
         return Selection(keep=keep, update=new_weights - weights)
 
     def _prune_layer(
-        self, w: Tensor, factor: InverseFactor, prior: Tensor, sparsity: float | None,
-        prune_n: int, prune_m: int,
+        self,
+        w: Tensor,
+        factor: InverseFactor,
+        prior: Tensor,
+        sparsity: float | None,
+        prune_n: int,
+        prune_m: int,
     ) -> PruneResult:
         cfg = self.config
         if cfg.algorithm == "exact":
-            return obc(w, factor, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
-                       scope=cfg.scope, dtype=torch.float64)
-        return sparsegpt(w, factor, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
-                         blocksize=cfg.blocksize, scope=cfg.scope, prior=prior)
+            return obc(
+                w,
+                factor,
+                sparsity=sparsity,
+                prune_n=prune_n,
+                prune_m=prune_m,
+                scope=cfg.scope,
+                dtype=torch.float64,
+            )
+        return sparsegpt(
+            w,
+            factor,
+            sparsity=sparsity,
+            prune_n=prune_n,
+            prune_m=prune_m,
+            blocksize=cfg.blocksize,
+            scope=cfg.scope,
+            prior=prior,
+        )
 
     # -- plan and validation ------------------------------------------------------------------
     @classmethod
