@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a run's pruned model and masks as safetensors")
     p.add_argument("run_dir")
     p.add_argument("--out", help="export folder (default: RUN_DIR/export)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx, checked against PyTorch (the onnx extra)")
 
     p = sub.add_parser("report", help="print (and re-render) a run's report")
     p.add_argument("run_dir")
@@ -413,7 +415,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from curvprune.run.export import export_run
 
-    folder = export_run(args.run_dir, args.out)
+    folder = export_run(args.run_dir, args.out, onnx=args.onnx)
     print(f"exported to {folder} ({', '.join(sorted(f.name for f in folder.iterdir()))})")
     return 0
 

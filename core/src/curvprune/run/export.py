@@ -35,7 +35,9 @@ from curvprune.errors import ConfigError
 from curvprune.run.checkpoint_files import check_state_fits, read_safetensors
 from curvprune.run.export_hf import export_huggingface
 from curvprune.run.files import atomic_directory, read_result
+from curvprune.run.latency import latency_record
 from curvprune.run.models import build_model
+from curvprune.run.onnx_export import export_onnx
 from curvprune.structure.removal import apply_removal
 
 __all__ = ["export_run", "load_pruned"]
@@ -117,8 +119,11 @@ def load_pruned(path: str | Path, model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def export_run(run_dir: str | Path, out: str | Path | None = None, *, onnx: bool = False) -> Path:
     """Export the run in ``run_dir``; return the export folder.
+
+    ``onnx``: also write ``model.onnx``, checked against PyTorch's output with onnxruntime
+    (:mod:`curvprune.run.onnx_export`; the ``onnx`` extra).
 
     Raises:
         ConfigError: not a run directory, missing or corrupt files, or a failed check.
@@ -137,6 +142,11 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     final = Path(out) if out is not None else run_dir / "export"
     if spec["name"].startswith("hf:"):
+        if onnx:
+            raise ConfigError(
+                "--onnx exports curvprune's own and torchvision models; export the Hugging Face "
+                f"folder and convert it with Optimum (optimum-cli export onnx) @ {run_dir}"
+            )
         if structure is not None:
             raise ConfigError(
                 "a run that removed channels of an hf: model cannot be saved as a Hugging Face "
@@ -162,9 +172,19 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                     raise ConfigError(
                         f"the exported model does not reproduce the run's outputs @ {final}"
                     )
+        latency = None
+        if structure is not None and probe is not None:  # what the smaller model buys here
+            latency = latency_record(fresh(), reloaded, probe)
+        onnx_check = None
+        if onnx:
+            if probe is None:
+                raise ConfigError(f"cannot infer an input for the ONNX export @ {run_dir}")
+            onnx_check = export_onnx(reloaded, probe, staging)
         manifest = {
             "model": {k: spec[k] for k in ("name", "num_classes", "kwargs") if k in spec},
             "kind": "removed" if structure is not None else "masked",
+            "latency": latency,
+            "onnx": onnx_check,
             "sparsity": record["sparsity"],
             "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
             "load": "model = curvprune.run.models.build_model(name, num_classes=..., **kwargs); "

@@ -157,6 +157,15 @@ def _structure_lines(result: Mapping[str, Any]) -> list[str]:
     if s.get("flops_before") is not None:
         lines.append(f"| FLOPs per sample | {s['flops_before']:,} | {s['flops_after']:,} | "
                      f"{ratio(s['flops_before'], s['flops_after'])} |")
+    latency = s.get("latency")
+    if latency:
+        lines += [
+            "", f"Measured inference latency ({latency['device']}, {latency['threads']} threads, "
+            f"median over {latency['rounds']} alternating rounds):", "",
+            "| batch | dense (ms) | pruned (ms) | speed-up |", "|---|---|---|---|",
+            *(f"| {b} | {v['dense_ms']:.3f} | {v['pruned_ms']:.3f} | "
+              f"{v['speedup']:.2f}× |" for b, v in latency["batch_sizes"].items()),
+        ]
     lines += [
         "",
         "Largest output difference between the masked and the smaller model on one batch: "
