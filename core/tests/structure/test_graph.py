@@ -303,7 +303,7 @@ def test_magnitude_sums_over_coupled_rows(norm):
     ctx = curvprune.PruneContext(model=model, layout=layout, weights=layout.gather(model),
                                  mask=torch.ones(layout.d, dtype=torch.bool), target_sparsity=0.5)
     scores = curvprune.create("scorer", "magnitude", host=HOST, granularity="channel",
-                              norm=norm).score(ctx)
+                              norm=norm, normalize="none").score(ctx)
     params = dict(model.named_parameters())
     for g, off in zip(layout.structures.groups, layout.structures.offsets, strict=True):
         for c in range(g.size):
@@ -311,6 +311,24 @@ def test_magnitude_sums_over_coupled_rows(norm):
             expected = sum(r.abs().sum() for r in rows) if norm == "l1" else torch.sqrt(
                 sum(r.square().sum() for r in rows))
             assert scores[off + c].item() == pytest.approx(float(expected), rel=1e-6)
+
+def test_channel_magnitude_is_normalized_by_its_groups_mean_by_default():
+    """The default divides each structure's norm by the mean over its group's kept structures
+    (so a global ranking cannot take a small-weight layer down to one channel)."""
+    gen = torch.Generator().manual_seed(0)
+    model = randomize_(TinyResNet("basic", widths=(2,), blocks=2, stem=2), gen)
+    layout = structured(model)
+    mask = torch.ones(layout.d, dtype=torch.bool)
+    ctx = curvprune.PruneContext(model=model, layout=layout, weights=layout.gather(model),
+                                 mask=mask, target_sparsity=0.5)
+    raw = curvprune.create("scorer", "magnitude", host=HOST, granularity="channel",
+                           normalize="none").score(ctx)
+    scores = curvprune.create("scorer", "magnitude", host=HOST, granularity="channel").score(ctx)
+    group = layout.structure_group()
+    for g in range(layout.n_structure_groups):
+        members = group == g
+        torch.testing.assert_close(scores[members], raw[members] / raw[members].mean())
+
 
 
 def test_pipeline_prune_gates_structures_exactly():

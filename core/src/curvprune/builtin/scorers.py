@@ -16,7 +16,7 @@ a trained point,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -40,10 +40,17 @@ class MagnitudeConfig:
     Attributes:
         granularity: ``weight`` (score |w|) or ``channel`` (norm of each channel structure).
         norm: ``l1`` or ``l2``, the channel norm (ignored for weights).
+        normalize: ``mean`` (channels only): each structure's norm divided by the mean norm of
+            the kept structures of its group, so that a global ranking compares channels
+            within their layer's scale (Torch-Pruning's default normalizer) instead of taking
+            the layers with small weights down to their last channel; ``none``: raw norms.
     """
 
     granularity: Literal["weight", "channel"] = "weight"
     norm: Literal["l1", "l2"] = "l2"
+    normalize: Literal["mean", "none"] = attrs.field(
+        default="mean", validator=attrs.validators.in_(("mean", "none"))
+    )
 
 
 class MagnitudeScorer(SaliencyScorer):
@@ -69,7 +76,23 @@ class MagnitudeScorer(SaliencyScorer):
         layout = ctx.layout
         values = w.abs() if self.config.norm == "l1" else w.square()
         out = layout.structure_sums(layout.channel_sums(values))
-        return out if self.config.norm == "l1" else out.sqrt()
+        out = out if self.config.norm == "l1" else out.sqrt()
+        if self.config.normalize == "mean":
+            out = _per_group_mean_normalized(out, layout, ctx.mask)
+        return out
+
+
+def _per_group_mean_normalized(scores: Tensor, layout: Any, mask: Tensor) -> Tensor:
+    """``scores`` divided by the mean score of the kept structures of their group."""
+    group = layout.structure_group(scores.device)
+    alive = layout.alive_structures(mask).to(scores.device)
+    n_groups = layout.n_structure_groups
+    sums = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device)
+    sums.index_add_(0, group[alive], scores[alive])
+    counts = torch.bincount(group[alive], minlength=n_groups).to(scores.dtype)
+    mean = sums / counts.clamp_min(1)
+    tiny = torch.finfo(scores.dtype).tiny
+    return scores / mean[group].clamp_min(tiny)
 
 
 @attrs.frozen(kw_only=True)
