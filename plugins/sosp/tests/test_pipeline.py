@@ -117,3 +117,24 @@ def test_run_removes_channels_physically_and_fine_tunes(tmp_path) -> None:
     assert (outcome.run_dir / "bottlenecks.png").read_bytes()[:4] == b"\x89PNG"
     png = plot_bottlenecks_from_run(outcome.run_dir, tmp_path / "again.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("scorer", ["sosp-h", "sosp-i"])
+def test_attention_models_are_scored_through_the_math_attention_path(scorer) -> None:
+    """Two ViT layers make the second-order passes run through attention; the fused CPU kernel
+    has no double backward / forward AD ("derivative ... not implemented" before the fix)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                              hidden_dim=128, mlp_dim=64, num_classes=4).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
+    pipeline = Pipeline.from_config({
+        "scorer": {"name": scorer}, "mask": {"name": "channel", "scope": "layerwise"},
+        "prune": {"sparsity": 0.3, "loss_samples": 0},
+    })
+    with pytest.warns(curvprune.StructureSkipWarning):
+        result = pipeline.prune(model, [(x[:8], y[:8]), (x[8:], y[8:])])
+    assert result.steps[-1].sparsity > 0
+    assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards

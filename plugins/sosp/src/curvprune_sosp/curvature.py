@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import attrs
@@ -58,18 +58,44 @@ CurvatureFactory = Callable[[Tensor, Tensor], OutputCurvature]
 
 @contextmanager
 def evaluation(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode (BatchNorm uses its running statistics), then restore.
+    """Put every module in eval mode (BatchNorm uses its running statistics), then restore;
+    meanwhile attention runs on its math path.
 
     Saliencies need BN in eval mode: in train mode the batch statistics would renormalise a
-    gated channel and corrupt both g and G (memo §4.4).
+    gated channel and corrupt both g and G (memo §4.4). The fused attention kernels (flash,
+    memory-efficient, ``nn.MultiheadAttention``'s inference fast path) implement neither
+    forward-mode AD nor double backward, which SOSP's Hessian- and GGN-vector products need;
+    the math path (matmul, softmax) computes the same function with both.
     """
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        yield
+        with _math_attention():
+            yield
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextmanager
+def _math_attention() -> Iterator[None]:
+    """``scaled_dot_product_attention`` on its math backend and no MHA fast path, then restore."""
+    mha = getattr(torch.backends, "mha", None)
+    fastpath = mha.get_fastpath_enabled() if hasattr(mha, "get_fastpath_enabled") else None
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the math path is chosen per call
+        kernel = nullcontext()
+    else:
+        kernel = sdpa_kernel(SDPBackend.MATH)
+    if fastpath is not None:
+        mha.set_fastpath_enabled(False)
+    try:
+        with kernel:
+            yield
+    finally:
+        if fastpath is not None:
+            mha.set_fastpath_enabled(fastpath)
 
 
 def take_samples(
