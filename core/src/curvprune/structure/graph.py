@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from curvprune.errors import ConfigError, StructureSkipWarning, UnsupportedModelError
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.trace import Tracer
+from curvprune.structure.trace_ops import is_leaf_pass
 from curvprune.tensors.layout import ParamLayout
 
 __all__ = [
@@ -69,11 +70,14 @@ class StructureGraph:
         groups: every group, in the order its first producer runs.
         param_names: the model's parameter names at trace time.
         model_type: the traced model's class name.
+        widths: channels of every BatchNorm and depthwise convolution at trace time (a
+            concatenation puts several groups into one of them, at offsets).
     """
 
     groups: tuple[ChannelGroup, ...]
     param_names: frozenset[str]
     model_type: str
+    widths: dict[str, int] = attrs.field(factory=dict)
 
     @classmethod
     def trace(cls, model: nn.Module) -> StructureGraph:
@@ -84,7 +88,7 @@ class StructureGraph:
                 or a Linear layer's input is not a whole number of features per flattened channel.
         """
         try:
-            gm = torch.fx.symbolic_trace(model)
+            gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UnsupportedModelError(
@@ -98,6 +102,7 @@ class StructureGraph:
             groups=tracer.groups(),
             param_names=frozenset(n for n, _ in model.named_parameters()),
             model_type=type(model).__name__,
+            widths=dict(tracer.widths),
         )
 
     def group(self, name: str) -> ChannelGroup:
@@ -130,15 +135,20 @@ class StructureGraph:
             channel_offsets.append(channel_offsets[-1] + c)
         channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
         for g, off in zip(groups, offsets, strict=True):
-            for p in g.producers:
-                i = position[f"{p}.weight"]
-                if layout.channels[i] != g.size:
+            ids = torch.arange(off, off + g.size).repeat(g.copies)
+            rows = [(p, 0, True) for p in g.producers]
+            rows += [(m, o, False) for m, o in g.spans("depthwise")]
+            for p, at, whole in rows:
+                i = position.get(f"{p}.weight")
+                if i is None:  # an unselected depthwise conv: only its input is pruned
+                    continue
+                if whole and layout.channels[i] != g.channels:
                     raise ConfigError(
                         f"parameter {p}.weight has {layout.channels[i]} output channels but its "
-                        f"group has {g.size} @ layout"
+                        f"group has {g.channels} @ layout"
                     )
-                start = channel_offsets[i]
-                channel_structure[start : start + g.size] = torch.arange(off, off + g.size)
+                start = channel_offsets[i] + at
+                channel_structure[start : start + g.channels] = ids
         structure_group = torch.repeat_interleave(
             torch.arange(len(groups)), torch.tensor([g.size for g in groups], dtype=torch.long)
         )
@@ -217,10 +227,10 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
-                for gate in g.gates:
+                for gate, at in g.spans("gates"):
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
-                    hook = _gate_hook(values, off, g.size, g.channel_dim)
+                    hook = _gate_hook(values, (off, g.size, g.copies), at, g.channel_dim)
                     handles.append(modules[gate].register_forward_hook(hook))
             yield
         finally:
@@ -230,24 +240,31 @@ class Structures:
     def gate_masks(self, keep: Tensor) -> dict[str, Tensor]:
         """Keep-masks of the non-weight parameters that gate each structure.
 
-        For every prunable group: its producers' biases and its BatchNorms' weight and bias
-        (when the model has them), each ``keep[offsets[g] : offsets[g] + size]``. With the
-        producers' weight rows zeroed (the layout's mask), a removed structure's gated output is
-        exactly zero.
+        For every prunable group: its producers' biases, its BatchNorms' weight and bias and
+        its depthwise convolutions' biases (when the model has them), each
+        ``keep[offsets[g] : offsets[g] + size]`` repeated ``copies`` times at the group's offset
+        in the parameter (the rest kept). With the producers' weight rows zeroed (the layout's
+        mask), a removed structure's gated output is exactly zero.
 
         Args:
             keep: bool ``[S]``, True for kept structures.
         """
         out: dict[str, Tensor] = {}
-        params = self.graph.param_names
+        params, widths = self.graph.param_names, self.graph.widths
         for i, g in enumerate(self.groups):
-            piece = keep[self.group_slice(i)]
-            names = [f"{p}.bias" for p in g.producers] + [
-                f"{n}.{w}" for n in g.norms for w in ("weight", "bias")
-            ]
-            for name in names:
-                if name in params:
-                    out[name] = piece
+            piece = keep[self.group_slice(i)].repeat(g.copies)
+            entries = [(f"{p}.bias", p, 0) for p in g.producers]
+            entries += [(f"{n}.{w}", n, at) for n, at in g.spans("norms") for w in ("weight", "bias")]
+            entries += [(f"{n}.bias", n, at) for n, at in g.spans("depthwise")]
+            for name, module, at in entries:
+                if name not in params:
+                    continue
+                width = widths.get(module, g.channels)
+                mask = out.get(name)
+                if mask is None:
+                    mask = torch.ones(width, dtype=torch.bool, device=keep.device)
+                mask[at : at + g.channels] &= piece
+                out[name] = mask
         return out
 
     def unaffine_norms(self) -> list[str]:
@@ -256,14 +273,30 @@ class Structures:
         return [n for g in self.groups for n in g.norms if f"{n}.weight" not in params]
 
 
-def _gate_hook(values: Tensor, offset: int, size: int, dim: int) -> Any:
+def _gate_hook(values: Tensor, piece: tuple[int, int, int], at: int, dim: int) -> Any:
+    """Multiply the output's channels ``at, at + 1, ...`` on ``dim`` by the group's gate values
+    ``values[off : off + size]`` repeated ``copies`` times (``piece``); the others by 1."""
+    off, size, copies = piece
+
     def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        gate = values[offset : offset + size].to(output.dtype)
+        gate = values[off : off + size].repeat(copies).to(output.dtype)
+        width = output.shape[dim]
+        if at or gate.numel() != width:
+            ones = torch.ones(width, dtype=gate.dtype, device=gate.device)
+            gate = torch.cat([ones[:at], gate, ones[at + gate.numel():]])
         shape = [1] * output.dim()
-        shape[dim] = size
+        shape[dim] = width
         return output * gate.view(shape)
 
     return hook
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """The default fx tracer, keeping known library pass-through modules (torchvision's
+    ``StochasticDepth``) as leaves so the tracer sees the module, not its random mask."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf_pass(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGroup]:
