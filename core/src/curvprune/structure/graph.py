@@ -254,7 +254,8 @@ class Structures:
         for i, g in enumerate(self.groups):
             piece = keep[self.group_slice(i)].repeat(g.copies)
             entries = [(f"{p}.bias", p, 0) for p in g.producers]
-            entries += [(f"{n}.{w}", n, at) for n, at in g.spans("norms") for w in ("weight", "bias")]
+            entries += [(f"{n}.{w}", n, at) for n, at in g.spans("norms")
+                        for w in ("weight", "bias")]
             entries += [(f"{n}.bias", n, at) for n, at in g.spans("depthwise")]
             for name, module, at in entries:
                 if name not in params:
