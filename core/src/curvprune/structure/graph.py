@@ -5,28 +5,35 @@ or removed together. :meth:`StructureGraph.trace` finds them with a ``torch.fx``
 (no input needed) by following every producer's output through the ops that keep its channels
 apart:
 
-* a producer (``Conv1d``/``Conv2d``/``Conv3d`` with ``groups = 1``, or ``Linear``) starts a group of
+* a producer (``Conv1d``/``Conv2d``/``Conv3d``, not depthwise, or ``Linear``) starts a group of
   ``out_channels`` channels;
 * BatchNorm layers slice with it (they are the group's ``norms``);
 * zero-preserving element-wise ops (ReLU and friends, tanh, pooling, dropout, identity, scaling
-  by a number) and flattening pass it on unchanged; flattening a ``[N, C, H, W]`` map turns each
-  channel into ``in_features / C`` consecutive features of the following Linear layer;
+  by a number, torchvision's ``StochasticDepth``) and flattening pass it on unchanged;
+  flattening a ``[N, C, H, W]`` map turns each channel into ``in_features / C`` consecutive
+  features of the following Linear layer;
 * a residual ``add`` couples the channels of its inputs: channel c of every producer feeding the
   sum is one **structure** (a torchvision ResNet stage stream is the stem or downsample BN output
   plus the last BN output of each block: Nonnenmacher et al., 2022, treat such a coupled
   channel as one structure; greg_sosp memo §4.5);
+* a depthwise convolution passes channel c to channel c: it joins the group (``depthwise``);
+* a grouped convolution keeps its conv groups equal: structure s is channel ``k * size + s`` of
+  every conv group k (``copies``);
+* a channel ``torch.cat`` puts each group at its offset in the modules reading it;
+* a channel-wise product couples its factors; one may be a sigmoid scale (squeeze-and-excitation);
 * Conv and Linear layers reading the channels are the group's ``consumers`` (their input dims
   are sliced on removal).
 
-Anything else touching a group's channels (``torch.cat``, ``F.pad``, slicing, views other than a
-flatten, grouped or depthwise convolutions, ops with f(0) ≠ 0 such as sigmoid, modules the
-tracer does not know) marks the groups involved not removable, with a reason naming the node:
+Anything else touching a group's channels (``torch.chunk``, ``F.pad``, slicing, views other than
+a flatten, LayerNorm, ops with f(0) ≠ 0 such as sigmoid outside a product, modules the tracer
+does not know) marks the groups involved not removable, with a reason naming the node:
 removing their channels would silently produce a wrong model (the option-A zero-pad shortcut
 pitfall of DepGraph, memo §7.1). A group whose channels reach the model's output (the
 classifier) is never prunable.
 
 **Gates.** Removing structure s is the same as multiplying its channel by a gate m_s = 0 at the
-post-BN output of each of its producers (memo §4.2): every later op maps the zero channel to
+post-BN output of each of its producers (memo §4.2), and at every BN or depthwise conv of the
+group off a private chain: every later op maps the zero channel to
 zero, so every consumer reads zeros, exactly as if the channel were gone. Masking a structure
 zeroes its producers' weight rows and biases and its BatchNorms' γ and β, which makes the gated
 output exactly 0 (BN computes γ·x̂ + β). :meth:`Structures.gates` installs the gates as forward

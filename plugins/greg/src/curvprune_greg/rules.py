@@ -117,7 +117,13 @@ def gate_parameters(model: nn.Module, layout: ParamLayout) -> dict[str, list[str
         if len(group.producers) != 1:
             continue
         producer = group.producers[0]
-        names = [f"{producer}.bias", *(f"{n}.{w}" for n in group.norms for w in ("weight", "bias"))]
+        # only BatchNorms holding exactly this group's channels (not a wider one after a
+        # torch.cat, where the group sits at an offset)
+        widths = getattr(graph, "widths", {})
+        spans = group.spans("norms") if hasattr(group, "spans") else [(n, 0) for n in group.norms]
+        norms = [n for n, at in spans
+                 if at == 0 and widths.get(n, group.size) == getattr(group, "channels", group.size)]
+        names = [f"{producer}.bias", *(f"{n}.{w}" for n in norms for w in ("weight", "bias"))]
         weight = _weight_of(producer)
         if weight in selected:
             out[weight] = [n for n in names if n in params]
