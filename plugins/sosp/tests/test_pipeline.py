@@ -117,3 +117,29 @@ def test_run_removes_channels_physically_and_fine_tunes(tmp_path) -> None:
     assert (outcome.run_dir / "bottlenecks.png").read_bytes()[:4] == b"\x89PNG"
     png = plot_bottlenecks_from_run(outcome.run_dir, tmp_path / "again.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("net", ["InvertedResidualNet", "DenseCatNet", "GroupedNet",
+                                 "SqueezeExciteNet", "CatNet"])
+def test_sosp_h_prunes_and_removes_depthwise_grouped_cat_and_se_models(net) -> None:
+    """The gates of depthwise, grouped, concatenated and SE groups (issue 18) carry SOSP: half
+    the structures go, and the removed model computes what the masked one did."""
+    import copy
+
+    from curvprune.testing import nets
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 3, (64,))
+    data = DataLoader(TensorDataset(x, y), batch_size=32)
+    model = getattr(nets, net)()
+    pipeline = Pipeline.from_config({**config("sosp-h"), "prune": {"sparsity": 0.5,
+                                                                   "loss_samples": 32}})
+    result = pipeline.prune(model, data)
+    layout = result.masks.layout
+    alive = layout.alive_structures(result.masks.flat)
+    assert 0 < int((~alive).sum()) < layout.n_structures
+    model.eval()
+    small = copy.deepcopy(model)
+    pipeline.remove(small, result.masks)
+    with torch.no_grad():
+        assert torch.allclose(small(x[:8]), model(x[:8]), atol=1e-5)
