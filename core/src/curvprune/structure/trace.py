@@ -341,6 +341,8 @@ class Tracer:
             rank = self.rank[touched[0].elem] if kind == "conv" else 1
             ok = dim in ((1, 1 - rank) if kind == "conv" else (-1,))
             why = f"{where} along dim {dim}, not the channel dim"
+        elif kinds == {"flat"}:
+            ok, why = False, f"{where} joins flattened maps (features per channel unknown)"
         else:
             ok, why = False, f"{where} joins channels with an untracked tensor"
         if not ok or self.dirty(items):
