@@ -1,4 +1,4 @@
-"""Structured-pruning coverage on torchvision models: parameter cut at a 30 % channel target, beside Torch-Pruning.
+"""Structured coverage on torchvision models: parameter cut at a 30 % channel target, vs Torch-Pruning.
 
 Each torchvision model (``weights=None``: the cut does not depend on training) is traced into
 channel groups, scored with the magnitude scorer (L1 channel norms) and masked with the core
@@ -22,7 +22,6 @@ Full runs write one section at the end of docs/benchmarks.md (between
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 import warnings
