@@ -171,6 +171,28 @@ def test_what_stays_unsupported_is_refused_with_the_node_named(how, reason):
     assert not graph.group("a").removable and reason in graph.group("a").reason
 
 
+class _TwoHeads(nn.Module):
+    """Returns a namedtuple (like GoogLeNet and Inception with auxiliary heads in training)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.main, self.aux = nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        from collections import namedtuple
+
+        h = self.conv(x).mean((2, 3))
+        return namedtuple("Outputs", ["logits", "aux"])(self.main(h), self.aux(h))
+
+
+def test_heads_returned_in_a_namedtuple_reach_the_model_output():
+    graph = StructureGraph.trace(_TwoHeads())
+    assert graph.group("conv").removable
+    for head in ("main", "aux"):
+        assert graph.group(head).reason == "its channels reach the model output"
+
+
 # --------------------------------------------------------------------------------------------
 # Hand-built modules: masked == gated == removed
 # --------------------------------------------------------------------------------------------

@@ -282,6 +282,8 @@ class Tracer:
             return None
         if target is operator.getitem and not isinstance(x, (Chan, Cat, Opaque)):
             return None
+        if isinstance(target, type) and issubclass(target, tuple):  # a namedtuple of outputs
+            return (*args, *kwargs.values())
         if target in ops.ADD or method in ops.ADD_METHODS:
             return self.add(node, args, kwargs, where)
         if target in ops.SCALE or method in ops.SCALE_METHODS:
