@@ -186,6 +186,16 @@ class _TwoHeads(nn.Module):
         return namedtuple("Outputs", ["logits", "aux"])(self.main(h), self.aux(h))
 
 
+def test_norms_mixing_channels_are_refused_with_why():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(2))
+    reason = StructureGraph.trace(model).group("0").reason
+    assert reason == "GroupNorm '1' normalises across the channels (removing one changes the " \
+                     "others' statistics)"
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    assert "LayerNorm '1' normalises across the channels" in \
+        StructureGraph.trace(mlp).group("0").reason
+
+
 def test_heads_returned_in_a_namedtuple_reach_the_model_output():
     graph = StructureGraph.trace(_TwoHeads())
     assert graph.group("conv").removable

@@ -164,7 +164,10 @@ class Tracer:
                 return self.flatten(x, name)
             self.bad(x, f"nn.Flatten {name!r} with start_dim={module.start_dim}")
             return OPAQUE
-        if isinstance(x, (Chan, Cat)):
+        if isinstance(x, (Chan, Cat)) and isinstance(module, ops.MIXING_NORMS):
+            self.bad(x, f"{type(module).__name__} {name!r} normalises across the channels "
+                        "(removing one changes the others' statistics)")
+        elif isinstance(x, (Chan, Cat)):
             self.bad(x, f"module {name!r} ({type(module).__name__}) is not handled")
         return OPAQUE
 
@@ -325,7 +328,9 @@ class Tracer:
         touched = chans((args, kwargs))
         if touched:
             self.dirty(touched)
-            self.bad(touched, f"{where} is not handled")
+            mixing = target in ops.MIXING_FUNCTIONS
+            self.bad(touched, f"{where} normalises across the channels (removing one changes the "
+                              "others' statistics)" if mixing else f"{where} is not handled")
         return OPAQUE
 
     def cat(self, args: Any, kwargs: Any, where: str) -> Any:

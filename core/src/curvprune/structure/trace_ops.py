@@ -21,7 +21,8 @@ from torch import nn
 
 __all__ = [
     "ADD", "ADD_METHODS", "CAT", "CONV", "Cat", "Chan", "FLATTEN_FUNCTIONS", "GATE_FUNCTIONS",
-    "GATE_METHODS", "GATE_MODULES", "META_ATTRS", "META_METHODS", "MUL", "MUL_METHODS", "NORM",
+    "GATE_METHODS", "GATE_MODULES", "META_ATTRS", "META_METHODS", "MIXING_FUNCTIONS",
+    "MIXING_NORMS", "MUL", "MUL_METHODS", "NORM",
     "OPAQUE", "Opaque", "PASS_FUNCTIONS", "PASS_METHODS", "PASS_MODULES", "SCALE",
     "SCALE_METHODS", "VIEW_METHODS", "arg", "chans", "is_leaf_pass", "unique",
 ]
@@ -53,6 +54,12 @@ PASS_METHODS = frozenset({"relu", "relu_", "tanh", "tanh_", "clone", "contiguous
 GATE_MODULES: tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Hardsigmoid)
 GATE_FUNCTIONS: frozenset[Any] = frozenset({torch.sigmoid, F.sigmoid, F.hardsigmoid})
 GATE_METHODS = frozenset({"sigmoid", "sigmoid_"})
+
+#: Normalisations whose statistics mix channels: a removed (zero) channel still counts in the
+#: masked model's mean and variance, so masking and removal differ. Refused.
+MIXING_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+MIXING_FUNCTIONS: frozenset[Any] = frozenset({F.layer_norm, F.group_norm,
+                                              F.local_response_norm})
 
 ADD = frozenset({operator.add, operator.iadd, torch.add})
 ADD_METHODS = frozenset({"add", "add_"})
