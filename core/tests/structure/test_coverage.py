@@ -1,6 +1,6 @@
 """Structure coverage (issue 18): depthwise and grouped convolutions, channel concatenation and
-squeeze-and-excitation products, on hand-built modules and on the torchvision models that need
-them.
+chunks, squeeze-and-excitation products, on hand-built modules and on the torchvision models
+that need them.
 
 Ground truths: the group facts of the small modules are written out by hand (which modules
 produce, normalise, read each group, at which channel offset); for behaviour, the masked model
@@ -30,6 +30,7 @@ from curvprune import (
 )
 from curvprune.testing.nets import (
     CatNet,
+    ChunkNet,
     DenseCatNet,
     GroupedNet,
     InvertedResidualNet,
@@ -129,6 +130,28 @@ def test_cat_puts_each_group_at_its_offset():
     assert all(g.removable for g in dense.groups if g.name != "fc")
 
 
+def test_chunks_hand_each_reader_a_window_and_keep_the_chunks_equal():
+    graph = StructureGraph.trace(ChunkNet(c=4))
+    a = graph.group("a.0")
+    assert a.removable and (a.size, a.copies, a.channels) == (4, 2, 8)
+    # chunk 0 (channels 0-3) goes straight into the cat at offset 0, chunk 1 (4-7) into pw1
+    assert a.placed("consumers") == [(("pw1", 1), 0, 4, 8), (("mix", 1), 0, 0, 4)]
+    assert a.channel_index([1]).tolist() == [1, 5]  # one slot of each chunk
+    assert graph.group("pw1").depthwise == ("dw.0",)
+    assert graph.group("pw2").placed("consumers") == [(("mix", 1), 4, 0, 4)]
+
+    class Uneven(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(torch.chunk(self.conv(x), 3, dim=1)[0].mean((2, 3)))
+
+    reason = StructureGraph.trace(Uneven()).group("conv").reason
+    assert "chunk at node 'chunk' is not handled (only equal chunks of the channel dim)" in reason
+
+
 def test_squeeze_excitation_product_couples_the_scale_with_the_map():
     graph = StructureGraph.trace(SqueezeExciteNet(c=6, squeeze=2))
     g = graph.group("conv.0")
@@ -210,6 +233,7 @@ NETS = {
     "inverted-residual": (lambda: InvertedResidualNet(c=4, expand=3), (3, 3, 6, 6)),
     "grouped": (lambda: GroupedNet(c=4, width=12, groups=3), (3, 3, 6, 6)),
     "cat": (lambda: CatNet(c=4), (3, 3, 6, 6)),
+    "chunk": (lambda: ChunkNet(c=4), (3, 3, 6, 6)),
     "dense-cat": (lambda: DenseCatNet(stem=4, growth=3, layers=3), (3, 3, 8, 8)),
     "squeeze-excite": (lambda: SqueezeExciteNet(c=6, squeeze=3), (3, 3, 6, 6)),
 }

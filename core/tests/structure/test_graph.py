@@ -117,7 +117,7 @@ def test_pad_and_split_are_not_removable_and_named():
     assert not g1.removable and "getitem" in g1.reason and "node" in g1.reason
     assert not g2.removable and "untracked" in g2.reason
     split = StructureGraph.trace(SplitNet())
-    assert not split.group("a").removable and "chunk at node" in split.group("a").reason
+    assert not split.group("a").removable and "split at node" in split.group("a").reason
     assert split.group("b").removable
 
 
@@ -425,7 +425,7 @@ def test_a_selected_group_that_cannot_be_pruned_is_a_warning_naming_why():
 
     model, pipeline = SplitNet(), _channel_pipeline()
     with pytest.warns(StructureSkipWarning, match=r"1 selected channel group\(s\) cannot be "
-                                                   r"pruned.*chunk at node 'chunk'"):
+                                                   r"pruned.*split at node 'split'"):
         layout = attach_structures(pipeline.mask, pipeline.select(model), model)
     assert layout.structures.n_structures > 0  # the other groups are still pruned
 

@@ -120,7 +120,7 @@ def test_run_removes_channels_physically_and_fine_tunes(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("net", ["InvertedResidualNet", "DenseCatNet", "GroupedNet",
-                                 "SqueezeExciteNet", "CatNet"])
+                                 "SqueezeExciteNet", "CatNet", "ChunkNet"])
 def test_sosp_h_prunes_and_removes_depthwise_grouped_cat_and_se_models(net) -> None:
     """The gates of depthwise, grouped, concatenated and SE groups (issue 18) carry SOSP: half
     the structures go, and the removed model computes what the masked one did."""

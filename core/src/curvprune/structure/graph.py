@@ -20,16 +20,17 @@ apart:
 * a grouped convolution keeps its conv groups equal: structure s is channel ``k * size + s`` of
   every conv group k (``copies``);
 * a channel ``torch.cat`` puts each group at its offset in the modules reading it;
+* an equal ``torch.chunk`` hands each chunk's readers a window of the group (chunks kept equal);
 * a channel-wise product couples its factors; one may be a sigmoid scale (squeeze-and-excitation);
 * Conv and Linear layers reading the channels are the group's ``consumers`` (their input dims
   are sliced on removal).
 
-Anything else touching a group's channels (``torch.chunk``, ``F.pad``, slicing, views other than
-a flatten, LayerNorm, ops with f(0) ≠ 0 such as sigmoid outside a product, modules the tracer
-does not know) marks the groups involved not removable, with a reason naming the node:
-removing their channels would silently produce a wrong model (the option-A zero-pad shortcut
-pitfall of DepGraph, memo §7.1). A group whose channels reach the model's output (the
-classifier) is never prunable.
+Anything else touching a group's channels (``torch.split`` at literal sizes, ``F.pad``,
+slicing, views other than a flatten, LayerNorm, ops with f(0) ≠ 0 such as sigmoid outside a
+product, modules the tracer does not know) marks the groups involved not removable, with a
+reason naming the node: removing their channels would silently produce a wrong model (the
+option-A zero-pad shortcut pitfall of DepGraph, memo §7.1). A group whose channels reach the
+model's output (the classifier) is never prunable.
 
 **Gates.** Removing structure s is the same as multiplying its channel by a gate m_s = 0 at the
 post-BN output of each of its producers (memo §4.2), and at every BN or depthwise conv of the
@@ -143,9 +144,9 @@ class StructureGraph:
         channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
         for g, off in zip(groups, offsets, strict=True):
             ids = torch.arange(off, off + g.size).repeat(g.copies)
-            rows = [(p, 0, True) for p in g.producers]
-            rows += [(m, o, False) for m, o in g.spans("depthwise")]
-            for p, at, whole in rows:
+            rows = [(p, 0, 0, g.channels, True) for p in g.producers]
+            rows += [(m, at, lo, hi, False) for m, at, lo, hi in g.placed("depthwise")]
+            for p, at, lo, hi, whole in rows:
                 i = position.get(f"{p}.weight")
                 if i is None:  # an unselected depthwise conv: only its input is pruned
                     continue
@@ -155,7 +156,7 @@ class StructureGraph:
                         f"group has {g.channels} @ layout"
                     )
                 start = channel_offsets[i] + at
-                channel_structure[start : start + g.channels] = ids
+                channel_structure[start : start + hi - lo] = ids[lo:hi]
         structure_group = torch.repeat_interleave(
             torch.arange(len(groups)), torch.tensor([g.size for g in groups], dtype=torch.long)
         )
@@ -234,10 +235,10 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
-                for gate, at in g.spans("gates"):
+                for gate, at, lo, hi in g.placed("gates"):
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
-                    hook = _gate_hook(values, (off, g.size, g.copies), at, g.channel_dim)
+                    hook = _gate_hook(values, (off, g.size, g.copies, lo, hi), at, g.channel_dim)
                     handles.append(modules[gate].register_forward_hook(hook))
             yield
         finally:
@@ -260,18 +261,18 @@ class Structures:
         params, widths = self.graph.param_names, self.graph.widths
         for i, g in enumerate(self.groups):
             piece = keep[self.group_slice(i)].repeat(g.copies)
-            entries = [(f"{p}.bias", p, 0) for p in g.producers]
-            entries += [(f"{n}.{w}", n, at) for n, at in g.spans("norms")
+            entries = [(f"{p}.bias", p, 0, 0, g.channels) for p in g.producers]
+            entries += [(f"{n}.{w}", n, at, lo, hi) for n, at, lo, hi in g.placed("norms")
                         for w in ("weight", "bias")]
-            entries += [(f"{n}.bias", n, at) for n, at in g.spans("depthwise")]
-            for name, module, at in entries:
+            entries += [(f"{n}.bias", n, at, lo, hi) for n, at, lo, hi in g.placed("depthwise")]
+            for name, module, at, lo, hi in entries:
                 if name not in params:
                     continue
                 width = widths.get(module, g.channels)
                 mask = out.get(name)
                 if mask is None:
                     mask = torch.ones(width, dtype=torch.bool, device=keep.device)
-                mask[at : at + g.channels] &= piece
+                mask[at : at + hi - lo] &= piece[lo:hi]
                 out[name] = mask
         return out
 
@@ -281,13 +282,14 @@ class Structures:
         return [n for g in self.groups for n in g.norms if f"{n}.weight" not in params]
 
 
-def _gate_hook(values: Tensor, piece: tuple[int, int, int], at: int, dim: int) -> Any:
+def _gate_hook(values: Tensor, piece: tuple[int, ...], at: int, dim: int) -> Any:
     """Multiply the output's channels ``at, at + 1, ...`` on ``dim`` by the group's gate values
-    ``values[off : off + size]`` repeated ``copies`` times (``piece``); the others by 1."""
-    off, size, copies = piece
+    ``values[off : off + size]`` repeated ``copies`` times, window ``[lo, hi)`` of them
+    (``piece``); the others by 1."""
+    off, size, copies, lo, hi = piece
 
     def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        gate = values[off : off + size].repeat(copies).to(output.dtype)
+        gate = values[off : off + size].repeat(copies)[lo:hi].to(output.dtype)
         width = output.shape[dim]
         if at or gate.numel() != width:
             ones = torch.ones(width, dtype=gate.dtype, device=gate.device)

@@ -40,6 +40,9 @@ class ChannelGroup:
         depthwise: depthwise convolutions (``groups = in = out``) the channels pass through:
             channel c of their input makes only channel c of their output, so their weight
             rows and biases are sliced with the group and ``groups`` follows.
+        norm_windows, consumer_windows, depthwise_windows, gate_windows: the group's channels
+            ``[lo, hi)`` each entry holds (parallel; empty means all of them): a ``torch.chunk``
+            hands each chunk's readers a window of the group.
     """
 
     name: str
@@ -58,6 +61,10 @@ class ChannelGroup:
     depthwise: tuple[str, ...] = ()
     depthwise_offsets: tuple[int, ...] = ()
     gate_offsets: tuple[int, ...] = ()
+    norm_windows: tuple[tuple[int, int], ...] = ()
+    consumer_windows: tuple[tuple[int, int], ...] = ()
+    depthwise_windows: tuple[tuple[int, int], ...] = ()
+    gate_windows: tuple[tuple[int, int], ...] = ()
 
     @property
     def channels(self) -> int:
@@ -70,6 +77,15 @@ class ChannelGroup:
         offsets = getattr(self, {"norms": "norm_offsets", "consumers": "consumer_offsets",
                                  "depthwise": "depthwise_offsets", "gates": "gate_offsets"}[what])
         return list(zip(entries, offsets or (0,) * len(entries), strict=True))
+
+    def placed(self, what: str) -> list[tuple[Any, int, int, int]]:
+        """``(entry, offset, lo, hi)``: the group's channels ``lo .. hi - 1`` sit at ``offset``
+        in each of ``norms``, ``consumers``, ``depthwise`` or ``gates``."""
+        windows = getattr(self, {"norms": "norm_windows", "consumers": "consumer_windows",
+                                 "depthwise": "depthwise_windows", "gates": "gate_windows"}[what])
+        spans = self.spans(what)
+        windows = windows or ((0, self.channels),) * len(spans)
+        return [(e, at, lo, hi) for (e, at), (lo, hi) in zip(spans, windows, strict=True)]
 
     def channel_index(self, structures: Any) -> Any:
         """The channels (in the group's own numbering) of the given structure indices:

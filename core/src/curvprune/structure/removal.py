@@ -249,26 +249,26 @@ def _group_cuts(
     keep = torch.zeros(group.channels, dtype=torch.bool)
     keep[group.channel_index(index)] = True
 
-    def cut(name: str, what: str, width: int | None, at: int, per: int = 1) -> None:
+    def cut(name: str, what: str, width: int | None, at: int, lo: int, hi: int,
+            per: int = 1) -> None:
         if name not in modules:
             raise UnsupportedModelError(
                 f"module {name!r} of group {group.name!r} is not in the model @ model"
             )
         size = _width(modules[name], what)
-        if size is None or (width is not None and size != width) or (
-                at + group.channels) * per > size:
+        if size is None or (width is not None and size != width) or (at + hi - lo) * per > size:
             raise UnsupportedModelError(
                 f"module {name!r} has {size} {'input' if what == 'in' else 'output'} channels, "
                 f"not what group {group.name!r} had when traced: the model changed since @ model"
             )
         entry = cuts.setdefault((name, what), _Cut(torch.ones(size, dtype=torch.bool),
                                                    group.name))
-        piece = keep.repeat_interleave(per)
+        piece = keep[lo:hi].repeat_interleave(per)
         entry.keep[at * per : at * per + piece.numel()] &= piece
 
     for name in group.producers:
-        cut(name, "out", group.channels, 0)
-    for name, at in group.spans("norms"):
+        cut(name, "out", group.channels, 0, 0, group.channels)
+    for name, at, lo, hi in group.placed("norms"):
         mod = modules.get(name)
         if mod is not None and not getattr(mod, "affine", True):
             raise UnsupportedModelError(
@@ -276,11 +276,11 @@ def _group_cuts(
                 f"{group.name!r} outputs -mean/std, not 0: removing it would change the "
                 "model's function @ model"
             )
-        cut(name, "norm", None, at)
-    for name, at in group.spans("depthwise"):
-        cut(name, "dw", None, at)
-    for (name, per), at in group.spans("consumers"):
-        cut(name, "in", None, at, per)
+        cut(name, "norm", None, at, lo, hi)
+    for name, at, lo, hi in group.placed("depthwise"):
+        cut(name, "dw", None, at, lo, hi)
+    for (name, per), at, lo, hi in group.placed("consumers"):
+        cut(name, "in", None, at, lo, hi, per)
 
 
 def _width(mod: nn.Module, what: str) -> int | None:

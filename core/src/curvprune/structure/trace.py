@@ -14,6 +14,7 @@ import math
 import operator
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -44,11 +45,12 @@ class Tracer:
         self.producer: list[str] = []
         self.kind: list[str] = []
         self.reasons: list[list[str]] = []
-        self.norms: list[list[tuple[str, int]]] = []
-        self.depthwise: list[list[tuple[str, int]]] = []
-        self.consumers: list[list[tuple[str, int, int]]] = []
-        self.grouping: list[list[tuple[int, str]]] = []  # (conv groups, conv) constraints
-        self.slots: list[list[Any]] = []  # [module, offset, elem]
+        # (module, offset, lo, hi): the element's channels [lo, hi) at ``offset`` in the module
+        self.norms: list[list[tuple[str, int, int, int | None]]] = []
+        self.depthwise: list[list[tuple[str, int, int, int | None]]] = []
+        self.consumers: list[list[tuple[str, int, int, int, int | None]]] = []  # + per_channel
+        self.grouping: list[list[tuple[int, str]]] = []  # (equal parts, by what) constraints
+        self.slots: list[list[Any]] = []  # [module, offset, elem, lo, hi]
         self.spans: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
         self.widths: dict[str, int] = {}
         self.produced: dict[str, int] = {}
@@ -70,7 +72,15 @@ class Tracer:
         return min(ra, rb)
 
     def width(self, chan: Chan) -> int:
-        return self.size[self.find(chan.elem)]
+        """Channels ``chan`` holds (its window of its element's channels)."""
+        full = self.size[self.find(chan.elem)]
+        return (full if chan.hi is None else chan.hi) - chan.lo
+
+    def same_channels(self, a: Chan, b: Chan) -> bool:
+        """Whether channel i of ``a`` and of ``b`` can be one structure (same full width and
+        window), so that the two elements may be unioned."""
+        return (self.size[self.find(a.elem)] == self.size[self.find(b.elem)]
+                and (a.lo, a.hi) == (b.lo, b.hi) and a.kind == b.kind)
 
     def new(self, size: int, module: str, kind: str, rank: int) -> tuple[int, int]:
         e = len(self.parent)
@@ -86,8 +96,9 @@ class Tracer:
         self.grouping.append([])
         return e, self.slot(module, 0, e)
 
-    def slot(self, module: str, offset: int, elem: int) -> int:
-        self.slots.append([module, offset, elem])
+    def slot(self, module: str, offset: int, elem: int, lo: int = 0,
+             hi: int | None = None) -> int:
+        self.slots.append([module, offset, elem, lo, hi])
         return len(self.slots) - 1
 
     def bad(self, value: Any, reason: str) -> None:
@@ -129,9 +140,9 @@ class Tracer:
         source = node.args[0] if node.args else None
         single = isinstance(source, torch.fx.Node) and len(source.users) == 1
         if isinstance(value, Chan):
-            return Chan(value.elem, value.kind, value.chain if single else None, value.nonzero)
+            return attrs.evolve(value, chain=value.chain if single else None)
         if isinstance(value, Cat):
-            return Cat(tuple((Chan(c.elem, c.kind, c.chain if single else None, c.nonzero), o)
+            return Cat(tuple((attrs.evolve(c, chain=c.chain if single else None), o)
                              for c, o in value.parts), value.kind)
         return value
 
@@ -196,13 +207,14 @@ class Tracer:
         new_parts = []
         for (chan, offset), (after, _) in zip(self.parts(x), self.parts(out), strict=True):
             self.span(name, role, offset, chan)
-            (self.norms if role == "norm" else self.depthwise)[chan.elem].append((name, offset))
+            (self.norms if role == "norm" else self.depthwise)[chan.elem].append(
+                (name, offset, chan.lo, chan.hi))
             if chan.chain is not None and after.chain is not None:
                 self.slots[chan.chain][:2] = [name, offset]
                 slot = chan.chain
             else:
-                slot = self.slot(name, offset, chan.elem)
-            new_parts.append((Chan(chan.elem, chan.kind, slot), offset))
+                slot = self.slot(name, offset, chan.elem, chan.lo, chan.hi)
+            new_parts.append((attrs.evolve(chan, chain=slot), offset))
         if isinstance(x, Chan):
             return new_parts[0][0]
         return Cat(tuple(new_parts), x.kind)
@@ -221,7 +233,8 @@ class Tracer:
         rank = module.weight.dim() if is_conv else 0
         elem, slot = self.new(out, name, "conv" if is_conv else "linear", rank)
         if is_conv and module.groups != 1:
-            self.grouping[elem].append((module.groups, name))
+            self.grouping[elem].append(
+                (module.groups, f"grouped convolution {name!r} (groups={module.groups})"))
         self.produced[name] = elem
         return Chan(elem, "conv" if is_conv else "linear", slot)
 
@@ -233,8 +246,9 @@ class Tracer:
             if x.kind != "conv":
                 self.bad(x, f"convolution {name!r} reads them flattened")
                 return
-            if module.groups != 1 and isinstance(x, Cat):
-                self.bad(x, f"grouped convolution {name!r} reads a concatenation")
+            if module.groups != 1 and (isinstance(x, Cat) or x.lo or x.hi is not None):
+                what = "a concatenation" if isinstance(x, Cat) else "a chunk"
+                self.bad(x, f"grouped convolution {name!r} reads {what}")
                 return
         else:
             per, rest = divmod(module.in_features, total)
@@ -248,9 +262,10 @@ class Tracer:
                 )
         for chan, offset in self.parts(x):
             self.span(name, "in", offset, chan)
-            self.consumers[chan.elem].append((name, per, offset))
+            self.consumers[chan.elem].append((name, per, offset, chan.lo, chan.hi))
             if isinstance(module, ops.CONV) and module.groups != 1:
-                self.grouping[chan.elem].append((module.groups, name))
+                self.grouping[chan.elem].append(
+                    (module.groups, f"grouped convolution {name!r} (groups={module.groups})"))
 
     def flatten(self, x: Any, where: str) -> Any:
         if not isinstance(x, (Chan, Cat)):
@@ -259,15 +274,15 @@ class Tracer:
             self.bad(x, f"flatten at {where!r} of features that are not a channel map")
             return OPAQUE
         if isinstance(x, Cat):
-            return Cat(tuple((Chan(c.elem, "flat", None, c.nonzero), o) for c, o in x.parts),
+            return Cat(tuple((attrs.evolve(c, kind="flat", chain=None), o) for c, o in x.parts),
                        "flat")
-        return Chan(x.elem, "flat", None, x.nonzero)
+        return attrs.evolve(x, kind="flat", chain=None)
 
     def scale_op(self, x: Any, label: str) -> Any:
         """A sigmoid-like op: its result is a channel scale (nonzero at zero)."""
         if isinstance(x, Chan):
-            return Chan(x.elem, x.kind, None, x.nonzero or f"{label} maps a zero channel to a "
-                                                          "nonzero value")
+            return attrs.evolve(x, chain=None, nonzero=x.nonzero or (
+                f"{label} maps a zero channel to a nonzero value"))
         if isinstance(x, Cat):
             self.bad(x, f"{label} of a concatenation is not handled")
         return OPAQUE if isinstance(x, (Cat, Opaque)) else x
@@ -281,9 +296,10 @@ class Tracer:
         is_meta_attr = target is getattr and len(args) > 1 and args[1] in ops.META_ATTRS
         if method in ops.META_METHODS or is_meta_attr:
             return None
-        if target is getattr and not isinstance(x, (Chan, Cat, Opaque)):
-            return None
-        if target is operator.getitem and not isinstance(x, (Chan, Cat, Opaque)):
+        if isinstance(x, (tuple, list)) and chans(x):  # the chunks of a map, a tuple of outputs
+            if target is operator.getitem and isinstance(args[1], int):
+                return x[args[1]]
+        elif target in (getattr, operator.getitem) and not isinstance(x, (Chan, Cat, Opaque)):
             return None
         if isinstance(target, type) and issubclass(target, tuple):  # a namedtuple of outputs
             return (*args, *kwargs.values())
@@ -307,6 +323,8 @@ class Tracer:
                 return self.passed(node, x)
         elif target in ops.CAT:
             return self.cat(args, kwargs, where)
+        elif (target in ops.CHUNK or method == "chunk") and isinstance(x, Chan):
+            return self.chunk(x, args, kwargs, where)
         elif target in ops.FLATTEN_FUNCTIONS or method == "flatten":
             start = ops.arg(args, kwargs, 1, "start_dim", 0)
             end = ops.arg(args, kwargs, 2, "end_dim", -1)
@@ -358,20 +376,43 @@ class Tracer:
         parts, offset = [], 0
         for item in items:
             for chan, inner in self.parts(item):
-                parts.append((Chan(chan.elem, chan.kind, None), offset + inner))
+                parts.append((attrs.evolve(chan, chain=None), offset + inner))
             offset += self.total(item)
         return Cat(tuple(parts), kind)
+
+    def chunk(self, x: Chan, args: Any, kwargs: Any, where: str) -> Any:
+        """``torch.chunk`` on the channel dim: each chunk holds a window of the group, and the
+        group keeps the chunks equal (like a grouped conv's groups), so that the chunk sizes,
+        computed from the tensor, still split at the same place after removal."""
+        parts = ops.arg(args, kwargs, 1, "chunks", None)
+        dim = ops.arg(args, kwargs, 2, "dim", 0)
+        rank = self.rank[x.elem] if x.kind == "conv" else 1
+        width = self.width(x)
+        channel_dim = dim in ((1, 1 - rank) if x.kind == "conv" else (-1,))
+        if self.dirty(x) or x.kind == "flat" or not channel_dim or not isinstance(parts, int) \
+                or parts < 1 or width % parts:
+            self.bad(x, f"{where} is not handled (only equal chunks of the channel dim)")
+            return OPAQUE
+        full, step = self.size[self.find(x.elem)], width // parts
+        need = 1
+        out = []
+        for j in range(parts):
+            lo, hi = x.lo + j * step, x.lo + (j + 1) * step
+            need = math.lcm(need, full // math.gcd(full, lo, hi))
+            out.append(attrs.evolve(x, chain=None, lo=lo, hi=None if hi == full else hi))
+        self.grouping[x.elem].append((need, f"{where} ({parts} chunks)"))
+        return tuple(out)
 
     def multiply(self, a: Chan, b: Chan, where: str) -> Any:
         """A channel-wise product (squeeze-and-excitation, gating): channel c of both factors
         goes together, and it is zero when either factor's channel is (so one factor may be a
         sigmoid scale)."""
-        if a.kind != b.kind or self.width(a) != self.width(b) or (a.nonzero and b.nonzero):
+        if not self.same_channels(a, b) or (a.nonzero and b.nonzero):
             self.bad((a, b), f"{where} multiplies tensors of different channel layouts"
                      if not (a.nonzero and b.nonzero) else f"{where} multiplies two scales")
             return OPAQUE
         root = self.union(a.elem, b.elem)
-        return Chan(root, a.kind, None)
+        return Chan(root, a.kind, None, None, a.lo, a.hi)
 
     def add(self, node: torch.fx.Node, args: Any, kwargs: Any, where: str) -> Any:
         operands = list(args[:2])
@@ -392,11 +433,12 @@ class Tracer:
             return OPAQUE
         a, b = values
         pa, pb = self.parts(a), self.parts(b)
-        layout = [(o, self.width(c)) for c, o in pa] == [(o, self.width(c)) for c, o in pb]
+        layout = len(pa) == len(pb) and all(
+            oa == ob and self.same_channels(ca, cb) for (ca, oa), (cb, ob) in zip(pa, pb))
         if a.kind != b.kind or not layout:
             self.bad(values, f"{where} adds tensors of different channel layouts")
             return OPAQUE
-        joined = [(Chan(self.union(ca.elem, cb.elem), a.kind, None), o)
+        joined = [(Chan(self.union(ca.elem, cb.elem), a.kind, None, None, ca.lo, ca.hi), o)
                   for (ca, o), (cb, _) in zip(pa, pb, strict=True)]
         return joined[0][0] if isinstance(a, Chan) else Cat(tuple(joined), a.kind)
 
@@ -416,22 +458,25 @@ class Tracer:
                         for e in (ea, eb):
                             self.reasons[roots[e]].append(
                                 f"module {name!r} touches channels of several groups")
-        slots: dict[int, list[tuple[str, int]]] = {}
-        for module, offset, elem in self.slots:
-            slots.setdefault(roots[elem], []).append((module, offset))
+        slots: dict[int, list[tuple[str, int, int, int | None]]] = {}
+        for module, offset, elem, lo, hi in self.slots:
+            slots.setdefault(roots[elem], []).append((module, offset, lo, hi))
         return tuple(self.group(r, members[r], unique(slots.get(r, ()))) for r in sorted(members))
 
-    def group(self, r: int, elems: list[int], gates: list[tuple[str, int]]) -> ChannelGroup:
+    def group(self, r: int, elems: list[int], gates: list[Any]) -> ChannelGroup:
         reasons = unique(x for e in elems for x in self.reasons[e])
         kinds = {self.kind[e] for e in elems}
         copies, width = 1, self.size[r]
-        for g, conv in unique(x for e in elems for x in self.grouping[e]):
+        for g, what in unique(x for e in elems for x in self.grouping[e]):
             copies = math.lcm(copies, g)
             if width % copies:
-                reasons.append(f"grouped convolution {conv!r} (groups={g}) needs the "
-                               f"{width} channels in equal slots of {copies} groups")
+                reasons.append(f"{what} needs the {width} channels in equal slots of "
+                               f"{copies} parts")
                 copies = 1
                 break
+
+        def window(lo: int, hi: int | None) -> tuple[int, int]:
+            return (lo, width if hi is None else hi)
         norms = unique(x for e in elems for x in self.norms[e])
         consumers = unique(x for e in elems for x in self.consumers[e])
         depthwise = unique(x for e in elems for x in self.depthwise[e])
@@ -439,19 +484,23 @@ class Tracer:
             name=self.producer[elems[0]],
             size=width // copies,
             producers=tuple(self.producer[e] for e in elems),
-            norms=tuple(m for m, _ in norms),
-            consumers=tuple((m, per) for m, per, _ in consumers),
+            norms=tuple(m for m, *_ in norms),
+            consumers=tuple((m, per) for m, per, *_ in consumers),
             coupled=len(elems) > 1,
             removable=not reasons,
             reason="; ".join(reasons) if reasons else None,
-            gates=tuple(m for m, _ in gates),
+            gates=tuple(m for m, *_ in gates),
             channel_dim=1 if kinds == {"conv"} else -1,
             copies=copies,
-            norm_offsets=tuple(o for _, o in norms),
-            consumer_offsets=tuple(o for *_, o in consumers),
-            depthwise=tuple(m for m, _ in depthwise),
-            depthwise_offsets=tuple(o for _, o in depthwise),
-            gate_offsets=tuple(o for _, o in gates),
+            norm_offsets=tuple(o for _, o, *_ in norms),
+            consumer_offsets=tuple(o for _, _, o, *_ in consumers),
+            depthwise=tuple(m for m, *_ in depthwise),
+            depthwise_offsets=tuple(o for _, o, *_ in depthwise),
+            gate_offsets=tuple(o for _, o, *_ in gates),
+            norm_windows=tuple(window(lo, hi) for *_, lo, hi in norms),
+            consumer_windows=tuple(window(lo, hi) for *_, lo, hi in consumers),
+            depthwise_windows=tuple(window(lo, hi) for *_, lo, hi in depthwise),
+            gate_windows=tuple(window(lo, hi) for *_, lo, hi in gates),
         )
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "ADD", "ADD_METHODS", "CAT", "CONV", "Cat", "Chan", "FLATTEN_FUNCTIONS", "GATE_FUNCTIONS",
+    "ADD", "ADD_METHODS", "CAT", "CHUNK", "CONV", "Cat", "Chan", "FLATTEN_FUNCTIONS", "GATE_FUNCTIONS",
     "GATE_METHODS", "GATE_MODULES", "META_ATTRS", "META_METHODS", "MIXING_FUNCTIONS",
     "MIXING_NORMS", "MUL", "MUL_METHODS", "NORM",
     "OPAQUE", "Opaque", "PASS_FUNCTIONS", "PASS_METHODS", "PASS_MODULES", "SCALE",
@@ -68,6 +68,7 @@ MUL_METHODS = frozenset({"mul", "mul_"})
 SCALE = frozenset({operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv})
 SCALE_METHODS = frozenset({"mul", "mul_", "div", "div_"})
 CAT = frozenset({torch.cat, torch.concat, getattr(torch, "concatenate", torch.cat)})
+CHUNK = frozenset({torch.chunk})
 FLATTEN_FUNCTIONS = frozenset({torch.flatten})
 VIEW_METHODS = frozenset({"view", "reshape"})
 META_METHODS = frozenset({"size", "dim", "numel", "ndimension"})
@@ -94,12 +95,15 @@ class Chan:
     gate slot whose point every path from here to a consumer still passes through (a private
     chain: single users, no merge), else None. ``nonzero``: why a zero channel is no longer
     zero here (after a sigmoid), else None; such a value may only multiply another channel.
+    ``lo``, ``hi``: the window of the element's channels this value holds (a chunk of it).
     """
 
     elem: int
     kind: str
     chain: int | None
     nonzero: str | None = None
+    lo: int = 0
+    hi: int | None = None  # the element's channels [lo, hi) after a torch.chunk; None: all
 
 
 @attrs.define

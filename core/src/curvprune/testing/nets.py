@@ -4,7 +4,8 @@
 * :class:`TinyResNet`: a ResNet with torchvision-style ``BasicBlock`` or ``Bottleneck``
   blocks (1×1-conv + BN downsample where the shape changes), so residual streams couple;
 * :class:`PadShortcutNet` and :class:`SplitNet`: an option-A zero-pad shortcut (``F.pad`` on
-  the channel dim) and a ``torch.chunk`` of the channels, which the remover must refuse;
+  the channel dim) and a ``torch.split`` at a literal size, which the remover must refuse;
+* :class:`ChunkNet`: a ShuffleNetV2-like ``chunk`` of the channels (no shuffle);
 * :class:`CatNet` and :class:`DenseCatNet`: a ``torch.cat`` of two branches, and a
   DenseNet-like pre-activation block (BatchNorms and a flatten over concatenations);
 * :class:`InvertedResidualNet`, :class:`GroupedNet` and :class:`SqueezeExciteNet`:
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "CatNet",
+    "ChunkNet",
     "DenseCatNet",
     "GroupedNet",
     "InvertedResidualNet",
@@ -188,7 +190,8 @@ class CatNet(nn.Module):
 
 
 class SplitNet(nn.Module):
-    """A conv whose channels are split in two with ``torch.chunk`` (not supported: refused)."""
+    """A conv whose channels are split in two with ``torch.split`` at a literal size (refused:
+    the literal would be stale after a removal)."""
 
     def __init__(self, c: int = 4) -> None:
         super().__init__()
@@ -198,8 +201,30 @@ class SplitNet(nn.Module):
         self.fc = nn.Linear(c, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        x1, x2 = torch.chunk(F.relu(self.a(x)), 2, dim=1)
+        x1, x2 = torch.split(F.relu(self.a(x)), self.b.in_channels, dim=1)
         x = F.relu(self.b(x1) + self.c(x2))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ChunkNet(nn.Module):
+    """ShuffleNetV2-like unit without the shuffle: a conv-BN-ReLU map chunked in two; one
+    half passes, the other goes through a 1×1, a depthwise 3×3-BN and a 1×1; both are
+    concatenated again into a 1×1 conv."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c),
+                               nn.ReLU())
+        self.pw1 = nn.Conv2d(c, c, 1)
+        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c))
+        self.pw2 = nn.Conv2d(c, c, 1)
+        self.mix = nn.Conv2d(2 * c, c, 1)
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = F.relu(self.a(x)).chunk(2, dim=1)
+        x2 = F.relu(self.pw2(self.dw(F.relu(self.pw1(x2)))))
+        x = F.relu(self.mix(torch.cat([x1, x2], 1)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 

@@ -120,9 +120,11 @@ def gate_parameters(model: nn.Module, layout: ParamLayout) -> dict[str, list[str
         # only BatchNorms holding exactly this group's channels (not a wider one after a
         # torch.cat, where the group sits at an offset)
         widths = getattr(graph, "widths", {})
-        spans = group.spans("norms") if hasattr(group, "spans") else [(n, 0) for n in group.norms]
-        norms = [n for n, at in spans
-                 if at == 0 and widths.get(n, group.size) == getattr(group, "channels", group.size)]
+        full = getattr(group, "channels", group.size)
+        placed = (group.placed("norms") if hasattr(group, "placed")
+                  else [(n, 0, 0, full) for n in group.norms])
+        norms = [n for n, at, lo, hi in placed
+                 if (at, lo, hi) == (0, 0, full) and widths.get(n, full) == full]
         names = [f"{producer}.bias", *(f"{n}.{w}" for n in norms for w in ("weight", "bias"))]
         weight = _weight_of(producer)
         if weight in selected:
