@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from curvprune.api import RunOutcome, create, execute_run, load_pruned, plugins
+from curvprune.builtin.masks import LayerwiseMask, NMMask
 from curvprune.builtin.selection import prune_lowest
 from curvprune.config import ComponentSpec, PipelineConfig, load_raw_config
 from curvprune.errors import (
@@ -34,12 +35,13 @@ from curvprune.pipeline.pipeline import Pipeline
 from curvprune.pipeline.session import PruningSession
 from curvprune.plugin.manager import PluginHost, PluginInfo, get_plugin_manager, hookimpl
 from curvprune.plugin.registry import Component, Register, Registry
-from curvprune.roles.context import Granularity, PruneContext
+from curvprune.roles.context import PruneContext
 from curvprune.roles.estimator import CurvatureEstimator, EstimatorConfig
 from curvprune.roles.mask_applier import MaskApplier
 from curvprune.roles.reports import PruneResult, StepReport
 from curvprune.roles.scheduler import Scheduler
 from curvprune.roles.scorer import SaliencyScorer
+from curvprune.roles.units import Granularity, Selection
 from curvprune.structure.counting import count_flops_params
 from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
 from curvprune.structure.removal import RemovalResult, apply_removal, remove_structures
@@ -71,9 +73,11 @@ __all__ = [
     "GradientSource",
     "Granularity",
     "MaskApplier",
+    "LayerwiseMask",
     "MaskAwareOptimizer",
     "MaskSet",
     "MemoryPlanError",
+    "NMMask",
     "NumericalError",
     "ParamLayout",
     "Pipeline",
@@ -93,6 +97,7 @@ __all__ = [
     "StructureSkipWarning",
     "SaliencyScorer",
     "Scheduler",
+    "Selection",
     "StepReport",
     "StructureGraph",
     "Structures",

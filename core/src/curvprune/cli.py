@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="a run's pruned model and masks as safetensors")
     p.add_argument("run_dir")
     p.add_argument("--out", help="export folder (default: RUN_DIR/export)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx, checked against PyTorch (the onnx extra)")
 
     p = sub.add_parser("report", help="print (and re-render) a run's report")
     p.add_argument("run_dir")
@@ -205,14 +207,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if distributed.rank() != 0:  # rank 0 wrote the run directory and prints the summary
         return 0
     r = outcome.result
-    acc = r["accuracy"]
+    metric = r.get("metric", "accuracy")
+    score = r[metric]
+    show = _pct if metric == "accuracy" else (lambda v: f"{v:8.3f}")
     methods = ", ".join(f"{k}={v}" for k, v in r["methods"].items() if v)
     print(f"curvprune run: {r['model']['name']} on {r['data']['name']} ({methods})")
-    print(f"  dense accuracy      {_pct(acc['dense'])}")
-    if acc["pruned"] is not None:
-        print(f"  pruned accuracy     {_pct(acc['pruned'])}  at {_pct(r['sparsity']['total'])} sparsity")
-    if acc["finetuned"] is not None:
-        print(f"  fine-tuned accuracy {_pct(acc['finetuned'])}  at {_pct(r['sparsity']['total'])} sparsity")
+    print(f"  {'dense ' + metric:<19} {show(score['dense'])}")
+    for when, label in (("pruned", "pruned "), ("finetuned", "fine-tuned ")):
+        if score[when] is not None:
+            print(f"  {label + metric:<19} {show(score[when])}  at "
+                  f"{_pct(r['sparsity']['total'])} sparsity")
     lc = r["loss_change"]
     if lc["predicted"] is not None:
         print(f"  loss change         predicted {lc['predicted']:.4g}, measured {lc['measured']:.4g}")
@@ -316,7 +320,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = pipeline.config
     _announce_imports(cfg.model.name)
     num_classes = cfg.model.num_classes
-    if num_classes is None and check_data(cfg.data) is None:
+    hf = cfg.model.name.startswith("hf:")  # its folder's config sets the heads: no look needed
+    if num_classes is None and check_data(cfg.data, model=cfg.model.name) is None and not hf:
         num_classes = build_data(cfg.data).num_classes  # a data set whose classes need a look
     checked = static_checks(pipeline, num_classes=num_classes)
     model = checked.model
@@ -410,7 +415,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from curvprune.run.export import export_run
 
-    folder = export_run(args.run_dir, args.out)
+    folder = export_run(args.run_dir, args.out, onnx=args.onnx)
     print(f"exported to {folder} ({', '.join(sorted(f.name for f in folder.iterdir()))})")
     return 0
 

@@ -62,6 +62,11 @@ def _in_unit_interval(_: Any, attribute: attrs.Attribute, value: float) -> None:
         raise ValueError(f"{attribute.name} must be in [0, 1), got {value}")
 
 
+def _open_unit_interval(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{attribute.name} must be in (0, 1), got {value}")
+
+
 def _positive(_: Any, attribute: attrs.Attribute, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be > 0, got {value}")
@@ -128,15 +133,21 @@ class DataConfig:
 
     Attributes:
         name: ``digits`` (scikit-learn's bundled digits, offline), ``fake`` (torchvision
-            FakeData), ``torchvision:<Dataset>`` (e.g. ``torchvision:CIFAR10``) or
-            ``imagefolder`` (train/ and val/ folders under ``root``).
+            FakeData), ``torchvision:<Dataset>`` (e.g. ``torchvision:CIFAR10``),
+            ``imagefolder`` (train/ and val/ folders under ``root``) or ``text`` (token
+            sequences of the ``.txt`` text at ``path``, for an ``hf:`` causal language model).
         root: the dataset folder, for torchvision datasets and image folders.
+        path: ``text``: a ``.txt`` file or a folder of them.
+        tokenizer: ``text``: the folder of a Hugging Face tokenizer; None: the ``hf:`` model's.
+        seq_len: ``text``: tokens per sequence.
+        holdout: ``text``: fraction of the token stream (its end) held out for evaluation.
         download: let torchvision download a missing dataset.
         batch_size: training and gradient batch size.
         eval_batch_size: evaluation batch size.
         num_workers: DataLoader workers.
         image_size: side of the images for ``fake`` and ``imagefolder``.
-        num_samples: number of training samples for ``fake`` (evaluation gets a quarter).
+        num_samples: number of training samples for ``fake`` (evaluation gets a quarter); at
+            most this many calibration sequences for ``text``.
         num_classes: number of classes for ``fake``.
     """
 
@@ -149,6 +160,10 @@ class DataConfig:
     image_size: int = attrs.field(default=32, validator=attrs.validators.ge(1))
     num_samples: int = attrs.field(default=512, validator=attrs.validators.ge(1))
     num_classes: int = attrs.field(default=10, validator=attrs.validators.ge(2))
+    path: str | None = None
+    tokenizer: str | None = None
+    seq_len: int = attrs.field(default=128, validator=attrs.validators.ge(2))
+    holdout: float = attrs.field(default=0.1, converter=float, validator=_open_unit_interval)
 
 
 @attrs.frozen(kw_only=True)

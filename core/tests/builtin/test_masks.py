@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import curvprune
-from curvprune import ConfigError, Pipeline, get_plugin_manager
+from curvprune import ConfigError, NMMask, ParamLayout, Pipeline, get_plugin_manager
 from curvprune.builtin.masks import ChannelMask, GlobalMask, LayerwiseMask, NMMask
 from curvprune.builtin.selection import prune_lowest, rank_alive_in_rows, rank_within_groups
 from curvprune.config import PruneConfig
@@ -730,3 +730,13 @@ def test_channel_with_structures_matches_reference(scope, which, data, sparsity,
     new = applier.select(scores, mask, sparsity, layout)
     expected = ref_structure_mask(scores, mask, sparsity, layout, scope, min_channels)
     assert torch.equal(new, expected)
+
+
+def test_nm_groups_of_a_conv1d_run_along_its_input_dimension():
+    """transformers' Conv1D stores W as [in, out]: a group is M consecutive *inputs* of one
+    output, the same weights as the equivalent Linear's group (W.T)."""
+    layout = ParamLayout(("c.weight",), (torch.Size([8, 3]),), ("Conv1D",))
+    groups = NMMask().groups(layout)
+    index = torch.arange(24).view(8, 3)  # flat position of W[i, o]
+    expected = index.t().reshape(6, 4)  # output o, inputs 4k..4k+3
+    assert sorted(map(tuple, groups.tolist())) == sorted(map(tuple, expected.tolist()))

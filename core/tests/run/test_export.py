@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,8 +156,11 @@ def test_export_of_a_physically_smaller_model(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(REMOVAL)
     run = execute_run(cfg, out=tmp_path / "runs", name="r", quiet=True).run_dir
-    folder = export_run(run)
+    folder = export_run(run, onnx=True)
     assert (folder / "structure.json").read_bytes() != b""
+    onnx_check = json.loads((folder / "manifest.json").read_text())["onnx"]
+    assert onnx_check["file"] == "model.onnx" and (folder / "model.onnx").stat().st_size > 0
+    assert onnx_check["max_abs_difference"] <= onnx_check["tolerance"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["kind"] == "removed" and "structure.json" in manifest["files"]
     full = build_model("digits-cnn", num_classes=10)
@@ -167,6 +171,12 @@ def test_export_of_a_physically_smaller_model(tmp_path):
     conv_linear = [m for m in small.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     counted = sum(p.numel() for m in conv_linear for p in m.parameters(recurse=False))
     assert counted == record["structure"]["params_after"]  # Conv and Linear weights and biases
+    for latency in (record["structure"]["latency"], manifest["latency"]):  # run and export
+        assert set(latency["batch_sizes"]) == {"1", "32"} and latency["threads"] >= 1
+        for figures in latency["batch_sizes"].values():
+            assert figures["dense_ms"] > 0 and figures["pruned_ms"] > 0
+            assert figures["speedup"] == pytest.approx(figures["dense_ms"] / figures["pruned_ms"])
+    assert "Measured inference latency" in (run / "report.md").read_text()
     reference = curvprune.load_pruned(run, build_model("digits-cnn", num_classes=10))
     with torch.no_grad():
         assert torch.equal(small(digits()), reference(digits()))
@@ -177,3 +187,13 @@ def test_export_of_a_physically_smaller_model(tmp_path):
         curvprune.load_pruned(folder, other)
     after = other.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before) and after.keys() == before.keys()
+
+
+def test_onnx_export_without_the_extra_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(REMOVAL)
+    run = execute_run(cfg, out=tmp_path / "runs", name="r", quiet=True).run_dir
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r'needs the onnx extra.*@ export --onnx$'):
+        export_run(run, tmp_path / "out", onnx=True)
+    assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from curvprune.builtin.selection import (
     selects,
 )
 from curvprune.errors import ChannelCollapseWarning, ConfigError
-from curvprune.roles.context import Granularity
+from curvprune.roles.units import Granularity
 from curvprune.tensors.layout import ParamLayout
 
 __all__ = ["ChannelMask", "ChannelMaskConfig"]

@@ -122,6 +122,7 @@ class LayerwiseMask(BuiltinMask):
     """
 
     name = "layerwise"
+    per_parameter = True
 
     def __init__(self, config: LayerwiseMaskConfig | None = None) -> None:
         super().__init__(config or LayerwiseMaskConfig())
@@ -135,6 +136,8 @@ class LayerwiseMask(BuiltinMask):
         out = [sparsity] * len(layout)
         claimed: dict[int, str] = {}
         for selector, value in self.config.overrides.items():
+            if layout.partial and not any(selects(selector, n) for n in layout.names):
+                continue  # a stage of a sequential step: the selector names another stage
             hits = override_hits(selector, layout, selects)
             for i in hits:
                 if i in claimed:
@@ -146,6 +149,14 @@ class LayerwiseMask(BuiltinMask):
                 out[i] = float(value)
         return out
 
+    def layer_counts(self, sparsity: float, layout: ParamLayout) -> list[int]:
+        """How many weights each layer ends with removed at ``sparsity`` (before counting
+        what is already removed): ``min(round(s_l · n_l), n_l − min_keep)``, at least 0."""
+        size = torch.tensor(layout.sizes)
+        level = torch.tensor(self.layer_sparsities(sparsity, layout), dtype=torch.float64)
+        limit = torch.minimum(round_count(level, size), size - self.config.min_keep)
+        return [int(c) for c in limit.clamp_min(0).tolist()]
+
     def select(self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout) -> Tensor:
         """Keep-mask with ``round(s_l · n_l)`` weights removed in each layer l."""
         scores = self._check_select(scores, mask, sparsity, layout)
@@ -153,10 +164,7 @@ class LayerwiseMask(BuiltinMask):
         self._check_finite(scores, mask, layer, layout)
         size = torch.tensor(layout.sizes, device=mask.device)
         removed = size - count_per_group(mask, layer, len(layout))
-        level = torch.tensor(
-            self.layer_sparsities(sparsity, layout), dtype=torch.float64, device=mask.device
-        )
-        limit = torch.minimum(round_count(level, size), size - self.config.min_keep)
+        limit = torch.tensor(self.layer_counts(sparsity, layout), device=mask.device)
         quota = (limit - removed).clamp_min(0)
         return prune_lowest(scores, mask, layer, quota)
 
@@ -209,13 +217,16 @@ class NMMask(BuiltinMask):
 
     Groups are M consecutive input weights: for a Linear weight ``[out, in]`` the runs
     ``w[o, kM:(k+1)M]``; for a Conv weight ``[out, in, kh, kw]`` the runs of M consecutive input
-    channels ``w[o, kM:(k+1)M, i, j]`` at each kernel position. At level s every group has
+    channels ``w[o, kM:(k+1)M, i, j]`` at each kernel position; for transformers' ``Conv1D``
+    (weight stored ``[in, out]``) the runs ``w[kM:(k+1)M, o]``, the same input-side groups as
+    the equivalent Linear (what sparse tensor cores need). At level s every group has
     ``round(s·M)`` weights removed (its lowest-scored, counting those already removed), so the
     final level (M−N)/M gives exactly M−N removed per group; an intermediate level counts per
     group, not over all weights.
     """
 
     name = "nm"
+    per_parameter = True
 
     def __init__(self, config: NMMaskConfig | None = None) -> None:
         super().__init__(config or NMMaskConfig())
@@ -243,9 +254,22 @@ class NMMask(BuiltinMask):
         """
         m = self.config.m
         parts = []
-        for name, shape, offset in zip(
-            layout.names, layout.shapes, layout.offsets[:-1], strict=True
+        for name, shape, offset, kind in zip(
+            layout.names, layout.shapes, layout.offsets[:-1], layout.module_types, strict=True
         ):
+            if kind == "Conv1D" and len(shape) == 2:  # transformers' [in, out] weight
+                inp, out = int(shape[0]), int(shape[1])
+                if inp % m:
+                    raise ConfigError(
+                        f"mask 'nm' ({self.config.n_m}) groups {m} consecutive input weights, "
+                        f"but {name!r} (Conv1D, shape [in, out] = {list(shape)}) has input "
+                        f"dimension {inp}, not divisible by {m}; exclude it with prune.ignore "
+                        "@ mask.n_m"
+                    )
+                flat = torch.arange(offset, offset + inp * out, device=device)
+                # [in/M, M, out] -> [in/M, out, M]: each row is M consecutive inputs of an output.
+                parts.append(flat.view(inp // m, m, out).transpose(1, 2).reshape(-1, m))
+                continue
             if len(shape) < 2 or shape[1] % m:
                 why = (
                     "has no input dimension"

@@ -19,10 +19,11 @@ import attrs
 
 from curvprune.plugin.manager import hookimpl
 from curvprune.plugin.registry import Register
-from curvprune.roles.scheduler import LEVEL_TOLERANCE, Scheduler
+from curvprune.roles.scheduler import LEVEL_TOLERANCE, Scheduler, StagedCalibration
 
 __all__ = [
-    "GradualConfig", "GradualSchedule", "OneShotConfig", "OneShotSchedule", "spaced_levels",
+    "GradualConfig", "GradualSchedule", "OneShotConfig", "OneShotSchedule", "SequentialConfig",
+    "SequentialSchedule", "sequential_problem", "spaced_levels",
 ]
 
 
@@ -77,6 +78,15 @@ class OneShotConfig:
             same fraction of the weights still kept), ``poly`` (fast first, then slower, shaped
             by ``power``) or ``linear`` (equal increments).
         power: the exponent of ``poly`` spacing, > 0.
+        calibration: ``"dense"``: every step sees the whole model and the data;
+            ``"sequential"``: every step runs stage by stage, each stage calibrated on the
+            outputs of the stages already pruned (layer-local methods only, see
+            :mod:`curvprune.pipeline.stages`); ``"auto"``: sequential when the scorer uses an
+            estimator defined that way (SparseGPT, OBC), else dense.
+        stages: with sequential calibration, ``"block"`` (a transformer's repeated blocks from
+            cached inputs, other layers one by one) or ``"layer"`` (one stage per layer).
+        calibration_samples: samples of sequential calibration; None: the estimator's
+            ``num_grads`` when the scorer uses one, else 128.
     """
 
     steps: int = attrs.field(default=1, validator=attrs.validators.ge(1))
@@ -84,6 +94,15 @@ class OneShotConfig:
         default="geometric", validator=attrs.validators.in_(("geometric", "poly", "linear"))
     )
     power: float = attrs.field(default=2.0, converter=float, validator=_positive)
+    calibration: Literal["auto", "dense", "sequential"] = attrs.field(
+        default="auto", validator=attrs.validators.in_(("auto", "dense", "sequential"))
+    )
+    stages: Literal["block", "layer"] = attrs.field(
+        default="block", validator=attrs.validators.in_(("block", "layer"))
+    )
+    calibration_samples: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
 
 
 class OneShotSchedule(Scheduler):
@@ -121,6 +140,83 @@ class OneShotSchedule(Scheduler):
         _check_level("current", current)
         cfg = self.config
         return spaced_levels(current, target, cfg.steps, cfg.spacing, cfg.power)
+
+    def staged_calibration(self, components: Mapping[str, Any]) -> StagedCalibration | None:
+        """Sequential calibration when ``calibration`` asks for it (or ``auto`` and the
+        scorer's estimator prefers it), else None."""
+        mode = self.config.calibration
+        if mode == "auto":
+            scorer, estimator = components.get("scorer"), components.get("estimator")
+            uses = estimator is not None and getattr(scorer, "needs_curvature", False)
+            mode = "sequential" if uses and estimator.prefers_sequential else "dense"
+        if mode == "dense":
+            return None
+        cfg = self.config
+        return StagedCalibration(stages=cfg.stages, num_samples=cfg.calibration_samples)
+
+    def check_pipeline(self, components: Mapping[str, Any]) -> str | None:
+        """With sequential calibration, refuse what needs the whole model.
+
+        See :func:`sequential_problem`.
+        """
+        if self.staged_calibration(components) is None:
+            return None
+        return sequential_problem(components)
+
+
+def sequential_problem(components: Mapping[str, Any]) -> str | None:
+    """Why these components cannot prune stage by stage, or None if they can.
+
+    Every stage sees only its own layers and their inputs: the scorer and the estimator it uses
+    must be layer-local (no loss, no gradient), and the mask applier must decide each parameter
+    on its own.
+    """
+    scorer, estimator = components["scorer"], components.get("estimator")
+    mask, prune = components["mask"], components.get("prune")
+    why = "sequential calibration prunes one stage at a time from its inputs"
+    fix = "or set calibration = 'dense' @ schedule.calibration"
+    if not scorer.layer_local or scorer.needs_gradient:
+        return (
+            f"{why}, but the scorer needs the whole model's loss; use wanda, obs or magnitude "
+            f"{fix}"
+        )
+    if scorer.needs_curvature and estimator is not None and not estimator.layer_local:
+        return (
+            f"{why}, but estimator {type(estimator).__name__} fits the loss's curvature of the "
+            f"whole model; use a layer-wise estimator (sparsegpt) {fix}"
+        )
+    if not mask.per_parameter:
+        return (
+            f"{why}, so the mask must decide each layer on its own (layerwise or nm), not "
+            f"{getattr(mask, 'name', type(mask).__name__)!r} {fix}"
+        )
+    if prune is not None and prune.audit_single:
+        return (
+            f"{why}; the single-weight audit needs the whole model's loss: set audit_single = 0 "
+            f"{fix}"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# sequential
+# --------------------------------------------------------------------------------------------
+@attrs.frozen(kw_only=True)
+class SequentialConfig(OneShotConfig):
+    """Options of the ``sequential`` schedule: ``oneshot`` with ``calibration = "sequential"``."""
+
+    calibration: Literal["sequential"] = attrs.field(
+        default="sequential", validator=attrs.validators.in_(("sequential",))
+    )
+
+
+class SequentialSchedule(OneShotSchedule):
+    """One-shot pruning with sequential (layer-by-layer) calibration, the papers' mode for
+    OBC, SparseGPT and (optionally) WANDA; the same as ``oneshot`` with
+    ``calibration = "sequential"``."""
+
+    def __init__(self, config: SequentialConfig | None = None) -> None:
+        super().__init__(config or SequentialConfig())
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +343,7 @@ class GradualSchedule(Scheduler):
 
 @hookimpl
 def curvprune_register_schedulers(register: Register) -> None:
-    """Register ``oneshot`` and ``gradual``."""
+    """Register ``oneshot``, ``sequential`` and ``gradual``."""
     register("oneshot", OneShotSchedule, config=OneShotConfig)
+    register("sequential", SequentialSchedule, config=SequentialConfig)
     register("gradual", GradualSchedule, config=GradualConfig)

@@ -26,7 +26,9 @@ from curvprune.errors import ConfigError
 from curvprune.plugin.manager import hookimpl
 from curvprune.plugin.registry import Register
 from curvprune.roles.context import PruneContext
+from curvprune.roles.mask_applier import MaskApplier
 from curvprune.roles.scorer import SaliencyScorer
+from curvprune.roles.units import Selection
 
 __all__ = ["MagnitudeConfig", "MagnitudeScorer", "OBSConfig", "OBSScorer"]
 
@@ -46,6 +48,8 @@ class MagnitudeConfig:
 
 class MagnitudeScorer(SaliencyScorer):
     """Magnitude pruning: the smallest |w| (or channel norm) goes first. No data needed."""
+
+    layer_local = True
 
     def __init__(self, config: MagnitudeConfig | None = None) -> None:
         super().__init__(config or MagnitudeConfig())
@@ -89,6 +93,7 @@ class OBSScorer(SaliencyScorer):
     """Optimal Brain Surgeon saliency and compensation over any curvature estimator."""
 
     needs_curvature = True
+    layer_local = True  # as local as its estimator: the pipeline checks the estimator too
 
     def __init__(self, config: OBSConfig | None = None) -> None:
         super().__init__(config or OBSConfig())
@@ -102,6 +107,13 @@ class OBSScorer(SaliencyScorer):
         # Guard round-off (a float32 diagonal can cancel to <= 0 when 1/damping is huge).
         floor = torch.finfo(diag.dtype).eps * diag.abs().max()
         return diag.clamp_min(floor)
+
+    def select(self, ctx: PruneContext, applier: MaskApplier, level: float) -> Selection | None:
+        """The estimator's joint OBS choice (:meth:`CurvatureEstimator.obs_select`), if it has
+        one (SparseGPT, OBC); else None: score, select, compensate."""
+        if not self.config.update or ctx.estimator is None:
+            return None
+        return ctx.estimator.obs_select(ctx.weights, ctx.mask, ctx.layout, applier, level)
 
     def score(self, ctx: PruneContext) -> Tensor:
         """ρ_q = w_q² / (2 [F⁻¹]_qq), ``[d]`` (WoodFisher Eq. 5)."""

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from curvprune.errors import ConfigError, NumericalError, closest
-from curvprune.roles.context import Granularity
+from curvprune.roles.units import Granularity
 from curvprune.roles.mask_applier import MaskApplier
 from curvprune.tensors.layout import ParamLayout
 

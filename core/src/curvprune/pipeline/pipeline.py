@@ -16,8 +16,9 @@ pruned weights. Plugin hooks run only around steps, never inside them.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from curvprune.config import PipelineConfig, load_raw_config, structure_config
 from curvprune.errors import ConfigError
 from curvprune.pipeline.planning import Plan, make_plan
 from curvprune.pipeline.session import PruningSession
+from curvprune.pipeline.stages import OneShotProgress
 from curvprune.pipeline.steps import StepRunner
 from curvprune.plugin.manager import PluginHost, get_plugin_manager
 from curvprune.plugin.registry import KINDS
@@ -190,6 +192,8 @@ class Pipeline:
         *,
         masks: MaskSet | None = None,
         progress: Progress | None = None,
+        on_stage: Callable[[OneShotProgress], None] | None = None,
+        resume: OneShotProgress | None = None,
     ) -> PruneResult:
         """Prune a trained model one-shot to ``[prune] sparsity``, in the schedule's sub-steps.
 
@@ -200,6 +204,10 @@ class Pipeline:
             loss_fn: ``loss_fn(outputs, targets)``, mean over the batch (default cross entropy).
             masks: masks of an earlier pruning to continue from (default: nothing pruned yet).
             progress: where to show the steps and their gradient chunks (default: nowhere).
+            on_stage: with sequential calibration, called after every stage but a step's last
+                with an :class:`~curvprune.pipeline.stages.OneShotProgress` (to checkpoint).
+            resume: continue from such a progress; ``model`` must hold the weights of that
+                moment (``masks`` is then ignored).
 
         Returns:
             The masks and one :class:`StepReport` per sub-step.
@@ -228,9 +236,19 @@ class Pipeline:
         snapshot = runner.layout.gather(model)
         gate_snapshot = runner.gate_parameters_snapshot()
         levels = list(self.schedule.levels(target, current))
+        first = 0
+        if resume is not None:
+            levels, first = list(resume.levels), resume.level_index
+            runner.resume_from(resume)
         try:
             with progress.bar("pruning steps", len(levels)) as advance:
-                for level in levels:
+                for index, level in enumerate(levels):
+                    if index < first:
+                        advance()
+                        continue
+                    if on_stage is not None:
+                        runner.on_stage = functools.partial(
+                            _report_stage, on_stage, runner, levels, index)
                     runner.step(level)
                     advance()
         except BaseException:
@@ -298,3 +316,13 @@ class Pipeline:
         session = PruningSession(self, StepRunner(self, model, data, loss_fn, masks), optimizer)
         self.host.pipeline_start(self, model)
         return session
+
+
+def _report_stage(
+    on_stage: Callable[[OneShotProgress], None], runner: StepRunner, levels: list[float],
+    index: int, stages_done: int, loss_before: float | None, times: dict[str, float],
+) -> None:
+    on_stage(OneShotProgress(
+        levels=levels, level_index=index, stages_done=stages_done, masks=runner.masks.flat,
+        reports=list(runner.reports), loss_before=loss_before, times=dict(times),
+    ))

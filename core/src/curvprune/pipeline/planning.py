@@ -13,6 +13,11 @@ of a pruning step holds at its peak:
 * the scorer's own state when it holds more than that (:meth:`SaliencyScorer.memory_bytes`,
   e.g. SOSP-I's S×S structure matrix).
 
+A layer-local estimator (``sparsegpt``) is fitted from the layers' inputs, so no gradient rows
+are counted; with sequential calibration it holds one stage's state at a time (the largest
+stage is counted). The cached block inputs of sequential calibration (samples × tokens × width)
+depend on the data and are not counted yet.
+
 The parts do not all peak together: gradients stream in while the estimator holds its
 accumulating state (:meth:`CurvatureEstimator.plan_held_bytes`), and are freed before it
 inverts or answers queries. :attr:`Plan.total_bytes` is therefore the weights and scorer state
@@ -40,6 +45,7 @@ import torch
 from torch import nn
 
 from curvprune.errors import MemoryPlanError
+from curvprune.pipeline.stages import plan_stages
 from curvprune.pipeline.view import PipelineView
 from curvprune.tensors import distributed
 from curvprune.tensors.gradients import default_chunk_size
@@ -222,7 +228,18 @@ def make_plan(
     n_blocks = width = held = None
     flops = None
     hint = "select fewer parameters ([prune] targets/ignore)"
-    if estimator is not None:
+    staged = pipeline.schedule.staged_calibration(pipeline.components)
+    if estimator is not None and estimator.layer_local:
+        # fitted from the layers' inputs: no gradient rows; stage by stage, one stage's state
+        cfg = estimator.config
+        parts = [layout]
+        if staged is not None:
+            plan = plan_stages(model, layout, staged.stages)
+            parts = [layout.subset(stage.indices) for stage in plan.stages]
+        memory["estimator"] = max(int(type(estimator).plan_memory_bytes(p, cfg)) for p in parts)
+        n_blocks, width = len(layout), max(layout.sizes)
+        hint = "select fewer parameters ([prune] targets/ignore), or use sequential calibration"
+    elif estimator is not None:
         cfg = estimator.config
         memory["estimator"] = int(type(estimator).plan_memory_bytes(layout, cfg))
         blocks = layout.blocks(getattr(cfg, "block_size", None))

@@ -17,11 +17,13 @@ from torch import Tensor, nn
 
 from curvprune._log import get_logger
 from curvprune._progress import Progress
-from curvprune.errors import ConfigError, CurvpruneError, NumericalError
+from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, NumericalError
 from curvprune.pipeline.audit import SingleWeightAudit, audit_single_weights
+from curvprune.pipeline.stages import OneShotProgress, SequentialCalibration, plan_stages
 from curvprune.pipeline.view import PipelineView
 from curvprune.roles.context import PruneContext
 from curvprune.roles.reports import StepReport
+from curvprune.roles.scheduler import StagedCalibration
 from curvprune.structure.graph import attach_structures
 from curvprune.tensors import distributed
 from curvprune.tensors.gradients import GradientSource, LossFn, default_loss
@@ -64,6 +66,10 @@ class StepRunner:
         self.masks.apply_(model)
         self.reports: list[StepReport] = []
         self._audit = AuditSet(data, pipeline.config.prune.loss_samples, self.device)
+        #: called after every stage of a sequential step (``Pipeline.prune(on_stage=...)``)
+        self.on_stage: Callable[[int, float | None, dict[str, float]], None] | None = None
+        #: (stages done, loss before, times) of a sequential step being resumed
+        self.resume_stage: tuple[int, float | None, dict[str, float]] | None = None
 
     def step(self, level: float, *, train_step: int | None = None) -> StepReport:
         pipeline = self.pipeline
@@ -73,6 +79,9 @@ class StepRunner:
                 f"scorer {pipeline.config.scorer.name!r} needs data: pass batches of "
                 "(inputs, targets) @ data"
             )
+        staged = pipeline.schedule.staged_calibration(pipeline.components)
+        if staged is not None:
+            return self._staged_step(level, staged, train_step)
         index = len(self.reports)
         times: dict[str, float] = {}
         started = time.perf_counter()
@@ -98,38 +107,21 @@ class StepRunner:
         tick = time.perf_counter()
         chosen = pipeline.schedule.select(ctx)
         if chosen is None:
-            scores = scorer.score(ctx)
-            new_mask = pipeline.mask.select(scores, self.masks.flat, level, self.layout)
+            new_mask, delta, predicted = self._decide(ctx, level)
         else:  # the schedule owns the choice (GReg): no scores, no compensation
             new_mask = self.masks.flat & chosen.to(device=self.masks.flat.device, dtype=torch.bool)
+            delta = predicted = None
         times["scores"] = time.perf_counter() - tick
-        if new_mask.shape != self.masks.flat.shape or bool((new_mask & ~self.masks.flat).any()):
-            raise NumericalError(
-                f"mask applier {pipeline.config.mask.name!r} revived pruned weights or returned "
-                "a mask of the wrong shape"
-            )
         pruned = self.masks.flat & ~new_mask
         tick = time.perf_counter()
-        delta = predicted = None
-        if chosen is None:
-            delta = scorer.compensate(ctx, pruned)
-            predicted = scorer.predicted_loss_change(ctx, pruned)
         single = None
         if chosen is None and pipeline.config.prune.audit_single:
             audit_tick = time.perf_counter()
             single = self._single_weight_audit(ctx, index)
             times["audit"] = time.perf_counter() - audit_tick
             tick += times["audit"]
-        weights = ctx.weights
-        if delta is not None:
-            if not bool(torch.isfinite(delta).all()):
-                raise NumericalError(
-                    f"the compensating update of scorer {pipeline.config.scorer.name!r} is not "
-                    "finite; increase the estimator's damping or use dtype = 'float64'"
-                )
-            weights = weights + delta.to(weights.dtype)
+        weights = self._updated(ctx.weights, delta) * new_mask
         masks = self.masks.narrowed(new_mask)
-        weights = weights * new_mask
         # Every rank must prune alike (the reduced estimator state is identical): verify with
         # exact fingerprints (one small all-gather) before touching the model.
         distributed.check_same_across_ranks((new_mask, weights), "the masks and pruned weights")
@@ -153,13 +145,164 @@ class StepRunner:
             train_step=train_step,
             single_audit=None if single is None else single.to_dict(),
         )
+        return self._finish(report)
+
+    def resume_from(self, progress: OneShotProgress) -> None:
+        """Take over the masks and reports of an interrupted prune; the next sequential step
+        skips the stages it had finished (:meth:`curvprune.Pipeline.prune`, ``resume``)."""
+        if progress.masks.shape != self.masks.flat.shape:
+            raise CheckpointError(
+                f"the saved masks cover {progress.masks.numel()} weights, the model's selection "
+                f"{self.layout.d} @ checkpoint"
+            )
+        self.masks = self.masks.narrowed(progress.masks.to(self.masks.flat.device))
+        self.reports = list(progress.reports)
+        if progress.stages_done:
+            self.resume_stage = (progress.stages_done, progress.loss_before, dict(progress.times))
+
+    def _finish(self, report: StepReport) -> StepReport:
         self.reports.append(report)
         log.info(
-            "prune_step_completed", step=index, target=level, sparsity=report.sparsity,
-            predicted=report.predicted_loss_change, measured=report.measured_loss_change,
+            "prune_step_completed", step=report.step, target=report.target_sparsity,
+            sparsity=report.sparsity, predicted=report.predicted_loss_change,
+            measured=report.measured_loss_change,
         )
-        pipeline.host.after_prune_step(pipeline, report)
+        self.pipeline.host.after_prune_step(self.pipeline, report)
         return report
+
+    def _staged_step(
+        self, level: float, staged: StagedCalibration, train_step: int | None
+    ) -> StepReport:
+        """One step run stage by stage with sequential calibration (:mod:`.stages`).
+
+        Each stage is pruned like a whole step restricted to its parameters (the estimator
+        fitted on the stage's inputs, the scorer and the mask applier seeing only the stage),
+        then written into the model before the next stage's inputs are computed. Predicted
+        losses of layer-wise methods are in layer-output units, so the step has none.
+        """
+        pipeline = self.pipeline
+        scorer = pipeline.scorer
+        estimator = pipeline.estimator if scorer.needs_curvature else None
+        index = len(self.reports)
+        times = {"gradients": 0.0, "scores": 0.0, "update": 0.0}
+        started = time.perf_counter()
+        skip = 0
+        if self.resume_stage is not None:  # continue a step interrupted between stages
+            skip, loss_before, done = self.resume_stage
+            self.resume_stage = None
+            times.update({k: v for k, v in done.items() if k in times})
+            started -= done.get("total", 0.0)
+        else:
+            loss_before = self._audit.loss(self.model, self.loss_fn)
+        plan = plan_stages(self.model, self.layout, staged.stages)
+        samples = staged.num_samples or (estimator.num_grads if estimator is not None else 128)
+        calibration = SequentialCalibration(self.model, plan, self.data, samples, self.device)
+        before = self.masks.flat
+        was_training = self.model.training
+        self.model.eval()
+        num_samples = 0
+        try:
+            with self.progress.bar(f"step {index + 1} stages", len(plan.stages)) as advance:
+                for position, stage in enumerate(plan.stages):
+                    if position < skip:
+                        advance(1)
+                        continue
+                    tick = time.perf_counter()
+                    stage_model, batches = calibration.enter(stage)
+                    sub = self.layout.subset(stage.indices)
+                    where = self.layout.subset_index(stage.indices, self.device)
+                    if estimator is not None:
+                        estimator.setup(sub.sizes, device=self.device)
+                        generator = torch.Generator(device=self.device)
+                        generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
+                        estimator.fit(
+                            stage_model, batches(), self.loss_fn, sub, generator=generator
+                        )
+                        num_samples = estimator.num_samples
+                    times["gradients"] += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    ctx = PruneContext(
+                        model=stage_model, layout=sub, weights=sub.gather(self.model),
+                        mask=self.masks.flat[where], target_sparsity=level, estimator=estimator,
+                        batches=batches, loss_fn=self.loss_fn, step=index,
+                    )
+                    keep, delta, _ = self._decide(ctx, level)
+                    times["scores"] += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    weights = self._updated(ctx.weights, delta) * keep
+                    distributed.check_same_across_ranks(
+                        (keep, weights), f"the masks of {stage.label}"
+                    )
+                    flat = self.masks.flat.clone()
+                    flat[where] = keep
+                    sub.scatter_(self.model, weights)
+                    self.masks = self.masks.narrowed(flat)
+                    calibration.leave(stage)
+                    times["update"] += time.perf_counter() - tick
+                    advance(1)
+                    if self.on_stage is not None and position + 1 < len(plan.stages):
+                        elapsed = {**times, "total": time.perf_counter() - started}
+                        self.on_stage(position + 1, loss_before, elapsed)
+        finally:
+            self.model.train(was_training)
+        self.masks.apply_(self.model)
+        loss_after = self._audit.loss(self.model, self.loss_fn)
+        times["total"] = time.perf_counter() - started
+        report = StepReport(
+            step=index,
+            target_sparsity=level,
+            sparsity=self.masks.sparsity(),
+            unit_sparsity=pipeline.mask.achieved_sparsity(self.masks.flat, self.layout),
+            per_layer=self.masks.per_layer_sparsity(),
+            num_pruned=int((before & ~self.masks.flat).sum()),
+            predicted_loss_change=None,
+            loss_before=loss_before,
+            loss_after=loss_after,
+            num_grads=num_samples,
+            times=times,
+            train_step=train_step,
+        )
+        return self._finish(report)
+
+    def _decide(
+        self, ctx: PruneContext, level: float
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The new keep-mask, the update and the predicted loss change of one step (or stage).
+
+        The scorer's joint :meth:`SaliencyScorer.select` if it has one, else scores → mask
+        applier → compensation; checked before anything is written.
+        """
+        pipeline = self.pipeline
+        scorer = pipeline.scorer
+        joint = scorer.select(ctx, pipeline.mask, level)
+        if joint is not None:
+            new_mask, delta, predicted = joint.keep, joint.update, joint.predicted_loss_change
+            new_mask = new_mask.to(device=ctx.mask.device, dtype=torch.bool)
+        else:
+            scores = scorer.score(ctx)
+            new_mask = pipeline.mask.select(scores, ctx.mask, level, ctx.layout)
+        if new_mask.shape != ctx.mask.shape or bool((new_mask & ~ctx.mask).any()):
+            raise NumericalError(
+                f"mask applier {pipeline.config.mask.name!r} (or scorer "
+                f"{pipeline.config.scorer.name!r}) revived pruned weights or returned a mask "
+                "of the wrong shape"
+            )
+        if joint is None:
+            pruned = ctx.mask & ~new_mask
+            delta = scorer.compensate(ctx, pruned)
+            predicted = scorer.predicted_loss_change(ctx, pruned)
+        return new_mask, delta, predicted
+
+    def _updated(self, weights: Tensor, delta: Tensor | None) -> Tensor:
+        """``weights + delta``, refusing a non-finite update."""
+        if delta is None:
+            return weights
+        if not bool(torch.isfinite(delta).all()):
+            raise NumericalError(
+                f"the compensating update of scorer {self.pipeline.config.scorer.name!r} is not "
+                "finite; increase the estimator's damping or use dtype = 'float64'"
+            )
+        return weights + delta.to(weights.dtype)
 
     def _batches(self, num_samples: int | None = None) -> Iterator[Any]:
         """``PruneContext.batches``: the data, as this rank's slice of every batch when

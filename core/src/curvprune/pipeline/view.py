@@ -7,7 +7,7 @@ on the module that builds pipelines.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -29,6 +29,10 @@ class PipelineView(ObservedPipeline, Protocol):
     @property
     def host(self) -> PluginHost:
         """The plugin host whose lifecycle hooks observe the run."""
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The built components by role, plus ``prune`` (what ``check_pipeline`` gets)."""
 
     def select(self, model: nn.Module) -> ParamLayout:
         """The parameters ``[prune] targets`` minus ``ignore`` select in ``model``."""

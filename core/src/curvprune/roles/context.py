@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 from torch import Tensor
 
+from curvprune.roles.units import Granularity
 from curvprune.tensors.layout import ParamLayout
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ from curvprune.roles.estimator import CurvatureEstimator
 
 __all__ = ["Granularity", "PruneContext"]
 
-Granularity = Literal["weight", "channel"]
 
 
 @attrs.define(kw_only=True)
@@ -57,3 +57,4 @@ class PruneContext:
     batches: Callable[..., Iterable[tuple[Any, Tensor]]] | None = None
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
     step: int = 0
+

@@ -23,6 +23,9 @@ from curvprune.tensors.layout import BlockLayout, ParamLayout
 if TYPE_CHECKING:
     from torch import nn
 
+    from curvprune.roles.mask_applier import MaskApplier
+    from curvprune.roles.units import Selection
+
 __all__ = ["CurvatureEstimator", "EstimatorConfig"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -297,6 +300,17 @@ class CurvatureEstimator(abc.ABC):
     #: pipeline then calls :meth:`setup` and :meth:`fit` instead of feeding rows.
     fits_model: ClassVar[bool] = False
 
+    #: True for an estimator whose curvature of a layer comes from that layer's own inputs
+    #: (the layer-wise Hessians H = 2XXᵀ/n of OBC/SparseGPT), fitted by :meth:`fit` with no
+    #: loss and no gradient. Such a pipeline may calibrate stage by stage: :meth:`fit` then gets
+    #: a model that runs only the stage being pruned, on inputs propagated through the stages
+    #: already pruned (:mod:`curvprune.pipeline.stages`).
+    layer_local: ClassVar[bool] = False
+
+    #: True when the method is defined with sequential calibration (SparseGPT, OBC): the
+    #: ``oneshot`` schedule's ``calibration = "auto"`` then runs stage by stage.
+    prefers_sequential: ClassVar[bool] = False
+
     def fit(
         self,
         model: nn.Module,
@@ -321,6 +335,27 @@ class CurvatureEstimator(abc.ABC):
             generator: random generator for sampled labels (``fisher = "true"``).
         """
         raise self.unsupported("fit(model, batches, ...)", "feed gradient rows with update(grads)")
+
+    def obs_select(
+        self, weights: Tensor, mask: Tensor, layout: ParamLayout, applier: MaskApplier, level: float
+    ) -> Selection | None:
+        """OBS with the mask chosen during the update, or None (the default).
+
+        The ``obs`` scorer asks its estimator first: an estimator whose structure admits a
+        better joint choice than score → select → compensate (SparseGPT's adaptive column
+        sweep, OBC's greedy removal, both on a layer's Hessian) returns the keep-mask and the
+        update here, following ``applier``'s rule at ``level``; None falls back to the usual
+        path (also for an applier whose rule it cannot follow). The contract is
+        :meth:`curvprune.SaliencyScorer.select`'s.
+
+        Args:
+            weights: the selected weights, flat ``[d]`` (pruned ones already zero).
+            mask: the current keep-mask, bool ``[d]``; the result must be a subset.
+            layout: the selected parameters (the layout :meth:`setup` got the sizes of).
+            applier: the pipeline's mask applier, whose rule the choice follows.
+            level: the step's target sparsity.
+        """
+        return None
 
     @classmethod
     def plan_memory_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:

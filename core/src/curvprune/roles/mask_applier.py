@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from curvprune.roles.context import Granularity
+from curvprune.roles.units import Granularity
 from curvprune.tensors.layout import ParamLayout
 
 if TYPE_CHECKING:
@@ -24,6 +24,11 @@ class MaskApplier(abc.ABC):
     """
 
     granularity: Granularity = "weight"
+
+    #: True when each parameter's new mask depends only on that parameter's scores and mask
+    #: (``layerwise``, ``nm``), so a step may be run on one stage of parameters at a time
+    #: (sequential calibration); False for rankings across parameters (``global``).
+    per_parameter: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import attrs
 import torch
 from torch import Tensor
 
@@ -15,10 +16,25 @@ from curvprune.tensors.layout import ParamLayout
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["LEVEL_TOLERANCE", "Scheduler"]
+__all__ = ["LEVEL_TOLERANCE", "Scheduler", "StagedCalibration"]
 
 #: A level at most this far above the current sparsity is not worth a pruning step.
 LEVEL_TOLERANCE = 1e-12
+
+
+@attrs.frozen(kw_only=True)
+class StagedCalibration:
+    """How a step runs stage by stage (:mod:`curvprune.pipeline.stages`).
+
+    Attributes:
+        stages: ``"block"`` (a transformer's repeated blocks fed from cached inputs, other
+            layers one by one) or ``"layer"`` (every layer its own stage).
+        num_samples: calibration samples; None: the estimator's ``num_grads`` (if the scorer
+            uses an estimator), else 128.
+    """
+
+    stages: Literal["block", "layer"] = "block"
+    num_samples: int | None = None
 
 
 class Scheduler(abc.ABC):
@@ -82,6 +98,15 @@ class Scheduler(abc.ABC):
         units go. A schedule that owns the choice (GReg fixes its pruned groups when its penalty
         starts) returns a bool ``[d]`` keep-mask here; the pipeline then skips the scorer and
         the mask applier's selection for this step and keeps ``ctx.mask & returned``.
+        """
+        return None
+
+    def staged_calibration(self, components: Mapping[str, Any]) -> StagedCalibration | None:
+        """How this schedule's steps calibrate stage by stage, or None (the default): every
+        step sees the whole model and the data (dense calibration).
+
+        Args:
+            components: the pipeline's built components by role, plus ``prune``.
         """
         return None
 

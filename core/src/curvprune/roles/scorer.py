@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
-from curvprune.roles.context import Granularity, PruneContext
+from curvprune.roles.context import PruneContext
+from curvprune.roles.units import Granularity, Selection
 from curvprune.tensors.layout import ParamLayout
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from curvprune.roles.mask_applier import MaskApplier
 
 __all__ = ["SaliencyScorer"]
 
@@ -40,6 +43,11 @@ class SaliencyScorer(abc.ABC):
     * ``needs_curvature``: the pipeline must have an estimator, fitted before :meth:`score`.
     * ``needs_gradient``: ``PruneContext.mean_grad`` must be filled.
     * ``needs_data``: ``PruneContext.batches`` and ``loss_fn`` must be filled.
+    * ``layer_local``: the scores (and update) of a layer depend only on the layer's weights
+      and the inputs it receives, never on a loss or gradient (magnitude, WANDA, OBS over a
+      layer-local estimator). Only such a pipeline can calibrate stage by stage
+      (``[schedule] calibration = "sequential"``, :mod:`curvprune.pipeline.stages`), where
+      ``ctx.model`` runs only the stage being pruned, on its cached inputs.
     * ``quadratic_prediction``: for one pruned weight q, ``predicted_loss_change(ctx, {q})``
       is ½δwᵀFδw at δw = ``compensate(ctx, {q})``, F the estimator's damped estimate, with no
       first-order term (OBS, Hassibi & Stork 1993; for a larger set the summed update's
@@ -54,6 +62,7 @@ class SaliencyScorer(abc.ABC):
     needs_curvature: ClassVar[bool] = False
     needs_gradient: ClassVar[bool] = False
     needs_data: ClassVar[bool] = False
+    layer_local: ClassVar[bool] = False
     quadratic_prediction: bool = False
 
     def __init__(self, config: Any = None) -> None:
@@ -62,6 +71,19 @@ class SaliencyScorer(abc.ABC):
     @abc.abstractmethod
     def score(self, ctx: PruneContext) -> Tensor:
         """Saliency of each unit (smaller is pruned first), ``[d]`` or ``[S]`` (structures)."""
+
+    def select(self, ctx: PruneContext, applier: MaskApplier, level: float) -> Selection | None:
+        """Choose the mask and the update together, or None (the default) to score, let
+        ``applier`` select, and :meth:`compensate`.
+
+        For methods whose choice and update interleave (SparseGPT picks each column block's
+        mask from weights the previous blocks' updates already moved; OBC removes one weight
+        at a time), so that no score vector can be handed to the mask applier first. An
+        implementation must honour ``applier``'s rule and ``level`` (or return None where it
+        cannot), never revive a weight pruned in ``ctx.mask``, and is checked by the pipeline
+        like any mask applier's result.
+        """
+        return None
 
     def compensate(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
         """The weight update δw ``[d]`` to add when the weights in ``pruned`` are removed.

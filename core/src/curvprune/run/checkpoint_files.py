@@ -27,16 +27,37 @@ __all__ = [
     "load_checkpoint_file",
     "read_safetensors",
     "read_weights_only",
+    "safetensors_state",
     "save_checkpoint",
 ]
 
 FORMAT = "curvprune.checkpoint/1"
 _REQUIRED = ("format", "phase", "config_sha256", "loop", "model", "optimizer", "session", "rng")
+#: a one-shot prune checkpointed between stages has no optimizer or session, but its progress
+_REQUIRED_PRUNE = ("format", "phase", "config_sha256", "loop", "model", "rng", "extra")
 
 
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
+def safetensors_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` as safetensors saves it: detached, on the CPU, contiguous, and every key kept.
+
+    safetensors refuses tensors that share memory; a tied weight (GPT-2's ``lm_head`` and
+    ``wte``) is two keys of one tensor, so the second is stored as a copy. Loading the state
+    into the model with ``load_state_dict`` writes both keys into the one tied parameter.
+    """
+    out: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
 def check_plain(obj: Any, where: str = "checkpoint") -> None:
     """Refuse anything ``torch.load(weights_only=True)`` would not read back.
 
@@ -140,7 +161,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"not a curvprune run checkpoint (format {got!r}, want {FORMAT!r}) @ {path}"
         )
-    missing = [k for k in _REQUIRED if k not in state]
+    required = _REQUIRED_PRUNE if state.get("phase") == "prune" else _REQUIRED
+    missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint lacks {', '.join(map(repr, missing))} @ {path}")
     return state

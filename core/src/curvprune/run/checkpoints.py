@@ -34,6 +34,12 @@ unpickled. Keys (format ``curvprune.checkpoint/1``):
   (``grad``: the gradient loader, which pruning steps draw from);
 * ``extra``: what the run needs to finish its record (the one-shot steps and accuracies before
   fine-tuning).
+
+A one-shot prune with sequential calibration (layer-wise methods) is checkpointed after every
+stage when ``checkpoint_every > 0``: phase ``prune``, the model's state dict, the torch
+generator and ``extra["oneshot"]`` (:class:`~curvprune.pipeline.stages.OneShotProgress`: the
+levels, the step and stages done, the masks, the reports so far); no optimizer or session.
+``--resume`` continues with the next stage and ends with the masks of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from curvprune._log import get_logger
 from curvprune.config import unstructure_config
 from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, NumericalError
 from curvprune.pipeline.pipeline import Pipeline
+from curvprune.pipeline.stages import OneShotProgress
 from curvprune.roles.reports import PruneResult, StepReport
 from curvprune.run.checkpoint_files import (
     FORMAT,
@@ -227,7 +234,11 @@ class RunCheckpoints:
     def pruned_extra(
         result: PruneResult, seconds: float, accuracy: float | None, loss: float | None
     ) -> dict[str, Any]:
-        """What a checkpoint of the fine-tuning after pruning keeps of the pruning itself."""
+        """What a checkpoint of the fine-tuning after pruning keeps of the pruning itself.
+
+        ``accuracy`` is the run's metric right after pruning (perplexity for text); the key keeps
+        its name so that checkpoints written before metrics existed still resume.
+        """
         return {
             "pruned": {
                 "masks": result.masks.flat.detach().cpu().clone(),
@@ -318,6 +329,63 @@ class RunCheckpoints:
                     self._save(phase, loop, model, optimizer, session, loaders, fixed)
 
         return state, after_step
+
+    def oneshot(
+        self, model: nn.Module
+    ) -> tuple[OneShotProgress | None, Callable[[OneShotProgress], None] | None]:
+        """Resume a one-shot prune interrupted between stages, and arm saving after each.
+
+        With sequential calibration a one-shot prune runs stage by stage; with
+        ``checkpoint_every > 0`` a checkpoint (phase ``prune``: the model's state dict and the
+        :class:`OneShotProgress`) is written after every stage but a step's last, so
+        ``--resume`` continues from the next stage with the masks an uninterrupted run gets.
+        Pass what this returns as ``Pipeline.prune(resume=..., on_stage=...)``.
+
+        Raises:
+            CheckpointError: the checkpoint does not fit the model.
+        """
+        self._phase_started = time.perf_counter()
+        self._elapsed_before = 0.0
+        resume = None
+        if self.resumes("prune"):
+            ckpt = self._checkpoint
+            assert ckpt is not None and self.partial is not None
+            where = str(self.partial.checkpoint_path)
+            try:
+                model.load_state_dict(ckpt["model"])
+                torch.set_rng_state(ckpt["rng"]["torch"])
+            except (RuntimeError, KeyError, TypeError) as exc:
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                raise CheckpointError(
+                    f"checkpoint does not fit this run ({reason}) @ {where}"
+                ) from None
+            resume = OneShotProgress.from_state_dict(ckpt["extra"]["oneshot"], where)
+            self._elapsed_before = float(ckpt.get("elapsed", 0.0))
+            log.info("checkpoint_restored", phase="prune", stage=resume.stages_done)
+        if self.every <= 0 or self.partial is None or not self._writer:
+            return resume, None
+
+        def after_stage(progress: OneShotProgress) -> None:
+            assert self.partial is not None
+            state = {
+                "format": FORMAT,
+                "phase": "prune",
+                "config_sha256": self._digest,
+                "versions": {"python": platform.python_version(), "torch": str(torch.__version__)},
+                "elapsed": self._elapsed_before + time.perf_counter() - self._phase_started,
+                "loop": {"step": int(progress.stages_done)},
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "rng": {"torch": torch.get_rng_state()},
+                "extra": {"oneshot": progress.state_dict()},
+            }
+            save_checkpoint(self.partial.checkpoint_path, state)
+            self._written = True
+            log.info("checkpoint_saved", phase="prune", stage=progress.stages_done,
+                     path=str(self.partial.checkpoint_path))
+            if self.on_save is not None:
+                self.on_save(self.partial.checkpoint_path)
+
+        return resume, after_stage
 
     def elapsed_before(self) -> float:
         """Seconds the resumed phase had run before the interruption (0 for a new run)."""

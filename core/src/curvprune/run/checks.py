@@ -6,7 +6,8 @@ a model whose selected channels cannot be pruned is reported in one line before 
 
 * where the run writes: ``--out``/``[run] out`` and the cache are folders (or will be), the run
   name is one folder name;
-* ``[data]``: a known name, its folders present (no sample is loaded);
+* ``[data]``: a known name, its folders present (no sample is loaded); text: an ``hf:`` model,
+  the text and the tokenizer files present (nothing tokenized);
 * ``[model]``: the model builds (random weights, on the CPU), a ``checkpoint`` file exists;
 * ``[prune]``: the targets select parameters of that model, and a channel mask can trace it and
   finds prunable channels among them.
@@ -88,7 +89,7 @@ def static_checks(
             )
     if cache is not None:
         user_folder(cache, "the cache folder", "cache")
-    known = check_data(cfg.data)
+    known = check_data(cfg.data, model=cfg.model.name)
     if num_classes is None:
         num_classes = cfg.model.num_classes or known or cfg.data.num_classes
     if cfg.model.checkpoint is not None:

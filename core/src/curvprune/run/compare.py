@@ -36,7 +36,8 @@ _SHARED = ("model", "data", "train", "run.seed", "run.device")
 #: Per-run numbers averaged over seeds in the summary.
 _AVERAGED = (
     "sparsity", "flops_fraction", "accuracy_dense", "accuracy_pruned", "accuracy_finetuned",
-    "prune_seconds", "peak_bytes", "loss_predicted", "loss_measured", "single_spearman",
+    "perplexity_dense", "perplexity_pruned", "perplexity_finetuned", "prune_seconds",
+    "peak_bytes", "loss_predicted", "loss_measured", "single_spearman",
 )
 log = get_logger(__name__)
 
@@ -180,9 +181,9 @@ def _one_run(
         "sparsity": r["sparsity"]["total"],
         "flops_after": flops_after,
         "flops_fraction": (flops_after / flops_before) if flops_after and flops_before else None,
-        "accuracy_dense": r["accuracy"]["dense"],
-        "accuracy_pruned": r["accuracy"]["pruned"],
-        "accuracy_finetuned": r["accuracy"]["finetuned"],
+        "metric": r.get("metric", "accuracy"),
+        **{f"{metric}_{when}": (r.get(metric) or {}).get(when)
+           for metric in ("accuracy", "perplexity") for when in ("dense", "pruned", "finetuned")},
         "prune_seconds": r["time"].get("prune", r["time"].get("prune_and_finetune", 0.0)),
         "peak_bytes": r["memory"]["peak_bytes"],
         "planned_bytes": r["memory"]["planned_bytes"],
@@ -215,6 +216,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "runs": len(group),
             "failed": len(group) - len(ok),
             "errors": sorted({r["error"] for r in group if r["status"] != "ok"}),
+            "metric": next((r["metric"] for r in ok if r.get("metric")), "accuracy"),
         }
         for key in _AVERAGED:
             values = [float(r[key]) for r in ok if r.get(key) is not None]

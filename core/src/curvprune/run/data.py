@@ -7,6 +7,11 @@
 * ``torchvision:<Dataset>``: a torchvision data set (``CIFAR10``, ``MNIST``, ...) from ``root``;
   downloaded only with ``download = true``.
 * ``imagefolder``: ``root/train`` and ``root/val`` class folders (ImageNet layout).
+* ``text``: token sequences of ``.txt`` text for an ``hf:`` causal language model, with a
+  held-out end of the stream for perplexity (:mod:`curvprune.run.text`).
+
+Every bundle names the metric its task is measured by: top-1 ``accuracy`` for the classification
+sets, held-out ``perplexity`` for text.
 """
 
 from __future__ import annotations
@@ -19,18 +24,29 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from curvprune.config import DataConfig
 from curvprune.errors import ConfigError, closest
+from curvprune.run.text import check_text, tokenize_text
 
 __all__ = ["DataBundle", "build_data", "check_data", "make_loaders"]
 
 
 @attrs.frozen
 class DataBundle:
-    """Train and test sets with their number of classes."""
+    """Train and test sets with their number of classes and the metric of their task.
+
+    Attributes:
+        train: training (and calibration) samples.
+        test: evaluation samples.
+        num_classes: classes of a classification set; a text's vocabulary size.
+        name: the ``[data] name``.
+        metric: ``"accuracy"`` (classification) or ``"perplexity"`` (text, causal LMs), see
+            :func:`curvprune.run.training.evaluate`.
+    """
 
     train: Dataset
     test: Dataset
     num_classes: int
     name: str
+    metric: str = "accuracy"
 
 
 def _digits() -> DataBundle:
@@ -97,13 +113,29 @@ def _imagefolder(cfg: DataConfig) -> DataBundle:
     return DataBundle(train, test, len(train.classes), "imagefolder")
 
 
-def build_data(cfg: DataConfig, *, seed: int = 0) -> DataBundle:
+def _text(cfg: DataConfig, model: str | None) -> DataBundle:
+    split = tokenize_text(cfg, model)
+    return DataBundle(
+        TensorDataset(split.train, split.train), TensorDataset(split.test, split.test),
+        split.vocab_size, "text", metric="perplexity",
+    )
+
+
+def build_data(cfg: DataConfig, *, seed: int = 0, model: str | None = None) -> DataBundle:
     """The train and test sets ``[data]`` describes.
+
+    Args:
+        cfg: the ``[data]`` table.
+        seed: the run's seed (``fake`` draws its images from it).
+        model: the ``[model] name``: text needs an ``hf:`` model, whose folder holds the
+            tokenizer unless ``[data] tokenizer`` names one (None: ``[data] tokenizer`` must).
 
     Raises:
         ConfigError: unknown name, missing root, or a data set that is not on disk.
     """
-    check_data(cfg)
+    check_data(cfg, model=model)
+    if cfg.name == "text":
+        return _text(cfg, model)
     if cfg.name == "digits":
         return _digits()
     if cfg.name == "fake":
@@ -120,15 +152,20 @@ _TORCHVISION_CLASSES = {
 }
 
 
-def check_data(cfg: DataConfig) -> int | None:
+def check_data(cfg: DataConfig, *, model: str | None = None) -> int | None:
     """Check ``[data]`` without loading a sample; return its number of classes when known.
 
     Known without loading: digits (10), fake (``num_classes``), an image folder (the class
-    folders under ``train/``) and the common torchvision sets; None otherwise.
+    folders under ``train/``) and the common torchvision sets; None otherwise (text too: its
+    vocabulary needs the tokenizer). ``model`` is the ``[model] name`` (see :func:`build_data`).
 
     Raises:
-        ConfigError: unknown name, unknown torchvision data set, missing ``root`` or folders.
+        ConfigError: unknown name, unknown torchvision data set, missing ``root`` or folders;
+            for text: a model that is not ``hf:``, a missing text or tokenizer.
     """
+    if cfg.name == "text":
+        check_text(cfg, model)
+        return None
     if cfg.name == "digits":
         return 10
     if cfg.name == "fake":
@@ -144,11 +181,11 @@ def check_data(cfg: DataConfig) -> int | None:
     if cfg.name == "imagefolder":
         root = _imagefolder_root(cfg)
         return sum(1 for p in (root / "train").iterdir() if p.is_dir())
-    choices = ["digits", "fake", "imagefolder"]
+    choices = ["digits", "fake", "imagefolder", "text"]
     hint = closest(cfg.name, choices)
     more = f"; did you mean {hint!r}?" if hint else ""
     raise ConfigError(
-        f"unknown data {cfg.name!r} (choose digits, fake, imagefolder or "
+        f"unknown data {cfg.name!r} (choose digits, fake, imagefolder, text or "
         f"torchvision:<Dataset>){more} @ data.name"
     )
 

@@ -6,6 +6,9 @@ A run directory holds ``config.toml`` (the resolved config), ``result.json`` (sc
 a hidden sibling folder and renamed into place only when complete, so an interrupted or failed run
 leaves no half-written output.
 
+The run measures its model by the metric of its data's task (``DataBundle.metric``): top-1
+accuracy for classification, held-out perplexity for text and causal language models.
+
 Dense models trained from scratch are cached under ``<out>/cache`` by a hash of what determines
 them (model, data, training settings, seed, torch version), so ``compare`` trains once.
 """
@@ -30,7 +33,11 @@ from curvprune.config import PipelineConfig, dump_config, load_raw_config, unstr
 from curvprune.errors import CheckpointError, ConfigError, CurvpruneError
 from curvprune.pipeline.pipeline import Pipeline
 from curvprune.plugin.manager import PluginHost, get_plugin_manager
-from curvprune.run.checkpoint_files import check_state_fits, read_safetensors
+from curvprune.run.checkpoint_files import (
+    check_state_fits,
+    read_safetensors,
+    safetensors_state,
+)
 from curvprune.run.checkpoints import RunCheckpoints, read_weights_only
 from curvprune.run.checks import static_checks
 from curvprune.run.data import build_data, make_loaders
@@ -42,7 +49,7 @@ from curvprune.run.partial import unique_name
 from curvprune.run.prune_phase import run_prune_phase
 from curvprune.run.removal import removal_requested, remove_for_run, write_structure_files
 from curvprune.run.render import plot_layer_sparsity, plot_single_audit, render_report
-from curvprune.run.training import evaluate, make_optimizer, train
+from curvprune.run.training import METRICS, evaluate, make_optimizer, train
 from curvprune.tensors import distributed
 
 __all__ = [
@@ -104,8 +111,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 def _save_state(model: nn.Module, path: Path) -> None:
     from safetensors.torch import save
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomic(path, save(state))
+    write_atomic(path, save(safetensors_state(model.state_dict())))
 
 
 def _dense_key(config: PipelineConfig) -> str:
@@ -215,8 +221,9 @@ def _execute_run(
         torch.cuda.reset_peak_memory_stats(device)
     rss_reset = device.type == "cpu" and reset_peak_rss()
     out_dir = Path(out if out is not None else cfg.run.out)
-    bundle = build_data(cfg.data, seed=cfg.run.seed)
+    bundle = build_data(cfg.data, seed=cfg.run.seed, model=cfg.model.name)
     train_loader, grad_loader, test_loader = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
+    metric = bundle.metric  # what the task is measured by: accuracy, or perplexity for text
     in_finetune = pipeline.schedule.during_training and not pipeline.schedule.prune_phase
     if in_finetune:
         steps = cfg.finetune.epochs * len(train_loader)
@@ -252,9 +259,9 @@ def _execute_run(
         train_loader, grad_loader, test_loader = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
         plan = pipeline.plan(model, device=device)
         plan.check()
-        acc_dense, loss_dense = evaluate(model, test_loader, device=device)
+        score_dense, loss_dense = evaluate(model, test_loader, device=device, metric=metric)
         tick = time.perf_counter()
-        acc_pruned = loss_pruned = None
+        score_pruned = loss_pruned = None
         if in_finetune:
             optimizer = make_optimizer(model, cfg.finetune)
             session = pipeline.attach(model, optimizer, data=grad_loader)
@@ -275,18 +282,21 @@ def _execute_run(
         else:
             resumed = checkpoints.resumes("finetune")  # it pruned before the interruption
             if resumed:
-                result, times["prune"], acc_pruned, loss_pruned = checkpoints.pruned(
+                result, times["prune"], score_pruned, loss_pruned = checkpoints.pruned(
                     pipeline, model)
             elif pipeline.schedule.prune_phase:  # trains until the schedule has pruned (GReg)
                 advance = progress.task("prune phase (at most)", pipeline.schedule.max_steps())
                 result = run_prune_phase(pipeline, model, train_loader, device=device,
                                          data=grad_loader, on_step=advance,
                                          checkpoints=checkpoints)
-            else:
-                result = pipeline.prune(model, grad_loader, progress=progress)
+            else:  # one-shot; with sequential calibration checkpointed between stages
+                resume, after_stage = checkpoints.oneshot(model)
+                result = pipeline.prune(model, grad_loader, progress=progress,
+                                        on_stage=after_stage, resume=resume)
             if not resumed:
                 times["prune"] = time.perf_counter() - tick + checkpoints.elapsed_before()
-                acc_pruned, loss_pruned = evaluate(model, test_loader, device=device)
+                score_pruned, loss_pruned = evaluate(model, test_loader, device=device,
+                                                     metric=metric)
             if removal_requested(pipeline):  # before fine-tuning: it trains the smaller model
                 example = _example(test_loader, device)
                 removal, structure = remove_for_run(pipeline, model, result, example)
@@ -299,15 +309,17 @@ def _execute_run(
                 loop, after_step = checkpoints.phase(
                     "finetune", model=model, optimizer=optimizer, session=session,
                     loaders={"train": train_loader, "grad": grad_loader},
-                    extra=checkpoints.pruned_extra(result, times["prune"], acc_pruned, loss_pruned),
+                    extra=checkpoints.pruned_extra(result, times["prune"], score_pruned,
+                                                   loss_pruned),
                 )
                 train(model, train_loader, cfg.finetune, device=device, optimizer=optimizer,
                       session=session, on_step=advance, state=loop, after_step=after_step)
                 session.close()
                 times["finetune"] = time.perf_counter() - tick + checkpoints.elapsed_before()
-    acc_tuned = loss_tuned = None
+    score_tuned = loss_tuned = None
     if cfg.finetune.epochs:
-        acc_tuned, loss_tuned = evaluate(model, test_loader, device=device)
+        score_tuned, loss_tuned = evaluate(model, test_loader, device=device, metric=metric)
+    scores = {"dense": score_dense, "pruned": score_pruned, "finetuned": score_tuned}
     times["total"] = time.perf_counter() - started
     peak, measure = peak_memory(device, rss_reset)
     total_params = count_parameters(model)
@@ -340,7 +352,9 @@ def _execute_run(
             "mask": cfg.mask.name,
         },
         "dense": {"source": dense_source, "key": _dense_key(cfg)},
-        "accuracy": {"dense": acc_dense, "pruned": acc_pruned, "finetuned": acc_tuned},
+        "metric": metric,
+        # every metric's object is there, null but for the task's metric
+        **{m: scores if m == metric else dict.fromkeys(scores) for m in METRICS},
         "loss": {"dense": loss_dense, "pruned": loss_pruned, "finetuned": loss_tuned},
         "sparsity": {
             "target": cfg.prune.sparsity,
@@ -372,7 +386,8 @@ def _execute_run(
         # rank 0 names it, every rank agrees
         run_dir = distributed.broadcast_object(out_dir / unique_name(out_dir, run_name))
     _write_on_rank_0(lambda: _write_run_dir(run_dir, pipeline, model, result, record, removal))
-    log.info("run_completed", run_dir=str(run_dir), dense=acc_dense, pruned=acc_pruned)
+    log.info("run_completed", run_dir=str(run_dir), metric=metric, dense=score_dense,
+             pruned=score_pruned)
     return RunOutcome(run_dir, record)
 
 
@@ -399,11 +414,17 @@ def _dense_model(
     model: nn.Module, cfg: PipelineConfig, cache_dir: Path, loader: Any, device: torch.device,
     progress: Progress,
 ) -> str:
-    """Load or train the dense model; return where it came from (checkpoint, cache, trained)."""
+    """Load or train the dense model; return where it came from.
+
+    ``checkpoint`` (``[model] checkpoint``), ``pretrained`` (an ``hf:`` model comes with its
+    trained weights: ``[train]`` does not run), ``cache`` or ``trained``.
+    """
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint)
         model.to(device)
         return "checkpoint"
+    if cfg.model.name.startswith("hf:"):
+        return "pretrained"
     cache = cache_dir / f"dense-{_dense_key(cfg)}.safetensors"
     if not distributed.any_rank(not cache.is_file()):  # every rank decides alike
         load_checkpoint(model, cache)
@@ -439,8 +460,7 @@ def _write_run_dir(
         (staging / "config.toml").write_text(dump_config(pipeline.config))
         masks = {k: v.to(torch.uint8).cpu().contiguous() for k, v in result.mask_tensors().items()}
         (staging / "masks.safetensors").write_bytes(save(masks))
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        (staging / "model.safetensors").write_bytes(save(state))
+        (staging / "model.safetensors").write_bytes(save(safetensors_state(model.state_dict())))
         plot_layer_sparsity(record, staging / "layer_sparsity.png")
         if removal is not None:
             write_structure_files(staging, record, removal)

@@ -11,7 +11,10 @@ The export folder (``RUN_DIR/export`` by default) holds
 * ``manifest.json``: how to rebuild the model (name, arguments), the kind (``masked`` or
   ``removed``), sparsity, and the SHA-256 of every file.
 
-Only tensors are stored (safetensors), so loading never runs code. Before anything is written
+A run on an ``hf:`` model is exported as a Hugging Face folder instead (``save_pretrained``,
+with its tokenizer and masks; :mod:`curvprune.run.export_hf`), which
+``AutoModelForCausalLM.from_pretrained`` loads. Only tensors are stored (safetensors), so loading
+never runs code. Before anything is written
 the export is checked: the masks match the zeros of the weights, and a fresh model loaded from
 the export folder reproduces the run model's outputs exactly. The folder is written atomically.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,8 +33,11 @@ from torch import Tensor, nn
 
 from curvprune.errors import ConfigError
 from curvprune.run.checkpoint_files import check_state_fits, read_safetensors
+from curvprune.run.export_hf import export_huggingface
 from curvprune.run.files import atomic_directory, read_result
+from curvprune.run.latency import latency_record
 from curvprune.run.models import build_model
+from curvprune.run.onnx_export import export_onnx
 from curvprune.structure.removal import apply_removal
 
 __all__ = ["export_run", "load_pruned"]
@@ -87,6 +94,11 @@ def load_pruned(path: str | Path, model: nn.Module) -> nn.Module:
             are not zero where masked.
     """
     folder = Path(path)
+    if (folder / "config.json").is_file() and not (folder / "result.json").is_file():
+        raise ConfigError(
+            "a Hugging Face export folder: load it with transformers, "
+            f"AutoModelForCausalLM.from_pretrained(folder) @ {folder}"
+        )
     if not (folder / "model.safetensors").is_file():
         raise ConfigError(f"not a run directory or export folder (no model.safetensors) @ {folder}")
     state = _read_tensors(folder / "model.safetensors")
@@ -107,8 +119,11 @@ def load_pruned(path: str | Path, model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def export_run(run_dir: str | Path, out: str | Path | None = None, *, onnx: bool = False) -> Path:
     """Export the run in ``run_dir``; return the export folder.
+
+    ``onnx``: also write ``model.onnx``, checked against PyTorch's output with onnxruntime
+    (:mod:`curvprune.run.onnx_export`; the ``onnx`` extra).
 
     Raises:
         ConfigError: not a run directory, missing or corrupt files, or a failed check.
@@ -125,8 +140,21 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     def fresh() -> nn.Module:
         return build_model(spec["name"], num_classes=spec["num_classes"], **spec.get("kwargs", {}))
 
-    model = load_pruned(run_dir, fresh())
     final = Path(out) if out is not None else run_dir / "export"
+    if spec["name"].startswith("hf:"):
+        if onnx:
+            raise ConfigError(
+                "--onnx exports curvprune's own and torchvision models; export the Hugging Face "
+                f"folder and convert it with Optimum (optimum-cli export onnx) @ {run_dir}"
+            )
+        if structure is not None:
+            raise ConfigError(
+                "a run that removed channels of an hf: model cannot be saved as a Hugging Face "
+                f"folder (its config.json holds the full widths) @ {run_dir}"
+            )
+        model = load_pruned(run_dir, fresh())
+        return export_huggingface(model, masks, record, _read_config(run_dir), final)
+    model = load_pruned(run_dir, fresh())
     with atomic_directory(final, "export folder") as staging:
         files = {
             "model.safetensors": save({k: v.contiguous() for k, v in state.items()}),
@@ -144,9 +172,19 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                     raise ConfigError(
                         f"the exported model does not reproduce the run's outputs @ {final}"
                     )
+        latency = None
+        if structure is not None and probe is not None:  # what the smaller model buys here
+            latency = latency_record(fresh(), reloaded, probe)
+        onnx_check = None
+        if onnx:
+            if probe is None:
+                raise ConfigError(f"cannot infer an input for the ONNX export @ {run_dir}")
+            onnx_check = export_onnx(reloaded, probe, staging)
         manifest = {
             "model": {k: spec[k] for k in ("name", "num_classes", "kwargs") if k in spec},
             "kind": "removed" if structure is not None else "masked",
+            "latency": latency,
+            "onnx": onnx_check,
             "sparsity": record["sparsity"],
             "files": {f: hashlib.sha256(b).hexdigest() for f, b in files.items()},
             "load": "model = curvprune.run.models.build_model(name, num_classes=..., **kwargs); "
@@ -154,6 +192,22 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return final
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved ``config.toml`` (empty when it is missing)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config.toml is corrupt ({exc}) @ {path}") from None
 
 
 def _probe_input(model: nn.Module) -> Tensor | None:

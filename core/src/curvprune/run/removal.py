@@ -4,13 +4,15 @@ The run prunes with masks as usual, then, before fine-tuning, removes the pruned
 (:meth:`curvprune.Pipeline.remove`); fine-tuning builds its optimizer on the smaller model. The
 run records ``structure`` in ``result.json`` (parameters and FLOPs before and after, kept
 channels per group, the fraction removed per layer, and the largest output difference between
-the masked and the removed model on one batch, which should be round-off), and writes
+the masked and the removed model on one batch, which should be round-off, and the measured
+inference latency of both at batch 1 and 32 with the speed-up, :mod:`curvprune.run.latency`), and writes
 ``structure.json`` (the kept channel indices, what :func:`curvprune.apply_removal` needs to
 rebuild the smaller architecture for loading ``model.safetensors``) and ``layer_ratios.png``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from curvprune.pipeline.pipeline import Pipeline
 from curvprune.roles.reports import PruneResult
+from curvprune.run.latency import latency_record
 from curvprune.run.render import plot_layer_ratios
 from curvprune.structure.removal import _SCHEMA, RemovalResult
 
@@ -54,10 +57,12 @@ def remove_for_run(
     The record is the ``structure`` entry of ``result.json``.
     """
     before = _outputs(model, example_input)
+    dense = copy.deepcopy(model)  # full width (zeros cost as much as any weight): the dense speed
     removal = pipeline.remove(model, result.masks, example_input=example_input)
     after = _outputs(model, example_input)
     record = removal.to_json()
     record["max_output_difference"] = float((after - before).abs().max()) if before.numel() else 0.0
+    record["latency"] = latency_record(dense, model, example_input)
     return removal, record
 
 

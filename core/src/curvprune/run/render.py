@@ -24,9 +24,15 @@ def _num(value: float | None, fmt: str = ".4g") -> str:
     return "–" if value is None else format(value, fmt)
 
 
+#: Row labels of the run's metric in report.md.
+_METRIC_LABELS = {"accuracy": "accuracy", "perplexity": "perplexity (held out)"}
+
+
 def render_report(result: Mapping[str, Any]) -> str:
     """The ``report.md`` of a run, from its ``result.json`` content."""
-    acc, loss, sp = result["accuracy"], result["loss"], result["sparsity"]
+    metric = result.get("metric", "accuracy")  # the task's: accuracy, or perplexity for text
+    score, loss, sp = result[metric], result["loss"], result["sparsity"]
+    show = _pct if metric == "accuracy" else (lambda v: _num(v, ".2f"))
     methods = result["methods"]
     lines = [
         f"# curvprune run `{result['run']['name']}`",
@@ -39,7 +45,8 @@ def render_report(result: Mapping[str, Any]) -> str:
         "",
         "| | dense | pruned | fine-tuned |",
         "|---|---|---|---|",
-        f"| accuracy | {_pct(acc['dense'])} | {_pct(acc['pruned'])} | {_pct(acc['finetuned'])} |",
+        f"| {_METRIC_LABELS.get(metric, metric)} | {show(score['dense'])} | "
+        f"{show(score['pruned'])} | {show(score['finetuned'])} |",
         f"| loss | {_num(loss['dense'])} | {_num(loss['pruned'])} | {_num(loss['finetuned'])} |",
         "",
         *_sparsity_lines(result),
@@ -150,6 +157,15 @@ def _structure_lines(result: Mapping[str, Any]) -> list[str]:
     if s.get("flops_before") is not None:
         lines.append(f"| FLOPs per sample | {s['flops_before']:,} | {s['flops_after']:,} | "
                      f"{ratio(s['flops_before'], s['flops_after'])} |")
+    latency = s.get("latency")
+    if latency:
+        lines += [
+            "", f"Measured inference latency ({latency['device']}, {latency['threads']} threads, "
+            f"median over {latency['rounds']} alternating rounds):", "",
+            "| batch | dense (ms) | pruned (ms) | speed-up |", "|---|---|---|---|",
+            *(f"| {b} | {v['dense_ms']:.3f} | {v['pruned_ms']:.3f} | "
+              f"{v['speedup']:.2f}× |" for b, v in latency["batch_sizes"].items()),
+        ]
     lines += [
         "",
         "Largest output difference between the masked and the smaller model on one batch: "
@@ -312,11 +328,18 @@ def _x_axis(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     return "sparsity", "sparsity of the selected weights (%)"
 
 
-def plot_accuracy_vs_sparsity(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Accuracy against sparsity (or remaining FLOPs), one colour per method.
+def _metric(rows: Sequence[Mapping[str, Any]]) -> tuple[str, float, str]:
+    """The rows' metric (one data set per comparison: one metric), its scale and its unit."""
+    metric = next((r["metric"] for r in rows if r.get("metric")), "accuracy")
+    return (metric, 100.0, " %") if metric == "accuracy" else (metric, 1.0, "")
 
-    ``rows`` are :func:`curvprune.run.compare.summarize` rows: pruned accuracy solid, fine-tuned
-    dashed, error bars one standard deviation over seeds.
+
+def plot_accuracy_vs_sparsity(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """The task's metric against sparsity (or remaining FLOPs), one colour per method.
+
+    The metric is accuracy, or held-out perplexity for text. ``rows`` are
+    :func:`curvprune.run.compare.summarize` rows: pruned solid, fine-tuned dashed, error bars one
+    standard deviation over seeds.
     """
     import matplotlib
 
@@ -324,6 +347,7 @@ def plot_accuracy_vs_sparsity(rows: Sequence[Mapping[str, Any]], path: Path) -> 
     import matplotlib.pyplot as plt
 
     key, xlabel = _x_axis(rows)
+    metric, scale, _ = _metric(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     by_label: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -332,20 +356,20 @@ def plot_accuracy_vs_sparsity(rows: Sequence[Mapping[str, Any]], path: Path) -> 
     for i, (label, points) in enumerate(sorted(by_label.items())):
         points = sorted(points, key=lambda r: r[key])
         color = f"C{i % 10}"
-        for field, style, suffix in (("accuracy_pruned", "o-", "pruned"),
-                                     ("accuracy_finetuned", "s--", "fine-tuned")):
+        for field, style, suffix in ((f"{metric}_pruned", "o-", "pruned"),
+                                     (f"{metric}_finetuned", "s--", "fine-tuned")):
             pts = [p for p in points if p.get(field) is not None]
             if not pts:
                 continue
-            ax.errorbar([100 * p[key] for p in pts], [100 * p[field] for p in pts],
-                        yerr=[100 * (p.get(f"{field}_std") or 0.0) for p in pts], fmt=style,
+            ax.errorbar([100 * p[key] for p in pts], [scale * p[field] for p in pts],
+                        yerr=[scale * (p.get(f"{field}_std") or 0.0) for p in pts], fmt=style,
                         color=color, capsize=3, alpha=1.0 if suffix == "pruned" else 0.7,
                         label=f"{label} ({suffix})")
-    dense = [r["accuracy_dense"] for r in rows if r.get("accuracy_dense") is not None]
+    dense = [r[f"{metric}_dense"] for r in rows if r.get(f"{metric}_dense") is not None]
     if dense:
-        ax.axhline(100 * dense[0], color="k", lw=1, ls=":", label="dense")
+        ax.axhline(scale * dense[0], color="k", lw=1, ls=":", label="dense")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else "held-out perplexity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
@@ -357,15 +381,23 @@ def render_comparison(rows: Sequence[Mapping[str, Any]], *, seeds: int = 1) -> s
     """The Markdown of ``curvprune compare`` from :func:`curvprune.run.compare.summarize` rows.
 
     One row per method and target (mean ± std over ``seeds``), failed cells with their reason,
-    then accuracy against sparsity as one table (methods as columns).
+    then the task's metric (accuracy, or perplexity for text) against sparsity as one table
+    (methods as columns).
     """
     key, _ = _x_axis(rows)
+    metric, scale, unit = _metric(rows)
+
+    def pm(r: Mapping[str, Any], when: str) -> str:
+        field = f"{metric}_{when}"
+        return _pm(r.get(field), r.get(f"{field}_std"), seeds, scale=scale, unit=unit)
+
     flops = key == "flops_fraction"
     lines = [
         "# curvprune compare",
         "",
         f"{seeds} seed{'s' if seeds > 1 else ''} per cell"
-        + (" (mean ± standard deviation)" if seeds > 1 else "") + ".",
+        + (" (mean ± standard deviation)" if seeds > 1 else "") + "; dense, pruned and "
+        f"fine-tuned are the test {metric}.",
         "",
         "| method | target | sparsity |" + (" FLOPs left |" if flops else "")
         + " dense | pruned | fine-tuned | prune seconds | peak MiB | runs |",
@@ -380,9 +412,9 @@ def render_comparison(rows: Sequence[Mapping[str, Any]], *, seeds: int = 1) -> s
         cells = [
             _pm(r["sparsity"], r["sparsity_std"], seeds),
             *([_pm(r["flops_fraction"], r["flops_fraction_std"], seeds)] if flops else []),
-            _pm(r["accuracy_dense"], r["accuracy_dense_std"], seeds),
-            _pm(r["accuracy_pruned"], r["accuracy_pruned_std"], seeds),
-            _pm(r["accuracy_finetuned"], r["accuracy_finetuned_std"], seeds),
+            pm(r, "dense"),
+            pm(r, "pruned"),
+            pm(r, "finetuned"),
             _pm(r["prune_seconds"], r["prune_seconds_std"], seeds, scale=1.0, unit=""),
             _pm(r["peak_bytes"], r["peak_bytes_std"], seeds, fmt=".0f", scale=2**-20, unit=""),
             f"{r['runs'] - r['failed']}/{r['runs']}"
@@ -394,9 +426,10 @@ def render_comparison(rows: Sequence[Mapping[str, Any]], *, seeds: int = 1) -> s
     cell = {(r["label"], r["target"]): r for r in rows}
     lines += [
         "",
-        "## Accuracy vs sparsity",
+        f"## {metric.capitalize()} vs sparsity",
         "",
-        "Test accuracy right after pruning (after fine-tuning in brackets, where run).",
+        ("Test accuracy" if metric == "accuracy" else "Held-out perplexity")
+        + " right after pruning (after fine-tuning in brackets, where run).",
         "",
         "| target | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
@@ -410,9 +443,9 @@ def render_comparison(rows: Sequence[Mapping[str, Any]], *, seeds: int = 1) -> s
             elif r["failed"] == r["runs"]:
                 parts.append("failed")
             else:
-                text = _pm(r["accuracy_pruned"], r["accuracy_pruned_std"], seeds)
-                if r["accuracy_finetuned"] is not None:
-                    text += f" ({_pm(r['accuracy_finetuned'], r['accuracy_finetuned_std'], seeds)})"
+                text = pm(r, "pruned")
+                if r.get(f"{metric}_finetuned") is not None:
+                    text += f" ({pm(r, 'finetuned')})"
                 parts.append(text)
         lines.append(f"| {_pct(target)} | " + " | ".join(parts) + " |")
     lines += ["", "![accuracy vs sparsity](accuracy_vs_sparsity.png)", ""]

@@ -22,7 +22,7 @@ from curvprune.pipeline.session import PruningSession
 from curvprune.tensors import distributed
 from curvprune.tensors.gradients import LossFn, default_loss
 
-__all__ = ["LoopState", "evaluate", "make_optimizer", "train"]
+__all__ = ["METRICS", "LoopState", "evaluate", "make_optimizer", "train"]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -167,11 +167,34 @@ def train(
     return list(state.history)
 
 
+#: What :func:`evaluate` can measure, and whether higher is better.
+METRICS: dict[str, bool] = {"accuracy": True, "perplexity": False}
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: DataLoader, *, device: torch.device, loss_fn: LossFn | None = None
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    loss_fn: LossFn | None = None,
+    metric: str = "accuracy",
 ) -> tuple[float, float]:
-    """``(accuracy, mean loss)`` of ``model`` on ``loader`` in eval mode."""
+    """``(metric, mean loss)`` of ``model`` on ``loader`` in eval mode.
+
+    The mean loss weighs every batch by its samples. ``metric`` is the task's
+    (:attr:`curvprune.run.data.DataBundle.metric`):
+
+    * ``"accuracy"``: the share of samples whose highest output is the target (classifiers);
+    * ``"perplexity"``: exp of the mean loss. For a causal LM with the default loss and
+      sequences of one length this is exp of the mean next-token cross-entropy over every
+      predicted token, the usual held-out perplexity.
+
+    Raises:
+        ValueError: an unknown metric.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r} (choose {', '.join(METRICS)})")
     loss_fn = loss_fn or default_loss
     was_training = model.training
     model.eval()
@@ -183,8 +206,13 @@ def evaluate(
             x, y = x.to(device), y.to(device)
             out = model(x)
             total_loss += loss_fn(out, y).double() * y.shape[0]
-            correct += (out.argmax(-1) == y).sum()
+            if metric == "accuracy":
+                correct += (out.argmax(-1) == y).sum()
             count += y.shape[0]
     finally:
         model.train(was_training)
-    return float(correct) / max(count, 1), float(total_loss) / max(count, 1)
+    mean_loss = float(total_loss) / max(count, 1)
+    if metric == "perplexity":
+        # exp overflows a float past ~709.8: such a model's perplexity is infinite
+        return (math.exp(mean_loss) if mean_loss < 709 else math.inf), mean_loss
+    return float(correct) / max(count, 1), mean_loss

@@ -82,6 +82,9 @@ class ParamLayout:
     shapes: tuple[torch.Size, ...]
     module_types: tuple[str, ...]
     structures: StructureMap | None = attrs.field(default=None, kw_only=True)
+    #: True for a stage's share of a run's layout (:meth:`subset`): per-parameter options that
+    #: name parameters of other stages are not errors there.
+    partial: bool = attrs.field(default=False, kw_only=True)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -168,6 +171,26 @@ class ParamLayout:
         """For every channel, the index of the parameter it belongs to. Shape ``[n_channels]``."""
         counts = torch.tensor(self.channels, device=device)
         return torch.repeat_interleave(torch.arange(len(self), device=device), counts)
+
+    def subset(self, indices: Sequence[int]) -> ParamLayout:
+        """The layout of the parameters ``indices`` (in that order), marked :attr:`partial`.
+
+        Structures are not carried over (a stage prunes single weights); :meth:`subset_index`
+        maps the subset's flat vector into this one.
+        """
+        pick = [int(i) for i in indices]
+        return ParamLayout(
+            tuple(self.names[i] for i in pick),
+            tuple(self.shapes[i] for i in pick),
+            tuple(self.module_types[i] for i in pick),
+            partial=True,
+        )
+
+    def subset_index(self, indices: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+        """Flat positions in this layout of :meth:`subset` ``(indices)``'s flat vector, long."""
+        off = self.offsets
+        parts = [torch.arange(off[i], off[i + 1], device=device) for i in indices]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
     def with_structures(self, structures: StructureMap | None) -> ParamLayout:
         """This layout with ``structures`` attached (None: identity structures)."""

@@ -10,6 +10,9 @@
   pad and concat shortcuts) for tests of channel structures, gates and removal.
 * :mod:`curvprune.testing.digits`: the digits models (``DigitsMLP``, ``DigitsCNN``) and
   ``digits_loaders``, for a plugin's end-to-end tests on scikit-learn's bundled digits.
+* :mod:`curvprune.testing.causal_lm`: ``tiny_causal_lm`` saves a tiny GPT-2 and a word-level
+  tokenizer into one folder (offline), and ``sample_text`` writes text for it, for tests of
+  ``hf:`` models with ``[data] name = "text"``.
 * :mod:`curvprune.testing.distributed`: ``run_distributed`` runs a function in N gloo processes
   (torch.distributed tests: N processes against one).
 * :mod:`curvprune.testing.pytest_plugin`: fixtures (``plugin_host``, ``fake_dist``,
@@ -25,6 +28,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from curvprune.testing.causal_lm import sample_text, tiny_causal_lm
     from curvprune.testing.contracts import (
         CurvatureEstimatorContract,
         MaskApplierContract,
@@ -79,7 +83,9 @@ __all__ = [
     "gradients",
     "quadratic_loss_change",
     "run_distributed",
+    "sample_text",
     "sizes",
+    "tiny_causal_lm",
     "well_conditioned_spd",
 ]
 
@@ -101,6 +107,7 @@ _SUBMODULE = {
     ),
     **dict.fromkeys(("DigitsCNN", "DigitsLoaders", "DigitsMLP", "digits_loaders"), "digits"),
     **dict.fromkeys(("free_port", "run_distributed"), "distributed"),
+    **dict.fromkeys(("sample_text", "tiny_causal_lm"), "causal_lm"),
 }
 
 

@@ -10,8 +10,9 @@
 * :func:`wanda` (Sun et al., ICLR 2024) and :func:`magnitude`, no-update baselines;
 * :func:`layer_error`: ``tr(ΔW·H·ΔWᵀ)`` to compare them.
 
-Pure torch. In the pipeline so far: the ``wanda`` scorer (:mod:`curvprune_sparsegpt.scorer`,
-registered by :mod:`curvprune_sparsegpt.plugin`); the SparseGPT roles come later.
+Pure torch. In the pipeline (registered by :mod:`curvprune_sparsegpt.plugin`): the
+``sparsegpt`` estimator (:mod:`curvprune_sparsegpt.estimator`; SparseGPT or OBC through the
+``obs`` scorer) and the ``wanda`` scorer (:mod:`curvprune_sparsegpt.scorer`).
 """
 
 from __future__ import annotations

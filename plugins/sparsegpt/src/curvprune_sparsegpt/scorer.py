@@ -12,9 +12,10 @@ every rank scores alike.
 How the paper's comparison group maps onto curvprune's mask appliers: WANDA compares scores
 within each output row; curvprune's ``layerwise`` mask compares within each layer (the paper's
 §5 "per-layer" ablation), ``nm`` within each group of m consecutive inputs of a row (exactly the
-paper's N:M), ``global`` across layers. The dense model's activations are used for every layer
-(the paper's "pruning all layers at once"); the sequential, layer-by-layer calibration through
-already-pruned layers is not offered yet.
+paper's N:M), ``global`` across layers. With the default (dense) calibration the dense model's
+activations are used for every layer (the paper's one-pass setting); with ``[schedule]
+calibration = "sequential"`` each stage's inputs come through the already-pruned layers
+(``ctx.model`` then runs one stage, :mod:`curvprune.pipeline.stages`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class WandaScorer(SaliencyScorer):
 
     granularity = "weight"
     needs_data = True
+    layer_local = True
 
     def __init__(self, config: WandaConfig | None = None) -> None:
         super().__init__(config or WandaConfig())

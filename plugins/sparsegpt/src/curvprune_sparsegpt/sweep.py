@@ -87,7 +87,7 @@ def sparsegpt(weight: Tensor, hessian: Tensor | LayerHessian | InverseFactor, *,
               sparsity: float | None = None, prune_n: int = 0, prune_m: int = 0,
               mask: Tensor | None = None, blocksize: int = 128, mask_block: int | None = None,
               scope: Scope = "layer", percdamp: float = 0.01,
-              dtype: torch.dtype | None = None) -> PruneResult:
+              dtype: torch.dtype | None = None, prior: Tensor | None = None) -> PruneResult:
     """Prune ``weight`` (``[rows, d]``) with SparseGPT and compensate the remaining weights.
 
     ``hessian``: the undamped layer Hessian ``[d, d]`` (damped here with ``percdamp``), a
@@ -95,7 +95,9 @@ def sparsegpt(weight: Tensor, hessian: Tensor | LayerHessian | InverseFactor, *,
     ``sparsity`` (unstructured, selected adaptively per ``mask_block`` with ``scope``), N:M
     (``prune_n``, ``prune_m``) or ``mask`` (bool keep mask ``[rows, d]``) says what to prune.
     The sweep runs in the factor's dtype (float32 for a float32 Hessian, the reference's
-    precision; ``dtype=torch.float64`` for a float64 factorization of a raw H).
+    precision; ``dtype=torch.float64`` for a float64 factorization of a raw H). ``prior``
+    (bool keep mask ``[rows, d]``): weights pruned before, which stay pruned; they are chosen
+    first (saliency −∞) and count towards ``sparsity`` and N:M.
 
     Returns :class:`PruneResult`: the updated weight (input dtype, exact zeros where pruned), the
     keep mask and the per-row loss ``Σ_j err_j²/2 = ½·Δwᵀ·H̃·Δw``.
@@ -129,6 +131,12 @@ def sparsegpt(weight: Tensor, hessian: Tensor | LayerHessian | InverseFactor, *,
         keep = mask.to(device=dev, dtype=torch.bool) & alive
     else:
         keep = alive.expand(rows, d).clone()
+    if prior is not None:
+        if prior.shape != weight.shape:
+            raise ValueError(f"prior shape {tuple(prior.shape)} != weight shape "
+                             f"{tuple(weight.shape)}")
+        keep &= prior.to(device=dev, dtype=torch.bool)
+        w[~keep] = 0
     if nm:
         check_nm(d, prune_n, prune_m)
     if select:
@@ -142,7 +150,7 @@ def sparsegpt(weight: Tensor, hessian: Tensor | LayerHessian | InverseFactor, *,
     for i1, i2 in zip(cuts[:-1], cuts[1:], strict=True):
         if select and i1 % mb == 0:
             end = min(i1 + mb, d)
-            scores = torch.where(alive[i1:end], w[:, i1:end].square() / diag2[i1:end], ninf)
+            scores = torch.where(keep[:, i1:end], w[:, i1:end].square() / diag2[i1:end], ninf)
             if scope == "layer":
                 count = prune_count(rows * end, sparsity) - prune_count(rows * i1, sparsity)
             else:
@@ -154,7 +162,7 @@ def sparsegpt(weight: Tensor, hessian: Tensor | LayerHessian | InverseFactor, *,
         for i in range(i2 - i1):
             col = i1 + i
             if nm and col % prune_m == 0:
-                scores = torch.where(alive[col:col + prune_m],
+                scores = torch.where(keep[:, col:col + prune_m],
                                      block[:, i:i + prune_m].square() / diag2[col:col + prune_m],
                                      ninf)
                 keep[:, col:col + prune_m] &= ~nm_mask(scores, prune_n, prune_m)

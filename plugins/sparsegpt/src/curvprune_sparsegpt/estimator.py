@@ -1,0 +1,409 @@
+"""The ``sparsegpt`` curvature estimator: layer-wise Hessians H = 2XXᵀ/n in the pipeline.
+
+How layer-wise OBS maps onto curvprune's roles (OBC Eq. 1–3, SparseGPT §3):
+
+* **Curvature** (this estimator): for a layer y = W·x with calibration inputs X, the loss
+  ‖WX − ŴX‖² is a quadratic whose Hessian H = 2XXᵀ/n (d_in × d_in) is shared by every output
+  row. As a curvature estimator over the selected weights, the "Fisher" is block diagonal with
+  one block per output row, every row of a layer having the layer's damped H̃ = H + λ·mean(diag H)·I
+  (λ = ``damping``, relative, the reference's ``percdamp``). :meth:`fit` collects H with forward
+  pre-hooks (:class:`curvprune_sparsegpt.LayerHessian`) on ``num_grads`` calibration samples;
+  no loss and no gradient is used (``layer_local``). Queries: ``inverse_diagonal`` (the
+  diagonal of H̃⁻¹ repeated over rows), ``ihvp`` (V·H̃⁻¹ row by row).
+* **Saliency and update** (the ``obs`` scorer): OBS on this curvature is OBC. Because the
+  choice and the update interleave, the ``obs`` scorer asks the estimator for both
+  (:meth:`obs_select`): ``algorithm = "sparsegpt"`` runs the column sweep with adaptive mask
+  blocks (:func:`curvprune_sparsegpt.sparsegpt`), ``"exact"`` OBC's greedy removal
+  (:func:`curvprune_sparsegpt.obc`). Other scorers (magnitude, wanda) ignore the estimator.
+* **Mask** (the mask applier): ``layerwise`` gives the per-layer sparsity (the papers'
+  uniform setting, with its ``overrides``), ``nm`` the N:M pattern. A ranking across layers
+  (``global``) has no meaning for layer-output errors and is refused.
+* **Schedule**: ``oneshot`` (or ``sequential``) with ``calibration = "auto"`` runs stage by
+  stage, each stage calibrated on the outputs of the stages already pruned (the papers'
+  sequential mode, :mod:`curvprune.pipeline.stages`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from curvprune import (
+    ConfigError,
+    CurvatureEstimator,
+    EstimatorConfig,
+    LayerwiseMask,
+    MaskApplier,
+    NMMask,
+    ParamLayout,
+    Selection,
+    distributed,
+)
+from curvprune_sparsegpt.hessian import InverseFactor, LayerHessian, inverse_factor
+from curvprune_sparsegpt.masks import PruneResult
+from curvprune_sparsegpt.obc import obc
+from curvprune_sparsegpt.sweep import sparsegpt
+
+__all__ = ["SparseGPTConfig", "SparseGPTEstimator"]
+
+
+def _relative_damping(_: Any, attribute: attrs.Attribute, value: float) -> None:
+    if not 0 < value < 1e3:
+        raise ValueError(f"{attribute.name} must be in (0, 1000), got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class SparseGPTConfig(EstimatorConfig):
+    """``[estimator] name = "sparsegpt"``.
+
+    Attributes:
+        damping: **relative** damping λ: H̃ = H + λ·mean(diag H)·I (SparseGPT's ``percdamp``,
+            default 0.01). Raised ×10 (with a warning) while H̃ is not positive definite.
+        num_grads: calibration samples (sequences) H is collected on (the papers: 128).
+        algorithm: ``"sparsegpt"`` (the column sweep, SparseGPT Algorithm 1) or ``"exact"``
+            (OBC's greedy OBS per row; O(rows·d³), for small layers and as ground truth).
+        blocksize: columns of one lazy batch and one adaptive mask block (reference: 128).
+        scope: with ``layerwise`` masks, ``"layer"`` chooses each block's pruned weights over
+            all rows (SparseGPT's reference; OBC's global selection for ``exact``), ``"row"``
+            the same count in every row.
+        dtype: accumulation and factorization dtype (``float32``, the reference; ``float64``).
+    """
+
+    damping: float = attrs.field(default=0.01, converter=float, validator=_relative_damping)
+    num_grads: int = attrs.field(default=128, validator=attrs.validators.ge(1))
+    algorithm: Literal["sparsegpt", "exact"] = attrs.field(
+        default="sparsegpt", validator=attrs.validators.in_(("sparsegpt", "exact"))
+    )
+    blocksize: int = attrs.field(default=128, validator=attrs.validators.ge(1))
+    scope: Literal["layer", "row"] = attrs.field(
+        default="layer", validator=attrs.validators.in_(("layer", "row"))
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.block_size is not None:
+            raise ValueError(
+                "block_size does not apply: every output row is a block with its layer's H"
+            )
+
+
+def _kind(module: nn.Module) -> str | None:
+    if type(module).__name__ == "Conv1D":
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return "conv2d"
+    return None
+
+
+def _to_matrix(piece: Tensor, kind: str) -> Tensor:
+    """A parameter-shaped tensor (or ``[n, *shape]`` batch) as ``[..., rows, d_in]``."""
+    if kind == "conv1d":
+        return piece.transpose(-1, -2)
+    if kind == "conv2d":
+        return piece.flatten(-3)
+    return piece
+
+
+def _from_matrix(matrix: Tensor, kind: str, shape: torch.Size) -> Tensor:
+    if kind == "conv1d":
+        return matrix.transpose(-1, -2)
+    return matrix.reshape(*matrix.shape[:-2], *shape)
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_move(item, device) for item in batch)
+    return batch
+
+
+def _cut(batch: Any, take: int) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[:take]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_cut(item, take) for item in batch)
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (tuple, list)) and batch:
+        return _batch_size(batch[0])
+    raise ConfigError(f"cannot count the samples of a {type(batch).__name__} input @ data")
+
+
+class SparseGPTEstimator(CurvatureEstimator):
+    """Layer-wise OBS curvature: one damped Hessian H̃ per selected layer, shared by its rows."""
+
+    fits_model: ClassVar[bool] = True
+    layer_local: ClassVar[bool] = True
+    prefers_sequential: ClassVar[bool] = True
+
+    config: SparseGPTConfig
+
+    def __init__(self, config: SparseGPTConfig | None = None) -> None:
+        super().__init__(config or SparseGPTConfig())
+        self._hessians: list[LayerHessian] = []
+        self._kinds: list[str] = []
+        self._shapes: list[torch.Size] = []
+        self._factors: dict[int, InverseFactor] = {}
+        self._n = 0
+        #: ½·tr(ΔW·H̃·ΔWᵀ) of each layer pruned by :meth:`obs_select` (the layer error).
+        self.layer_losses: dict[str, float] = {}
+
+    # -- life cycle ---------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """Calibration samples H was collected on (over all ranks)."""
+        return self._n
+
+    def _setup(self) -> None:
+        self._hessians, self._kinds, self._shapes, self._factors = [], [], [], {}
+        self._n = 0
+
+    def _update(self, grads: Tensor) -> None:
+        raise self.unsupported(
+            "update(grads)",
+            "it builds layer Hessians from the layers' inputs with fit(model, batches)",
+        )
+
+    def fit(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        layout: ParamLayout,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Collect H = 2XXᵀ/n for every selected layer over ``num_grads`` samples.
+
+        The loss is not used (layer-wise OBS needs only the layers' inputs). Under
+        torch.distributed the sums and counts are all-reduced, so ranks that each saw a slice
+        of the samples (sequential calibration) or all of them agree with one process.
+        """
+        self._require_setup("fit")
+        modules = dict(model.named_modules())
+        layers: list[nn.Module] = []
+        self._setup()
+        for name in layout.names:
+            owner, _, leaf = name.rpartition(".")
+            module = modules.get(owner)
+            kind = _kind(module) if module is not None and leaf == "weight" else None
+            if kind is None:
+                raise ConfigError(
+                    f"estimator 'sparsegpt' builds layer Hessians for the weights of Linear, "
+                    f"Conv2d (groups = 1) and Conv1D layers, not {name!r} "
+                    f"({type(module).__name__}); leave it out with prune.ignore @ prune.targets"
+                )
+            layers.append(module)
+            self._kinds.append(kind)
+            self._shapes.append(module.weight.shape)
+            self._hessians.append(LayerHessian(module, dtype=self.dtype, device=self.device))
+        handles = [
+            layer.register_forward_pre_hook(
+                lambda _, args, acc=acc: acc.add_batch(args[0].detach())
+            )
+            for layer, acc in zip(layers, self._hessians, strict=True)
+        ]
+        was_training = model.training
+        model.eval()
+        seen = 0
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                    if seen >= self.num_grads:
+                        break
+                    n = _batch_size(x)
+                    if seen + n > self.num_grads:
+                        x, n = _cut(x, self.num_grads - seen), self.num_grads - seen
+                    model(_move(x, self.device))
+                    seen += n
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        self._reduce(seen)
+
+    def _reduce(self, seen: int) -> None:
+        """Sum Σxxᵀ and the counts of every layer over the ranks."""
+        count = torch.tensor([float(seen)], dtype=torch.float64, device=self.device)
+        distributed.all_reduce_sum_(count)
+        self._n = int(count.item())
+        for acc in self._hessians:
+            if not distributed.is_distributed():
+                continue
+            total = torch.tensor([float(acc.num_samples)], dtype=torch.float64, device=self.device)
+            acc.hessian.mul_(acc.num_samples)
+            distributed.all_reduce_sum_(acc.hessian)
+            distributed.all_reduce_sum_(total)
+            acc.num_samples = int(total.item())
+            acc.hessian.div_(max(acc.num_samples, 1))
+        if self._n == 0:
+            raise ConfigError("estimator 'sparsegpt' got no calibration samples @ data")
+
+    # -- queries ------------------------------------------------------------------------------
+    def _factor(self, i: int) -> InverseFactor:
+        if i not in self._factors:
+            acc = self._hessians[i]
+            if acc.num_samples == 0:
+                raise ConfigError(
+                    f"no calibration input reached the layer of {i}th selected parameter; it is "
+                    "not used by the model's forward @ prune.targets"
+                )
+            self._factors[i] = inverse_factor(acc.hessian, percdamp=self.config.damping)
+        return self._factors[i]
+
+    def _require_fit(self) -> None:
+        if len(self._hessians) != len(self.sizes):
+            raise self.unsupported("a query before fit(model, batches, ...)", "call fit first")
+
+    def _inverse_diagonal(self) -> Tensor:
+        """diag(H̃⁻¹) of each layer, repeated over its rows: ``Σ_k U_kj²`` for H̃⁻¹ = UᵀU."""
+        self._require_fit()
+        pieces = []
+        for i, (kind, shape) in enumerate(zip(self._kinds, self._shapes, strict=True)):
+            diag = self._factor(i).upper.square().sum(0).to(self.dtype)
+            rows = _to_matrix(torch.empty(shape, device="meta"), kind).shape[0]
+            pieces.append(_from_matrix(diag.expand(rows, -1), kind, shape))
+        return torch.cat([p.reshape(-1) for p in pieces])
+
+    def _ihvp(self, v: Tensor) -> Tensor:
+        """Row by row V·H̃⁻¹ (each row's block is its layer's H̃)."""
+        self._require_fit()
+        out = []
+        for i, piece in enumerate(torch.split(v, list(self.sizes), dim=1)):
+            kind, shape = self._kinds[i], self._shapes[i]
+            upper = self._factor(i).upper.to(self.dtype)
+            matrix = _to_matrix(piece.reshape(v.shape[0], *shape), kind)
+            solved = (matrix @ upper.t()) @ upper  # V·UᵀU
+            out.append(_from_matrix(solved, kind, shape).reshape(v.shape[0], -1))
+        return torch.cat(out, dim=1)
+
+    def obs_select(
+        self, weights: Tensor, mask: Tensor, layout: ParamLayout, applier: MaskApplier, level: float
+    ) -> Selection | None:
+        """SparseGPT's sweep (or OBC-exact) on every layer at the mask applier's rule.
+
+        ``layerwise``: each layer loses the applier's count (``round(s·n)``, ``overrides`` and
+        ``min_keep`` honoured; with ``scope = "row"`` floor(s·d) per row); ``nm``: round(level·m)
+        of every m inputs pruned. Weights pruned before stay pruned and count. Any other
+        applier: None (refused earlier by :meth:`check_pipeline`).
+        """
+        self._require_fit()
+        if isinstance(applier, LayerwiseMask):
+            # the applier's own counts (round(s·n), min_keep), as fractions the sweep floors back
+            levels: list[float | None] = [
+                count / size
+                for count, size in zip(
+                    applier.layer_counts(level, layout), layout.sizes, strict=True
+                )
+            ]
+            prune_n = prune_m = 0
+        elif isinstance(applier, NMMask):
+            prune_m = applier.config.m
+            prune_n = round(level * prune_m)
+            levels = [None] * len(layout)
+            applier.groups(layout)  # the applier's own one-line error for indivisible inputs
+        else:
+            return None
+        new_weights, keep = weights.clone(), mask.clone()
+        for i, name in enumerate(layout.names):
+            part = layout.slice(i)
+            kind, shape = self._kinds[i], self._shapes[i]
+            if (levels[i] == 0.0) if levels[i] is not None else prune_n == 0:
+                continue  # nothing to prune in this layer
+            w = _to_matrix(weights[part].reshape(shape), kind)
+            prior = _to_matrix(mask[part].reshape(shape), kind)
+            factor, order = self._factor(i), None
+            if prune_n and kind == "conv2d" and w.shape[1] != shape[1]:
+                # The nm mask groups m input channels at one kernel position: sweep the columns
+                # in (kh, kw, in) order so that each group is m consecutive columns.
+                order = torch.arange(w.shape[1], device=w.device).view(shape[1], -1).t().reshape(-1)
+                h = self._hessians[i].hessian[order][:, order]
+                factor = inverse_factor(h, percdamp=self.config.damping)
+                w, prior = w[:, order], prior[:, order]
+            result = self._prune_layer(w, factor, prior, levels[i], prune_n, prune_m)
+            pruned_w, kept = result.weight.to(weights.dtype), result.mask & prior
+            if order is not None:
+                back = torch.argsort(order)
+                pruned_w, kept = pruned_w[:, back], kept[:, back]
+            new_weights[part] = _from_matrix(pruned_w, kind, shape).reshape(-1)
+            keep[part] = _from_matrix(kept, kind, shape).reshape(-1)
+            if result.loss is not None:
+                self.layer_losses[name] = float(result.loss.sum())
+        return Selection(keep=keep, update=new_weights - weights)
+
+    def _prune_layer(
+        self,
+        w: Tensor,
+        factor: InverseFactor,
+        prior: Tensor,
+        sparsity: float | None,
+        prune_n: int,
+        prune_m: int,
+    ) -> PruneResult:
+        cfg = self.config
+        if cfg.algorithm == "exact":
+            return obc(
+                w,
+                factor,
+                sparsity=sparsity,
+                prune_n=prune_n,
+                prune_m=prune_m,
+                scope=cfg.scope,
+                dtype=torch.float64,
+            )
+        return sparsegpt(
+            w,
+            factor,
+            sparsity=sparsity,
+            prune_n=prune_n,
+            prune_m=prune_m,
+            blocksize=cfg.blocksize,
+            scope=cfg.scope,
+            prior=prior,
+        )
+
+    # -- plan and validation ------------------------------------------------------------------
+    @classmethod
+    def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
+        """Without shapes: a bound from the sizes (d_in ≤ size); see :meth:`plan_memory_bytes`."""
+        itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+        return sum(2 * s * s * itemsize for s in sizes)
+
+    @classmethod
+    def plan_memory_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """H and its inverse factor (d_in² each) of every selected layer at once (dense
+        calibration); a sequential step holds only one stage's."""
+        itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+        total = 0
+        for shape, kind in zip(layout.shapes, layout.module_types, strict=True):
+            d_in = int(shape[0]) if kind == "Conv1D" else math.prod(int(s) for s in shape[1:])
+            total += 2 * d_in * d_in * itemsize
+        return total
+
+    @classmethod
+    def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
+        return None
+
+    def check_pipeline(self, components: Mapping[str, Any]) -> str | None:
+        """Refuse masks that rank across layers or channels (layer errors are per layer)."""
+        scorer, mask = components.get("scorer"), components.get("mask")
+        if not getattr(scorer, "needs_curvature", False):
+            return None
+        if not isinstance(mask, (LayerwiseMask, NMMask)):
+            return (
+                "estimator 'sparsegpt' measures each layer's output error, which is not "
+                "comparable across layers or channels: use mask layerwise or nm @ mask.name"
+            )
+        return None
