@@ -258,6 +258,14 @@ def test_removed_equals_masked_on_hand_built_modules(name, data):
         kept = int(keep[layout.structures.group_slice(i)].sum()) * g.copies
         assert {modules[m].out_channels for m in g.producers + g.depthwise} == {kept}
     StructureGraph.trace(removed)  # and it still traces
+    # the record rebuilds the same architecture on a fresh model: the state dict loads
+    kept = {g.name: keep[layout.structures.group_slice(i)].nonzero().squeeze(1).tolist()
+            for i, g in enumerate(layout.structures.groups)}
+    fresh = build().double()
+    apply_removal(fresh, kept)
+    fresh.load_state_dict(removed.state_dict())
+    with torch.no_grad():
+        assert close(fresh.eval()(x), removed(x), 1e-12)
 
 
 def test_removal_slices_depthwise_and_grouped_convs():
