@@ -24,7 +24,13 @@ from curvprune import (
     select_parameters,
 )
 from curvprune.run.models import DigitsCNN
-from curvprune.testing.nets import CatNet, PadShortcutNet, TinyResNet, randomize_, sequential_cnn
+from curvprune.testing.nets import (
+    PadShortcutNet,
+    SplitNet,
+    TinyResNet,
+    randomize_,
+    sequential_cnn,
+)
 
 HOST = curvprune.get_plugin_manager(autoload=False)
 
@@ -105,23 +111,23 @@ def test_bottleneck_streams():
     assert len(internal) == 8 and not any(g.coupled for g in internal)
 
 
-def test_pad_and_cat_are_not_removable_and_named():
+def test_pad_and_split_are_not_removable_and_named():
     pad = StructureGraph.trace(PadShortcutNet())
     g1, g2 = pad.group("conv1"), pad.group("conv2")
     assert not g1.removable and "getitem" in g1.reason and "node" in g1.reason
     assert not g2.removable and "untracked" in g2.reason
-    cat = StructureGraph.trace(CatNet())
-    assert not cat.group("a").removable and "cat at node" in cat.group("a").reason
-    assert cat.group("mix").removable
+    split = StructureGraph.trace(SplitNet())
+    assert not split.group("a").removable and "split at node" in split.group("a").reason
+    assert split.group("b").removable
 
 
-def test_grouped_conv_and_nonzero_activation_are_refused():
+def test_grouped_conv_keeps_groups_equal_and_nonzero_activation_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Sigmoid(),
                           nn.Conv2d(4, 2, 1), nn.Flatten(), nn.Linear(2, 3))
     graph = StructureGraph.trace(model)
-    assert "grouped convolution '1'" in graph.group("0").reason
-    assert "grouped convolution" in graph.group("1").reason
-    assert "Sigmoid" in graph.group("1").reason
+    assert graph.group("0").removable and graph.group("0").copies == 2
+    assert graph.group("0").size == 2 and graph.group("0").channels == 4
+    assert "Sigmoid '2' maps a zero channel to a nonzero value" in graph.group("1").reason
     assert "nn.Flatten" not in (graph.group("3").reason or "")
 
 
@@ -435,9 +441,9 @@ def test_a_selected_group_that_cannot_be_pruned_is_a_warning_naming_why():
     from curvprune.structure.graph import attach_structures
 
 
-    model, pipeline = CatNet(), _channel_pipeline()
-    with pytest.warns(StructureSkipWarning, match=r"2 selected channel group\(s\) cannot be "
-                                                   r"pruned.*cat at node 'cat'"):
+    model, pipeline = SplitNet(), _channel_pipeline()
+    with pytest.warns(StructureSkipWarning, match=r"1 selected channel group\(s\) cannot be "
+                                                   r"pruned.*split at node 'split'"):
         layout = attach_structures(pipeline.mask, pipeline.select(model), model)
     assert layout.structures.n_structures > 0  # the other groups are still pruned
 
@@ -446,7 +452,7 @@ def test_strict_makes_a_skipped_group_an_error():
     from curvprune.structure.graph import attach_structures
 
 
-    model, pipeline = CatNet(), _channel_pipeline(strict=True)
+    model, pipeline = SplitNet(), _channel_pipeline(strict=True)
     with pytest.raises(curvprune.UnsupportedModelError, match=r"stay dense.*@ mask\.strict"):
         attach_structures(pipeline.mask, pipeline.select(model), model)
 

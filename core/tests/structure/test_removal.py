@@ -30,7 +30,7 @@ from curvprune import (
     select_parameters,
 )
 from curvprune.structure.counting import count_params
-from curvprune.testing.nets import CatNet, PadShortcutNet, TinyResNet, randomize_, sequential_cnn
+from curvprune.testing.nets import PadShortcutNet, SplitNet, TinyResNet, randomize_, sequential_cnn
 
 HOST = curvprune.get_plugin_manager(autoload=False)
 
@@ -175,7 +175,8 @@ def test_classifier_is_never_removed():
     ("net", "group", "match"),
     [(PadShortcutNet, "conv1", r"cannot remove channels of group 'conv1': getitem at node "
                                r"'getitem' is not handled.*@ model"),
-     (CatNet, "a", r"cannot remove channels of group 'a': cat at node 'cat' is not handled")],
+     (SplitNet, "a", r"cannot remove channels of group 'a': split at node 'split' is not "
+                     r"handled")],
 )
 def test_unsupported_graphs_are_refused_by_name(net, group, match):
     model = net()

@@ -308,3 +308,15 @@ def test_greg2_layers_stop_one_by_one_with_the_ema_kept_through_the_pick():
     restored = again.state_dict()
     assert again.finished_layers() == finished
     assert restored["layer_updates"] == {a: 1, b: 4} == state["layer_updates"]
+
+
+def test_reg_affine_leaves_alone_a_batchnorm_shared_through_a_cat():
+    """After a torch.cat a BatchNorm holds several groups at offsets (DenseNet): only a BN with
+    exactly the producer's channels is that producer's gate (issue 18)."""
+    from curvprune.testing.nets import DenseCatNet
+    from curvprune_greg.rules import gate_parameters
+
+    model = DenseCatNet(stem=4, growth=3, layers=2)
+    gates = gate_parameters(model, curvprune.select_parameters(model))
+    assert gates["stem.weight"] == ["stem.bias", "norms.0.weight", "norms.0.bias"]
+    assert gates["convs.0.weight"] == [] and gates["convs.1.weight"] == []

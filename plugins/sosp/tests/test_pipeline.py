@@ -138,3 +138,29 @@ def test_attention_models_are_scored_through_the_math_attention_path(scorer) -> 
         result = pipeline.prune(model, [(x[:8], y[:8]), (x[8:], y[8:])])
     assert result.steps[-1].sparsity > 0
     assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
+
+
+@pytest.mark.parametrize("net", ["InvertedResidualNet", "DenseCatNet", "GroupedNet",
+                                 "SqueezeExciteNet", "CatNet", "ChunkNet"])
+def test_sosp_h_prunes_and_removes_depthwise_grouped_cat_and_se_models(net) -> None:
+    """The gates of depthwise, grouped, concatenated and SE groups (issue 18) carry SOSP: half
+    the structures go, and the removed model computes what the masked one did."""
+    import copy
+
+    from curvprune.testing import nets
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 3, (64,))
+    data = DataLoader(TensorDataset(x, y), batch_size=32)
+    model = getattr(nets, net)()
+    pipeline = Pipeline.from_config({**config("sosp-h"), "prune": {"sparsity": 0.5,
+                                                                   "loss_samples": 32}})
+    result = pipeline.prune(model, data)
+    layout = result.masks.layout
+    alive = layout.alive_structures(result.masks.flat)
+    assert 0 < int((~alive).sum()) < layout.n_structures
+    model.eval()
+    small = copy.deepcopy(model)
+    pipeline.remove(small, result.masks)
+    with torch.no_grad():
+        assert torch.allclose(small(x[:8]), model(x[:8]), atol=1e-5)

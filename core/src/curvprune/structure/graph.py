@@ -5,28 +5,36 @@ or removed together. :meth:`StructureGraph.trace` finds them with a ``torch.fx``
 (no input needed) by following every producer's output through the ops that keep its channels
 apart:
 
-* a producer (``Conv1d``/``Conv2d``/``Conv3d`` with ``groups = 1``, or ``Linear``) starts a group of
+* a producer (``Conv1d``/``Conv2d``/``Conv3d``, not depthwise, or ``Linear``) starts a group of
   ``out_channels`` channels;
 * BatchNorm layers slice with it (they are the group's ``norms``);
 * zero-preserving element-wise ops (ReLU and friends, tanh, pooling, dropout, identity, scaling
-  by a number) and flattening pass it on unchanged; flattening a ``[N, C, H, W]`` map turns each
-  channel into ``in_features / C`` consecutive features of the following Linear layer;
+  by a number, torchvision's ``StochasticDepth``) and flattening pass it on unchanged;
+  flattening a ``[N, C, H, W]`` map turns each channel into ``in_features / C`` consecutive
+  features of the following Linear layer;
 * a residual ``add`` couples the channels of its inputs: channel c of every producer feeding the
   sum is one **structure** (a torchvision ResNet stage stream is the stem or downsample BN output
   plus the last BN output of each block: Nonnenmacher et al., 2022, treat such a coupled
   channel as one structure; greg_sosp memo §4.5);
+* a depthwise convolution passes channel c to channel c: it joins the group (``depthwise``);
+* a grouped convolution keeps its conv groups equal: structure s is channel ``k * size + s`` of
+  every conv group k (``copies``);
+* a channel ``torch.cat`` puts each group at its offset in the modules reading it;
+* an equal ``torch.chunk`` hands each chunk's readers a window of the group (chunks kept equal);
+* a channel-wise product couples its factors; one may be a sigmoid scale (squeeze-and-excitation);
 * Conv and Linear layers reading the channels are the group's ``consumers`` (their input dims
   are sliced on removal).
 
-Anything else touching a group's channels (``torch.cat``, ``F.pad``, slicing, views other than a
-flatten, grouped or depthwise convolutions, ops with f(0) ≠ 0 such as sigmoid, modules the
-tracer does not know) marks the groups involved not removable, with a reason naming the node:
-removing their channels would silently produce a wrong model (the option-A zero-pad shortcut
-pitfall of DepGraph, memo §7.1). A group whose channels reach the model's output (the
-classifier) is never prunable.
+Anything else touching a group's channels (``torch.split`` at literal sizes, ``F.pad``,
+slicing, views other than a flatten, LayerNorm, ops with f(0) ≠ 0 such as sigmoid outside a
+product, modules the tracer does not know) marks the groups involved not removable, with a
+reason naming the node: removing their channels would silently produce a wrong model (the
+option-A zero-pad shortcut pitfall of DepGraph, memo §7.1). A group whose channels reach the
+model's output (the classifier) is never prunable.
 
 **Gates.** Removing structure s is the same as multiplying its channel by a gate m_s = 0 at the
-post-BN output of each of its producers (memo §4.2): every later op maps the zero channel to
+post-BN output of each of its producers (memo §4.2), and at every BN or depthwise conv of the
+group off a private chain: every later op maps the zero channel to
 zero, so every consumer reads zeros, exactly as if the channel were gone. Masking a structure
 zeroes its producers' weight rows and biases and its BatchNorms' γ and β, which makes the gated
 output exactly 0 (BN computes γ·x̂ + β). :meth:`Structures.gates` installs the gates as forward
@@ -47,6 +55,7 @@ from torch import Tensor, nn
 from curvprune.errors import ConfigError, StructureSkipWarning, UnsupportedModelError
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.trace import Tracer
+from curvprune.structure.trace_ops import is_leaf_pass
 from curvprune.tensors.layout import ParamLayout
 
 __all__ = [
@@ -69,11 +78,14 @@ class StructureGraph:
         groups: every group, in the order its first producer runs.
         param_names: the model's parameter names at trace time.
         model_type: the traced model's class name.
+        widths: channels of every BatchNorm and depthwise convolution at trace time (a
+            concatenation puts several groups into one of them, at offsets).
     """
 
     groups: tuple[ChannelGroup, ...]
     param_names: frozenset[str]
     model_type: str
+    widths: dict[str, int] = attrs.field(factory=dict)
 
     @classmethod
     def trace(cls, model: nn.Module) -> StructureGraph:
@@ -84,7 +96,7 @@ class StructureGraph:
                 or a Linear layer's input is not a whole number of features per flattened channel.
         """
         try:
-            gm = torch.fx.symbolic_trace(model)
+            gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UnsupportedModelError(
@@ -98,6 +110,7 @@ class StructureGraph:
             groups=tracer.groups(),
             param_names=frozenset(n for n, _ in model.named_parameters()),
             model_type=type(model).__name__,
+            widths=dict(tracer.widths),
         )
 
     def group(self, name: str) -> ChannelGroup:
@@ -130,15 +143,20 @@ class StructureGraph:
             channel_offsets.append(channel_offsets[-1] + c)
         channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
         for g, off in zip(groups, offsets, strict=True):
-            for p in g.producers:
-                i = position[f"{p}.weight"]
-                if layout.channels[i] != g.size:
+            ids = torch.arange(off, off + g.size).repeat(g.copies)
+            rows = [(p, 0, 0, g.channels, True) for p in g.producers]
+            rows += [(m, at, lo, hi, False) for m, at, lo, hi in g.placed("depthwise")]
+            for p, at, lo, hi, whole in rows:
+                i = position.get(f"{p}.weight")
+                if i is None:  # an unselected depthwise conv: only its input is pruned
+                    continue
+                if whole and layout.channels[i] != g.channels:
                     raise ConfigError(
                         f"parameter {p}.weight has {layout.channels[i]} output channels but its "
-                        f"group has {g.size} @ layout"
+                        f"group has {g.channels} @ layout"
                     )
-                start = channel_offsets[i]
-                channel_structure[start : start + g.size] = torch.arange(off, off + g.size)
+                start = channel_offsets[i] + at
+                channel_structure[start : start + hi - lo] = ids[lo:hi]
         structure_group = torch.repeat_interleave(
             torch.arange(len(groups)), torch.tensor([g.size for g in groups], dtype=torch.long)
         )
@@ -217,10 +235,10 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
-                for gate in g.gates:
+                for gate, at, lo, hi in g.placed("gates"):
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
-                    hook = _gate_hook(values, off, g.size, g.channel_dim)
+                    hook = _gate_hook(values, (off, g.size, g.copies, lo, hi), at, g.channel_dim)
                     handles.append(modules[gate].register_forward_hook(hook))
             yield
         finally:
@@ -230,24 +248,32 @@ class Structures:
     def gate_masks(self, keep: Tensor) -> dict[str, Tensor]:
         """Keep-masks of the non-weight parameters that gate each structure.
 
-        For every prunable group: its producers' biases and its BatchNorms' weight and bias
-        (when the model has them), each ``keep[offsets[g] : offsets[g] + size]``. With the
-        producers' weight rows zeroed (the layout's mask), a removed structure's gated output is
-        exactly zero.
+        For every prunable group: its producers' biases, its BatchNorms' weight and bias and
+        its depthwise convolutions' biases (when the model has them), each
+        ``keep[offsets[g] : offsets[g] + size]`` repeated ``copies`` times at the group's offset
+        in the parameter (the rest kept). With the producers' weight rows zeroed (the layout's
+        mask), a removed structure's gated output is exactly zero.
 
         Args:
             keep: bool ``[S]``, True for kept structures.
         """
         out: dict[str, Tensor] = {}
-        params = self.graph.param_names
+        params, widths = self.graph.param_names, self.graph.widths
         for i, g in enumerate(self.groups):
-            piece = keep[self.group_slice(i)]
-            names = [f"{p}.bias" for p in g.producers] + [
-                f"{n}.{w}" for n in g.norms for w in ("weight", "bias")
-            ]
-            for name in names:
-                if name in params:
-                    out[name] = piece
+            piece = keep[self.group_slice(i)].repeat(g.copies)
+            entries = [(f"{p}.bias", p, 0, 0, g.channels) for p in g.producers]
+            entries += [(f"{n}.{w}", n, at, lo, hi) for n, at, lo, hi in g.placed("norms")
+                        for w in ("weight", "bias")]
+            entries += [(f"{n}.bias", n, at, lo, hi) for n, at, lo, hi in g.placed("depthwise")]
+            for name, module, at, lo, hi in entries:
+                if name not in params:
+                    continue
+                width = widths.get(module, g.channels)
+                mask = out.get(name)
+                if mask is None:
+                    mask = torch.ones(width, dtype=torch.bool, device=keep.device)
+                mask[at : at + hi - lo] &= piece[lo:hi]
+                out[name] = mask
         return out
 
     def unaffine_norms(self) -> list[str]:
@@ -256,14 +282,31 @@ class Structures:
         return [n for g in self.groups for n in g.norms if f"{n}.weight" not in params]
 
 
-def _gate_hook(values: Tensor, offset: int, size: int, dim: int) -> Any:
+def _gate_hook(values: Tensor, piece: tuple[int, ...], at: int, dim: int) -> Any:
+    """Multiply the output's channels ``at, at + 1, ...`` on ``dim`` by the group's gate values
+    ``values[off : off + size]`` repeated ``copies`` times, window ``[lo, hi)`` of them
+    (``piece``); the others by 1."""
+    off, size, copies, lo, hi = piece
+
     def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        gate = values[offset : offset + size].to(output.dtype)
+        gate = values[off : off + size].repeat(copies)[lo:hi].to(output.dtype)
+        width = output.shape[dim]
+        if at or gate.numel() != width:
+            ones = torch.ones(width, dtype=gate.dtype, device=gate.device)
+            gate = torch.cat([ones[:at], gate, ones[at + gate.numel():]])
         shape = [1] * output.dim()
-        shape[dim] = size
+        shape[dim] = width
         return output * gate.view(shape)
 
     return hook
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """The default fx tracer, keeping known library pass-through modules (torchvision's
+    ``StochasticDepth``) as leaves so the tracer sees the module, not its random mask."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_leaf_pass(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGroup]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+import torch
 
 __all__ = ["ChannelGroup"]
 
@@ -28,6 +29,20 @@ class ChannelGroup:
             right after it when there is one, else the producer; one per producer.
         channel_dim: the channel dimension of the gated outputs: 1 (Conv maps) or -1 (Linear
             features).
+        copies: channels per structure. A group read or made by a grouped convolution
+            (``groups = g``) keeps its conv groups equal in size: structure ``s`` is channel
+            ``k * size + s`` for every ``k < copies`` (a multiple of every such g), so each conv
+            group loses the same channel slots. 1 otherwise.
+        norm_offsets, consumer_offsets, depthwise_offsets, gate_offsets: the channel offset of
+            the group inside each norm, consumer, depthwise conv and gate point (parallel to
+            those tuples; empty means all 0). A ``torch.cat`` of several groups puts each at
+            its offset in the modules reading the concatenation.
+        depthwise: depthwise convolutions (``groups = in = out``) the channels pass through:
+            channel c of their input makes only channel c of their output, so their weight
+            rows and biases are sliced with the group and ``groups`` follows.
+        norm_windows, consumer_windows, depthwise_windows, gate_windows: the group's channels
+            ``[lo, hi)`` each entry holds (parallel; empty means all of them): a ``torch.chunk``
+            hands each chunk's readers a window of the group.
     """
 
     name: str
@@ -40,6 +55,44 @@ class ChannelGroup:
     reason: str | None = None
     gates: tuple[str, ...] = ()
     channel_dim: int = 1
+    copies: int = 1
+    norm_offsets: tuple[int, ...] = ()
+    consumer_offsets: tuple[int, ...] = ()
+    depthwise: tuple[str, ...] = ()
+    depthwise_offsets: tuple[int, ...] = ()
+    gate_offsets: tuple[int, ...] = ()
+    norm_windows: tuple[tuple[int, int], ...] = ()
+    consumer_windows: tuple[tuple[int, int], ...] = ()
+    depthwise_windows: tuple[tuple[int, int], ...] = ()
+    gate_windows: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def channels(self) -> int:
+        """The group's width in every module it touches: ``size * copies``."""
+        return self.size * self.copies
+
+    def spans(self, what: str) -> list[tuple[Any, int]]:
+        """``(entry, offset)`` of ``norms``, ``consumers``, ``depthwise`` or ``gates``."""
+        entries = getattr(self, what)
+        offsets = getattr(self, {"norms": "norm_offsets", "consumers": "consumer_offsets",
+                                 "depthwise": "depthwise_offsets", "gates": "gate_offsets"}[what])
+        return list(zip(entries, offsets or (0,) * len(entries), strict=True))
+
+    def placed(self, what: str) -> list[tuple[Any, int, int, int]]:
+        """``(entry, offset, lo, hi)``: the group's channels ``lo .. hi - 1`` sit at ``offset``
+        in each of ``norms``, ``consumers``, ``depthwise`` or ``gates``."""
+        windows = getattr(self, {"norms": "norm_windows", "consumers": "consumer_windows",
+                                 "depthwise": "depthwise_windows", "gates": "gate_windows"}[what])
+        spans = self.spans(what)
+        windows = windows or ((0, self.channels),) * len(spans)
+        return [(e, at, lo, hi) for (e, at), (lo, hi) in zip(spans, windows, strict=True)]
+
+    def channel_index(self, structures: Any) -> Any:
+        """The channels (in the group's own numbering) of the given structure indices:
+        ``k * size + s`` for every copy ``k``, ascending."""
+        index = torch.as_tensor(structures, dtype=torch.long)
+        out = (torch.arange(self.copies)[:, None] * self.size + index[None, :]).reshape(-1)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         """The group as plain JSON values."""
@@ -47,4 +100,5 @@ class ChannelGroup:
             "name": self.name, "size": self.size, "producers": list(self.producers),
             "norms": list(self.norms), "consumers": [list(c) for c in self.consumers],
             "coupled": self.coupled, "removable": self.removable, "reason": self.reason,
+            "copies": self.copies, "depthwise": list(self.depthwise),
         }

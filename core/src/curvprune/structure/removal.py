@@ -6,8 +6,16 @@ Removing a channel of a group (see :mod:`curvprune.structure.graph`) slices, in 
   ``out_features``;
 * every BatchNorm of the group: γ, β, ``running_mean``, ``running_var`` and ``num_features``
   (``num_batches_tracked`` is kept);
+* every depthwise convolution the channels pass through: weight rows, bias entries,
+  ``in_channels``, ``out_channels`` and ``groups``;
 * every consumer: Conv weight columns (dim 1) and ``in_channels``; Linear columns in blocks of
-  ``per_channel`` consecutive features per channel after a flatten, and ``in_features``.
+  ``per_channel`` consecutive features per channel after a flatten, and ``in_features``. A
+  grouped convolution's columns are its positions inside one conv group: every conv group
+  keeps the same ones (a group's ``copies`` make that so), and ``groups`` stays.
+
+A group inside a concatenation is sliced at its offset in the modules reading it; several
+groups slicing one module (a consumer of one and a producer of another, or the parts of a
+concatenation) are combined into one index per module and role over its original width.
 
 Parameters are replaced by new :class:`torch.nn.Parameter` objects, so **any optimizer built
 before the removal must be rebuilt** (its state refers to the old tensors). Everything is
@@ -185,15 +193,16 @@ def _remove(
     ``groups`` and ``kept_counts`` (kept and total channels by group name) are reported.
     """
     modules = dict(model.named_modules())
-    updates: list[tuple[nn.Module, str, Any]] = []
+    cuts: dict[tuple[str, str], _Cut] = {}
     for group, index in plan:
-        updates.extend(_group_updates(group, index, modules))
+        _group_cuts(group, index, modules, cuts)
+    updates = [_checked(name, what, cut, modules[name]) for (name, what), cut in cuts.items()]
     if example_input is not None:
         flops_before, params_before = count_flops_params(model, example_input)
     else:
         flops_before, params_before = None, count_params(model)
-    # Several groups may slice one module (a consumer of one and producer of another) on
-    # different dims: apply them in order, each to the current tensor.
+    # A module may be sliced by several groups (a consumer of one and producer of another, or
+    # a concatenation of several): each (module, role) gets one index over its original width.
     _apply_updates(updates)
     if example_input is not None:
         flops_after, params_after = count_flops_params(model, example_input)
@@ -215,10 +224,19 @@ def _remove(
     )
 
 
-def _group_updates(
-    group: ChannelGroup, index: Tensor, modules: Mapping[str, nn.Module]
-) -> list[tuple[nn.Module, str, Any]]:
-    """Checks for one group and the slicing it needs, as ``(module, what, argument)``."""
+@attrs.define
+class _Cut:
+    """The kept positions of one (module, role), over its width at trace time."""
+
+    keep: Tensor
+    group: str
+
+
+def _group_cuts(
+    group: ChannelGroup, index: Tensor, modules: Mapping[str, nn.Module],
+    cuts: dict[tuple[str, str], _Cut],
+) -> None:
+    """Checks for one group; mark the positions it removes in every module it touches."""
     if not group.removable:
         raise UnsupportedModelError(
             f"cannot remove channels of group {group.name!r}: {group.reason} @ model"
@@ -228,56 +246,73 @@ def _group_updates(
             f"removal would leave group {group.name!r} (producers {', '.join(group.producers)}) "
             "with no channel; keep at least one (mask.min_channels >= 1) @ mask.min_channels"
         )
+    keep = torch.zeros(group.channels, dtype=torch.bool)
+    keep[group.channel_index(index)] = True
 
-    def module(name: str) -> nn.Module:
+    def cut(name: str, what: str, width: int | None, at: int, lo: int, hi: int,
+            per: int = 1) -> None:
         if name not in modules:
             raise UnsupportedModelError(
                 f"module {name!r} of group {group.name!r} is not in the model @ model"
             )
-        return modules[name]
+        size = _width(modules[name], what)
+        if size is None or (width is not None and size != width) or (at + hi - lo) * per > size:
+            raise UnsupportedModelError(
+                f"module {name!r} has {size} {'input' if what == 'in' else 'output'} channels, "
+                f"not what group {group.name!r} had when traced: the model changed since @ model"
+            )
+        entry = cuts.setdefault((name, what), _Cut(torch.ones(size, dtype=torch.bool),
+                                                   group.name))
+        piece = keep[lo:hi].repeat_interleave(per)
+        entry.keep[at * per : at * per + piece.numel()] &= piece
 
-    out: list[tuple[nn.Module, str, Any]] = []
     for name in group.producers:
-        mod = module(name)
-        is_conv = isinstance(mod, _CONV)
-        size = mod.out_channels if is_conv else getattr(mod, "out_features", None)
-        if size != group.size:
-            raise UnsupportedModelError(
-                f"producer {name!r} has {size} output channels, its group {group.name!r} "
-                f"{group.size}: the model changed since it was traced @ model"
-            )
-        out.append((mod, "out", index))
-    for name in group.norms:
-        mod = module(name)
-        if getattr(mod, "num_features", None) != group.size:
-            raise UnsupportedModelError(
-                f"BatchNorm {name!r} does not have {group.size} features any more @ model"
-            )
-        if not mod.affine:
+        cut(name, "out", group.channels, 0, 0, group.channels)
+    for name, at, lo, hi in group.placed("norms"):
+        mod = modules.get(name)
+        if mod is not None and not getattr(mod, "affine", True):
             raise UnsupportedModelError(
                 f"BatchNorm {name!r} has no affine parameters, so a masked channel of group "
                 f"{group.name!r} outputs -mean/std, not 0: removing it would change the "
                 "model's function @ model"
             )
-        out.append((mod, "norm", index))
-    for name, per_channel in group.consumers:
-        mod = module(name)
-        width = mod.in_channels if isinstance(mod, _CONV) else mod.in_features
-        if width != group.size * per_channel:
+        cut(name, "norm", None, at, lo, hi)
+    for name, at, lo, hi in group.placed("depthwise"):
+        cut(name, "dw", None, at, lo, hi)
+    for (name, per), at, lo, hi in group.placed("consumers"):
+        cut(name, "in", None, at, lo, hi, per)
+
+
+def _width(mod: nn.Module, what: str) -> int | None:
+    if what == "norm":
+        return getattr(mod, "num_features", None)
+    if what == "in":
+        return mod.in_channels if isinstance(mod, _CONV) else getattr(mod, "in_features", None)
+    return mod.out_channels if isinstance(mod, _CONV) else getattr(mod, "out_features", None)
+
+
+def _checked(name: str, what: str, cut: _Cut, mod: nn.Module) -> tuple[nn.Module, str, Tensor]:
+    """``(module, role, kept index)``; for a grouped convolution's input, the kept positions
+    inside one conv group (every group must keep the same ones)."""
+    index = cut.keep.nonzero().squeeze(1)
+    groups = getattr(mod, "groups", 1)
+    if what in ("in", "out") and groups > 1:
+        slots = cut.keep.reshape(groups, -1)
+        if not bool((slots == slots[:1]).all()):
             raise UnsupportedModelError(
-                f"consumer {name!r} reads {width} inputs, not {group.size}x{per_channel} "
-                "@ model"
+                f"grouped convolution {name!r} (groups={groups}) would keep different channels "
+                f"in its groups (group {cut.group!r}) @ model"
             )
-        cols = (index[:, None] * per_channel + torch.arange(per_channel)).reshape(-1)
-        out.append((mod, "in", cols))
-    return out
+        if what == "in":
+            index = slots[0].nonzero().squeeze(1)
+    return mod, what, index
 
 
-def _apply_updates(updates: list[tuple[nn.Module, str, Any]]) -> None:
+def _apply_updates(updates: list[tuple[nn.Module, str, Tensor]]) -> None:
     """Slice in place; every check has passed already."""
     for mod, what, index in updates:
         index = index.to(mod.weight.device)
-        if what == "out":
+        if what in ("out", "dw"):
             _set_param(mod, "weight", mod.weight.detach().index_select(0, index))
             if mod.bias is not None:
                 _set_param(mod, "bias", mod.bias.detach().index_select(0, index))
@@ -285,6 +320,8 @@ def _apply_updates(updates: list[tuple[nn.Module, str, Any]]) -> None:
                 mod.out_features = int(index.numel())
             else:
                 mod.out_channels = int(index.numel())
+            if what == "dw":
+                mod.in_channels = mod.groups = int(index.numel())
         elif what == "norm":
             _set_param(mod, "weight", mod.weight.detach().index_select(0, index))
             _set_param(mod, "bias", mod.bias.detach().index_select(0, index))
@@ -298,7 +335,7 @@ def _apply_updates(updates: list[tuple[nn.Module, str, Any]]) -> None:
             if isinstance(mod, nn.Linear):
                 mod.in_features = int(index.numel())
             else:
-                mod.in_channels = int(index.numel())
+                mod.in_channels = int(index.numel()) * mod.groups
 
 
 def _set_param(module: nn.Module, name: str, value: Tensor) -> None:

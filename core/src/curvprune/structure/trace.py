@@ -1,90 +1,41 @@
 """The torch.fx walk that finds a model's channel groups (see :mod:`curvprune.structure.graph`).
 
 :class:`Tracer` interprets a symbolic trace node by node: every producer starts a group, ops
-that keep channels apart pass them on, residual adds union groups, and anything else marks the
-groups it touches not removable with the node named.
+that keep channels apart pass them on, residual adds and products union groups, a channel
+``torch.cat`` places groups at offsets, depthwise convolutions pass channel c to channel c,
+grouped convolutions ask their groups to keep conv groups equal, and anything else marks the
+groups it touches not removable with the node named. The op tables and abstract values are in
+:mod:`curvprune.structure.trace_ops`.
 """
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from curvprune.errors import UnsupportedModelError
+from curvprune.structure import trace_ops as ops
 from curvprune.structure.groups import ChannelGroup
+from curvprune.structure.trace_ops import OPAQUE, Cat, Chan, Opaque, chans, unique
 
 __all__ = ["Tracer"]
 
 
-
-# --------------------------------------------------------------------------------------------
-# What the tracer understands
-# --------------------------------------------------------------------------------------------
-#: Modules that map a zero channel to a zero channel and keep channels apart.
-_PASS_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Softsign, nn.Tanhshrink, nn.Hardshrink,
-    nn.Softshrink, nn.Identity,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)
-
-#: Functions and tensor methods with the same property.
-_PASS_FUNCTIONS: frozenset[Any] = frozenset({
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu,
-    F.gelu, F.silu, F.mish, F.hardtanh, F.hardswish, F.tanh, torch.tanh, F.softsign,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-})
-_PASS_METHODS = frozenset({"relu", "relu_", "tanh", "tanh_", "clone", "contiguous", "detach"})
-_ADD = frozenset({operator.add, operator.iadd, torch.add})
-_ADD_METHODS = frozenset({"add", "add_"})
-_SCALE = frozenset({operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv})
-_SCALE_METHODS = frozenset({"mul", "mul_", "div", "div_"})
-_FLATTEN_FUNCTIONS = frozenset({torch.flatten})
-_VIEW_METHODS = frozenset({"view", "reshape"})
-_META_METHODS = frozenset({"size", "dim", "numel", "ndimension"})
-_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim"})
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-# --------------------------------------------------------------------------------------------
-# Tracing
-# --------------------------------------------------------------------------------------------
-@attrs.define
-class _Chan:
-    """Abstract value of a traced tensor whose channels belong to one element (producer call).
-
-    ``kind``: ``conv`` (channels on dim 1 of a map), ``linear`` (features on the last dim) or
-    ``flat`` (a flattened map: each channel a block of consecutive features). ``chain``: the
-    element whose private chain (single users, no merge) this value still is on, else None.
-    """
-
-    elem: int
-    kind: str
-    chain: int | None
-
-
-class _Opaque:
-    """A tensor the tracer knows nothing about (the input, an unknown op's output)."""
-
-
-_OPAQUE = _Opaque()
-
-
 class Tracer:
-    """One pass over the fx graph, recording groups as union-find over producer calls."""
+    """One pass over the fx graph, recording groups as union-find over producer calls.
+
+    Besides the union-find, it records per element its norms, depthwise convs and consumers
+    (each at a channel offset), the grouped convolutions that constrain it, and **gate slots**:
+    points (module, offset) where multiplying the element's channels by 0 zeroes everything
+    its consumers read. A slot moves down a private chain (BN, depthwise conv); a norm or
+    depthwise conv off any private chain opens a new slot, since a zero input does not give a
+    zero output there (β - γ·mean/std).
+    """
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
@@ -93,11 +44,15 @@ class Tracer:
         self.size: list[int] = []
         self.producer: list[str] = []
         self.kind: list[str] = []
-        self.gate: list[str] = []
         self.reasons: list[list[str]] = []
-        self.norms: list[list[str]] = []
-        self.consumers: list[list[tuple[str, int]]] = []
-        self.module_elems: dict[str, set[int]] = {}  # module -> elements it reads or makes
+        # (module, offset, lo, hi): the element's channels [lo, hi) at ``offset`` in the module
+        self.norms: list[list[tuple[str, int, int, int | None]]] = []
+        self.depthwise: list[list[tuple[str, int, int, int | None]]] = []
+        self.consumers: list[list[tuple[str, int, int, int, int | None]]] = []  # + per_channel
+        self.grouping: list[list[tuple[int, str]]] = []  # (equal parts, by what) constraints
+        self.slots: list[list[Any]] = []  # [module, offset, elem, lo, hi]
+        self.spans: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        self.widths: dict[str, int] = {}
         self.produced: dict[str, int] = {}
         self.rank: list[int] = []  # tensor rank of each conv element's maps (0 for Linear)
         self.env: dict[torch.fx.Node, Any] = {}
@@ -116,36 +71,63 @@ class Tracer:
             self.parent[hi] = lo
         return min(ra, rb)
 
-    def new(self, size: int, module: str, kind: str, reason: str | None, rank: int) -> int:
+    def width(self, chan: Chan) -> int:
+        """Channels ``chan`` holds (its window of its element's channels)."""
+        full = self.size[self.find(chan.elem)]
+        return (full if chan.hi is None else chan.hi) - chan.lo
+
+    def same_channels(self, a: Chan, b: Chan) -> bool:
+        """Whether channel i of ``a`` and of ``b`` can be one structure (same full width and
+        window), so that the two elements may be unioned."""
+        return (self.size[self.find(a.elem)] == self.size[self.find(b.elem)]
+                and (a.lo, a.hi) == (b.lo, b.hi) and a.kind == b.kind)
+
+    def new(self, size: int, module: str, kind: str, rank: int) -> tuple[int, int]:
         e = len(self.parent)
         self.rank.append(rank)
         self.parent.append(e)
         self.size.append(size)
         self.producer.append(module)
         self.kind.append(kind)
-        self.gate.append(module)
-        self.reasons.append([reason] if reason else [])
+        self.reasons.append([])
         self.norms.append([])
+        self.depthwise.append([])
         self.consumers.append([])
-        return e
+        self.grouping.append([])
+        return e, self.slot(module, 0, e)
+
+    def slot(self, module: str, offset: int, elem: int, lo: int = 0,
+             hi: int | None = None) -> int:
+        self.slots.append([module, offset, elem, lo, hi])
+        return len(self.slots) - 1
 
     def bad(self, value: Any, reason: str) -> None:
-        for chan in _chans(value):
+        for chan in chans(value):
             self.reasons[chan.elem].append(reason)
+
+    def dirty(self, value: Any) -> bool:
+        """Refuse the nonzero-at-zero channels in ``value`` (their reason); True if any."""
+        hit = [c for c in chans(value) if c.nonzero]
+        for c in hit:
+            self.reasons[c.elem].append(f"{c.nonzero}, and it is not only a channel scale")
+        return bool(hit)
+
+    def span(self, name: str, role: str, offset: int, chan: Chan) -> None:
+        self.spans.setdefault((name, role), []).append((offset, self.width(chan), chan.elem))
 
     # -- the pass -----------------------------------------------------------------------------
     def run(self) -> None:
         for node in self.gm.graph.nodes:
             self.env[node] = self.visit(node)
 
-    def arg(self, a: Any) -> Any:
-        return torch.fx.node.map_arg(a, lambda n: self.env[n])
-
     def visit(self, node: torch.fx.Node) -> Any:
         if node.op in ("placeholder", "get_attr"):
-            return _OPAQUE
-        args, kwargs = self.arg(node.args), self.arg(node.kwargs)
+            return OPAQUE
+        env = self.env
+        args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
         if node.op == "output":
+            self.dirty(args)
             self.bad(args, "its channels reach the model output")
             return None
         if node.op == "call_module":
@@ -153,164 +135,312 @@ class Tracer:
         return self.visit_op(node, args, kwargs)
 
     def passed(self, node: torch.fx.Node, value: Any) -> Any:
-        """``value`` after a pass-through op at ``node``: same element, private chain kept
+        """``value`` after a pass-through op at ``node``: same elements, private chains kept
         only while the input had a single user."""
-        if not isinstance(value, _Chan):
-            return value
         source = node.args[0] if node.args else None
         single = isinstance(source, torch.fx.Node) and len(source.users) == 1
-        return _Chan(value.elem, value.kind, value.chain if single else None)
+        if isinstance(value, Chan):
+            return attrs.evolve(value, chain=value.chain if single else None)
+        if isinstance(value, Cat):
+            return Cat(tuple((attrs.evolve(c, chain=c.chain if single else None), o)
+                             for c, o in value.parts), value.kind)
+        return value
 
-    def uses(self, name: str, value: Any) -> None:
-        """Record that module ``name`` reads (or writes) ``value``'s element."""
-        if isinstance(value, _Chan):
-            self.module_elems.setdefault(name, set()).add(value.elem)
+    def parts(self, value: Chan | Cat) -> list[tuple[Chan, int]]:
+        return [(value, 0)] if isinstance(value, Chan) else list(value.parts)
+
+    def total(self, value: Chan | Cat) -> int:
+        return sum(self.width(c) for c, _ in self.parts(value))
 
     def visit_module(self, node: torch.fx.Node, module: nn.Module, args: Any, kwargs: Any) -> Any:
         name = str(node.target)
-        x = args[0] if args else _OPAQUE
+        x = args[0] if args else OPAQUE
         others = (args[1:], kwargs)
-        if _chans(others):
+        if chans(others):
             self.bad(others, f"module {name!r} takes several channel inputs")
             self.bad(x, f"module {name!r} takes several channel inputs")
-            return _OPAQUE
-        if isinstance(module, _CONV) or isinstance(module, nn.Linear):
-            return self.visit_producer(node, name, module, x)
-        if isinstance(module, _NORM):
-            if not isinstance(x, _Chan):
-                return x
-            if x.kind == "flat" or self.size[x.elem] != module.num_features:
-                self.bad(x, f"BatchNorm {name!r} does not act on the channels")
-                return _OPAQUE
-            self.uses(name, x)
-            self.norms[x.elem].append(name)
-            out = self.passed(node, x)
-            if x.chain is not None and x.chain == x.elem and out.chain is not None:
-                self.gate[x.elem] = name
-            return out
-        if isinstance(module, _PASS_MODULES):
+            return OPAQUE
+        if isinstance(module, ops.CONV) and _depthwise(module):
+            return self.visit_depthwise(node, name, module, x)
+        if isinstance(module, ops.CONV) or isinstance(module, nn.Linear):
+            return self.visit_producer(name, module, x)
+        if isinstance(module, ops.NORM):
+            return self.visit_norm(node, name, module, x)
+        if isinstance(module, ops.PASS_MODULES) or ops.is_leaf_pass(module):
             return self.passed(node, x)
+        if isinstance(module, ops.GATE_MODULES):
+            return self.scale_op(x, f"{type(module).__name__} {name!r}")
         if isinstance(module, nn.Flatten):
             if module.start_dim == 1 and module.end_dim == -1:
-                return self.flatten(node, x, name)
+                return self.flatten(x, name)
             self.bad(x, f"nn.Flatten {name!r} with start_dim={module.start_dim}")
-            return _OPAQUE
-        if isinstance(x, _Chan):
+            return OPAQUE
+        if isinstance(x, (Chan, Cat)) and isinstance(module, ops.MIXING_NORMS):
+            self.bad(x, f"{type(module).__name__} {name!r} normalises across the channels "
+                        "(removing one changes the others' statistics)")
+        elif isinstance(x, (Chan, Cat)):
             self.bad(x, f"module {name!r} ({type(module).__name__}) is not handled")
-        return _OPAQUE
+        return OPAQUE
 
-    def visit_producer(
-        self, node: torch.fx.Node, name: str, module: nn.Module, x: Any
-    ) -> Any:
-        is_conv = isinstance(module, _CONV)
-        if isinstance(x, _Chan):
-            if is_conv:
-                ok = x.kind == "conv" and module.groups == 1
-                per = 1
-                why = f"grouped convolution {name!r} reads them" if module.groups != 1 else (
-                    f"convolution {name!r} reads them flattened")
+    def visit_norm(self, node: torch.fx.Node, name: str, module: nn.Module, x: Any) -> Any:
+        if not isinstance(x, (Chan, Cat)):
+            return x
+        if self.dirty(x) or x.kind == "flat" or self.total(x) != module.num_features:
+            self.bad(x, f"BatchNorm {name!r} does not act on the channels")
+            return OPAQUE
+        return self.per_channel(node, name, "norm", x, module.num_features)
+
+    def visit_depthwise(self, node: torch.fx.Node, name: str, module: nn.Module, x: Any) -> Any:
+        if not isinstance(x, (Chan, Cat)):
+            return self.visit_producer(name, module, x)
+        if self.dirty(x) or x.kind != "conv" or self.total(x) != module.in_channels:
+            self.bad(x, f"depthwise convolution {name!r} does not read them as a channel map")
+            return OPAQUE
+        return self.per_channel(node, name, "dw", x, module.in_channels)
+
+    def per_channel(self, node: torch.fx.Node, name: str, role: str, x: Chan | Cat,
+                    width: int) -> Any:
+        """A module acting on each channel alone (BN, depthwise conv): it joins the groups at
+        their offsets, and becomes their gate point (moved down a private chain, or new)."""
+        self.widths[name] = width
+        out = self.passed(node, x)
+        new_parts = []
+        for (chan, offset), (after, _) in zip(self.parts(x), self.parts(out), strict=True):
+            self.span(name, role, offset, chan)
+            (self.norms if role == "norm" else self.depthwise)[chan.elem].append(
+                (name, offset, chan.lo, chan.hi))
+            if chan.chain is not None and after.chain is not None:
+                self.slots[chan.chain][:2] = [name, offset]
+                slot = chan.chain
             else:
-                per, rest = divmod(module.in_features, self.size[x.elem])
-                ok = x.kind in ("flat", "linear") and (x.kind == "flat" or per == 1)
-                why = f"Linear {name!r} reads a convolution map (not flattened)"
-                if ok and rest:
-                    raise UnsupportedModelError(
-                        f"Linear {name!r} has in_features={module.in_features}, not a multiple "
-                        f"of the {self.size[x.elem]} channels flattened before it @ model"
-                    )
-            if ok:
-                self.uses(name, x)
-                self.consumers[x.elem].append((name, per))
-            else:
-                self.bad(x, why)
+                slot = self.slot(name, offset, chan.elem, chan.lo, chan.hi)
+            new_parts.append((attrs.evolve(chan, chain=slot), offset))
+        if isinstance(x, Chan):
+            return new_parts[0][0]
+        return Cat(tuple(new_parts), x.kind)
+
+    def visit_producer(self, name: str, module: nn.Module, x: Any) -> Any:
+        is_conv = isinstance(module, ops.CONV)
+        if isinstance(x, (Chan, Cat)) and not self.dirty(x):
+            self.consume(name, module, x)
+        elif isinstance(x, (Chan, Cat)):
+            self.bad(x, f"{name!r} reads channels that are not zero when removed")
         if name in self.produced:
             reason = f"module {name!r} is called more than once"
             self.reasons[self.produced[name]].append(reason)
-            return _OPAQUE
+            return OPAQUE
         out = module.out_channels if is_conv else module.out_features
-        reason = None
-        if is_conv and module.groups != 1:
-            reason = f"{name!r} is a grouped convolution (groups={module.groups})"
         rank = module.weight.dim() if is_conv else 0
-        elem = self.new(out, name, "conv" if is_conv else "linear", reason, rank)
+        elem, slot = self.new(out, name, "conv" if is_conv else "linear", rank)
+        if is_conv and module.groups != 1:
+            self.grouping[elem].append(
+                (module.groups, f"grouped convolution {name!r} (groups={module.groups})"))
         self.produced[name] = elem
-        return _Chan(elem, "conv" if is_conv else "linear", elem)
+        return Chan(elem, "conv" if is_conv else "linear", slot)
 
-    def flatten(self, node: torch.fx.Node, x: Any, where: str) -> Any:
-        if not isinstance(x, _Chan):
+    def consume(self, name: str, module: nn.Module, x: Chan | Cat) -> None:
+        """Record Conv/Linear ``name`` reading ``x`` (each part at its offset), or refuse."""
+        total = self.total(x)
+        if isinstance(module, ops.CONV):
+            per = 1
+            if x.kind != "conv":
+                self.bad(x, f"convolution {name!r} reads them flattened")
+                return
+            if module.groups != 1 and (isinstance(x, Cat) or x.lo or x.hi is not None):
+                what = "a concatenation" if isinstance(x, Cat) else "a chunk"
+                self.bad(x, f"grouped convolution {name!r} reads {what}")
+                return
+        else:
+            per, rest = divmod(module.in_features, total)
+            if x.kind == "conv" or (x.kind == "linear" and per != 1):
+                self.bad(x, f"Linear {name!r} reads a convolution map (not flattened)")
+                return
+            if rest:
+                raise UnsupportedModelError(
+                    f"Linear {name!r} has in_features={module.in_features}, not a multiple "
+                    f"of the {total} channels flattened before it @ model"
+                )
+        for chan, offset in self.parts(x):
+            self.span(name, "in", offset, chan)
+            self.consumers[chan.elem].append((name, per, offset, chan.lo, chan.hi))
+            if isinstance(module, ops.CONV) and module.groups != 1:
+                self.grouping[chan.elem].append(
+                    (module.groups, f"grouped convolution {name!r} (groups={module.groups})"))
+
+    def flatten(self, x: Any, where: str) -> Any:
+        if not isinstance(x, (Chan, Cat)):
             return x
         if x.kind != "conv":
             self.bad(x, f"flatten at {where!r} of features that are not a channel map")
-            return _OPAQUE
-        return _Chan(x.elem, "flat", None)
+            return OPAQUE
+        if isinstance(x, Cat):
+            return Cat(tuple((attrs.evolve(c, kind="flat", chain=None), o) for c, o in x.parts),
+                       "flat")
+        return attrs.evolve(x, kind="flat", chain=None)
+
+    def scale_op(self, x: Any, label: str) -> Any:
+        """A sigmoid-like op: its result is a channel scale (nonzero at zero)."""
+        if isinstance(x, Chan):
+            return attrs.evolve(x, chain=None, nonzero=x.nonzero or (
+                f"{label} maps a zero channel to a nonzero value"))
+        if isinstance(x, Cat):
+            self.bad(x, f"{label} of a concatenation is not handled")
+        return OPAQUE if isinstance(x, (Cat, Opaque)) else x
 
     def visit_op(self, node: torch.fx.Node, args: Any, kwargs: Any) -> Any:
         target = node.target
         method = target if node.op == "call_method" else None
         label = method if method else getattr(target, "__name__", str(target))
         where = f"{label} at node {node.name!r}"
-        x = args[0] if args else _OPAQUE
-        is_meta_attr = target is getattr and len(args) > 1 and args[1] in _META_ATTRS
-        if method in _META_METHODS or is_meta_attr:
+        x = args[0] if args else OPAQUE
+        is_meta_attr = target is getattr and len(args) > 1 and args[1] in ops.META_ATTRS
+        if method in ops.META_METHODS or is_meta_attr:
             return None
-        if target is operator.getitem and not isinstance(x, (_Chan, _Opaque)):
+        if isinstance(x, (tuple, list)) and chans(x):  # the chunks of a map, a tuple of outputs
+            if target is operator.getitem and isinstance(args[1], int):
+                return x[args[1]]
+        elif target in (getattr, operator.getitem) and not isinstance(x, (Chan, Cat, Opaque)):
             return None
-        if target in _ADD or method in _ADD_METHODS:
+        if isinstance(target, type) and issubclass(target, tuple):  # a namedtuple of outputs
+            return (*args, *kwargs.values())
+        if target in ops.ADD or method in ops.ADD_METHODS:
             return self.add(node, args, kwargs, where)
-        if target in _SCALE or method in _SCALE_METHODS:
+        if target in ops.SCALE or method in ops.SCALE_METHODS:
             operands = list(args) + list(kwargs.values())
-            tensors = [a for a in operands if isinstance(a, (_Chan, _Opaque))]
-            if len(tensors) == 1 and isinstance(tensors[0], _Chan):
+            tensors = [a for a in operands if isinstance(a, (Chan, Cat, Opaque))]
+            divide = label in ("truediv", "itruediv", "div", "div_")
+            if len(tensors) == 1 and isinstance(tensors[0], (Chan, Cat)) and (
+                    not divide or operands[0] is tensors[0]):
                 return self.passed(node, tensors[0])
-        elif target in _PASS_FUNCTIONS or method in _PASS_METHODS:
-            if not _chans((args[1:], kwargs)):
+            is_mul = target in ops.MUL or method in ops.MUL_METHODS
+            if is_mul and len(tensors) == 2 and all(isinstance(t, Chan) for t in tensors):
+                return self.multiply(tensors[0], tensors[1], where)
+        elif target in ops.GATE_FUNCTIONS or method in ops.GATE_METHODS:
+            if not chans((args[1:], kwargs)):
+                return self.scale_op(x, where)
+        elif target in ops.PASS_FUNCTIONS or method in ops.PASS_METHODS:
+            if not chans((args[1:], kwargs)):
                 return self.passed(node, x)
-        elif target in _FLATTEN_FUNCTIONS or method == "flatten":
-            start = _arg(args, kwargs, 1, "start_dim", 0)
-            end = _arg(args, kwargs, 2, "end_dim", -1)
+        elif target in ops.CAT:
+            return self.cat(args, kwargs, where)
+        elif (target in ops.CHUNK or method == "chunk") and isinstance(x, Chan):
+            return self.chunk(x, args, kwargs, where)
+        elif target in ops.FLATTEN_FUNCTIONS or method == "flatten":
+            start = ops.arg(args, kwargs, 1, "start_dim", 0)
+            end = ops.arg(args, kwargs, 2, "end_dim", -1)
             if start == 1 and end == -1:
-                return self.flatten(node, x, node.name)
-        elif method in _VIEW_METHODS:
+                return self.flatten(x, node.name)
+        elif method in ops.VIEW_METHODS:
             packed = len(args) == 2 and isinstance(args[1], (tuple, list))
             shape = args[1] if packed else args[1:]
-            if len(shape) == 2 and isinstance(x, _Chan) and x.kind == "conv":
-                return self.flatten(node, x, node.name)
+            if len(shape) == 2 and isinstance(x, (Chan, Cat)) and x.kind == "conv":
+                return self.flatten(x, node.name)
         elif method == "mean" or target is torch.mean:
-            dims = _arg(args, kwargs, 1, "dim", None)
-            keep = _arg(args, kwargs, 2, "keepdim", False)
+            dims = ops.arg(args, kwargs, 1, "dim", None)
+            keep = ops.arg(args, kwargs, 2, "keepdim", False)
             dims = (dims,) if isinstance(dims, int) else dims
-            if isinstance(x, _Chan) and x.kind == "conv" and dims:
-                rank = self.rank[x.elem]
+            if isinstance(x, (Chan, Cat)) and x.kind == "conv" and dims:
+                rank = self.rank[self.parts(x)[0][0].elem]
                 if all(isinstance(d, int) and -rank <= d < rank and d % rank >= 2 for d in dims):
-                    return self.passed(node, x) if keep else _Chan(x.elem, "flat", None)
-        touched = _chans((args, kwargs))
+                    return self.passed(node, x) if keep else self.flatten(x, node.name)
+        touched = chans((args, kwargs))
         if touched:
-            self.bad(touched, f"{where} is not handled")
-        return _OPAQUE
+            self.dirty(touched)
+            mixing = target in ops.MIXING_FUNCTIONS
+            self.bad(touched, f"{where} normalises across the channels (removing one changes the "
+                              "others' statistics)" if mixing else f"{where} is not handled")
+        return OPAQUE
+
+    def cat(self, args: Any, kwargs: Any, where: str) -> Any:
+        """``torch.cat`` of channel maps on the channel dim: each input at its offset."""
+        items = ops.arg(args, kwargs, 0, "tensors", ())
+        dim = ops.arg(args, kwargs, 1, "dim", 0)
+        items = list(items) if isinstance(items, (list, tuple)) else [items]
+        touched = chans(items)
+        if not touched:
+            return OPAQUE if any(isinstance(i, Opaque) for i in items) else None
+        ok = all(isinstance(i, (Chan, Cat)) and i.kind in ("conv", "linear") for i in items)
+        kinds = {i.kind for i in items if isinstance(i, (Chan, Cat))}
+        if ok and len(kinds) == 1:
+            kind = kinds.pop()
+            rank = self.rank[touched[0].elem] if kind == "conv" else 1
+            ok = dim in ((1, 1 - rank) if kind == "conv" else (-1,))
+            why = f"{where} along dim {dim}, not the channel dim"
+        elif kinds == {"flat"}:
+            ok, why = False, f"{where} joins flattened maps (features per channel unknown)"
+        else:
+            ok, why = False, f"{where} joins channels with an untracked tensor"
+        if not ok or self.dirty(items):
+            self.bad(touched, why)
+            return OPAQUE
+        parts, offset = [], 0
+        for item in items:
+            for chan, inner in self.parts(item):
+                parts.append((attrs.evolve(chan, chain=None), offset + inner))
+            offset += self.total(item)
+        return Cat(tuple(parts), kind)
+
+    def chunk(self, x: Chan, args: Any, kwargs: Any, where: str) -> Any:
+        """``torch.chunk`` on the channel dim: each chunk holds a window of the group, and the
+        group keeps the chunks equal (like a grouped conv's groups), so that the chunk sizes,
+        computed from the tensor, still split at the same place after removal."""
+        parts = ops.arg(args, kwargs, 1, "chunks", None)
+        dim = ops.arg(args, kwargs, 2, "dim", 0)
+        rank = self.rank[x.elem] if x.kind == "conv" else 1
+        width = self.width(x)
+        channel_dim = dim in ((1, 1 - rank) if x.kind == "conv" else (-1,))
+        if self.dirty(x) or x.kind == "flat" or not channel_dim or not isinstance(parts, int) \
+                or parts < 1 or width % parts:
+            self.bad(x, f"{where} is not handled (only equal chunks of the channel dim)")
+            return OPAQUE
+        full, step = self.size[self.find(x.elem)], width // parts
+        need = 1
+        out = []
+        for j in range(parts):
+            lo, hi = x.lo + j * step, x.lo + (j + 1) * step
+            need = math.lcm(need, full // math.gcd(full, lo, hi))
+            out.append(attrs.evolve(x, chain=None, lo=lo, hi=None if hi == full else hi))
+        self.grouping[x.elem].append((need, f"{where} ({parts} chunks)"))
+        return tuple(out)
+
+    def multiply(self, a: Chan, b: Chan, where: str) -> Any:
+        """A channel-wise product (squeeze-and-excitation, gating): channel c of both factors
+        goes together, and it is zero when either factor's channel is (so one factor may be a
+        sigmoid scale)."""
+        if not self.same_channels(a, b) or (a.nonzero and b.nonzero):
+            self.bad((a, b), f"{where} multiplies tensors of different channel layouts"
+                     if not (a.nonzero and b.nonzero) else f"{where} multiplies two scales")
+            return OPAQUE
+        root = self.union(a.elem, b.elem)
+        return Chan(root, a.kind, None, None, a.lo, a.hi)
 
     def add(self, node: torch.fx.Node, args: Any, kwargs: Any, where: str) -> Any:
         operands = list(args[:2])
         if "alpha" in kwargs or len(args) > 2:
             self.bad((args, kwargs), f"{where} with alpha is not handled")
-            return _OPAQUE
-        chans = [a for a in operands if isinstance(a, _Chan)]
-        if not chans:
-            return _OPAQUE if any(isinstance(a, _Opaque) for a in operands) else None
-        if len(chans) == 1:
-            other = operands[1] if operands[0] is chans[0] else operands[0]
+            return OPAQUE
+        values = [a for a in operands if isinstance(a, (Chan, Cat))]
+        if not values:
+            return OPAQUE if any(isinstance(a, Opaque) for a in operands) else None
+        if self.dirty(values):
+            return OPAQUE
+        if len(values) == 1:
+            other = operands[1] if operands[0] is values[0] else operands[0]
             if isinstance(other, (int, float)) and other == 0:
-                return self.passed(node, chans[0])
-            what = (
-                "an untracked tensor" if isinstance(other, _Opaque) else f"the constant {other!r}"
-            )
-            self.bad(chans, f"{where} adds {what} to the channels")
-            return _OPAQUE
-        a, b = chans
-        if a.kind != b.kind or self.size[self.find(a.elem)] != self.size[self.find(b.elem)]:
-            self.bad(chans, f"{where} adds tensors of different channel layouts")
-            return _OPAQUE
-        root = self.union(a.elem, b.elem)
-        return _Chan(root, a.kind, None)
+                return self.passed(node, values[0])
+            what = "an untracked tensor" if isinstance(other, Opaque) else f"the constant {other!r}"
+            self.bad(values, f"{where} adds {what} to the channels")
+            return OPAQUE
+        a, b = values
+        pa, pb = self.parts(a), self.parts(b)
+        layout = len(pa) == len(pb) and all(
+            oa == ob and self.same_channels(ca, cb) for (ca, oa), (cb, ob) in zip(pa, pb))
+        if a.kind != b.kind or not layout:
+            self.bad(values, f"{where} adds tensors of different channel layouts")
+            return OPAQUE
+        joined = [(Chan(self.union(ca.elem, cb.elem), a.kind, None, None, ca.lo, ca.hi), o)
+                  for (ca, o), (cb, _) in zip(pa, pb, strict=True)]
+        return joined[0][0] if isinstance(a, Chan) else Cat(tuple(joined), a.kind)
 
     # -- result -------------------------------------------------------------------------------
     def groups(self) -> tuple[ChannelGroup, ...]:
@@ -319,58 +449,61 @@ class Tracer:
         members: dict[int, list[int]] = {}
         for e, r in enumerate(roots):
             members.setdefault(r, []).append(e)
-        # A module reading or normalising channels of two different groups cannot be sliced.
-        for name, elems in self.module_elems.items():
-            hit = {roots[e] for e in elems}
-            if len(hit) > 1:
-                for r in hit:
-                    self.reasons[r].append(f"module {name!r} touches channels of several groups")
-        out = []
-        for r in sorted(members):
-            elems = members[r]
-            reasons = _unique(x for e in elems for x in self.reasons[e])
-            kinds = {self.kind[e] for e in elems}
-            out.append(ChannelGroup(
-                name=self.producer[elems[0]],
-                size=self.size[r],
-                producers=tuple(self.producer[e] for e in elems),
-                norms=tuple(_unique(x for e in elems for x in self.norms[e])),
-                consumers=tuple(_unique(x for e in elems for x in self.consumers[e])),
-                coupled=len(elems) > 1,
-                removable=not reasons,
-                reason="; ".join(reasons) if reasons else None,
-                gates=tuple(self.gate[e] for e in elems),
-                channel_dim=1 if kinds == {"conv"} else -1,
-            ))
-        return tuple(out)
+        # A module reading or normalising channels of two groups at overlapping places (a
+        # module called on two streams) cannot be sliced.
+        for (name, _), spans in self.spans.items():
+            for i, (oa, wa, ea) in enumerate(spans):
+                for ob, wb, eb in spans[i + 1:]:
+                    if roots[ea] != roots[eb] and oa < ob + wb and ob < oa + wa:
+                        for e in (ea, eb):
+                            self.reasons[roots[e]].append(
+                                f"module {name!r} touches channels of several groups")
+        slots: dict[int, list[tuple[str, int, int, int | None]]] = {}
+        for module, offset, elem, lo, hi in self.slots:
+            slots.setdefault(roots[elem], []).append((module, offset, lo, hi))
+        return tuple(self.group(r, members[r], unique(slots.get(r, ()))) for r in sorted(members))
+
+    def group(self, r: int, elems: list[int], gates: list[Any]) -> ChannelGroup:
+        reasons = unique(x for e in elems for x in self.reasons[e])
+        kinds = {self.kind[e] for e in elems}
+        copies, width = 1, self.size[r]
+        for g, what in unique(x for e in elems for x in self.grouping[e]):
+            copies = math.lcm(copies, g)
+            if width % copies:
+                reasons.append(f"{what} needs the {width} channels in equal slots of "
+                               f"{copies} parts")
+                copies = 1
+                break
+
+        def window(lo: int, hi: int | None) -> tuple[int, int]:
+            return (lo, width if hi is None else hi)
+        norms = unique(x for e in elems for x in self.norms[e])
+        consumers = unique(x for e in elems for x in self.consumers[e])
+        depthwise = unique(x for e in elems for x in self.depthwise[e])
+        return ChannelGroup(
+            name=self.producer[elems[0]],
+            size=width // copies,
+            producers=tuple(self.producer[e] for e in elems),
+            norms=tuple(m for m, *_ in norms),
+            consumers=tuple((m, per) for m, per, *_ in consumers),
+            coupled=len(elems) > 1,
+            removable=not reasons,
+            reason="; ".join(reasons) if reasons else None,
+            gates=tuple(m for m, *_ in gates),
+            channel_dim=1 if kinds == {"conv"} else -1,
+            copies=copies,
+            norm_offsets=tuple(o for _, o, *_ in norms),
+            consumer_offsets=tuple(o for _, _, o, *_ in consumers),
+            depthwise=tuple(m for m, *_ in depthwise),
+            depthwise_offsets=tuple(o for _, o, *_ in depthwise),
+            gate_offsets=tuple(o for _, o, *_ in gates),
+            norm_windows=tuple(window(lo, hi) for *_, lo, hi in norms),
+            consumer_windows=tuple(window(lo, hi) for *_, lo, hi in consumers),
+            depthwise_windows=tuple(window(lo, hi) for *_, lo, hi in depthwise),
+            gate_windows=tuple(window(lo, hi) for *_, lo, hi in gates),
+        )
 
 
-def _chans(value: Any) -> list[_Chan]:
-    """Every :class:`_Chan` inside nested args."""
-    out: list[_Chan] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, _Chan):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            for item in v:
-                walk(item)
-        elif isinstance(v, dict):
-            for item in v.values():
-                walk(item)
-
-    walk(value)
-    return out
-
-
-def _arg(args: Sequence[Any], kwargs: dict[str, Any], pos: int, key: str, default: Any) -> Any:
-    if len(args) > pos:
-        return args[pos]
-    return kwargs.get(key, default)
-
-
-def _unique(items: Any) -> list[Any]:
-    seen: dict[Any, None] = {}
-    for item in items:
-        seen.setdefault(item, None)
-    return list(seen)
+def _depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution: one input channel per output channel (``groups = in = out``)."""
+    return bool(module.groups > 1 and module.groups == module.in_channels == module.out_channels)

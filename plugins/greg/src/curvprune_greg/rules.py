@@ -117,7 +117,15 @@ def gate_parameters(model: nn.Module, layout: ParamLayout) -> dict[str, list[str
         if len(group.producers) != 1:
             continue
         producer = group.producers[0]
-        names = [f"{producer}.bias", *(f"{n}.{w}" for n in group.norms for w in ("weight", "bias"))]
+        # only BatchNorms holding exactly this group's channels (not a wider one after a
+        # torch.cat, where the group sits at an offset)
+        widths = getattr(graph, "widths", {})
+        full = getattr(group, "channels", group.size)
+        placed = (group.placed("norms") if hasattr(group, "placed")
+                  else [(n, 0, 0, full) for n in group.norms])
+        norms = [n for n, at, lo, hi in placed
+                 if (at, lo, hi) == (0, 0, full) and widths.get(n, full) == full]
+        names = [f"{producer}.bias", *(f"{n}.{w}" for n in norms for w in ("weight", "bias"))]
         weight = _weight_of(producer)
         if weight in selected:
             out[weight] = [n for n in names if n in params]
