@@ -15,6 +15,16 @@ first-order terms need); non-finite values are tracked through it and the per-ro
 device, without a host sync per chunk: call :meth:`GradientSource.check_finite` once after
 collection.
 
+That deferred check is the only finiteness check of a chunk on the pipeline's path. Every chunk
+:meth:`GradientSource.iter_grads` yields is tagged with its source, and an estimator's
+``update`` asks :meth:`GradientSource.covering` whether a chunk is covered: if so it skips its own
+pass over the chunk and runs the source's :meth:`~GradientSource.check_finite` (O(d), one host
+sync) before its first query instead; chunks from anywhere else (a user calling ``update``
+directly, a dtype or device conversion, a slice) carry no tag and are checked by the estimator
+when fed. The pipeline calls :meth:`~GradientSource.check_finite` itself after collecting, so a
+NaN or Inf still ends the step with the one-line error naming the parameter, before any query
+and with the model untouched.
+
 Under torch.distributed (:mod:`curvprune.distributed`) every rank reads the same samples and
 regroups them into the same chunks; rank r computes chunks r, r + W, r + 2W, … (W ranks). With
 ``gather=True`` the chunks are all-gathered so that every rank yields every chunk in the
@@ -42,6 +52,8 @@ __all__ = ["GradientSource", "LossFn", "default_chunk_size", "default_loss"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
+#: Attribute of a yielded chunk naming the source whose check_finite covers it (see covering).
+_COVERED_BY = "_curvprune_finite_check_by"
 #: Gradient bytes one chunk may hold at most when no chunk size is given (the rows and their
 #: work: two copies of the rows, docs/benchmarks.md plan accuracy).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -205,6 +217,7 @@ class GradientSource:
                         assert mine is not None
                         self._track(*mine)
                         rows, mine = mine[0], None
+                        setattr(rows, _COVERED_BY, self)
                         yield rows
                         # free this chunk before the next is computed: two copies at the peak
                         # (the next chunk's per-parameter gradients and its rows), not three
@@ -224,6 +237,7 @@ class GradientSource:
                         )
                     for flat, losses in self._gather_round(mine, counts, device):
                         self._track(flat, losses)
+                        setattr(flat, _COVERED_BY, self)
                         yield flat
                     mine = None
         finally:
@@ -290,6 +304,19 @@ class GradientSource:
                 "non-finite loss while collecting gradients; check the inputs, the model's "
                 "outputs and loss_fn"
             )
+
+    @staticmethod
+    def covering(chunk: Tensor) -> GradientSource | None:
+        """Return the source whose :meth:`check_finite` covers ``chunk``, or None.
+
+        A chunk yielded by :meth:`iter_grads` (the tensor object itself, not a view, slice or
+        conversion of it) is covered: its rows are in the running sums that
+        :meth:`check_finite` inspects. An estimator fed such a chunk may skip its own
+        finiteness pass and call the source's :meth:`check_finite` before answering a query
+        (one O(d) check for all chunks instead of one O(k·d) pass per chunk); any other tensor
+        gives None and must be checked where it is fed.
+        """
+        return getattr(chunk, _COVERED_BY, None)
 
     # -- internals ---------------------------------------------------------------------------------
     def _chunk_grads(

@@ -43,6 +43,7 @@ from curvprune import (
     CurvatureEstimator,
     EstimatorConfig,
     EstimatorStateError,
+    GradientSource,
     NumericalError,
     ParamLayout,
 )
@@ -71,6 +72,7 @@ class MFACEstimator(CurvatureEstimator):
         self._window: SlidingWindow | None = None
         self._count = 0
         self._alive: Tensor | None = None  # "alive" blocks: live flat indices, once frozen
+        self._unchecked: list[GradientSource] = []  # sources whose check_finite is owed
 
     # -- sizes --------------------------------------------------------------------------------
     @staticmethod
@@ -133,6 +135,7 @@ class MFACEstimator(CurvatureEstimator):
         b, m, width = self._shape(self.sizes, self.config)
         self._static, self._window, self._grads, self._count = None, None, None, 0
         self._alive = None
+        self._unchecked = []
         if self.config.alive_blocks:  # G whole; blocks of live columns are cut when frozen
             self._grads = torch.zeros(1, m, self.d, dtype=self.dtype, device=self.device)
         elif self.config.algorithm == "static":
@@ -142,13 +145,18 @@ class MFACEstimator(CurvatureEstimator):
                                          dtype=self.dtype, device=self.device)
 
     def _update(self, grads: Tensor) -> None:
-        finite = torch.isfinite(grads).all(dim=1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().squeeze(1)[:5].tolist()
-            raise NumericalError(
-                f"mfac.update: gradient rows {bad} (of {grads.shape[0]} in this chunk) hold NaN "
-                "or Inf; the estimate is unchanged"
-            )
+        """Store or push ``grads``; non-finite rows are refused before any state changes.
+
+        A chunk yielded by a :class:`curvprune.GradientSource` is not scanned here: the source
+        tracks its finiteness already (:meth:`curvprune.GradientSource.covering`), and its
+        :meth:`~curvprune.GradientSource.check_finite` runs before the first query (the
+        pipeline runs it right after collecting). Anything else is scanned now.
+        """
+        source = GradientSource.covering(grads)
+        if source is None:
+            _refuse_non_finite(grads)
+        elif all(source is not seen for seen in self._unchecked):
+            self._unchecked.append(source)
         if self.config.alive_blocks:
             packed = grads.unsqueeze(0)  # [1, k, d]: the live set is known only when frozen
         else:
@@ -174,6 +182,9 @@ class MFACEstimator(CurvatureEstimator):
 
     # -- queries ------------------------------------------------------------------------------
     def _backend(self) -> StaticInverse | SlidingWindow:
+        for source in self._unchecked:  # kept until they pass: a NaN estimate never answers
+            source.check_finite()
+        self._unchecked = []
         if self.num_samples == 0:
             raise EstimatorStateError(
                 "mfac has no gradients yet: call setup(sizes) and update([k, d] gradients) "
@@ -331,6 +342,17 @@ class MFACEstimator(CurvatureEstimator):
         if self._single_block():
             return x.squeeze(-2)
         return self._blocks.unpack(x)
+
+
+def _refuse_non_finite(grads: Tensor) -> None:
+    """Raise :class:`NumericalError` naming the rows of ``grads`` that hold NaN or Inf."""
+    finite = torch.isfinite(grads).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().squeeze(1)[:5].tolist()
+        raise NumericalError(
+            f"mfac.update: gradient rows {bad} (of {grads.shape[0]} in this chunk) hold NaN "
+            "or Inf; the estimate is unchanged"
+        )
 
 
 def _as_mfac(config: EstimatorConfig) -> MFACConfig:
