@@ -136,10 +136,12 @@ class MFACEstimator(CurvatureEstimator):
         self._static, self._window, self._grads, self._count = None, None, None, 0
         self._alive = None
         self._unchecked = []
+        # G is never zero-filled: update writes rows [count, count + k) whole (padding columns
+        # included, BlockLayout.pack zero-pads) and only rows [0, count) are ever read
         if self.config.alive_blocks:  # G whole; blocks of live columns are cut when frozen
-            self._grads = torch.zeros(1, m, self.d, dtype=self.dtype, device=self.device)
+            self._grads = torch.empty(1, m, self.d, dtype=self.dtype, device=self.device)
         elif self.config.algorithm == "static":
-            self._grads = torch.zeros(b, m, width, dtype=self.dtype, device=self.device)
+            self._grads = torch.empty(b, m, width, dtype=self.dtype, device=self.device)
         else:
             self._window = SlidingWindow(b, m, width, damping=self.config.damping,
                                          dtype=self.dtype, device=self.device)
@@ -265,8 +267,9 @@ class MFACEstimator(CurvatureEstimator):
         n = int(self._alive.numel())
         width = max(1, min(self.config.block_size, n))
         n_blocks = max(1, -(-n // width))
-        flat = torch.zeros(self._count, n_blocks * width, dtype=self.dtype, device=self.device)
+        flat = torch.empty(self._count, n_blocks * width, dtype=self.dtype, device=self.device)
         flat[:, :n] = grads[:, self._alive]
+        flat[:, n:].zero_()  # only the padding after the last live column needs zeros
         del grads
         self._grads = None  # at most two copies of G at a time (memory_bytes)
         packed = flat.reshape(self._count, n_blocks, width).transpose(0, 1).contiguous()
@@ -277,8 +280,10 @@ class MFACEstimator(CurvatureEstimator):
         """``[n, d]`` to ``[n, b, B]``: the live coordinates, zero-padded after the last."""
         assert self._alive is not None and self._static is not None
         b, _, width = self._static.scaled.shape
-        out = x.new_zeros(x.shape[0], b * width)
-        out[:, : self._alive.numel()] = x[:, self._alive]
+        n = self._alive.numel()
+        out = x.new_empty(x.shape[0], b * width)
+        out[:, :n] = x[:, self._alive]
+        out[:, n:].zero_()
         return out.reshape(x.shape[0], b, width)
 
     def _unpack_alive(self, x: Tensor) -> Tensor:

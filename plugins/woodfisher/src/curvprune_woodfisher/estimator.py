@@ -250,6 +250,8 @@ class WoodFisherEstimator(CurvatureEstimator):
             )
         if not any(source.rows_are_local for source in self._unchecked):
             self._owed_checks()  # sums already combined: every rank raises alike, before the Gram
+        if self._count == 0:  # no chunk on this rank: Gₘ was never written (torch.empty)
+            self._gram.zero_()
         distributed.all_reduce_sum_(self._gram)
         count = torch.tensor([self._count], dtype=torch.int64, device=self.device)
         self._count = int(distributed.all_reduce_sum_(count))
@@ -287,7 +289,8 @@ class WoodFisherEstimator(CurvatureEstimator):
             self._packed = torch.zeros(nb, width, device=self.device, dtype=self.dtype)
         else:
             self._runs = BlockRuns.build(self._blocks, self.device)
-            self._gram = torch.zeros(nb, width, width, device=self.device, dtype=self.dtype)
+            # written whole by the first chunk (accumulate_(overwrite=True)), never zero-filled
+            self._gram = torch.empty(nb, width, width, device=self.device, dtype=self.dtype)
 
     def _update(self, grads: Tensor) -> None:
         source = GradientSource.covering(grads)
@@ -303,7 +306,7 @@ class WoodFisherEstimator(CurvatureEstimator):
                     "setup() to start a new estimate"
                 )
             assert self._runs is not None
-            self._runs.accumulate_(self._gram, grads.contiguous())
+            self._runs.accumulate_(self._gram, grads.contiguous(), overwrite=self._count == 0)
         else:
             m = self.config.num_grads
             if self._count + k > m:
