@@ -165,8 +165,10 @@ class WoodFisherEstimator(CurvatureEstimator):
     Queries (:meth:`ihvp`, :meth:`inverse_diagonal`, :meth:`inverse_columns`) read the block
     inverses; before any gradient they raise :class:`EstimatorStateError`. With ``gram``, the
     first query factorises and frees the Gram matrices, after which :meth:`update` raises until
-    the next :meth:`setup`. Each :meth:`update` checks its chunk for NaN/Inf (one host sync per
-    chunk) before touching any state.
+    the next :meth:`setup`. Each :meth:`update` of a hand-made chunk checks it for NaN/Inf (one
+    host sync per chunk) before touching any state; a chunk yielded by a
+    :class:`curvprune.GradientSource` is not scanned again (the source tracks it), and the
+    source's :meth:`~curvprune.GradientSource.check_finite` runs before the first query.
 
     """
 
