@@ -349,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="selected weights of the prune-scaling MLPs")
     parser.add_argument("--num-grads", type=int, default=128, help="m of the prunes")
     parser.add_argument("--prune-rounds", type=int, default=3, help="timed prunes per d")
+    parser.add_argument("--part", choices=("all", "grads", "prune"), default="all",
+                        help="run only the per-sample gradients or the prune scaling")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: batch 16, one round, d 10k and 40k, m = 16")
     args = parser.parse_args(argv)
@@ -372,16 +374,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{version_of('backpack-for-pytorch')}, opacus {version_of('opacus')}")
     print(f"threads: {torch.get_num_threads()}; {args.warmup} warm-up + {args.rounds} timed "
           "rounds, methods interleaved, medians")
-    notes, cells = per_sample_part(args)
-    prunes = prune_part(args)
-    print()
+    notes, cells = per_sample_part(args) if args.part in ("all", "grads") else ([], {})
+    prunes = prune_part(args) if args.part in ("all", "prune") else []
     labels = list(cells)
-    print(f"| per-sample gradients, batch {args.batch}, {args.threads} thread(s): time / "
-          f"curvprune (median) | {' | '.join(labels)} |")
-    print("|---|" + "---:|" * len(labels))
-    for name in METHODS:
-        row = [cells[label].get(name, "skipped") for label in labels]
-        print(f"| {name} | {' | '.join(row)} |")
+    if cells:
+        print()
+        print(f"| per-sample gradients, batch {args.batch}, {args.threads} thread(s): time / "
+              f"curvprune (median) | {' | '.join(labels)} |")
+        print("|---|" + "---:|" * len(labels))
+        for name in METHODS:
+            row = [cells[label].get(name, "skipped") for label in labels]
+            print(f"| {name} | {' | '.join(row)} |")
+    if not prunes:
+        for note in notes:
+            print(f"note: {note}")
+        return 0
     print()
     print(f"| d (selected weights) | woodfisher one-shot (s) | mfac one-shot (s) | gradients "
           f"alone, m = {args.num_grads} (s) | gradients / woodfisher | gradients / mfac |")

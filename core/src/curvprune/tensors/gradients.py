@@ -153,6 +153,8 @@ class GradientSource:
         self._sum: Tensor | None = None
         self._loss_sum: Tensor | None = None
         self._local = False  # running sums cover this rank's rows only (synchronize pending)
+        # (module, "weight" | "bias") per selected parameter when rows come in closed form
+        self._closed_form: list[tuple[nn.Linear, str]] | None = None
 
     # -- main entry point ------------------------------------------------------------------------
     def iter_grads(
@@ -190,6 +192,7 @@ class GradientSource:
         n_chunks = -(-num_grads // rows_per_chunk)
         label_seed = self._label_seed() if self.fisher == "true" else 0
         compute = self._vectorised(frozen)
+        self._closed_form = _linear_owners(self.model, self.layout)
         self._local = size > 1 and not gather
         was_training = self.model.training
         self.model.eval()
@@ -338,8 +341,15 @@ class GradientSource:
         rows = xs.shape[0] // self.fisher_mini_batch
         xs = xs.reshape(rows, self.fisher_mini_batch, *xs.shape[1:])
         ys = ys.reshape(rows, self.fisher_mini_batch, *ys.shape[1:])
-        grads, losses = compute(selected, xs, ys)
-        flat = self.layout.flatten([grads[n] for n in self.layout.names])
+        flat = None
+        if self._closed_form is not None:
+            try:
+                flat, losses = self._linear_rows(self._closed_form, selected, frozen, xs, ys)
+            except _NotClosedForm:  # outputs that are not a tensor: vmap from now on
+                self._closed_form = None
+        if flat is None:
+            grads, losses = compute(selected, xs, ys)
+            flat = self.layout.flatten([grads[n] for n in self.layout.names])
         if self._pruned is not None:
             if self._pruned.device != flat.device:
                 self._pruned = self._pruned.to(flat.device)
@@ -366,6 +376,69 @@ class GradientSource:
             if n:
                 yield every[start : start + n, :d], every[start : start + n, d]
             start += n
+
+    def _linear_rows(
+        self,
+        owners: list[tuple[nn.Linear, str]],
+        selected: dict[str, Tensor],
+        frozen: dict[str, Tensor],
+        xs: Tensor,
+        ys: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Rows ``[k, d]`` and losses ``[k]`` by closed-form outer products (nn.Linear only).
+
+        One batched forward of the chunk's samples records each selected layer's input x and
+        output; one backward of the rows' summed losses gives ∂Lᵣ/∂output for every sample (in
+        eval mode the samples of a torch.nn model do not interact, so row r's loss depends on
+        its own samples only). Row r's gradient of W is then Σ gᵣₜ ⊗ xᵣₜ over its samples and
+        sequence positions t (and over the layer's calls, if it runs more than once), and of
+        the bias Σ gᵣₜ, each written by one batched GEMM straight into its columns of the
+        preallocated ``[k, d]`` buffer: no per-parameter copy to flatten afterwards.
+        """
+        rows, per_row = xs.shape[0], xs.shape[1]
+        samples = xs.reshape(rows * per_row, *xs.shape[2:])
+        calls: dict[nn.Linear, list[tuple[Tensor, Tensor]]] = {m: [] for m, _ in owners}
+
+        def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not output.requires_grad:  # the first selected layer: its output starts the graph
+                output.requires_grad_()
+            calls[module].append((inputs[0].detach(), output))  # type: ignore[index]
+
+        handles = [m.register_forward_hook(record) for m in calls]
+        try:
+            with torch.enable_grad():
+                outputs = functional_call(self.model, ({**frozen, **selected},), (samples,),
+                                          strict=False)
+                if not isinstance(outputs, Tensor):
+                    raise _NotClosedForm
+                grouped = outputs.reshape(rows, per_row, *outputs.shape[1:])
+                losses = vmap(self.loss_fn)(grouped, ys)
+                recorded = [out for m in calls for _, out in calls[m]]
+                backs = torch.autograd.grad(losses.sum(), recorded, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        back_of = iter(backs)
+        dtype = next(iter(selected.values())).dtype
+        flat = torch.empty(rows, self.layout.d, dtype=dtype, device=outputs.device)
+        seen: dict[nn.Linear, tuple[Tensor, Tensor]] = {}
+        for module, pairs in calls.items():
+            ins, outs = [], []
+            for x, out in pairs:
+                g = next(back_of)
+                g = torch.zeros_like(out) if g is None else g
+                ins.append(x.reshape(rows, -1, x.shape[-1]))
+                outs.append(g.reshape(rows, -1, g.shape[-1]))
+            seen[module] = (torch.cat(ins, 1), torch.cat(outs, 1))
+        for (module, kind), start, size in zip(owners, self.layout.offsets[:-1],
+                                               self.layout.sizes, strict=True):
+            x, g = seen[module]  # [k, positions, in], [k, positions, out]
+            columns = flat[:, start : start + size]
+            if kind == "weight":
+                torch.bmm(g.mT, x, out=columns.view(rows, *module.weight.shape))
+            else:
+                torch.sum(g, dim=1, out=columns)
+        return flat, losses.detach()
 
     def _label_seed(self) -> int:
         """One draw from the generator (the same on every rank: rank 0's is broadcast)."""
@@ -448,6 +521,41 @@ class GradientSource:
                     SampleReuseWarning,
                     stacklevel=2,
                 )
+
+
+class _NotClosedForm(Exception):
+    """The model's outputs are not a plain tensor: the closed form does not apply."""
+
+
+def _linear_owners(model: nn.Module, layout: ParamLayout) -> list[tuple[nn.Linear, str]] | None:
+    """``(module, "weight" | "bias")`` of each selected parameter if the closed form applies.
+
+    It applies when every selected parameter is the weight or bias of a ``torch.nn.Linear``
+    (exactly that class, so its forward is ``x @ Wᵀ + b``) that owns it alone, and every module
+    of the model is one of torch.nn's own, none of them in place: such a model, in eval mode,
+    computes each sample on its own (no batch statistics, no mixing of samples), which the
+    batched closed form relies on. Otherwise None: ``vmap(grad)``, which needs no such
+    assumption.
+    """
+    for module in model.modules():
+        if not type(module).__module__.startswith("torch.nn.") or getattr(module, "inplace",
+                                                                           False):
+            return None
+    owners: dict[int, tuple[nn.Linear, str]] = {}
+    uses: dict[int, int] = {}
+    for module in model.modules():
+        for kind, param in module.named_parameters(recurse=False):
+            uses[id(param)] = uses.get(id(param), 0) + 1
+            if type(module) is nn.Linear and kind in ("weight", "bias"):
+                owners[id(param)] = (module, kind)
+    params = dict(model.named_parameters())
+    chosen = []
+    for name in layout.names:
+        key = id(params[name])
+        if key not in owners or uses[key] != 1:
+            return None
+        chosen.append(owners[key])
+    return chosen
 
 
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
