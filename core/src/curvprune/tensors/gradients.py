@@ -206,7 +206,7 @@ class GradientSource:
             stream = self._sample_chunks(
                 batches, num_grads * self.fisher_mini_batch, rows_per_chunk * self.fisher_mini_batch
             )
-            mine: tuple[Tensor, Tensor] | None = None
+            mine: tuple[Tensor, Tensor, Tensor | None] | None = None
             failure: Exception | None = None
             for j, (xs, ys) in enumerate(stream):
                 if size > 1 and j == 0:
@@ -337,8 +337,8 @@ class GradientSource:
         ys: Tensor,
         device: torch.device,
         seed: int,
-    ) -> tuple[Tensor, Tensor]:
-        """Rows ``[k, d]`` and per-row losses ``[k]`` of one chunk of samples."""
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Rows ``[k, d]``, per-row losses ``[k]`` and, if already known, the rows' sum ``[d]``."""
         xs, ys = xs.to(device), ys.to(device)
         if self.fisher == "true":
             generator = torch.Generator(device=device)
@@ -347,10 +347,11 @@ class GradientSource:
         rows = xs.shape[0] // self.fisher_mini_batch
         xs = xs.reshape(rows, self.fisher_mini_batch, *xs.shape[1:])
         ys = ys.reshape(rows, self.fisher_mini_batch, *ys.shape[1:])
-        flat = None
+        flat, column_sum = None, None
         if self._closed_form is not None:
             try:
-                flat, losses = self._linear_rows(self._closed_form, selected, frozen, xs, ys)
+                flat, losses, column_sum = self._linear_rows(self._closed_form, selected, frozen,
+                                                             xs, ys)
             except _NotClosedForm:  # outputs that are not a tensor: vmap from now on
                 self._closed_form = None
         if flat is None:
@@ -360,10 +361,12 @@ class GradientSource:
             if self._pruned.device != flat.device:
                 self._pruned = self._pruned.to(flat.device)
             flat.masked_fill_(self._pruned, 0)
-        return flat, losses
+            if column_sum is not None:
+                column_sum.masked_fill_(self._pruned, 0)
+        return flat, losses, column_sum
 
     def _gather_round(
-        self, mine: tuple[Tensor, Tensor] | None, counts: list[int], device: torch.device
+        self, mine: tuple[Tensor, Tensor, Tensor | None] | None, counts: list[int], device: torch.device
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """All-gather one round of chunks (rank r's is chunk r of the round); yield them in order.
 
@@ -374,7 +377,7 @@ class GradientSource:
             dtype = self.layout.parameters(self.model)[0].dtype
             local = torch.zeros(0, d + 1, dtype=dtype, device=device)
         else:
-            flat, losses = mine
+            flat, losses = mine[0], mine[1]
             local = torch.cat([flat, losses.to(flat.dtype).unsqueeze(1)], dim=1)
         every = distributed.all_gather_rows(local, counts)
         start = 0
@@ -390,8 +393,8 @@ class GradientSource:
         frozen: dict[str, Tensor],
         xs: Tensor,
         ys: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """Rows ``[k, d]`` and losses ``[k]`` by closed-form outer products (nn.Linear only).
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows ``[k, d]``, losses ``[k]`` and the rows' sum ``[d]`` in closed form (nn.Linear).
 
         One batched forward of the chunk's samples records each selected layer's input x and
         output; one backward of the rows' summed losses gives ∂Lᵣ/∂output for every sample (in
@@ -399,7 +402,9 @@ class GradientSource:
         its own samples only). Row r's gradient of W is then Σ gᵣₜ ⊗ xᵣₜ over its samples and
         sequence positions t (and over the layer's calls, if it runs more than once), and of
         the bias Σ gᵣₜ, each written by one batched GEMM straight into its columns of the
-        preallocated ``[k, d]`` buffer: no per-parameter copy to flatten afterwards.
+        preallocated ``[k, d]`` buffer: no per-parameter copy to flatten afterwards. The sum of
+        the rows (the running mean and the finiteness check, :meth:`_track`) is one more GEMM
+        over all the chunk's samples, Σ g ⊗ x, instead of a second pass over the k·d rows.
         """
         rows, per_row = xs.shape[0], xs.shape[1]
         samples = xs.reshape(rows * per_row, *xs.shape[2:])
@@ -427,6 +432,7 @@ class GradientSource:
         back_of = iter(backs)
         dtype = next(iter(selected.values())).dtype
         flat = torch.empty(rows, self.layout.d, dtype=dtype, device=outputs.device)
+        column_sum = torch.empty(self.layout.d, dtype=dtype, device=outputs.device)
         seen: dict[nn.Linear, tuple[Tensor, Tensor]] = {}
         for module, pairs in calls.items():
             ins, outs = [], []
@@ -439,12 +445,15 @@ class GradientSource:
         for (module, kind), start, size in zip(owners, self.layout.offsets[:-1],
                                                self.layout.sizes, strict=True):
             x, g = seen[module]  # [k, positions, in], [k, positions, out]
-            columns = flat[:, start : start + size]
+            columns, total = flat[:, start : start + size], column_sum[start : start + size]
             if kind == "weight":
                 torch.bmm(g.mT, x, out=columns.view(rows, *module.weight.shape))
+                torch.mm(g.reshape(-1, g.shape[-1]).mT, x.reshape(-1, x.shape[-1]),
+                         out=total.view(module.weight.shape))
             else:
                 torch.sum(g, dim=1, out=columns)
-        return flat, losses.detach()
+                torch.sum(g, dim=(0, 1), out=total)
+        return flat, losses.detach(), column_sum
 
     def _label_seed(self) -> int:
         """One draw from the generator (the same on every rank: rank 0's is broadcast)."""
@@ -473,8 +482,10 @@ class GradientSource:
             probs = torch.softmax(logits.float(), dim=-1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
-    def _track(self, flat: Tensor, losses: Tensor) -> None:
-        column_sum, loss_sum = flat.sum(dim=0), losses.sum()
+    def _track(self, flat: Tensor, losses: Tensor, column_sum: Tensor | None = None) -> None:
+        if column_sum is None:
+            column_sum = flat.sum(dim=0)
+        loss_sum = losses.sum()
         if self._sum is None:
             self._sum, self._loss_sum = column_sum, loss_sum
         else:
