@@ -366,7 +366,10 @@ class GradientSource:
         return flat, losses, column_sum
 
     def _gather_round(
-        self, mine: tuple[Tensor, Tensor, Tensor | None] | None, counts: list[int], device: torch.device
+        self,
+        mine: tuple[Tensor, Tensor, Tensor | None] | None,
+        counts: list[int],
+        device: torch.device,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """All-gather one round of chunks (rank r's is chunk r of the round); yield them in order.
 
