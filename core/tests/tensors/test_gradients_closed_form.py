@@ -135,3 +135,20 @@ def test_non_finite_input_still_names_the_parameter():
     assert source._closed_form is not None
     with pytest.raises(NumericalError, match=r"non-finite gradients in '0\.weight'"):
         source.check_finite()
+
+
+def test_transformer_layer_rows_equal_vmap():
+    """nn.TransformerEncoderLayer's feed-forward Linears (positions mixed by attention within a
+    sample, never across samples): the rows equal vmap(grad)'s. In eval mode the layer may also
+    run a fused kernel that reads linear1 and linear2's weights without calling them; the
+    closed form then sees no call and steps aside, with the same rows."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                        nn.Flatten(), nn.Linear(8 * 3, 4)).double()
+    x = torch.randn(6, 3, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    targets = ("re:.*linear[12]\\.weight", "re:(net\\.)?2\\.weight")
+    fast, source = rows(net, targets, x, y)
+    slow, reference = rows(Wrapped(net), targets, x, y)
+    assert reference._closed_form is None
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)

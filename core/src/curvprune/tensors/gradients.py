@@ -423,7 +423,9 @@ class GradientSource:
             with torch.enable_grad():
                 outputs = functional_call(self.model, ({**frozen, **selected},), (samples,),
                                           strict=False)
-                if not isinstance(outputs, Tensor):
+                if not isinstance(outputs, Tensor) or not all(calls.values()):
+                    # not a plain tensor out, or a selected layer whose weights were used
+                    # without calling it (a fused fast path): vmap sees every use
                     raise _NotClosedForm
                 grouped = outputs.reshape(rows, per_row, *outputs.shape[1:])
                 losses = vmap(self.loss_fn)(grouped, ys)
@@ -442,6 +444,7 @@ class GradientSource:
             for x, out in pairs:
                 g = next(back_of)
                 g = torch.zeros_like(out) if g is None else g
+                x, g = x.to(dtype), g.to(dtype)  # autocast may have run the layer in half
                 ins.append(x.reshape(rows, -1, x.shape[-1]))
                 outs.append(g.reshape(rows, -1, g.shape[-1]))
             seen[module] = (torch.cat(ins, 1), torch.cat(outs, 1))
@@ -544,7 +547,8 @@ class GradientSource:
 
 
 class _NotClosedForm(Exception):
-    """The model's outputs are not a plain tensor: the closed form does not apply."""
+    """The closed form does not apply to this model (its outputs are not a plain tensor, or a
+    selected layer's weights are used without calling the layer)."""
 
 
 def _linear_owners(model: nn.Module, layout: ParamLayout) -> list[tuple[nn.Linear, str]] | None:
