@@ -547,8 +547,11 @@ class GradientSource:
 
 
 class _NotClosedForm(Exception):
-    """The closed form does not apply to this model (its outputs are not a plain tensor, or a
-    selected layer's weights are used without calling the layer)."""
+    """The closed form does not apply to this model.
+
+    Its outputs are not a plain tensor, or a selected layer's weights were used without calling
+    the layer.
+    """
 
 
 def _linear_owners(model: nn.Module, layout: ParamLayout) -> list[tuple[nn.Linear, str]] | None:
