@@ -239,4 +239,92 @@ def test_bad_arguments_and_non_finite_gradients():
     w.grad = torch.tensor([1.0, float("inf"), 0.0])
     with pytest.raises(NumericalError, match="NaN or Inf"):
         opt.step()
-    assert torch.equal(w.detach(), torch.zeros(3)) and opt._window.seen == 0
+    assert torch.equal(w.detach(), torch.zeros(3)) and opt.state_dict()["mfac"]["seen"] == 0
+
+
+# -- issue 19: no host sync per step ---------------------------------------------------------
+def _reference_steps(params, grads, *, lr, momentum, weight_decay, ngrads, damping):
+    """The step before issue 19, written out: SlidingWindow.push, its checked factor, ihvp."""
+    from curvprune_mfac.dynamic import SlidingWindow
+
+    d = sum(p.numel() for p in params)
+    window = SlidingWindow(1, ngrads, d, damping=damping, dtype=params[0].dtype,
+                           zero_padded=True)
+    bufs = [torch.zeros_like(p) for p in params]
+    with torch.no_grad():
+        for g in grads:
+            g = torch.cat([piece.add(p.reshape(-1), alpha=weight_decay) for piece, p in
+                           zip(g.split([p.numel() for p in params]), params, strict=True)])
+            x = g[None, None, :]
+            projections = window.push(x.transpose(0, 1))
+            update = window.ihvp(x, projections)[0, 0]
+            offset = 0
+            for p, buf in zip(params, bufs, strict=True):
+                u = update[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if momentum:
+                    buf.mul_(momentum).add_(u, alpha=1 - momentum)
+                    u = buf
+                p.add_(u, alpha=-lr)
+    return window
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.6])
+def test_steps_equal_the_previous_algorithm_bit_for_bit(momentum):
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(4, 3, generator=gen, dtype=torch.float64),
+            torch.randn(5, generator=gen, dtype=torch.float64)]
+    grads = torch.randn(11, 17, generator=gen, dtype=torch.float64)  # wraps a window of 4 twice
+    kw = {"lr": 0.05, "momentum": momentum, "weight_decay": 0.01, "ngrads": 4, "damping": 0.3}
+    ref = [p.clone() for p in init]
+    window = _reference_steps(ref, grads, **kw)
+    params = [p.clone().requires_grad_(True) for p in init]
+    opt = MFAC(params, **kw)
+    steps_with_grads(opt, params, grads)
+    for mine, theirs in zip(params, ref, strict=True):
+        assert torch.equal(mine.detach(), theirs)
+    state = opt.state_dict()["mfac"]
+    assert torch.equal(state["grads"], window.grads) and torch.equal(state["gram"], window.gram)
+    assert (state["position"], state["seen"]) == (window.position, window.seen)
+
+
+def test_a_step_reads_nothing_back_from_the_device(monkeypatch):
+    """Every device-to-host read of a step goes through MFAC.check (on the CPU it runs at the
+    end of the step; on an accelerator at the start of the next). With check silenced, a
+    step, even a refused one, must not convert any tensor to a Python value."""
+    torch.manual_seed(3)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    opt = MFAC([w], lr=0.1, momentum=0.5, ngrads=3, damping=0.2)
+    grads = torch.randn(5, 6, dtype=torch.float64)
+    grads[2, 1] = float("nan")
+    monkeypatch.setattr(MFAC, "check", lambda self: None)
+
+    def no_sync(*_args, **_kwargs):
+        raise AssertionError("host sync inside MFAC.step")
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    steps_with_grads(opt, [w], grads)
+    monkeypatch.undo()
+    assert torch.isfinite(w).all()
+
+
+def test_a_refused_step_leaves_no_trace():
+    """A NaN gradient mid-run raises, and the run then continues exactly as if that step had
+    never been taken (window slot, Gram matrix, momentum and parameters untouched)."""
+    torch.manual_seed(4)
+    init = torch.randn(7, dtype=torch.float64)
+    grads = torch.randn(8, 7, dtype=torch.float64)
+    clean_w = init.clone().requires_grad_(True)
+    clean = MFAC([clean_w], lr=0.1, momentum=0.5, ngrads=3, damping=0.2)
+    steps_with_grads(clean, [clean_w], grads)
+    w = init.clone().requires_grad_(True)
+    opt = MFAC([w], lr=0.1, momentum=0.5, ngrads=3, damping=0.2)
+    steps_with_grads(opt, [w], grads[:5])
+    bad = grads[5].clone()
+    bad[3] = float("inf")
+    with pytest.raises(NumericalError, match="NaN or Inf; nothing was updated"):
+        steps_with_grads(opt, [w], bad[None])
+    steps_with_grads(opt, [w], grads[5:])
+    assert torch.equal(w.detach(), clean_w.detach())
+    assert torch.equal(opt.state_dict()["mfac"]["gram"], clean.state_dict()["mfac"]["gram"])

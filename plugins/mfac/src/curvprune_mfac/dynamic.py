@@ -143,17 +143,32 @@ class SlidingWindow:
             self._factor = capacitance_cholesky(self.gram, max(self.scale, 1), self.damping)
         return self._factor
 
-    def ihvp(self, x: Tensor, projections: Tensor | None = None) -> Tensor:
+    def factor_ex(self) -> tuple[Tensor, Tensor]:
+        """C and LAPACK's ``info`` (``[b]``, 0 where C exists), with no host sync: O(m³).
+
+        The device-side form of :meth:`factor` for loops that must not wait on the device (the
+        M-FAC optimizer): the caller decides what a non-zero ``info`` means. Not cached.
+        """
+        m = self.gram.shape[-1]
+        eye = torch.eye(m, dtype=torch.float64, device=self.gram.device)
+        capacitance = self.gram / self.damping + float(max(self.scale, 1)) * eye
+        return torch.linalg.cholesky_ex(capacitance)
+
+    def ihvp(self, x: Tensor, projections: Tensor | None = None,
+             factor: Tensor | None = None) -> Tensor:
         """F⁻¹x = x/λ − Gᵀ A⁻¹ (Gx)/λ² for ``x`` ``[n, b, W]``: O(n·(d·m + m²)).
 
         Args:
             x: the vectors.
             projections: Gx as ``[b, m, n]`` if already known (the optimizer reuses what
                 :meth:`push` returned), saving one pass over G.
+            factor: C if already known (:meth:`factor_ex`); default :meth:`factor`.
         """
         if projections is None:
             projections = self.grads @ x.permute(1, 2, 0)  # [b, m, n]
-        coeff = torch.cholesky_solve(projections.to(torch.float64), self.factor())
+        if factor is None:
+            factor = self.factor()
+        coeff = torch.cholesky_solve(projections.to(torch.float64), factor)
         coeff = (coeff / self.damping**2).to(self.grads.dtype)
         back = self.grads.mT @ coeff  # [b, W, n]
         return x / self.damping - back.permute(2, 0, 1)

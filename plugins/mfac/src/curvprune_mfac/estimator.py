@@ -43,6 +43,7 @@ from curvprune import (
     CurvatureEstimator,
     EstimatorConfig,
     EstimatorStateError,
+    GradientSource,
     NumericalError,
     ParamLayout,
 )
@@ -71,6 +72,7 @@ class MFACEstimator(CurvatureEstimator):
         self._window: SlidingWindow | None = None
         self._count = 0
         self._alive: Tensor | None = None  # "alive" blocks: live flat indices, once frozen
+        self._unchecked: list[GradientSource] = []  # sources whose check_finite is owed
 
     # -- sizes --------------------------------------------------------------------------------
     @staticmethod
@@ -133,22 +135,30 @@ class MFACEstimator(CurvatureEstimator):
         b, m, width = self._shape(self.sizes, self.config)
         self._static, self._window, self._grads, self._count = None, None, None, 0
         self._alive = None
+        self._unchecked = []
+        # G is never zero-filled: update writes rows [count, count + k) whole (padding columns
+        # included, BlockLayout.pack zero-pads) and only rows [0, count) are ever read
         if self.config.alive_blocks:  # G whole; blocks of live columns are cut when frozen
-            self._grads = torch.zeros(1, m, self.d, dtype=self.dtype, device=self.device)
+            self._grads = torch.empty(1, m, self.d, dtype=self.dtype, device=self.device)
         elif self.config.algorithm == "static":
-            self._grads = torch.zeros(b, m, width, dtype=self.dtype, device=self.device)
+            self._grads = torch.empty(b, m, width, dtype=self.dtype, device=self.device)
         else:
             self._window = SlidingWindow(b, m, width, damping=self.config.damping,
                                          dtype=self.dtype, device=self.device)
 
     def _update(self, grads: Tensor) -> None:
-        finite = torch.isfinite(grads).all(dim=1)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero().squeeze(1)[:5].tolist()
-            raise NumericalError(
-                f"mfac.update: gradient rows {bad} (of {grads.shape[0]} in this chunk) hold NaN "
-                "or Inf; the estimate is unchanged"
-            )
+        """Store or push ``grads``; non-finite rows are refused before any state changes.
+
+        A chunk yielded by a :class:`curvprune.GradientSource` is not scanned here: the source
+        tracks its finiteness already (:meth:`curvprune.GradientSource.covering`), and its
+        :meth:`~curvprune.GradientSource.check_finite` runs before the first query (the
+        pipeline runs it right after collecting). Anything else is scanned now.
+        """
+        source = GradientSource.covering(grads)
+        if source is None:
+            _refuse_non_finite(grads)
+        elif all(source is not seen for seen in self._unchecked):
+            self._unchecked.append(source)
         if self.config.alive_blocks:
             packed = grads.unsqueeze(0)  # [1, k, d]: the live set is known only when frozen
         else:
@@ -174,6 +184,9 @@ class MFACEstimator(CurvatureEstimator):
 
     # -- queries ------------------------------------------------------------------------------
     def _backend(self) -> StaticInverse | SlidingWindow:
+        for source in self._unchecked:  # kept until they pass: a NaN estimate never answers
+            source.check_finite()
+        self._unchecked = []
         if self.num_samples == 0:
             raise EstimatorStateError(
                 "mfac has no gradients yet: call setup(sizes) and update([k, d] gradients) "
@@ -254,8 +267,9 @@ class MFACEstimator(CurvatureEstimator):
         n = int(self._alive.numel())
         width = max(1, min(self.config.block_size, n))
         n_blocks = max(1, -(-n // width))
-        flat = torch.zeros(self._count, n_blocks * width, dtype=self.dtype, device=self.device)
+        flat = torch.empty(self._count, n_blocks * width, dtype=self.dtype, device=self.device)
         flat[:, :n] = grads[:, self._alive]
+        flat[:, n:].zero_()  # only the padding after the last live column needs zeros
         del grads
         self._grads = None  # at most two copies of G at a time (memory_bytes)
         packed = flat.reshape(self._count, n_blocks, width).transpose(0, 1).contiguous()
@@ -266,8 +280,10 @@ class MFACEstimator(CurvatureEstimator):
         """``[n, d]`` to ``[n, b, B]``: the live coordinates, zero-padded after the last."""
         assert self._alive is not None and self._static is not None
         b, _, width = self._static.scaled.shape
-        out = x.new_zeros(x.shape[0], b * width)
-        out[:, : self._alive.numel()] = x[:, self._alive]
+        n = self._alive.numel()
+        out = x.new_empty(x.shape[0], b * width)
+        out[:, :n] = x[:, self._alive]
+        out[:, n:].zero_()
         return out.reshape(x.shape[0], b, width)
 
     def _unpack_alive(self, x: Tensor) -> Tensor:
@@ -331,6 +347,17 @@ class MFACEstimator(CurvatureEstimator):
         if self._single_block():
             return x.squeeze(-2)
         return self._blocks.unpack(x)
+
+
+def _refuse_non_finite(grads: Tensor) -> None:
+    """Raise :class:`NumericalError` naming the rows of ``grads`` that hold NaN or Inf."""
+    finite = torch.isfinite(grads).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().squeeze(1)[:5].tolist()
+        raise NumericalError(
+            f"mfac.update: gradient rows {bad} (of {grads.shape[0]} in this chunk) hold NaN "
+            "or Inf; the estimate is unchanged"
+        )
 
 
 def _as_mfac(config: EstimatorConfig) -> MFACConfig:

@@ -13,6 +13,13 @@ window of the last ``ngrads`` gradients over all parameters (flattened and conca
 The window starts as m zero gradients, as in the reference, and F is scaled by 1/m from the first
 step: with one gradient in it, u = g/(λ + ‖g‖²/m), a step of length ≈ m/‖g‖ (use a small lr).
 
+No host sync per step: the window's next slot and count are device tensors, and the two checks
+a step needs (the gradient is finite; the m×m Cholesky factor exists) become one device flag that
+guards every write, so a refused step leaves window, momentum and parameters as they were. The
+flag is read by :meth:`MFAC.check`: at the end of the step on the CPU (where reading it costs
+nothing), at the start of the next step on an accelerator (after a non-blocking copy, waiting
+only for that step's own work). Accepted steps are bit for bit those of the synchronous form.
+
 Masks: if every gradient in the window is zero at coordinate q, then F e_q = λ e_q, so
 u_q = g_q/λ, which is exactly 0 when the weight and its gradient are (pruned weight, masked
 gradient). Gradients taken before q was pruned still couple q to the kept weights: for the next
@@ -80,6 +87,13 @@ class MFAC(torch.optim.Optimizer):
             1, self.ngrads, sum(p.numel() for p in flat), damping=self.damping,
             dtype=first.dtype, device=first.device, zero_padded=True,
         )
+        # the window's next slot and gradient count live on the device (no host sync per
+        # step); the window's own host-side copies are refreshed by state_dict
+        self._slot = torch.zeros(1, dtype=torch.long, device=first.device)
+        self._seen = torch.zeros((), dtype=torch.long, device=first.device)
+        self._flag: Tensor | None = None  # the last step's outcome, not yet read
+        self._flag_host: Tensor | None = None
+        self._flag_event: Any = None
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -88,9 +102,20 @@ class MFAC(torch.optim.Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One M-FAC step (see the module docstring); returns the closure's loss, if any.
 
+        No host sync: whether the gradient is finite and whether the m×m factorization exists
+        is decided on the device, and every write (window, Gram matrix, momentum, parameters)
+        is guarded by that flag, so a refused step changes nothing. On the CPU the flag is
+        read at once (reading it costs nothing there); on an accelerator it is copied to the
+        host without blocking and read at the start of the next :meth:`step` (or by
+        :meth:`state_dict` / :meth:`check`), which waits only for this step's work.
+
         Raises:
-            NumericalError: a gradient holds NaN or Inf (parameters and window unchanged).
+            NumericalError: a gradient holds NaN or Inf (parameters, window and momentum
+                unchanged), or the window's capacitance lost definiteness (parameters and
+                momentum unchanged); on an accelerator, from the step after.
+
         """
+        self.check()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -103,11 +128,24 @@ class MFAC(torch.optim.Optimizer):
                     g = g.add(p, alpha=group["weight_decay"])
                 pieces.append(g.reshape(-1))
         g = torch.cat(pieces)
-        if not bool(torch.isfinite(g).all()):
-            raise NumericalError("MFAC.step: the gradient holds NaN or Inf; nothing was updated")
+        window = self._window
+        finite = torch.isfinite(g).all()
+        # push g into the slot of the oldest gradient (unless g is not finite)
+        slot = self._slot
+        row = torch.where(finite, g, window.grads[0].index_select(0, slot)[0])
+        window.grads[0].index_copy_(0, slot, row[None])
+        projections = window.grads @ row[None, :, None]  # G_new·g, [1, m, 1]
+        cross = projections[0, :, 0].to(torch.float64)
+        cross = torch.where(finite, cross, window.gram[0].index_select(1, slot)[:, 0])
+        window.gram[0].index_copy_(1, slot, cross[:, None])
+        window.gram[0].index_copy_(0, slot, cross[None, :])
+        self._slot = (slot + finite.long()) % self.ngrads
+        self._seen = self._seen + finite.long()
+        factor, info = window.factor_ex()
+        ok = finite & (info == 0).all()
         x = g[None, None, :]  # [n = 1, b = 1, d]
-        projections = self._window.push(x.transpose(0, 1))  # G_new·g, [1, m, 1]
-        update = self._window.ihvp(x, projections)[0, 0]
+        update = window.ihvp(x, projections, factor=factor)[0, 0]
+        update = torch.where(ok, update, torch.zeros((), dtype=update.dtype, device=update.device))
         offset = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -118,10 +156,50 @@ class MFAC(torch.optim.Optimizer):
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p)
                     buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(u, alpha=1 - group["momentum"])
-                    u = buf
+                    moved = buf.mul(group["momentum"]).add_(u, alpha=1 - group["momentum"])
+                    buf.copy_(torch.where(ok, moved, buf))
+                    u = torch.where(ok, buf, torch.zeros((), dtype=buf.dtype, device=buf.device))
                 p.add_(u, alpha=-group["lr"])
+        # 1: not finite, 2: no factorization (only looked at when finite)
+        self._flag = torch.where(finite, torch.where(ok, 0, 2), 1)
+        if self._flag.device.type == "cuda":
+            if self._flag_host is None:
+                self._flag_host = torch.empty((), dtype=self._flag.dtype, pin_memory=True)
+            self._flag_host.copy_(self._flag, non_blocking=True)
+            self._flag_event = torch.cuda.Event()
+            self._flag_event.record()
+        else:
+            self.check()
         return loss
+
+    def check(self) -> None:
+        """Raise the error of the last :meth:`step` if it refused its gradient.
+
+        :meth:`step` calls it first thing (and at its end off accelerators), so it only needs
+        calling by hand to learn of a refused last step on an accelerator before the next one.
+
+        Raises:
+            NumericalError: see :meth:`step`.
+
+        """
+        flag = self._flag
+        if flag is None:
+            return
+        if self._flag_event is not None:
+            self._flag_event.synchronize()  # this step's work only, not what came after it
+            flag, self._flag_event = self._flag_host.clone(), None
+        self._flag = None
+        code = int(flag)
+        if code == 1:
+            raise NumericalError("MFAC.step: the gradient holds NaN or Inf; nothing was updated")
+        if code == 2:
+            gram = self._window.gram
+            raise NumericalError(
+                f"mfac: the m×m capacitance m·I + GGᵀ/λ lost definiteness (damping="
+                f"{self.damping:g} is too small for gradients with ‖GGᵀ‖ ≈ "
+                f"{float(gram.abs().amax()):.3g}); raise damping or use float64 parameters; "
+                "the parameters were not updated"
+            )
 
     @torch.no_grad()
     def apply_masks(self, masks: Mapping[Tensor, Tensor]) -> None:
@@ -166,7 +244,9 @@ class MFAC(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's optimizer state (momentum, groups) plus the window under ``"mfac"``."""
+        self.check()
         state = super().state_dict()
+        self._window.position, self._window.seen = int(self._slot), int(self._seen)
         state["mfac"] = {**self._window.state_dict(), "ngrads": self.ngrads,
                          "damping": self.damping}
         return state
@@ -185,6 +265,8 @@ class MFAC(torch.optim.Optimizer):
             )
         super().load_state_dict(state)
         self._window.load_state_dict(window)
+        self._slot.fill_(self._window.position)
+        self._seen.fill_(self._window.seen)
 
 
 def _check(name: str, value: float, ok: bool, rule: str) -> None:

@@ -61,18 +61,27 @@ class BlockRuns:
         index = torch.where(valid, layout.padded_index()[short], 0)
         return cls(width, runs, short.to(device), index.to(device), valid.to(device))
 
-    def accumulate_(self, gram: Tensor, grads: Tensor) -> None:
+    def accumulate_(self, gram: Tensor, grads: Tensor, *, overwrite: bool = False) -> None:
         """Add the block Gram matrices of ``grads`` to ``gram`` in place.
 
         Args:
             gram: ``[n_blocks, B, B]``, updated as ``gram[b] += Σᵢ gᵢ[b] gᵢ[b]ᵀ``.
             grads: ``[k, d]`` contiguous rows, same dtype and device as ``gram``.
+            overwrite: set ``gram[b] = Σᵢ gᵢ[b] gᵢ[b]ᵀ`` instead: every block is written (the
+                runs and the short blocks cover them all, once each) and the old contents are
+                never read (``baddbmm`` with β = 0 ignores them, NaN included), so ``gram`` may
+                be uninitialised memory (``torch.empty``) before the first chunk.
 
         """
         k, width = grads.shape[0], self.width
+        beta = 0.0 if overwrite else 1.0
         for first, count, start in self.runs:
             x = grads[:, start : start + count * width].view(k, count, width).transpose(0, 1)
-            gram[first : first + count].baddbmm_(x.transpose(1, 2), x)
+            gram[first : first + count].baddbmm_(x.transpose(1, 2), x, beta=beta)
         if self.short_blocks.numel():
             x = (grads[:, self.short_index] * self.short_valid).transpose(0, 1)
-            gram.index_add_(0, self.short_blocks, torch.bmm(x.transpose(1, 2), x))
+            products = torch.bmm(x.transpose(1, 2), x)
+            if overwrite:
+                gram.index_copy_(0, self.short_blocks, products)
+            else:
+                gram.index_add_(0, self.short_blocks, products)

@@ -51,6 +51,7 @@ from curvprune import (
     CurvatureEstimator,
     EstimatorConfig,
     EstimatorStateError,
+    GradientSource,
     NumericalError,
     ParamLayout,
     distributed,
@@ -164,8 +165,10 @@ class WoodFisherEstimator(CurvatureEstimator):
     Queries (:meth:`ihvp`, :meth:`inverse_diagonal`, :meth:`inverse_columns`) read the block
     inverses; before any gradient they raise :class:`EstimatorStateError`. With ``gram``, the
     first query factorises and frees the Gram matrices, after which :meth:`update` raises until
-    the next :meth:`setup`. Each :meth:`update` checks its chunk for NaN/Inf (one host sync per
-    chunk) before touching any state.
+    the next :meth:`setup`. Each :meth:`update` of a hand-made chunk checks it for NaN/Inf (one
+    host sync per chunk) before touching any state; a chunk yielded by a
+    :class:`curvprune.GradientSource` is not scanned again (the source tracks it), and the
+    source's :meth:`~curvprune.GradientSource.check_finite` runs before the first query.
 
     """
 
@@ -178,6 +181,7 @@ class WoodFisherEstimator(CurvatureEstimator):
         self._gram: Tensor | None = None
         self._inverse: Tensor | None = None
         self._slots: Tensor | None = None
+        self._unchecked: list[GradientSource] = []  # sources whose check_finite is owed
         self._packed: Tensor | None = None
         self._count = 0
         self.algorithm: Literal["woodbury", "gram"] | None = None
@@ -246,6 +250,10 @@ class WoodFisherEstimator(CurvatureEstimator):
                 "woodfisher (gram) was already inverted; all_reduce() must come after the last "
                 "update() and before any query"
             )
+        if not any(source.rows_are_local for source in self._unchecked):
+            self._owed_checks()  # sums already combined: every rank raises alike, before the Gram
+        if self._count == 0:  # no chunk on this rank: Gₘ was never written (torch.empty)
+            self._gram.zero_()
         distributed.all_reduce_sum_(self._gram)
         count = torch.tensor([self._count], dtype=torch.int64, device=self.device)
         self._count = int(distributed.all_reduce_sum_(count))
@@ -274,6 +282,7 @@ class WoodFisherEstimator(CurvatureEstimator):
         self.algorithm = choose_algorithm(self.config, width)
         self._count = 0
         self._gram = self._inverse = None
+        self._unchecked = []
         if self.algorithm == "woodbury":
             eye = torch.eye(width, device=self.device, dtype=self.dtype) / self.config.damping
             self._inverse = eye.repeat(nb, 1, 1)
@@ -282,10 +291,15 @@ class WoodFisherEstimator(CurvatureEstimator):
             self._packed = torch.zeros(nb, width, device=self.device, dtype=self.dtype)
         else:
             self._runs = BlockRuns.build(self._blocks, self.device)
-            self._gram = torch.zeros(nb, width, width, device=self.device, dtype=self.dtype)
+            # written whole by the first chunk (accumulate_(overwrite=True)), never zero-filled
+            self._gram = torch.empty(nb, width, width, device=self.device, dtype=self.dtype)
 
     def _update(self, grads: Tensor) -> None:
-        self._check_finite(grads)
+        source = GradientSource.covering(grads)
+        if source is None:  # chunks from a GradientSource are checked by it (_owed_checks)
+            self._check_finite(grads)
+        elif all(source is not seen for seen in self._unchecked):
+            self._unchecked.append(source)
         k = grads.shape[0]
         if self.algorithm == "gram":
             if self._gram is None:
@@ -294,7 +308,7 @@ class WoodFisherEstimator(CurvatureEstimator):
                     "setup() to start a new estimate"
                 )
             assert self._runs is not None
-            self._runs.accumulate_(self._gram, grads.contiguous())
+            self._runs.accumulate_(self._gram, grads.contiguous(), overwrite=self._count == 0)
         else:
             m = self.config.num_grads
             if self._count + k > m:
@@ -328,6 +342,7 @@ class WoodFisherEstimator(CurvatureEstimator):
         bad = valid & ~(torch.isfinite(diag) & (diag > 0))
         n_bad = int(bad.sum())
         if n_bad:
+            self._owed_checks()  # a NaN gradient, not the damping, if a source says so
             raise NumericalError(
                 f"woodfisher (woodbury) lost positive definiteness in {self.dtype} after "
                 f"{self._count} of {self.config.num_grads} gradients: {n_bad} of {self.d} "
@@ -342,6 +357,7 @@ class WoodFisherEstimator(CurvatureEstimator):
         """Return the block inverses, computing them at the first query after the updates."""
         if self._blocks is None:
             raise EstimatorStateError("woodfisher is not set up; call setup(sizes) first")
+        self._owed_checks()
         if self._count == 0:
             raise EstimatorStateError(
                 "woodfisher has seen no gradients; call update() with [k, d] gradients before "
@@ -404,6 +420,17 @@ class WoodFisherEstimator(CurvatureEstimator):
             f"non-finite gradient for parameter {param} (layout order) at flat index {col}, "
             f"row {row} of the chunk; woodfisher state left unchanged"
         )
+
+    def _owed_checks(self) -> None:
+        """Run the finiteness checks owed to chunks that were fed unscanned.
+
+        Those are :meth:`curvprune.GradientSource.check_finite` of each source whose chunks
+        :meth:`curvprune.GradientSource.covering` vouched for; they are forgotten only once they
+        pass, so an estimate built from a non-finite chunk never answers a query.
+        """
+        for source in self._unchecked:
+            source.check_finite()
+        self._unchecked = []
 
     def _param_of(self, flat_index: int) -> int:
         offsets = [0]
