@@ -12,7 +12,8 @@ The trained model is then pruned through the pipeline (``Pipeline.from_config(..
 on 64 calibration sequences of the training part:
 
 * ``magnitude``: |w| (no data);
-* ``wanda``: |w|·‖x‖ with the dense model's inputs (the paper's one-pass default);
+* ``wanda``: |w|·‖x‖ with the dense model's inputs, compared within each output row (the
+  paper's defaults: one pass, ``[mask] scope = "row"``);
 * ``sparsegpt``: the ``sparsegpt`` estimator with the ``obs`` scorer, sequential calibration
   (the paper's setting).
 
@@ -109,9 +110,13 @@ def train(
 def prune(model: torch.nn.Module, method: str, pattern: str, calib: torch.Tensor) -> float:
     from curvprune import Pipeline
 
+    # WANDA compares within each output row (its paper's default), magnitude and SparseGPT
+    # within each layer (theirs)
+    row = method == "wanda"
     config: dict = {
         "schedule": {"name": "oneshot"},
-        "mask": {"name": "layerwise"} if pattern == "50%" else {"name": "nm", "n_m": "2:4"},
+        "mask": ({"name": "layerwise", "scope": "row" if row else "layer"} if pattern == "50%"
+                 else {"name": "nm", "n_m": "2:4"}),
         "prune": {"sparsity": 0.5, "loss_samples": 0, "ignore": ["lm_head"]},
     }
     n = calib.shape[0]
@@ -131,7 +136,7 @@ def prune(model: torch.nn.Module, method: str, pattern: str, calib: torch.Tensor
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     import transformers
@@ -164,8 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         f"parameters ({layers} blocks, width {width}); {steps} training steps of 32 sequences"
     )
     started = time.perf_counter()
-    train(model, train_seqs, steps, 32, 3e-3, args.seed)
-    print(f"trained in {time.perf_counter() - started:.0f} s")
+    cache = Path.home() / ".cache" / "curvprune-bench" / (
+        f"sparsegpt_lm-{layers}x{width}-{seq}-{vocab}-{steps}-{args.seed}-{ids.numel()}.pt")
+    if cache.is_file():  # the same corpus, sizes and seed: the same trained weights
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        print(f"trained weights reused from {cache}")
+    else:
+        train(model, train_seqs, steps, 32, 3e-3, args.seed)
+        print(f"trained in {time.perf_counter() - started:.0f} s")
+        if not args.quick:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), cache)
     dense = perplexity(model, held)
     calib = train_seqs[
         torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(1))[:calib_n]

@@ -267,3 +267,27 @@ def test_plan_counts_one_stage_of_hessians_and_no_gradient_rows():
     assert sequential.memory["estimator"] == max(2 * d * d * 4 for d in d_ins)
     assert dense.memory["estimator"] == sum(2 * d * d * 4 for d in d_ins)
     assert "gradients" not in sequential.memory and "gradients" not in dense.memory
+
+
+@pytest.mark.parametrize("algorithm", ["sparsegpt", "exact"])
+def test_row_scope_of_the_layerwise_mask_prunes_the_same_count_in_every_row(algorithm):
+    model, reference = _net(), _net()
+    data = _data()
+    Pipeline.from_config({
+        "estimator": {"name": "sparsegpt", "dtype": "float64", "num_grads": 40, "algorithm": algorithm},
+        "scorer": {"name": "obs"}, "schedule": {"name": "oneshot", "calibration": "dense"},
+        "mask": {"name": "layerwise", "scope": "row"}, "prune": {"sparsity": 0.5, "loss_samples": 0},
+    }).prune(model, data, loss_fn=lambda out, y: out.sum())
+    _, refs = _fitted(reference, data=data)
+    layout = select_parameters(reference)
+    modules = dict(reference.named_modules())
+    pruned = dict(model.named_parameters())
+    for name, ref in zip(layout.names, refs, strict=True):
+        module = modules[name.rpartition(".")[0]]
+        w = weight_matrix(module)
+        run = obc if algorithm == "exact" else sparsegpt
+        expected = run(w, ref.hessian, sparsity=0.5, scope="row", dtype=F64).weight
+        got = pruned[name].detach()
+        got = got.t() if isinstance(module, Conv1D) else got.reshape(w.shape)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+        assert bool(((got == 0).sum(1) == round(0.5 * w.shape[1])).all())

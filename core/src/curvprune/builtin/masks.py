@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -102,7 +102,10 @@ class LayerwiseMaskConfig:
     """Options of the ``layerwise`` mask applier.
 
     Attributes:
-        min_keep: weights every layer keeps, >= 0.
+        min_keep: weights every layer (every row, with ``scope = "row"``) keeps, >= 0.
+        scope: ``layer``: the lowest scores of each layer go; ``row``: the same fraction of
+            every output row goes, its lowest scores (WANDA's comparison group, Sun et al. 2024
+            §3; for SparseGPT/OBC the same count per row).
         overrides: a sparsity for some layers instead of the step's level, by selector: an
             exact parameter name (``"fc.weight"``) or ``"re:<regex>"`` (full match on parameter
             names). The value holds at every step, whatever the schedule's level.
@@ -112,6 +115,34 @@ class LayerwiseMaskConfig:
     overrides: dict[str, float] = attrs.field(
         factory=dict, converter=dict, validator=check_overrides, hash=False
     )
+    scope: Literal["layer", "row"] = attrs.field(
+        default="layer", validator=attrs.validators.in_(("layer", "row"))
+    )
+
+
+def output_rows(
+    layout: ParamLayout, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The output row of every selected weight ``[d]``, each row's length and its layer.
+
+    Rows are numbered across the layout in order. A weight ``[out, ...]`` (Linear, Conv) has
+    ``out`` rows of its other dimensions; transformers' ``Conv1D`` (``[in, out]``) has ``out``
+    rows, the columns; a 1-d parameter is one row.
+    """
+    parts, lengths, layers, first = [], [], [], 0
+    for i, (shape, kind) in enumerate(zip(layout.shapes, layout.module_types, strict=True)):
+        numel = math.prod(int(x) for x in shape)
+        if kind == "Conv1D" and len(shape) == 2:
+            n_rows = int(shape[1])
+            rows = torch.arange(numel, device=device) % n_rows
+        else:
+            n_rows = int(shape[0]) if len(shape) > 1 else 1
+            rows = torch.arange(numel, device=device) // (numel // n_rows)
+        parts.append(rows + first)
+        lengths.append(torch.full((n_rows,), numel // n_rows, dtype=torch.long, device=device))
+        layers.append(torch.full((n_rows,), i, dtype=torch.long, device=device))
+        first += n_rows
+    return torch.cat(parts), torch.cat(lengths), torch.cat(layers)
 
 
 class LayerwiseMask(BuiltinMask):
@@ -158,10 +189,19 @@ class LayerwiseMask(BuiltinMask):
         return [int(c) for c in limit.clamp_min(0).tolist()]
 
     def select(self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout) -> Tensor:
-        """Keep-mask with ``round(s_l · n_l)`` weights removed in each layer l."""
+        """Keep-mask with ``round(s_l · n_l)`` weights removed in each layer l (or in each
+        output row: ``round(s_l · row length)``, with ``scope = "row"``)."""
         scores = self._check_select(scores, mask, sparsity, layout)
         layer = layout.param_index(mask.device)
         self._check_finite(scores, mask, layer, layout)
+        if self.config.scope == "row":
+            row, length, row_layer = output_rows(layout, mask.device)
+            level = torch.tensor(self.layer_sparsities(sparsity, layout), dtype=torch.float64,
+                                 device=mask.device)
+            limit = torch.minimum(round_count(level[row_layer], length),
+                                  length - self.config.min_keep)
+            removed = length - count_per_group(mask, row, length.numel())
+            return prune_lowest(scores, mask, row, (limit - removed).clamp_min(0))
         size = torch.tensor(layout.sizes, device=mask.device)
         removed = size - count_per_group(mask, layer, len(layout))
         limit = torch.tensor(self.layer_counts(sparsity, layout), device=mask.device)

@@ -236,6 +236,9 @@ def make_plan(
         if staged is not None:
             plan = plan_stages(model, layout, staged.stages)
             parts = [layout.subset(stage.indices) for stage in plan.stages]
+            # the snapshot of the selected weights and two masks; one stage's weights, update
+            # and result at a time
+            memory["weights"] = 4 * d + 2 * d + 3 * itemsize * max(p.d for p in parts)
         memory["estimator"] = max(int(type(estimator).plan_memory_bytes(p, cfg)) for p in parts)
         n_blocks, width = len(layout), max(layout.sizes)
         hint = "select fewer parameters ([prune] targets/ignore), or use sequential calibration"

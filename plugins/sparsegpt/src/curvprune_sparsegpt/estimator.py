@@ -68,9 +68,6 @@ class SparseGPTConfig(EstimatorConfig):
         algorithm: ``"sparsegpt"`` (the column sweep, SparseGPT Algorithm 1) or ``"exact"``
             (OBC's greedy OBS per row; O(rows·d³), for small layers and as ground truth).
         blocksize: columns of one lazy batch and one adaptive mask block (reference: 128).
-        scope: with ``layerwise`` masks, ``"layer"`` chooses each block's pruned weights over
-            all rows (SparseGPT's reference; OBC's global selection for ``exact``), ``"row"``
-            the same count in every row.
         dtype: accumulation and factorization dtype (``float32``, the reference; ``float64``).
     """
 
@@ -80,9 +77,6 @@ class SparseGPTConfig(EstimatorConfig):
         default="sparsegpt", validator=attrs.validators.in_(("sparsegpt", "exact"))
     )
     blocksize: int = attrs.field(default=128, validator=attrs.validators.ge(1))
-    scope: Literal["layer", "row"] = attrs.field(
-        default="layer", validator=attrs.validators.in_(("layer", "row"))
-    )
 
     def __attrs_post_init__(self) -> None:
         if self.block_size is not None:
@@ -295,19 +289,27 @@ class SparseGPTEstimator(CurvatureEstimator):
         """SparseGPT's sweep (or OBC-exact) on every layer at the mask applier's rule.
 
         ``layerwise``: each layer loses the applier's count (``round(s·n)``, ``overrides`` and
-        ``min_keep`` honoured; with ``scope = "row"`` floor(s·d) per row); ``nm``: round(level·m)
+        ``min_keep`` honoured), chosen over the whole layer (SparseGPT's reference; OBC's global
+        selection) or, with the mask's ``scope = "row"``, ``round(s·d_in)`` in every output
+        row; ``nm``: round(level·m)
         of every m inputs pruned. Weights pruned before stay pruned and count. Any other
         applier: None (refused earlier by :meth:`check_pipeline`).
         """
         self._require_fit()
+        scope = "layer"
         if isinstance(applier, LayerwiseMask):
-            # the applier's own counts (round(s·n), min_keep), as fractions the sweep floors back
-            levels: list[float | None] = [
-                count / size
-                for count, size in zip(
-                    applier.layer_counts(level, layout), layout.sizes, strict=True
-                )
-            ]
+            # the applier's own counts (round(s·n), min_keep, overrides) as fractions that the
+            # sweep floors back to the same counts: per layer, or per output row
+            scope = applier.config.scope
+            if scope == "row":
+                levels = [
+                    min(round(s * r), r - applier.config.min_keep) / r
+                    for s, r in zip(applier.layer_sparsities(level, layout),
+                                    (self._row_length(i) for i in range(len(layout))), strict=True)
+                ]
+            else:
+                counts = applier.layer_counts(level, layout)
+                levels = [c / n for c, n in zip(counts, layout.sizes, strict=True)]
             prune_n = prune_m = 0
         elif isinstance(applier, NMMask):
             prune_m = applier.config.m
@@ -332,7 +334,7 @@ class SparseGPTEstimator(CurvatureEstimator):
                 h = self._hessians[i].hessian[order][:, order]
                 factor = inverse_factor(h, percdamp=self.config.damping)
                 w, prior = w[:, order], prior[:, order]
-            result = self._prune_layer(w, factor, prior, levels[i], prune_n, prune_m)
+            result = self._prune_layer(w, factor, prior, levels[i], prune_n, prune_m, scope)
             pruned_w, kept = result.weight.to(weights.dtype), result.mask & prior
             if order is not None:
                 back = torch.argsort(order)
@@ -343,6 +345,11 @@ class SparseGPTEstimator(CurvatureEstimator):
                 self.layer_losses[name] = float(result.loss.sum())
         return Selection(keep=keep, update=new_weights - weights)
 
+    def _row_length(self, i: int) -> int:
+        """d_in of selected layer i (the length of its output rows)."""
+        shape = self._shapes[i]
+        return int(shape[0]) if self._kinds[i] == "conv1d" else math.prod(int(x) for x in shape[1:])
+
     def _prune_layer(
         self,
         w: Tensor,
@@ -351,28 +358,14 @@ class SparseGPTEstimator(CurvatureEstimator):
         sparsity: float | None,
         prune_n: int,
         prune_m: int,
+        scope: Literal["layer", "row"],
     ) -> PruneResult:
         cfg = self.config
         if cfg.algorithm == "exact":
-            return obc(
-                w,
-                factor,
-                sparsity=sparsity,
-                prune_n=prune_n,
-                prune_m=prune_m,
-                scope=cfg.scope,
-                dtype=torch.float64,
-            )
-        return sparsegpt(
-            w,
-            factor,
-            sparsity=sparsity,
-            prune_n=prune_n,
-            prune_m=prune_m,
-            blocksize=cfg.blocksize,
-            scope=cfg.scope,
-            prior=prior,
-        )
+            return obc(w, factor, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
+                       scope=scope, dtype=torch.float64)
+        return sparsegpt(w, factor, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
+                         blocksize=cfg.blocksize, scope=scope, prior=prior)
 
     # -- plan and validation ------------------------------------------------------------------
     @classmethod
