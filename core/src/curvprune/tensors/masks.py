@@ -216,9 +216,15 @@ class MaskSet:
         return self.num_removed() / self.layout.d if self.layout.d else 0.0
 
     def removed_per_layer(self) -> dict[str, int]:
-        """Count the removed weights of each selected parameter (in int64, exact)."""
-        param = self.layout.param_index(self.flat.device)
-        counts = torch.bincount(param[~self.flat], minlength=len(self.layout))
+        """Count the removed weights of each selected parameter (in int64, exact).
+
+        One reduction per parameter slice: no ``[d]`` index (8 bytes per weight, 0.7 GB for
+        GPT-2 small) is built, and the counts come back to the host in one transfer.
+        """
+        kept = torch.stack([
+            self.flat[self.layout.slice(i)].count_nonzero() for i in range(len(self.layout))
+        ]) if len(self.layout) else torch.zeros(0, dtype=torch.long)
+        counts = torch.tensor(self.layout.sizes) - kept.cpu()
         return dict(zip(self.layout.names, (int(c) for c in counts.tolist()), strict=True))
 
     def per_layer_sparsity(self) -> dict[str, float]:
@@ -234,4 +240,4 @@ class MaskSet:
 
     def num_removed(self) -> int:
         """Number of removed weights."""
-        return int((~self.flat).sum())
+        return self.layout.d - int(self.flat.count_nonzero())
