@@ -269,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of both tools")
     parser.add_argument("--keep", default=None, help="keep the temporary folder here")
+    parser.add_argument("--reuse", default=None, help="a folder kept by --keep: prune its model and "
+                        "calibration ids again (no training; same sizes and flags as that run)")
     args = parser.parse_args(argv)
     import transformers
-
     from sparsegpt_lm import corpus, sequences, train
 
     if args.threads:
@@ -289,7 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     samples, seq = args.samples or samples, args.seq or seq
     text, source = corpus()
     text = text[:text_limit] if text_limit else text
-    ids, vocab, tokenizer = tokenize(text, vocab)
+    if args.reuse:  # the folder of an earlier --keep run: its tokenizer, model and calibration ids
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(Path(args.reuse) / "model")
+        ids = torch.tensor(tokenizer.backend_tokenizer.encode(text).ids, dtype=torch.long)
+        vocab = tokenizer.backend_tokenizer.get_vocab_size()
+    else:
+        ids, vocab, tokenizer = tokenize(text, vocab)
     cut = int(ids.numel() * 0.9)
     train_seqs, held = sequences(ids[:cut], seq), sequences(ids[cut:], seq)
     held = held[: 64 if not args.quick else 8]
@@ -307,19 +315,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.batch}); held-out {held.shape[0]} sequences of {seq}")
     print(peer_note)
     print(f"load average at the start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    started = time.perf_counter()
-    train(model, train_seqs, steps, 16, 3e-3, 0)
-    model.eval()
-    print(f"trained in {time.perf_counter() - started:.0f} s")
-    calib = train_seqs[torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(1))[:samples]]
-    calib = calib.contiguous()
-
     tmp = tempfile.TemporaryDirectory(prefix="sparsegpt_peer_")
-    folder = Path(args.keep) if args.keep else Path(tmp.name)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    torch.save(calib, folder / "calibration.pt")
+    if args.reuse:
+        folder = Path(args.reuse)
+        calib = torch.load(folder / "calibration.pt")
+        print(f"model and calibration ids reused from {folder} (no training)")
+    else:
+        started = time.perf_counter()
+        train(model, train_seqs, steps, 16, 3e-3, 0)
+        model.eval()
+        print(f"trained in {time.perf_counter() - started:.0f} s")
+        calib = train_seqs[torch.randperm(train_seqs.shape[0], generator=torch.Generator().manual_seed(1))[:samples]]
+        calib = calib.contiguous()
+        folder = Path(args.keep) if args.keep else Path(tmp.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+        torch.save(calib, folder / "calibration.pt")
     dense = transformers.LlamaForCausalLM.from_pretrained(folder / "model", dtype=torch.float32).eval()
     hessians = dense_hessians(dense, calib, args.batch)
     dense_logits = outputs(dense, held, args.batch)
