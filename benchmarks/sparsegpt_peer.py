@@ -31,9 +31,10 @@ sparsity reached; held-out perplexity and the mean squared logit difference to t
 
 Run it from the repository root::
 
-    python benchmarks/sparsegpt_peer.py                   # full (several minutes on two cores)
+    python benchmarks/sparsegpt_peer.py                   # full (~25 min on two busy cores, ~24 of them training)
     python benchmarks/sparsegpt_peer.py --quick           # smoke run (peer only if already installed)
     python benchmarks/sparsegpt_peer.py --peer-python /tmp/llmc/bin/python
+    python benchmarks/sparsegpt_peer.py --keep DIR ...; then --reuse DIR   # re-time without retraining
 """
 
 from __future__ import annotations
