@@ -176,7 +176,9 @@ def test_export_of_a_physically_smaller_model(tmp_path):
         for figures in latency["batch_sizes"].values():
             assert figures["dense_ms"] > 0 and figures["pruned_ms"] > 0
             assert figures["speedup"] == pytest.approx(figures["dense_ms"] / figures["pruned_ms"])
-    assert "Measured inference latency" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "Measured inference latency" in report
+    assert "| target (channel structures) | structures removed | parameters cut | FLOPs cut |" in report
     reference = curvprune.load_pruned(run, build_model("digits-cnn", num_classes=10))
     with torch.no_grad():
         assert torch.equal(small(digits()), reference(digits()))

@@ -104,6 +104,12 @@ def _sparsity_lines(result: Mapping[str, Any]) -> list[str]:
         cut = 1 - s["params_after"] / s["params_before"] if s["params_before"] else 0.0
         lines[-1] += (f" The channels were removed physically: the model has "
                       f"{_pct(cut).strip()} fewer Conv and Linear parameters (below).")
+        flops = (1 - s["flops_after"] / s["flops_before"]
+                 if s.get("flops_before") and s.get("flops_after") is not None else None)
+        lines += ["", "| target (channel structures) | structures removed | parameters cut | "
+                      "FLOPs cut |", "|---|---|---|---|",
+                  f"| {_pct(sp['target'])} | {_pct(sp.get('unit', sp['total']))} | "
+                  f"{_pct(cut)} | {'–' if flops is None else _pct(flops)} |"]
     else:
         lines[-1] += f" Zeros make up {_pct(sp['overall']).strip()} of all parameters."
     return [*lines, ""]
