@@ -151,11 +151,13 @@ def test_auto_calibration_is_dense_without_a_layer_wise_estimator():
     assert staged.schedule.staged_calibration(staged.components).stages == "layer"
 
 
-def test_sequential_magnitude_equals_dense_magnitude():
-    """Magnitude does not look at inputs: stage by stage it must prune exactly alike."""
+@pytest.mark.parametrize("data", [_data, lambda: None])
+def test_sequential_magnitude_equals_dense_magnitude(data):
+    """Magnitude does not look at inputs: stage by stage (with or without data) it must prune
+    exactly alike."""
     a, b = _toy(), _toy()
     Pipeline.from_config(_config()).prune(a, _data())
-    result = Pipeline.from_config(_config(calibration="sequential")).prune(b, _data())
+    result = Pipeline.from_config(_config(calibration="sequential")).prune(b, data())
     layout = select_parameters(a)
     assert torch.equal(layout.gather(a), layout.gather(b))
     assert result.steps[0].sparsity == pytest.approx(0.5, abs=0.01)

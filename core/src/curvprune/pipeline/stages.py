@@ -371,6 +371,8 @@ class SequentialCalibration:
         )
 
     def _data_batches(self, num_samples: int | None = None) -> Iterator[tuple[Any, Tensor]]:
+        if self.data is None:  # a data-free scorer (magnitude): nothing to calibrate on
+            return
         n = self.num_samples if num_samples is None else min(num_samples, self.num_samples)
         for batch in distributed.shard(self.data, n):
             yield _to(batch[0], self.device), _to(batch[1], self.device)
