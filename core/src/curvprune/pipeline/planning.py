@@ -8,7 +8,8 @@ of a pruning step holds at its peak:
 * one chunk of C gradient rows and its work space, C + max(C, U): the vectorised per-parameter
   gradients and the flattened rows exist together for a moment, then the rows and the
   estimator's update work U (:meth:`CurvatureEstimator.plan_update_bytes`, one copy of the rows
-  by default);
+  by default); C + U where the closed form for ``nn.Linear`` models writes the rows directly
+  (:mod:`curvprune.tensors.linear_rows`);
 * a snapshot of the selected weights (restored if the step fails), the flat weights and mask;
 * the scorer's own state when it holds more than that (:meth:`SaliencyScorer.memory_bytes`,
   e.g. SOSP-I's S×S structure matrix).
@@ -50,6 +51,7 @@ from curvprune.pipeline.view import PipelineView
 from curvprune.tensors import distributed
 from curvprune.tensors.gradients import default_chunk_size
 from curvprune.tensors.layout import ParamLayout
+from curvprune.tensors.linear_rows import linear_owners
 
 __all__ = ["Plan", "available_memory", "make_plan"]
 
@@ -255,7 +257,10 @@ def make_plan(
             rows = max(1, min(rows, -(-cfg.num_grads // world)))
         rows = min(rows, cfg.num_grads)
         update = int(type(estimator).plan_update_bytes(rows, layout, cfg))
-        memory["gradients"] = rows * d * itemsize + max(rows * d * itemsize, update)
+        # vmap's per-parameter gradients exist next to the flat rows for a moment; the closed
+        # form for nn.Linear models writes the rows directly (tensors/linear_rows.py)
+        vectorised = 0 if linear_owners(model, layout) is not None else rows * d * itemsize
+        memory["gradients"] = rows * d * itemsize + max(vectorised, update)
         held = int(type(estimator).plan_held_bytes(layout, cfg))
         if world > 1 and estimator.reduction == "gather":
             # a round of W chunks (+ a loss column): the padded pieces and their concatenation
