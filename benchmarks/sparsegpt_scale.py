@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             "prune": {"sparsity": 0.5, "loss_samples": 0},
         }
     )
-    plan = pipeline.plan(model)
-    cache = samples * seq * cfg.n_embd * 4  # one block's inputs (float32)
+    plan = pipeline.plan(model, example=batches[0])  # probes the first block on one batch
     print(f"machine: {describe()}")
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -99,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| peak memory ({how}) | {peak / GiB:.2f} GiB |")
     print(f"| model parameters (float32) | {model_bytes / GiB:.2f} GiB |")
     print(f"| plan: step on top of the model | {plan.total_bytes / GiB:.2f} GiB |")
-    print(f"| one block's cached inputs (not in the plan) | {cache / GiB:.2f} GiB |")
+    for part, size in plan.memory.items():
+        print(f"| plan part: {part} | {size / GiB:.3f} GiB |")
     print(f"| sparsity reached | {step.sparsity:.4f} |")
     print()
     print(

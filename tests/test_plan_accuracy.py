@@ -165,3 +165,25 @@ def test_whole_step_peak_of_a_closed_form_linear_model_matches_the_plan(case):
     plan = pipeline.plan(model)
     _, peak = peak_allocated(lambda: pipeline.prune(model, batches))
     assert peak == pytest.approx(plan.total_bytes, rel=0.2), (peak, plan.memory)
+
+
+def test_sequential_sparsegpt_step_matches_the_plan_within_20_percent():
+    """Sequential SparseGPT on a GPT-2 built from a config: the plan, given one batch, counts
+    the stage's Hessians and factorization, the cached block inputs and one block's measured
+    activations; the prune's tensor peak is within 20 % of it."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=1000,
+                                  n_positions=128, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 1000, (32, 128), generator=torch.Generator().manual_seed(0))
+    batches = [(ids[i : i + 8], ids[i : i + 8]) for i in range(0, 32, 8)]
+    pipeline = Pipeline.from_config({
+        "estimator": {"name": "sparsegpt", "num_grads": 32}, "scorer": {"name": "obs"},
+        "mask": {"name": "layerwise"}, "prune": {"sparsity": 0.5, "loss_samples": 0},
+    })
+    plan = pipeline.plan(model, example=batches[0])
+    assert {"calibration", "activations", "estimator", "weights"} <= set(plan.memory)
+    assert plan.memory["calibration"] == 32 * 128 * 256 * 4  # one block's inputs, float32
+    _, peak = peak_allocated(lambda: pipeline.prune(model, batches))
+    assert peak == pytest.approx(plan.total_bytes, rel=0.2), (peak, plan.memory)

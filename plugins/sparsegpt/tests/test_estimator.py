@@ -251,21 +251,23 @@ def test_weights_pruned_before_stay_pruned_and_count():
 
 
 def test_plan_counts_one_stage_of_hessians_and_no_gradient_rows():
-    """Sequential: the largest stage's H and factor (2·d_in² floats per layer); dense: all."""
+    """Sequential: the largest stage (here one layer each); dense: every layer at once. A stage
+    holds H and its factor (2·d_in² floats per layer), the largest factorization's transient
+    (6·d_in²) and its sweep (2·rows·d_in)."""
     model = _net()
-    config = {
-        "estimator": {"name": "sparsegpt"},
-        "scorer": {"name": "obs"},
-        "mask": {"name": "layerwise"},
-        "prune": {"sparsity": 0.5},
-    }
+    config = {"estimator": {"name": "sparsegpt"}, "scorer": {"name": "obs"},
+              "mask": {"name": "layerwise"}, "prune": {"sparsity": 0.5}}
     sequential = Pipeline.from_config({**config, "schedule": {"name": "sequential"}}).plan(model)
     dense = Pipeline.from_config(
-        {**config, "schedule": {"name": "oneshot", "calibration": "dense"}}
-    ).plan(model)
-    d_ins = [2 * 9, 64, 12, 8]  # conv (in·kh·kw), Linear, Conv1D (rows of [in, out]), Linear
-    assert sequential.memory["estimator"] == max(2 * d * d * 4 for d in d_ins)
-    assert dense.memory["estimator"] == sum(2 * d * d * 4 for d in d_ins)
+        {**config, "schedule": {"name": "oneshot", "calibration": "dense"}}).plan(model)
+    layers = [(4, 2 * 9), (12, 64), (8, 12), (4, 8)]  # (rows, d_in): conv, Linear, Conv1D, Linear
+
+    def stage(parts):
+        return 4 * (sum(2 * d * d for _, d in parts) + max(6 * d * d for _, d in parts)
+                    + max(2 * r * d for r, d in parts))
+
+    assert sequential.memory["estimator"] == max(stage([layer]) for layer in layers)
+    assert dense.memory["estimator"] == stage(layers)
     assert "gradients" not in sequential.memory and "gradients" not in dense.memory
 
 

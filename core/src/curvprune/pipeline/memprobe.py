@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["peak_allocated", "tensor_bytes"]
+__all__ = ["peak_allocated", "profiling", "tensor_bytes"]
 
 T = TypeVar("T")
 
@@ -52,6 +52,12 @@ def peak_allocated(fn: Callable[[], T], device: torch.device | str = "cpu") -> t
         running += int(event.self_cpu_memory_usage)
         peak = max(peak, running)
     return result, peak
+
+
+def profiling() -> bool:
+    """Whether a ``torch.profiler`` session is running (a CPU :func:`peak_allocated` inside it
+    would end the outer session, so callers skip their own measurement then)."""
+    return bool(torch.autograd._profiler_enabled())
 
 
 def tensor_bytes(obj: Any, *, _seen: set[int] | None = None, _depth: int = 0) -> int:

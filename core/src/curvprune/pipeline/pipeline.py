@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +176,17 @@ class Pipeline:
         *,
         device: torch.device | str | None = None,
         world_size: int | None = None,
+        example: Any = None,
     ) -> Plan:
         """Memory and time needed to prune ``model``, computed before any compute.
 
-        Under torch.distributed (or with ``world_size``) the memory is that of one rank.
+        Under torch.distributed (or with ``world_size``) the memory is that of one rank. With
+        sequential calibration over repeated blocks, ``example`` (one ``(inputs, targets)``
+        batch of the data) lets the plan count the cached block inputs and one block's
+        activations, measured by running that batch through the first block (the one probe
+        the plan computes).
         """
-        return make_plan(self, model, device=device, world_size=world_size)
+        return make_plan(self, model, device=device, world_size=world_size, example=example)
 
     # -- one-shot -------------------------------------------------------------------------------
     def prune(
@@ -229,7 +234,10 @@ class Pipeline:
         started = time.perf_counter()
         progress = progress or Progress(enabled=False)
         runner = StepRunner(self, model, data, loss_fn, masks, progress=progress)
-        self.plan(model).check()
+        example = None
+        if data is not None and not isinstance(data, Iterator):  # re-iterable: peek one batch
+            example = next(iter(data), None)
+        self.plan(model, example=example).check()
         self.host.pipeline_start(self, model)
         target = self.config.prune.sparsity
         current = self.mask.achieved_sparsity(runner.masks.flat, runner.layout)

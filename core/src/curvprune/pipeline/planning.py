@@ -16,8 +16,10 @@ of a pruning step holds at its peak:
 
 A layer-local estimator (``sparsegpt``) is fitted from the layers' inputs, so no gradient rows
 are counted; with sequential calibration it holds one stage's state at a time (the largest
-stage is counted). The cached block inputs of sequential calibration (samples × tokens × width)
-depend on the data and are not counted yet.
+stage is counted), and given one batch of the data (``example``) the plan also counts the
+cached block inputs (``calibration``: samples × tokens × width) and one block's forward
+activations (``activations``, measured by running that batch through the first block: they
+stream beside the Hessians being accumulated, like gradient chunks beside an estimator).
 
 The parts do not all peak together: gradients stream in while the estimator holds its
 accumulating state (:meth:`CurvatureEstimator.plan_held_bytes`), and are freed before it
@@ -46,7 +48,8 @@ import torch
 from torch import nn
 
 from curvprune.errors import MemoryPlanError
-from curvprune.pipeline.stages import plan_stages
+from curvprune.pipeline.memprobe import peak_allocated, profiling
+from curvprune.pipeline.stages import SequentialCalibration, StagePlan, plan_stages
 from curvprune.pipeline.view import PipelineView
 from curvprune.tensors import distributed
 from curvprune.tensors.gradients import default_chunk_size
@@ -128,7 +131,8 @@ class Plan:
         """
         parts = dict(self.memory)
         peak = parts.pop("estimator", 0)
-        streaming = parts.pop("gradients", 0) + parts.pop("gathered", 0)
+        streaming = parts.pop("gradients", 0) + parts.pop("gathered", 0) + parts.pop(
+            "activations", 0)
         held = peak if self.estimator_held is None else min(self.estimator_held, peak)
         return sum(parts.values()) + max(held + streaming, peak)
 
@@ -211,6 +215,7 @@ def make_plan(
     *,
     device: torch.device | str | None = None,
     world_size: int | None = None,
+    example: Any = None,
 ) -> Plan:
     """Build the :class:`Plan` for pruning ``model`` with ``pipeline`` (no compute).
 
@@ -241,6 +246,8 @@ def make_plan(
             # the snapshot of the selected weights and two masks; one stage's weights, update
             # and result at a time
             memory["weights"] = 4 * d + 2 * d + 3 * itemsize * max(p.d for p in parts)
+            samples = staged.num_samples or cfg.num_grads
+            memory.update(_calibration_probe(model, plan, example, samples, device))
         memory["estimator"] = max(int(type(estimator).plan_memory_bytes(p, cfg)) for p in parts)
         n_blocks, width = len(layout), max(layout.sizes)
         hint = "select fewer parameters ([prune] targets/ignore), or use sequential calibration"
@@ -300,3 +307,36 @@ def make_plan(
         estimator_held=held,
         flops_per_second=None if flops is None else measured_flops_per_second(device),
     )
+
+
+@torch.no_grad()
+def _calibration_probe(
+    model: nn.Module, plan: StagePlan, example: Any, samples: int, device: torch.device
+) -> dict[str, int]:
+    """``calibration`` (the cached block inputs of ``samples`` samples) and ``activations`` (the
+    tensors one block's forward holds on one batch), measured on ``example``; {} without one.
+
+    Runs ``example`` to the first block's input (the capture, which stops there) and that block
+    once, under :func:`curvprune.pipeline.memprobe.peak_allocated`. The model is not changed.
+    """
+    first = next((stage for stage in plan.stages if stage.block is not None), None)
+    if example is None or first is None:
+        return {}
+    calibration = SequentialCalibration(model, plan, [example], 1 << 62, device)
+    was_training = model.training
+    model.eval()
+    try:
+        stage_model, batches = calibration.enter(first)
+        entries = calibration.cache_entries()
+        if not entries:
+            return {}
+        per_sample = sum(e.hidden.numel() * e.hidden.element_size() for e in entries) / sum(
+            e.hidden.shape[0] for e in entries)
+        out = {"calibration": int(per_sample * samples)}
+        if device.type == "cuda" or not profiling():  # never nest a CPU profile in another
+            x, _ = next(iter(batches()))
+            _, activations = peak_allocated(lambda: stage_model(x), device)
+            out["activations"] = int(activations)
+    finally:
+        model.train(was_training)
+    return out

@@ -390,6 +390,10 @@ class SequentialCalibration:
         path = f"{self.plan.blocks}.{stage.block}"
         return _BlockStage(path, self._blocks[stage.block], self._cache), self._cache.batches
 
+    def cache_entries(self) -> list[Any]:
+        """The cached inputs of the current block (one entry per calibration batch)."""
+        return list(self._cache.entries)
+
     def leave(self, stage: Stage) -> None:
         """Propagate the cached inputs through the stage's (now pruned) block."""
         if stage.block is None:

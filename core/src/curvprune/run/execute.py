@@ -257,7 +257,7 @@ def _execute_run(
         # or loaded (training draws from the loaders' and torch's generators): start afresh.
         torch.manual_seed(cfg.run.seed)
         train_loader, grad_loader, test_loader = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
-        plan = pipeline.plan(model, device=device)
+        plan = pipeline.plan(model, device=device, example=next(iter(grad_loader), None))
         plan.check()
         score_dense, loss_dense = evaluate(model, test_loader, device=device, metric=metric)
         tick = time.perf_counter()

@@ -110,6 +110,15 @@ def _from_matrix(matrix: Tensor, kind: str, shape: torch.Size) -> Tensor:
     return matrix.reshape(*matrix.shape[:-2], *shape)
 
 
+def _matrix_shapes(layout: ParamLayout) -> Iterable[tuple[int, int]]:
+    """``(rows, d_in)`` of every selected weight as the layer problem sees it."""
+    for shape, kind in zip(layout.shapes, layout.module_types, strict=True):
+        if kind == "Conv1D":
+            yield int(shape[1]), int(shape[0])
+        else:
+            yield int(shape[0]), math.prod(int(x) for x in shape[1:])
+
+
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device)
@@ -376,14 +385,23 @@ class SparseGPTEstimator(CurvatureEstimator):
 
     @classmethod
     def plan_memory_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
-        """H and its inverse factor (d_in² each) of every selected layer at once (dense
-        calibration); a sequential step holds only one stage's."""
+        """Peak while choosing and updating: H and its inverse factor (d_in² each) of every
+        layer of ``layout``, the largest layer's factorization transient (the damped copy,
+        the Cholesky factor, its triangular inverse and their flips: about 6·d_in², measured)
+        and its sweep work (about two copies of the ``[rows, d_in]`` weight). With sequential
+        calibration the pipeline asks for one stage's layout at a time."""
         itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
-        total = 0
-        for shape, kind in zip(layout.shapes, layout.module_types, strict=True):
-            d_in = int(shape[0]) if kind == "Conv1D" else math.prod(int(s) for s in shape[1:])
-            total += 2 * d_in * d_in * itemsize
-        return total
+        shapes = list(_matrix_shapes(layout))
+        held = sum(2 * d_in * d_in for _, d_in in shapes)
+        transient = max((6 * d_in * d_in for _, d_in in shapes), default=0)
+        sweep = max((2 * rows * d_in for rows, d_in in shapes), default=0)
+        return (held + transient + sweep) * itemsize
+
+    @classmethod
+    def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """While calibration inputs stream through the layers: the Hessians alone."""
+        itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+        return sum(d_in * d_in for _, d_in in _matrix_shapes(layout)) * itemsize
 
     @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
