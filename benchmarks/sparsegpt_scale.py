@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--tensor-peak", action="store_true",
+                        help="also measure the tensors' peak (torch.profiler; slower)")
     args = parser.parse_args(argv)
     import transformers
 
@@ -82,7 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     rss_reset = reset_peak_rss()
     before, _ = peak_memory(torch.device("cpu"), rss_reset)
     started = time.perf_counter()
-    result = pipeline.prune(model, batches)
+    tensor_peak = None
+    if args.tensor_peak:
+        from curvprune.pipeline.memprobe import peak_allocated
+
+        result, tensor_peak = peak_allocated(lambda: pipeline.prune(model, batches))
+    else:
+        result = pipeline.prune(model, batches)
     seconds = time.perf_counter() - started
     peak, how = peak_memory(torch.device("cpu"), rss_reset)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -100,12 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| plan: step on top of the model | {plan.total_bytes / GiB:.2f} GiB |")
     for part, size in plan.memory.items():
         print(f"| plan part: {part} | {size / GiB:.3f} GiB |")
+    if tensor_peak is not None:
+        print(f"| tensors' peak during the prune (torch.profiler) | {tensor_peak / GiB:.2f} GiB |")
     print(f"| sparsity reached | {step.sparsity:.4f} |")
     print()
     print(
         f"ratio peak memory / 4 GiB budget: {peak / (4 * GiB):.2f}; wall time / 15 min: "
         f"{seconds / 900:.2f} (before the prune the process held {before / GiB:.2f} GiB)"
     )
+    if tensor_peak is not None:
+        print(f"ratio tensors' peak / plan: {tensor_peak / plan.total_bytes:.2f}")
     return 0
 
 
