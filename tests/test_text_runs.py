@@ -255,3 +255,12 @@ def test_sparsegpt_run_from_toml_resumes_between_blocks_to_identical_masks(corpu
     for name in ("model.safetensors", "masks.safetensors"):
         a, b = load_file(str(reference.run_dir / name)), load_file(str(resumed.run_dir / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plan_of_a_sequential_sparsegpt_run_counts_the_calibration(corpus, tmp_path, capsys):
+    model_dir, text = corpus
+    config = tmp_path / "sparsegpt.toml"
+    config.write_text(SPARSEGPT.format(model=model_dir, text=text))
+    assert main(["plan", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "memory calibration" in out and "memory activations" in out

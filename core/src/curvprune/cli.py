@@ -327,7 +327,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     model = checked.model
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc} @ --nproc")
-    plan = pipeline.plan(model, device=resolve_device(cfg.run.device), world_size=args.nproc)
+    example = None
+    if pipeline.schedule.staged_calibration(pipeline.components) is not None:
+        # sequential calibration: one batch lets the plan count the cached block inputs and
+        # one block's activations (curvprune run does the same)
+        from curvprune.run.data import make_loaders
+
+        bundle = build_data(cfg.data, seed=cfg.run.seed, model=cfg.model.name)
+        _, grad_loader, _ = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
+        example = next(iter(grad_loader), None)
+    plan = pipeline.plan(model, device=resolve_device(cfg.run.device), world_size=args.nproc,
+                         example=example)
     groups = _channel_groups(checked.layout)
     if args.json:
         print(json.dumps({**plan.to_dict(), "channel_groups": groups}, indent=2))
