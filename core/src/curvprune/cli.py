@@ -331,11 +331,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if pipeline.schedule.staged_calibration(pipeline.components) is not None:
         # sequential calibration: one batch lets the plan count the cached block inputs and
         # one block's activations (curvprune run does the same)
+        from curvprune.pipeline.pipeline import peek_batch
         from curvprune.run.data import make_loaders
 
         bundle = build_data(cfg.data, seed=cfg.run.seed, model=cfg.model.name)
         _, grad_loader, _ = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
-        example = next(iter(grad_loader), None)
+        example = peek_batch(grad_loader)
     plan = pipeline.plan(model, device=resolve_device(cfg.run.device), world_size=args.nproc,
                          example=example)
     groups = _channel_groups(checked.layout)

@@ -183,3 +183,21 @@ def test_sequential_schedule_is_oneshot_with_sequential_calibration():
         Pipeline.from_config(
             {**_config(), "schedule": {"name": "sequential", "calibration": "dense"}}
         )
+
+
+def test_peeking_a_shuffled_loader_leaves_its_order_unchanged():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from curvprune.pipeline.pipeline import peek_batch
+
+    data = TensorDataset(torch.arange(20.0), torch.zeros(20))
+    loader = DataLoader(data, batch_size=5, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    first = peek_batch(loader)
+    again = [x for x, _ in loader]
+    assert torch.equal(first[0], again[0])  # the peeked batch is the run's first batch
+    assert peek_batch(iter(loader)) is None  # a one-pass iterator is never consumed
+    unshuffled = DataLoader(data, batch_size=5, shuffle=True)  # torch's global generator
+    state = torch.get_rng_state()
+    peek_batch(unshuffled)
+    assert torch.equal(torch.get_rng_state(), state)

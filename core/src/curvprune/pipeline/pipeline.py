@@ -235,8 +235,8 @@ class Pipeline:
         progress = progress or Progress(enabled=False)
         runner = StepRunner(self, model, data, loss_fn, masks, progress=progress)
         example = None
-        if data is not None and not isinstance(data, Iterator):  # re-iterable: peek one batch
-            example = next(iter(data), None)
+        if self.schedule.staged_calibration(self.components) is not None:
+            example = peek_batch(data)
         self.plan(model, example=example).check()
         self.host.pipeline_start(self, model)
         target = self.config.prune.sparsity
@@ -334,3 +334,23 @@ def _report_stage(
         levels=levels, level_index=index, stages_done=stages_done, masks=runner.masks.flat,
         reports=list(runner.reports), loss_before=loss_before, times=dict(times),
     ))
+
+
+def peek_batch(data: Iterable[Any] | None) -> Any:
+    """The first batch of a re-iterable ``data`` (a DataLoader, a list), or None, leaving no trace.
+
+    Iterating a shuffled DataLoader draws from its generator (or torch's global one): both are
+    saved and restored, so the run that follows sees the batches it would have seen. A one-pass
+    iterator is never peeked (that would consume its first batch).
+    """
+    if data is None or isinstance(data, Iterator):
+        return None
+    generator = getattr(data, "generator", None)
+    saved = generator.get_state() if generator is not None else None
+    global_state = torch.get_rng_state()
+    try:
+        return next(iter(data), None)
+    finally:
+        torch.set_rng_state(global_state)
+        if generator is not None:
+            generator.set_state(saved)
