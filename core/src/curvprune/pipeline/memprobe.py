@@ -16,7 +16,10 @@ Two measures:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -44,14 +47,38 @@ def peak_allocated(fn: Callable[[], T], device: torch.device | str = "cpu") -> t
         return result, max(0, int(torch.cuda.max_memory_allocated(device)) - int(start))
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_native_stderr():  # the profiler's native start/stop log lines
+        prof.__enter__()
+    try:
         result = fn()
+    finally:
+        with _quiet_native_stderr():
+            prof.__exit__(None, None, None)
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     running = peak = 0
     for event in events:
         running += int(event.self_cpu_memory_usage)
         peak = max(peak, running)
     return result, peak
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null meanwhile (native libraries' log lines)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters): nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def profiling() -> bool:
