@@ -372,7 +372,12 @@ def test_two_concurrent_runs_of_one_name_one_wins_the_other_says_so(tmp_path, ca
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
     loser = next(err for code, _, err in results if code == 2)
-    assert "'same'" in one_line(loser) or "another process" in loser
+    # Which line the loser prints depends on when it meets the winner: the name taken at the
+    # start, the lock of a run in progress, or (when both computed) the atomic rename finding
+    # the winner's folder; each names the run, in one line
+    line = one_line(loser)
+    assert ("'same'" in line or "another process" in loser
+            or ("run directory exists already" in line and line.endswith(f"@ {out / 'same'}")))
     run = out / "same"
     json.loads((run / "result.json").read_text())
     for f in ("model.safetensors", "masks.safetensors"):
