@@ -309,7 +309,7 @@ def test_magnitude_sums_over_coupled_rows(norm):
     ctx = curvprune.PruneContext(model=model, layout=layout, weights=layout.gather(model),
                                  mask=torch.ones(layout.d, dtype=torch.bool), target_sparsity=0.5)
     scores = curvprune.create("scorer", "magnitude", host=HOST, granularity="channel",
-                              norm=norm, normalize="none").score(ctx)
+                              norm=norm, normalize="none", extent="producers").score(ctx)
     params = dict(model.named_parameters())
     for g, off in zip(layout.structures.groups, layout.structures.offsets, strict=True):
         for c in range(g.size):

@@ -22,6 +22,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from curvprune.builtin.group_saliency import group_sums
 from curvprune.errors import ConfigError
 from curvprune.plugin.manager import hookimpl
 from curvprune.plugin.registry import Register
@@ -40,14 +41,29 @@ class MagnitudeConfig:
     Attributes:
         granularity: ``weight`` (score |w|) or ``channel`` (norm of each channel structure).
         norm: ``l1`` or ``l2``, the channel norm (ignored for weights).
+        extent: which parameters a channel structure's norm runs over. ``group`` (default):
+            every parameter entry that removing the structure deletes: the weight rows and
+            biases of all its producers (every producer of a residual stream), its norms' γ
+            and β, its depthwise convolutions' rows and biases, and its **consumers' input
+            columns** (:mod:`curvprune.builtin.group_saliency`); ``producers``: the weight rows
+            of its producers (and selected depthwise convolutions) only, the filter norm of
+            Li et al. (2017). Without traced structures (``mask.coupled = false``) the
+            consumers are unknown and both count the weight rows only.
         normalize: ``mean`` (channels only): each structure's norm divided by the mean norm of
             the kept structures of its group, so that a global ranking compares channels
-            within their layer's scale (Torch-Pruning's default normalizer) instead of taking
-            the layers with small weights down to their last channel; ``none``: raw norms.
+            within their group's scale (Torch-Pruning's default normalizer) instead of taking
+            the groups with small weights down to their last channel; ``none``: raw norms.
+            With ``extent = "group"`` the mean is over the group's group-summed norms, so a
+            structure scores 1 when its removal deletes as much weight mass as the average
+            channel of its group; a group's fan-in, fan-out, number of coupled producers and
+            BatchNorm scale all cancel, and the global ranking compares relative importances.
     """
 
     granularity: Literal["weight", "channel"] = "weight"
     norm: Literal["l1", "l2"] = "l2"
+    extent: Literal["group", "producers"] = attrs.field(
+        default="group", validator=attrs.validators.in_(("group", "producers"))
+    )
     normalize: Literal["mean", "none"] = attrs.field(
         default="mean", validator=attrs.validators.in_(("mean", "none"))
     )
@@ -63,19 +79,26 @@ class MagnitudeScorer(SaliencyScorer):
         self.granularity = self.config.granularity
 
     def score(self, ctx: PruneContext) -> Tensor:
-        """|w| per weight ``[d]``, or the L1/L2 norm of each structure's weights ``[S]``.
+        """|w| per weight ``[d]``, or the L1/L2 norm of each structure's parameters ``[S]``.
 
-        A structure's norm runs over the weight rows of all its channels (for a coupled
-        structure, the rows of every producer of the residual stream channel): the sum of
-        |w| (l1) or the square root of the sum of w² (l2). Channels of selected parameters that
-        are not prunable (structure id -1) are left out.
+        With ``extent = "group"`` and traced structures, a structure's norm runs over every
+        parameter entry its removal deletes (producers' rows and biases, norms' γ and β,
+        depthwise rows and biases, consumers' input columns), without the entries of
+        structures already removed; with ``extent = "producers"`` over the weight rows of all
+        its channels (for a coupled structure, the rows of every producer of the residual
+        stream channel). The norm is the sum of |θ| (l1) or the square root of the sum of θ²
+        (l2). Channels of selected parameters that are not prunable (structure id -1) are
+        left out.
         """
         w = ctx.weights * ctx.mask
         if self.granularity == "weight":
             return w.abs()
         layout = ctx.layout
-        values = w.abs() if self.config.norm == "l1" else w.square()
-        out = layout.structure_sums(layout.channel_sums(values))
+        fn = torch.abs if self.config.norm == "l1" else torch.square
+        if self.config.extent == "group" and hasattr(layout.structures, "groups"):
+            out = group_sums(ctx.model, layout, ctx.weights, ctx.mask, fn)
+        else:
+            out = layout.structure_sums(layout.channel_sums(fn(w)))
         out = out if self.config.norm == "l1" else out.sqrt()
         if self.config.normalize == "mean":
             out = _per_group_mean_normalized(out, layout, ctx.mask)
