@@ -132,7 +132,8 @@ def test_hand_computed_linear_mlp():
     # unit of layer 0: its row (4) and bias, layer 2's column (2 rows)
     # unit of layer 2: its row (3) and bias, layer 4's column (5 rows)
     l1 = _scores(model, layout, norm="l1")
-    torch.testing.assert_close(l1, torch.tensor([4 + 2 + 2 * 0.5] * 3 + [3 * 0.5 + 3 + 5 * 0.25] * 2))
+    expected = [4 + 2 + 2 * 0.5] * 3 + [3 * 0.5 + 3 + 5 * 0.25] * 2
+    torch.testing.assert_close(l1, torch.tensor(expected))
     rows = _scores(model, layout, norm="l1", extent="producers")
     torch.testing.assert_close(rows, torch.tensor([4.0] * 3 + [1.5] * 2))
 
