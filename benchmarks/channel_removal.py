@@ -49,7 +49,8 @@ def measure(arch: str, fraction: float, batch: int, side: int, repeats: int) -> 
     model = torchvision.models.get_model(arch, weights=None, num_classes=10).eval()
     pipe = curvprune.Pipeline.from_config({
         "prune": {"sparsity": fraction, "loss_samples": 0},
-        "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1"},
+        "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1",
+                   "extent": "producers"},
         "mask": {"name": "channel", "scope": "layerwise", "remove": True},
     })
     tick = time.perf_counter()

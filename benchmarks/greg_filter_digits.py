@@ -53,7 +53,8 @@ from _machine import describe
 def config(schedule: dict[str, Any], ratio: float) -> dict[str, Any]:
     return {
         "prune": {"sparsity": ratio, "loss_samples": 0},
-        "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1"},
+        "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1",
+                   "extent": "producers"},
         "schedule": schedule,
         "mask": {"name": "channel", "scope": "layerwise", "remove": True},
     }

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         model = getattr(torchvision.models, name)(weights=None).eval()
         example = torch.randn(2, 3, size, size)
         pipeline = Pipeline.from_config({
-            "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1"},
+            "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1",
+                       "extent": "producers"},
             "mask": {"name": "channel", "scope": "layerwise"},
             "prune": {"sparsity": 0.5, "loss_samples": 0},
         })

@@ -16,9 +16,10 @@ equal the masked one), fine-tuned briefly on the smaller model, and evaluated ag
 * ``diagonal only``: |qₛ + ½Qₛₛ| (``sosp-i``, ``selection = "diagonal"``): SOSP without the
   correlations. On this ReLU/max-pool network the loss is piecewise linear in any single gate
   through the logits, so the exact Hessian's diagonal equals the GGN's;
-* ``l1``: the core's ``magnitude`` scorer, ``granularity = "channel"``, ``norm = "l1"``, with
-  the same global mask, and with ``scope = "layerwise"`` (every layer loses 50 %): the
-  L1-filter criterion of Li et al. (2017), which ranks within each layer.
+* ``l1``: the core's ``magnitude`` scorer, ``granularity = "channel"``, ``norm = "l1"``,
+  ``extent = "producers"`` (the filters' rows only), with the same global mask, and with
+  ``scope = "layerwise"`` (every layer loses 50 %): the L1-filter criterion of Li et al.
+  (2017), which ranks within each layer.
 
 Usage::
 
@@ -48,7 +49,7 @@ from _machine import describe
 
 HEADLINE = r"^(ratio|right after).*$"
 FULL_ARGS = ("--seeds", "3")
-L1 = {"name": "magnitude", "granularity": "channel", "norm": "l1"}
+L1 = {"name": "magnitude", "granularity": "channel", "norm": "l1", "extent": "producers"}
 #: method label -> (scorer table, mask scope)
 METHODS = {
     "sosp-h": ({"name": "sosp-h", "num_samples": 1024}, "global"),

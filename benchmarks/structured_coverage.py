@@ -83,7 +83,8 @@ def run_curvprune(name: str, ratio: float, x: torch.Tensor) -> dict[str, Any]:
         return {"error": f"refused: {short(exc, 70)}"}
     pipe = curvprune.Pipeline.from_config({
         "prune": {"sparsity": ratio, "loss_samples": 0},
-        "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1"},
+        "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1",
+                   "extent": "producers"},
         "mask": {"name": "channel", "scope": "layerwise", "remove": True},
     })
     with warnings.catch_warnings():

@@ -96,6 +96,12 @@ class GRegConfig:
             **not in the reference**, which penalises Conv/Linear weights only: memo §8.2).
             Behind a BatchNorm a filter's scale does not matter, so its weights alone may
             never get small enough for the channel to fall silent before removal.
+        select_by: how GReg picks a layer's pruned filters (``filter`` only). ``filter`` (the
+            reference): the lowest mean |W_j| of the filter alone. ``group``: the lowest Σ|θ|
+            over every parameter removing filter j deletes (its row and bias, its BatchNorm's
+            γ_j, β_j and the next layers' input columns of channel j;
+            :mod:`curvprune_greg.group_select`); **not in the reference**. Needs a model
+            torch.fx can trace.
         lr_prune: constant SGD learning rate of the pruning phase (1e-3) in ``curvprune run``.
         momentum: SGD momentum of the pruning phase (0.9).
         weight_decay: SGD weight decay of the pruning phase, on all parameters (the
@@ -121,6 +127,9 @@ class GRegConfig:
         default="internal", validator=attrs.validators.in_(("internal", "none"))
     )
     reg_affine: bool = attrs.field(default=False)
+    select_by: Literal["filter", "group"] = attrs.field(
+        default="filter", validator=attrs.validators.in_(("filter", "group"))
+    )
     lr_prune: float = attrs.field(default=1e-3, converter=float, validator=_positive)
     momentum: float = attrs.field(default=0.9, converter=float, validator=_non_negative)
     weight_decay: float = attrs.field(default=1e-4, converter=float, validator=_non_negative)
@@ -129,6 +138,12 @@ class GRegConfig:
     def _affine_for_filters(self, attribute: attrs.Attribute, value: bool) -> None:
         if value and self.granularity != "filter":
             raise ValueError(f"reg_affine needs granularity = 'filter', got {self.granularity!r}")
+
+    @select_by.validator
+    def _group_for_filters(self, attribute: attrs.Attribute, value: str) -> None:
+        if value == "group" and self.granularity != "filter":
+            raise ValueError(f"select_by = 'group' needs granularity = 'filter', got "
+                             f"{self.granularity!r}")
 
     @reg_upper_limit_pick.validator
     def _pick_below_limit(self, attribute: attrs.Attribute, value: float) -> None:

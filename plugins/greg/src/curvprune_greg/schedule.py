@@ -69,6 +69,7 @@ from curvprune_greg.groups import (
     pick_lowest,
     resolve_ratios,
 )
+from curvprune_greg.group_select import filter_group_scores
 from curvprune_greg.rules import excluded_layers, gate_parameters
 
 __all__ = ["GRegSchedule"]
@@ -122,6 +123,7 @@ class GRegSchedule(Scheduler):
         self._finished: set[str] = set()  # GReg-2: layers that stopped growing
         self._bound = False
         self._layout: ParamLayout | None = None
+        self._model: nn.Module | None = None  # select_by = "group": the model to score
         self._affine: dict[str, list[str]] = {}  # weight → gating 1-D parameters (reg_affine)
         self._affine_lam: dict[str, Tensor] = {}  # λ on pruned groups, 0 elsewhere (reg_affine)
 
@@ -152,7 +154,9 @@ class GRegSchedule(Scheduler):
         for note in (*notes, *more):
             warnings.warn(note, stacklevel=3)
         params = dict(zip(layout.names, layout.parameters(model), strict=True))
+        self._model = model if cfg.select_by == "group" else None
         if self.phase == "unbound":
+            self.plans, self._layout = plans, layout  # GReg-1 picks from them at once
             self._start(plans, params, step)
         else:
             self._adopt(plans, params)
@@ -174,9 +178,8 @@ class GRegSchedule(Scheduler):
                 continue
             weight = params[plan.name]
             self._lam[plan.name] = torch.zeros(plan.n_groups, device=weight.device, dtype=weight.dtype)
-            if self.config.variant == 1:
-                scores = group_scores(weight, self.config.granularity)
-                self._pruned[plan.name] = pick_lowest(scores, plan.n_pruned)
+        if self.config.variant == 1:
+            self._pick(params)
         self.phase = "grow" if self.config.variant == 1 else "pick"
         self.events.append((step, self.phase))
 
@@ -319,10 +322,15 @@ class GRegSchedule(Scheduler):
         }
 
     def _pick(self, params: Mapping[str, nn.Parameter]) -> None:
-        """GReg-2: P_ℓ = the n_p groups of lowest current score."""
+        """P_ℓ = the n_p groups of lowest current score (GReg-1 at the start, GReg-2 at its pick):
+        mean |W_j|, or with ``select_by = "group"`` Σ|θ| over what removing j deletes."""
+        names = [plan.name for plan in self.active]
+        if self._model is not None and names:
+            scores = filter_group_scores(self._model, self._layout, names)
+        else:
+            scores = {n: group_scores(params[n], self.config.granularity) for n in names}
         for plan in self.active:
-            scores = group_scores(params[plan.name], self.config.granularity)
-            self._pruned[plan.name] = pick_lowest(scores, plan.n_pruned)
+            self._pruned[plan.name] = pick_lowest(scores[plan.name], plan.n_pruned)
 
     def _update_ratios(
         self, params: Mapping[str, nn.Parameter], sets: Mapping[str, Tensor]
