@@ -62,6 +62,7 @@ from torch import Tensor, nn
 
 from curvprune import ConfigError, ParamLayout, PruneContext, Scheduler
 from curvprune_greg.config import GRegConfig
+from curvprune_greg.group_select import filter_group_scores
 from curvprune_greg.groups import (
     LayerPlan,
     broadcast,
@@ -69,7 +70,6 @@ from curvprune_greg.groups import (
     pick_lowest,
     resolve_ratios,
 )
-from curvprune_greg.group_select import filter_group_scores
 from curvprune_greg.rules import excluded_layers, gate_parameters
 
 __all__ = ["GRegSchedule"]
