@@ -8,11 +8,12 @@ from torch import Tensor, nn
 
 
 class _BasicBlock(nn.Module):
-    """Two 3×3 conv-BN layers with an identity shortcut; option A (He et al., 2016, §4.2):
-    when the width doubles, the shortcut subsamples by 2 and zero-pads the new channels, so
-    shortcuts add no parameters."""
+    """Two 3×3 conv-BN layers with an identity shortcut. When the width doubles: option A
+    (He et al., 2016, §4.2), the shortcut subsamples by 2 and zero-pads the new channels, so
+    shortcuts add no parameters; option B, a strided 1×1 conv + BN (what channel pruning
+    tools can follow: the zero pad is refused by curvprune and mis-grouped by DepGraph)."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str = "A") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
@@ -20,10 +21,16 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.pad = c_out - c_in
         self.stride = stride
+        self.down: nn.Module | None = None
+        if shortcut == "B" and (stride > 1 or c_in != c_out):
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                      nn.BatchNorm2d(c_out))
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        if self.down is not None:
+            return F.relu(out + self.down(x))
         short = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
         if self.pad:
             short = F.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
@@ -33,15 +40,16 @@ class _BasicBlock(nn.Module):
 class ResNet20(nn.Sequential):
     """ResNet-20 for 32×32 images (He et al., 2016, §4.2): 3 stages of 3 blocks, 16/32/64 wide.
 
-    Its conv and linear weights number 268,336 (0.27 M parameters in all).
+    With option-A shortcuts (the default) its conv and linear weights number 268,336 (0.27 M
+    parameters in all); ``shortcut = "B"`` adds two 1×1 conv + BN downsamples.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, shortcut: str = "A") -> None:
         layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
         c_in = 16
         for c_out, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(3):
-                layers.append(_BasicBlock(c_in, c_out, stride if i == 0 else 1))
+                layers.append(_BasicBlock(c_in, c_out, stride if i == 0 else 1, shortcut))
                 c_in = c_out
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
         super().__init__(*layers)
