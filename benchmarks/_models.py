@@ -45,7 +45,8 @@ class ResNet20(nn.Sequential):
     """
 
     def __init__(self, num_classes: int = 10, shortcut: str = "A") -> None:
-        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+                                   nn.ReLU()]
         c_in = 16
         for c_out, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(3):

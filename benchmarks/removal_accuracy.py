@@ -65,6 +65,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from greg_filter_digits import greg
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -76,7 +77,6 @@ from curvprune.testing.digits import DigitsCNN
 from _digits import accuracy
 from _machine import describe
 from _models import ResNet20
-from greg_filter_digits import greg
 
 HEADLINE = r"^(ratio|right after).*$"
 FULL_ARGS = ("--seeds", "3")
@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import torch_pruning as tp
     from importlib.metadata import version
+
+    import torch_pruning as tp
 
     if args.quick:
         seeds, n, side, subset = args.seeds or 1, 64, 16, 256
