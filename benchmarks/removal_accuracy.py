@@ -135,12 +135,12 @@ def samples(data: TensorDataset, n: int, seed: int) -> DataLoader:
 
 
 def prune_ours(model: nn.Module, scorer: dict[str, Any], data: TensorDataset, n: int,
-               seed: int) -> None:
+               seed: int, fraction: float) -> None:
     scorer = dict(scorer)
     if scorer["name"].startswith("sosp"):
         scorer["num_samples"] = n
     pipeline = curvprune.Pipeline.from_config({
-        "prune": {"sparsity": 0.5, "loss_samples": 0},
+        "prune": {"sparsity": fraction, "loss_samples": 0},
         "scorer": scorer,
         "schedule": {"name": "oneshot"},
         "mask": {"name": "channel", "min_channels": 1, "remove": True},
@@ -150,9 +150,9 @@ def prune_ours(model: nn.Module, scorer: dict[str, Any], data: TensorDataset, n:
 
 
 def prune_greg(model: nn.Module, schedule: dict[str, Any], data: TensorDataset,
-               test: TensorDataset, seed: int) -> None:
+               test: TensorDataset, seed: int, fraction: float) -> None:
     pipeline = curvprune.Pipeline.from_config({
-        "prune": {"sparsity": 0.5, "loss_samples": 0},
+        "prune": {"sparsity": fraction, "loss_samples": 0},
         "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1"},
         "schedule": schedule,
         "mask": {"name": "channel", "scope": "layerwise", "remove": True},
@@ -162,7 +162,7 @@ def prune_greg(model: nn.Module, schedule: dict[str, Any], data: TensorDataset,
 
 
 def prune_tp(model: nn.Module, label: str, data: TensorDataset, n: int, seed: int,
-             example: torch.Tensor, classifier: nn.Module) -> None:
+             example: torch.Tensor, classifier: nn.Module, fraction: float) -> None:
     import torch_pruning as tp
 
     model.eval()
@@ -176,15 +176,15 @@ def prune_tp(model: nn.Module, label: str, data: TensorDataset, n: int, seed: in
     else:
         importance = tp.importance.GroupMagnitudeImportance(
             p=2, group_reduction="sum", normalizer=None, bias=True)
-    pruner = tp.pruner.BasePruner(model, example, importance=importance, pruning_ratio=0.5,
+    pruner = tp.pruner.BasePruner(model, example, importance=importance, pruning_ratio=fraction,
                                   global_pruning=True, ignored_layers=[classifier])
     pruner.step()
     model.zero_grad(set_to_none=True)
 
 
 def run_model(name: str, build: Callable[[], nn.Module], side: int | None, epochs: int,
-              seeds: int, n: int, greg_schedule: dict[str, Any], subset: int | None
-              ) -> dict[str, Any]:
+              seeds: int, n: int, greg_schedule: dict[str, Any], subset: int | None,
+              fraction: float) -> dict[str, Any]:
     train_set, test_set = digits(side)
     if subset:
         train_set = TensorDataset(*(t[:subset] for t in train_set.tensors))
@@ -201,14 +201,15 @@ def run_model(name: str, build: Callable[[], nn.Module], side: int | None, epoch
         s0 = structures_of(dense)
         methods: list[tuple[str, Callable[[nn.Module], None]]] = []
         for label, scorer in OURS.items():
-            methods.append((label, lambda m, s=scorer: prune_ours(m, s, train_set, n, seed)))
+            methods.append((label, lambda m, s=scorer: prune_ours(m, s, train_set, n, seed,
+                                                                  fraction)))
         for label in GREG:
             sched = {**greg_schedule, "reg_affine": label.endswith("+affine")}
             methods.append((label, lambda m, s=sched: prune_greg(m, s, train_set, test_set,
-                                                                 seed)))
+                                                                 seed, fraction)))
         for label in TP_METHODS:
             methods.append((label, lambda m, lb=label: prune_tp(
-                m, lb, train_set, n, seed, example, classifier_of(m))))
+                m, lb, train_set, n, seed, example, classifier_of(m), fraction)))
         for label, prune in methods:
             model = copy.deepcopy(dense)
             tick = time.perf_counter()
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed (CI)")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fraction", type=float, default=0.5,
+                        help="fraction of the channels removed (default 0.5)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from importlib.metadata import version
@@ -272,14 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"versions: torch {torch.__version__}, torch-pruning {version('torch-pruning')} "
           f"(tp.__version__ {tp.__version__}), curvprune {curvprune.__version__}; "
           f"{args.threads} thread(s)")
-    print(f"seeds {seeds}; N = {n} scoring samples; digits CNN {cnn_epochs} epochs, ResNet-20 "
-          f"{resnet_epochs} epochs at {side}×{side}" + (f"; first {subset} samples" if subset
-                                                          else ""))
+    print(f"{100 * args.fraction:.0f} % of the channels removed; seeds {seeds}; N = {n} scoring "
+          f"samples; digits CNN {cnn_epochs} epochs, ResNet-20 {resnet_epochs} epochs at "
+          f"{side}×{side}" + (f"; first {subset} samples" if subset else ""))
     results = {
         "digits CNN": run_model("digits CNN", DigitsCNN, None, cnn_epochs, seeds, n, cnn_greg,
-                                subset),
+                                subset, args.fraction),
         "ResNet-20": run_model("ResNet-20", lambda: ResNet20(shortcut="B"), side, resnet_epochs,
-                               seeds, n, resnet_greg, subset),
+                               seeds, n, resnet_greg, subset, args.fraction),
     }
     for name, res in results.items():
         print()
@@ -298,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, res in results.items():
         rows = res["rows"]
         best = max(rows, key=lambda k: statistics.fmean(rows[k]["acc"]))
-        print(f"right after removal, {name}: best {best} {pm(rows[best]['acc'])} %; "
+        print(f"right after removal of {100 * args.fraction:.0f} %, {name}: best {best} "
+              f"{pm(rows[best]['acc'])} %; "
               f"magnitude (group) {pm(rows['magnitude (group)']['acc'])} % vs "
               f"TP magnitude {pm(rows['TP magnitude']['acc'])} %")
     return 0
