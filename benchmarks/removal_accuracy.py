@@ -1,6 +1,7 @@
 """Accuracy right after removing 50 % of the channels (no fine-tuning): curvprune vs Torch-Pruning.
 
-Two models, each trained per seed (Adam, lr 3e-3, batch 64) on scikit-learn's bundled digits
+Two models, each trained per seed (Adam, lr 3e-3 with cosine decay, batch 64; 15 epochs for
+the CNN, 10 for ResNet-20) on scikit-learn's bundled digits
 (the fixed 75/25 split; accuracy on the held-out 25 %):
 
 * the digits CNN (``curvprune.testing.digits.DigitsCNN``: conv 16, conv 32, linear 64 and the
@@ -108,16 +109,19 @@ def digits(side: int | None) -> tuple[TensorDataset, TensorDataset]:
 
 
 def train(model: nn.Module, data: TensorDataset, epochs: int, seed: int) -> nn.Module:
-    """Adam (lr 3e-3, batch 64), shuffled with ``seed``; returns the model in eval mode."""
+    """Adam (lr 3e-3, cosine to 0, batch 64), shuffled with ``seed``; returns the model in eval
+    mode (the decay settles the BatchNorm statistics, which a constant lr left noisy)."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     loader = DataLoader(data, batch_size=64, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
     model.train()
     for _ in range(epochs):
         for x, y in loader:
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
+            decay.step()
     return model.eval()
 
 
@@ -197,6 +201,7 @@ def run_model(name: str, build: Callable[[], nn.Module], side: int | None, epoch
         torch.manual_seed(seed)
         dense = train(build(), train_set, epochs, seed)
         dense_acc.append(accuracy(dense, test_set))
+        print(f"{name} seed {seed} dense: {dense_acc[-1]:.4f}", file=sys.stderr)
         flops0, params0 = curvprune.count_flops_params(dense, example)
         s0 = structures_of(dense)
         methods: list[tuple[str, Callable[[nn.Module], None]]] = []
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         resnet_greg = cnn_greg
     else:
         seeds, n, side, subset = args.seeds or 3, 512, 32, None
-        cnn_epochs, resnet_epochs = 15, 8
+        cnn_epochs, resnet_epochs = 15, 10
         cnn_greg = {"name": "greg", "variant": 1, "update_reg_interval": 1,
                     "reg_granularity_prune": 1e-3, "stabilize_reg_interval": 300,
                     "lr_prune": 1e-3}
