@@ -19,6 +19,7 @@ from curvprune._log import get_logger
 from curvprune._progress import Progress
 from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, NumericalError
 from curvprune.pipeline.audit import SingleWeightAudit, audit_single_weights
+from curvprune.pipeline.sharding import ShardedEstimator, maybe_shard
 from curvprune.pipeline.stages import OneShotProgress, SequentialCalibration, plan_stages
 from curvprune.pipeline.view import PipelineView
 from curvprune.roles.context import PruneContext
@@ -64,6 +65,8 @@ class StepRunner:
         masks = masks.to(self.device)
         self.masks = MaskSet(self.layout, masks.flat, masks.extra).with_structure_gates()
         self.masks.apply_(model)
+        #: the estimator of whole-model steps: split over the ranks by weights when it can be
+        self.estimator = maybe_shard(pipeline.estimator, pipeline.config.prune.shard)
         self.reports: list[StepReport] = []
         self._audit = AuditSet(data, pipeline.config.prune.loss_samples, self.device)
         #: called after every stage of a sequential step (``Pipeline.prune(on_stage=...)``)
@@ -73,7 +76,7 @@ class StepRunner:
 
     def step(self, level: float, *, train_step: int | None = None) -> StepReport:
         pipeline = self.pipeline
-        scorer, estimator = pipeline.scorer, pipeline.estimator
+        scorer, estimator = pipeline.scorer, self.estimator
         if (scorer.needs_curvature or scorer.needs_gradient or scorer.needs_data) and self.data is None:
             raise ConfigError(
                 f"scorer {pipeline.config.scorer.name!r} needs data: pass batches of "
@@ -341,7 +344,7 @@ class StepRunner:
         the mean gradient is then computed only if the scorer needs it (else None).
         """
         pipeline = self.pipeline
-        estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
+        estimator = self.estimator if pipeline.scorer.needs_curvature else None
         generator = torch.Generator(device=self.device)
         generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
         if estimator is not None and estimator.fits_model:
@@ -369,24 +372,37 @@ class StepRunner:
         )
         # Under torch.distributed: "gather" estimators get every row on every rank (in the
         # single-process order); "sum" estimators and the mean see this rank's rows, then sum.
-        gather = estimator is not None and estimator.reduction == "gather"
+        # A sharded estimator gets this rank's columns of every row (one all-to-all per round).
+        sharded = isinstance(estimator, ShardedEstimator)
+        gather = estimator is not None and estimator.reduction == "gather" and not sharded
+        columns = estimator.bounds if sharded else None  # type: ignore[union-attr]
         failure: CurvpruneError | None = None
         # this rank's rows only when they are local (about num_grads / W of them)
-        total = num_grads if gather or distributed.world_size() == 1 else None
+        total = num_grads if gather or sharded or distributed.world_size() == 1 else None
         try:
             with self.progress.bar(f"step {index + 1} gradients", total) as advance:
-                for chunk in source.iter_grads(self.data, num_grads, gather=gather):  # type: ignore[arg-type]
+                chunks = source.iter_grads(self.data, num_grads, gather=gather, columns=columns)  # type: ignore[arg-type]
+                for chunk in chunks:
                     if estimator is not None:
                         try:
                             estimator.update(chunk)
-                        except NumericalError:
-                            source.check_finite()  # the source knows which parameter: say so
-                            raise
+                        except NumericalError as exc:
+                            if sharded:  # other ranks are in the next exchange: stop them too
+                                failure = exc
+                            else:
+                                source.check_finite()  # the source knows which parameter: say so
+                                raise
+                        if sharded and distributed.any_rank(failure is not None):
+                            source.synchronize()
+                            source.check_finite()
+                            raise failure or NumericalError(
+                                "another rank's share of the curvature failed; see its error"
+                            )
                     advance(chunk.shape[0])
                     del chunk  # not alive while the next chunk is computed (see iter_grads)
         except CurvpruneError as exc:
-            if not source.rows_are_local:
-                raise  # every rank saw the same rows and fails the same way
+            if not source.rows_are_local or sharded:
+                raise  # every rank saw the same rows (or agreed above) and fails the same way
             failure = exc  # only this rank's rows: agree with the others before raising
         if source.rows_are_local:
             if distributed.any_rank(failure is not None):
@@ -394,7 +410,7 @@ class StepRunner:
                     "another rank failed while collecting gradients; see its error"
                 )
             source.synchronize()
-            if estimator is not None:
+            if estimator is not None and not sharded:
                 estimator.all_reduce()
         source.check_finite()
         return source.mean(), num_grads

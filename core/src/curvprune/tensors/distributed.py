@@ -38,8 +38,10 @@ from torch import Tensor
 from curvprune.errors import ConfigError, NumericalError
 
 __all__ = [
+    "all_gather_columns",
     "all_gather_rows",
     "all_reduce_sum_",
+    "all_to_all_columns",
     "any_rank",
     "barrier",
     "broadcast_module_",
@@ -252,6 +254,59 @@ def all_gather_rows(rows: Tensor, counts: Sequence[int]) -> Tensor:
     torch.distributed.all_gather(pieces, padded)
     out = torch.cat([piece[:n] for piece, n in zip(pieces, counts, strict=True)])
     return out.to(rows.device)
+
+
+def all_to_all_columns(
+    rows: Tensor, counts: Sequence[int], bounds: Sequence[tuple[int, int]]
+) -> Tensor:
+    """Exchange one round of row chunks so that every rank ends with its own columns of all.
+
+    Rank q holds a chunk ``[counts[q], d]``; rank r owns the columns ``bounds[r] = [lo, hi)``.
+    One ``all_to_all_single`` (variable splits) sends each rank its columns of every chunk,
+    so no rank ever holds more than its own chunk plus its share of the round.
+
+    Args:
+        rows: this rank's chunk ``[counts[rank], d]``.
+        counts: every rank's number of rows this round (may hold zeros).
+        bounds: every rank's column range, contiguous and tiling ``[0, d)`` in rank order.
+
+    Returns:
+        ``[sum(counts), hi - lo]``: this rank's columns of rank 0's rows, then rank 1's, …
+        (the single-process order of the round), on ``rows``' device. In one process:
+        ``rows[:, lo:hi]`` for ``bounds[0]``.
+    """
+    me = rank()
+    lo, hi = bounds[me]
+    if not is_distributed():
+        return rows[:, lo:hi]
+    if len(counts) != world_size() or rows.shape[0] != counts[me]:
+        raise ValueError(
+            f"all_to_all_columns: counts {list(counts)} do not match the world size "
+            f"{world_size()} or this rank's {rows.shape[0]} rows"
+        )
+    where = _comm_device(rows)
+    send = torch.cat([rows[:, a:b].reshape(-1) for a, b in bounds]).to(where)
+    received = torch.empty(sum(counts) * (hi - lo), dtype=rows.dtype, device=where)
+    torch.distributed.all_to_all_single(
+        received, send,
+        output_split_sizes=[n * (hi - lo) for n in counts],
+        input_split_sizes=[counts[me] * (b - a) for a, b in bounds],
+    )
+    return received.view(sum(counts), hi - lo).to(rows.device)
+
+
+def all_gather_columns(local: Tensor, widths: Sequence[int]) -> Tensor:
+    """Concatenate every rank's columns in rank order: ``[…, sum(widths)]``.
+
+    Args:
+        local: this rank's columns, ``[w]`` or ``[n, w]`` with ``w = widths[rank]``.
+        widths: every rank's number of columns (may hold zeros).
+    """
+    if not is_distributed():
+        return local
+    if local.dim() == 1:
+        return all_gather_rows(local.unsqueeze(1), widths).squeeze(1)
+    return all_gather_rows(local.mT.contiguous(), widths).mT
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -42,7 +42,7 @@ generator and the chunk's index, so they do not depend on which rank computes th
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -165,7 +165,12 @@ class GradientSource:
 
     # -- main entry point ------------------------------------------------------------------------
     def iter_grads(
-        self, batches: Iterable[Any], num_grads: int, *, gather: bool = False
+        self,
+        batches: Iterable[Any],
+        num_grads: int,
+        *,
+        gather: bool = False,
+        columns: Sequence[tuple[int, int]] | None = None,
     ) -> Iterator[Tensor]:
         """Yield chunks ``[k, d]`` (the parameters' dtype and device), ``num_grads`` rows in all.
 
@@ -179,6 +184,11 @@ class GradientSource:
                 single-process order (``num_grads`` rows on each rank). False: yield only this
                 rank's chunks (about ``num_grads / W`` rows), then call :meth:`synchronize`.
                 Ignored in a single process.
+            columns: under torch.distributed, every rank's column range (tiling ``[0, d)``):
+                each round's chunks are exchanged so that this rank gets its columns of all of
+                them (``[rows, hi − lo]`` in the single-process order, one all-to-all per round;
+                :class:`curvprune.pipeline.sharding.ShardedEstimator`); the running sums cover
+                this rank's own rows (call :meth:`synchronize`). Ignored in a single process.
 
         Raises:
             ConfigError: the data holds no sample, or runs out and cannot be restarted, or
@@ -200,7 +210,8 @@ class GradientSource:
         label_seed = self._label_seed() if self.fisher == "true" else 0
         compute = self._vectorised(frozen)
         self._closed_form = linear_owners(self.model, self.layout)
-        self._local = size > 1 and not gather
+        exchange = size > 1 and (gather or columns is not None)
+        self._local = size > 1 and (columns is not None or not gather)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -219,10 +230,10 @@ class GradientSource:
                         mine = self._chunk_grads(compute, selected, frozen, xs, ys, device,
                                                  label_seed + j)
                     except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-                        if size == 1 or not gather:
+                        if not exchange:
                             raise
                         failure, mine = exc, None
-                if size == 1 or not gather:
+                if not exchange:
                     if j % size == me:
                         assert mine is not None
                         self._track(*mine)
@@ -245,10 +256,13 @@ class GradientSource:
                         raise CurvpruneError(
                             "another rank failed while computing gradients; see its error"
                         )
-                    for flat, losses in self._gather_round(mine, counts, device):
-                        self._track(flat, losses)
-                        setattr(flat, _COVERED_BY, self)
-                        yield flat
+                    if columns is not None:
+                        yield self._exchange_round(mine, counts, columns, device)
+                    else:
+                        for flat, losses in self._gather_round(mine, counts, device):
+                            self._track(flat, losses)
+                            setattr(flat, _COVERED_BY, self)
+                            yield flat
                     mine = None
         finally:
             self.model.train(was_training)
@@ -391,6 +405,25 @@ class GradientSource:
             if n:
                 yield every[start : start + n, :d], every[start : start + n, d]
             start += n
+
+    def _exchange_round(
+        self,
+        mine: tuple[Tensor, Tensor, Tensor | None] | None,
+        counts: list[int],
+        columns: Sequence[tuple[int, int]],
+        device: torch.device,
+    ) -> Tensor:
+        """This rank's columns of one round of chunks (its own chunk counted in the sums)."""
+        if mine is None:
+            dtype = self.layout.parameters(self.model)[0].dtype
+            rows = torch.zeros(0, self.layout.d, dtype=dtype, device=device)
+        else:
+            self._track(*mine)
+            rows = mine[0]
+        # the finiteness of every row is in the synchronized sums (check_finite)
+        out = distributed.all_to_all_columns(rows, counts, columns)
+        setattr(out, _COVERED_BY, self)
+        return out
 
     def _label_seed(self) -> int:
         """One draw from the generator (the same on every rank: rank 0's is broadcast)."""
