@@ -35,7 +35,7 @@ from curvprune.roles.estimator import CurvatureEstimator, EstimatorConfig
 from curvprune.tensors import distributed
 from curvprune.tensors.layout import BlockLayout, ParamLayout
 
-__all__ = ["ShardedEstimator", "column_shares", "maybe_shard", "piece_sizes"]
+__all__ = ["ShardedEstimator", "column_shares", "maybe_shard", "piece_sizes", "share_layouts"]
 
 
 def column_shares(
@@ -90,6 +90,35 @@ def piece_sizes(sizes: Sequence[int], lo: int, hi: int) -> tuple[list[int], list
             owners.append(index)
         start = end
     return pieces, owners
+
+
+def estimator_shares(
+    estimator: CurvatureEstimator, sizes: Sequence[int], world: int
+) -> list[tuple[int, int]]:
+    """The column range of each of ``world`` ranks for ``estimator`` (as :meth:`setup` cuts)."""
+    costs = [type(estimator).shard_cost(s, estimator.config) for s in sizes]
+    alignment = 1 if estimator.sharding == "coupled" else estimator.shard_alignment()
+    if estimator.fits_model:
+        alignment = None  # a model-fitted estimator is set up on whole parameters
+    return column_shares(sizes, costs, alignment, world)
+
+
+def share_layouts(
+    layout: ParamLayout, estimator: CurvatureEstimator, world: int
+) -> list[ParamLayout]:
+    """Each rank's pieces of ``layout`` when ``estimator`` is sharded over ``world`` ranks, as
+    (partial) layouts for planning; an idle rank's layout is empty."""
+    out = []
+    for lo, hi in estimator_shares(estimator, layout.sizes, world):
+        pieces, owners = piece_sizes(layout.sizes, lo, hi)
+        out.append(ParamLayout(
+            tuple(layout.names[i] for i in owners),
+            tuple(torch.Size([n]) if n != layout.sizes[i] else layout.shapes[i]
+                  for n, i in zip(pieces, owners, strict=True)),
+            tuple(layout.module_types[i] for i in owners),
+            partial=True,
+        ))
+    return out
 
 
 class ShardedEstimator(CurvatureEstimator):
@@ -148,11 +177,7 @@ class ShardedEstimator(CurvatureEstimator):
     # -- life cycle ---------------------------------------------------------------------------
     def _setup(self) -> None:
         inner = self.inner
-        costs = [type(inner).shard_cost(s, inner.config) for s in self.sizes]
-        alignment = 1 if inner.sharding == "coupled" else inner.shard_alignment()
-        if inner.fits_model:
-            alignment = None  # a model-fitted estimator is set up on whole parameters
-        self.bounds = tuple(column_shares(self.sizes, costs, alignment, distributed.world_size()))
+        self.bounds = tuple(estimator_shares(inner, self.sizes, distributed.world_size()))
         self._count = 0
         self._diagonal = None
         if inner.sharding == "coupled":
@@ -235,18 +260,22 @@ class ShardedEstimator(CurvatureEstimator):
         return out
 
 
+def shards(estimator: CurvatureEstimator | None, mode: Literal["auto", "off"]) -> bool:
+    """Whether ``estimator`` is sharded over the ranks of a run: ``mode`` is ``"auto"`` and it
+    declares :attr:`~curvprune.CurvatureEstimator.sharding` (and is not layer-local)."""
+    return (
+        estimator is not None
+        and mode == "auto"
+        and estimator.sharding is not None
+        and not estimator.layer_local
+    )
+
+
 def maybe_shard(
     estimator: CurvatureEstimator | None, mode: Literal["auto", "off"]
 ) -> CurvatureEstimator | None:
-    """The estimator to use for a step: sharded over the ranks when a process group is
-    initialized (one rank included: the same code path), ``mode`` is ``"auto"`` and the
-    estimator can be sharded (and is not layer-local); else as it is."""
-    if (
-        estimator is None
-        or mode == "off"
-        or estimator.sharding is None
-        or estimator.layer_local
-        or not distributed.is_distributed()
-    ):
+    """The estimator to use for a step: sharded (:func:`shards`) when a process group is
+    initialized (one rank included: the same code path), else as it is."""
+    if estimator is None or not shards(estimator, mode) or not distributed.is_distributed():
         return estimator
     return ShardedEstimator(estimator)
