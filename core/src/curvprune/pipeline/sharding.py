@@ -24,7 +24,9 @@ rank: the exact k-th value) and the OBS updates are those of one process.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+import contextlib
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -145,6 +147,8 @@ class ShardedEstimator(CurvatureEstimator):
         self._owners: list[int] = []
         self._count = 0
         self._diagonal: Tensor | None = None
+        #: seconds spent inside the inner estimator (the per-rank report's "curvature")
+        self.inner_seconds = 0.0
 
     # -- who owns what ------------------------------------------------------------------------
     @property
@@ -196,7 +200,8 @@ class ShardedEstimator(CurvatureEstimator):
         self._diagonal = None
         self._count += grads.shape[0]
         if not self.idle and grads.shape[0]:
-            self.inner.update(grads)
+            with self._timed():
+                self.inner.update(grads)
 
     def _update(self, grads: Tensor) -> None:  # pragma: no cover - update() is overridden
         raise AssertionError
@@ -214,25 +219,36 @@ class ShardedEstimator(CurvatureEstimator):
         self._diagonal = None
         if not self.idle:
             mine = layout.subset(self._owners)
-            self.inner.fit(model, batches, loss_fn, mine, generator=generator)
+            with self._timed():
+                self.inner.fit(model, batches, loss_fn, mine, generator=generator)
         seen = torch.tensor([0 if self.idle else self.inner.num_samples], dtype=torch.int64)
         if distributed.is_distributed():
             torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
         self._count = int(seen)
 
     # -- queries: owners compute, everyone gathers --------------------------------------------
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.inner_seconds += time.perf_counter() - started
+
     def _local(self, width: int, *lead: int) -> Tensor:
         return torch.zeros(*lead, width, device=self.device, dtype=self.dtype)
 
     def _inverse_diagonal(self) -> Tensor:
         if self._diagonal is None:
-            local = self._local(0) if self.idle else self.inner.inverse_diagonal()
+            with self._timed():
+                local = self._local(0) if self.idle else self.inner.inverse_diagonal()
             self._diagonal = distributed.all_gather_columns(local.to(self.device), self.widths)
         return self._diagonal
 
     def _ihvp(self, v: Tensor) -> Tensor:
         lo, hi = self.columns
-        local = self._local(0, v.shape[0]) if self.idle else self.inner.ihvp(v[:, lo:hi])
+        with self._timed():
+            local = self._local(0, v.shape[0]) if self.idle else self.inner.ihvp(v[:, lo:hi])
         return distributed.all_gather_columns(local.to(self.device), self.widths)
 
     def _inverse_columns(self, idx: Tensor) -> Tensor:
@@ -249,7 +265,8 @@ class ShardedEstimator(CurvatureEstimator):
         mine = ~crossing & (first.squeeze(1) == distributed.rank()) & valid.any(dim=1)
         if bool(mine.any()):
             local = torch.where(valid[mine], idx[mine] - lo, idx[mine])
-            out[mine] = self.inner.inverse_columns(local).to(self.dtype)
+            with self._timed():
+                out[mine] = self.inner.inverse_columns(local).to(self.dtype)
         distributed.all_reduce_sum_(out)
         if distributed.any_rank(bool(crossing.any())):
             if self.inner.sharding != "coupled":

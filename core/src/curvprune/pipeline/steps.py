@@ -8,6 +8,7 @@ only after a step, never inside it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from curvprune._log import get_logger
 from curvprune._progress import Progress
 from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, NumericalError
 from curvprune.pipeline.audit import SingleWeightAudit, audit_single_weights
+from curvprune.pipeline.rankstats import RankMeter
 from curvprune.pipeline.sharding import ShardedEstimator, maybe_shard
 from curvprune.pipeline.stages import OneShotProgress, SequentialCalibration, plan_stages
 from curvprune.pipeline.view import PipelineView
@@ -92,8 +94,11 @@ class StepRunner:
         mean_grad = None
         num_grads = 0
         tick = time.perf_counter()
+        meter = RankMeter(self.device) if distributed.is_distributed() else None
         if scorer.needs_curvature or scorer.needs_gradient:
-            mean_grad, num_grads = self._collect_gradients(index)
+            with _phase(meter, "collect", "gradients") as inside:
+                mean_grad, num_grads = self._collect_gradients(index)
+                inside["curvature"] = self._curvature_seconds
         times["gradients"] = time.perf_counter() - tick
         ctx = PruneContext(
             model=self.model,
@@ -108,6 +113,9 @@ class StepRunner:
             step=index,
         )
         tick = time.perf_counter()
+        answer = _phase(meter, "answer", "scoring")
+        inside = answer.__enter__()
+        queried = getattr(estimator, "inner_seconds", 0.0)
         chosen = pipeline.schedule.select(ctx)
         if chosen is None:
             new_mask, delta, predicted = self._decide(ctx, level)
@@ -130,6 +138,8 @@ class StepRunner:
         distributed.check_same_across_ranks((new_mask, weights), "the masks and pruned weights")
         masks.write_(self.model, weights)
         self.masks = masks
+        inside["curvature"] = getattr(estimator, "inner_seconds", 0.0) - queried
+        answer.__exit__(None, None, None)
         times["update"] = time.perf_counter() - tick
         loss_after = self._audit.loss(self.model, self.loss_fn)
         times["total"] = time.perf_counter() - started
@@ -147,6 +157,7 @@ class StepRunner:
             times=times,
             train_step=train_step,
             single_audit=None if single is None else single.to_dict(),
+            ranks=None if meter is None else meter.gather(),
         )
         return self._finish(report)
 
@@ -347,9 +358,12 @@ class StepRunner:
         estimator = self.estimator if pipeline.scorer.needs_curvature else None
         generator = torch.Generator(device=self.device)
         generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
+        self._curvature_seconds = 0.0  # time inside the estimator (per-rank report)
         if estimator is not None and estimator.fits_model:
             estimator.setup(self.layout.sizes, device=self.device)
+            tick = time.perf_counter()
             estimator.fit(self.model, self.data, self.loss_fn, self.layout, generator=generator)  # type: ignore[arg-type]
+            self._curvature_seconds = time.perf_counter() - tick
             if not pipeline.scorer.needs_gradient:
                 return None, estimator.num_samples
             estimator = None  # the mean gradient alone, from mini-batches below
@@ -384,6 +398,7 @@ class StepRunner:
                 chunks = source.iter_grads(self.data, num_grads, gather=gather, columns=columns)  # type: ignore[arg-type]
                 for chunk in chunks:
                     if estimator is not None:
+                        tick = time.perf_counter()
                         try:
                             estimator.update(chunk)
                         except NumericalError as exc:
@@ -392,6 +407,7 @@ class StepRunner:
                             else:
                                 source.check_finite()  # the source knows which parameter: say so
                                 raise
+                        self._curvature_seconds += time.perf_counter() - tick
                         if sharded and distributed.any_rank(failure is not None):
                             source.synchronize()
                             source.check_finite()
@@ -455,3 +471,10 @@ class AuditSet:
         if value != value or value in (float("inf"), float("-inf")):
             raise NumericalError("the loss is not finite on the audit samples; check the model and inputs")
         return value
+
+
+def _phase(meter: RankMeter | None, name: str, rest: str) -> Any:
+    """``meter.phase(name, rest)``, or a context giving a scratch dict when not distributed."""
+    if meter is None:
+        return contextlib.nullcontext({"curvature": 0.0})
+    return meter.phase(name, rest)

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 
 from curvprune.errors import ConfigError, NumericalError
+from curvprune.tensors.comm_timer import collective as _collective
+from curvprune.tensors.comm_timer import communication_seconds
 
 __all__ = [
     "all_gather_columns",
@@ -47,6 +49,7 @@ __all__ = [
     "broadcast_module_",
     "broadcast_object",
     "check_same_across_ranks",
+    "communication_seconds",
     "data_parallel",
     "init_from_env",
     "is_distributed",
@@ -199,6 +202,7 @@ def _comm_device(like: Tensor) -> torch.device:
     return like.device if like.device.type == "cpu" else torch.device("cpu")
 
 
+@_collective
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` over all ranks, in place, and return it (identity when not distributed).
 
@@ -216,6 +220,7 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     return tensor
 
 
+@_collective
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
     if not is_distributed():
@@ -227,6 +232,7 @@ def any_rank(flag: bool) -> bool:
     return bool(probe.item() > 0)
 
 
+@_collective
 def all_gather_rows(rows: Tensor, counts: Sequence[int]) -> Tensor:
     """Concatenate every rank's rows in rank order: ``[sum(counts), …]``.
 
@@ -256,6 +262,7 @@ def all_gather_rows(rows: Tensor, counts: Sequence[int]) -> Tensor:
     return out.to(rows.device)
 
 
+@_collective
 def all_to_all_columns(
     rows: Tensor, counts: Sequence[int], bounds: Sequence[tuple[int, int]]
 ) -> Tensor:
@@ -309,6 +316,7 @@ def all_gather_columns(local: Tensor, widths: Sequence[int]) -> Tensor:
     return all_gather_rows(local.mT.contiguous(), widths).mT
 
 
+@_collective
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` as rank ``src`` has it, on every rank (a picklable value; identity alone)."""
     if not is_distributed():
@@ -355,6 +363,7 @@ def _fingerprint(tensor: Tensor) -> Tensor:
     return torch.cat([total, count]).cpu()
 
 
+@_collective
 def check_same_across_ranks(
     tensors: Tensor | Sequence[Tensor],
     what: str,
