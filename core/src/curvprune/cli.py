@@ -189,10 +189,20 @@ def _add_rank(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]
 def _cmd_run(args: argparse.Namespace) -> int:
     from curvprune.run.execute import execute_run
 
+    from curvprune.tensors import distributed
+
     saved: list[Path] = []
     try:
         outcome = execute_run(args.config, out=args.out, name=args.name, quiet=args.quiet,
                               resume=args.resume, on_checkpoint=saved.append)
+    except (RuntimeError, OSError) as exc:  # a rank died inside a collective (RankLostError)?
+        where = saved[-1].parent if saved else args.resume
+        hint = (f"resume with: curvprune run --resume {where}" if where else
+                "resume the run's .partial folder with curvprune run --resume")
+        lost = distributed.lost_peer(exc, resume_hint=hint)
+        if lost is None:
+            raise
+        raise lost from exc
     except (KeyboardInterrupt, SystemExit) as exc:
         if not saved and not args.resume:
             raise
@@ -202,8 +212,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if isinstance(exc, SystemExit):  # SIGTERM: keep its exit status
             raise
         return 130
-    from curvprune.tensors import distributed
-
     if distributed.rank() != 0:  # rank 0 wrote the run directory and prints the summary
         return 0
     r = outcome.result

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor
 
 from curvprune.errors import ConfigError, NumericalError
-from curvprune.tensors.comm_timer import collective as _collective
-from curvprune.tensors.comm_timer import communication_seconds
+from curvprune.tensors.comm import collective as _collective
+from curvprune.tensors.comm import communication_seconds, lost_peer
 
 __all__ = [
     "all_gather_columns",
@@ -50,6 +50,7 @@ __all__ = [
     "broadcast_object",
     "check_same_across_ranks",
     "communication_seconds",
+    "lost_peer",
     "data_parallel",
     "init_from_env",
     "is_distributed",

@@ -256,8 +256,8 @@ class GradientSource:
                         raise CurvpruneError(
                             "another rank failed while computing gradients; see its error"
                         )
-                    if columns is not None:
-                        yield self._exchange_round(mine, counts, columns, device)
+                    if columns is not None:  # chunk by chunk, as one process feeds them
+                        yield from self._exchange_round(mine, counts, columns, device)
                     else:
                         for flat, losses in self._gather_round(mine, counts, device):
                             self._track(flat, losses)
@@ -412,8 +412,8 @@ class GradientSource:
         counts: list[int],
         columns: Sequence[tuple[int, int]],
         device: torch.device,
-    ) -> Tensor:
-        """This rank's columns of one round of chunks (its own chunk counted in the sums)."""
+    ) -> Iterator[Tensor]:
+        """This rank's columns of one round's chunks (its own chunk counted in the sums)."""
         if mine is None:
             dtype = self.layout.parameters(self.model)[0].dtype
             rows = torch.zeros(0, self.layout.d, dtype=dtype, device=device)
@@ -422,8 +422,13 @@ class GradientSource:
             rows = mine[0]
         # the finiteness of every row is in the synchronized sums (check_finite)
         out = distributed.all_to_all_columns(rows, counts, columns)
-        setattr(out, _COVERED_BY, self)
-        return out
+        start = 0
+        for n in counts:
+            if n:
+                piece = out[start : start + n]
+                setattr(piece, _COVERED_BY, self)
+                yield piece
+            start += n
 
     def _label_seed(self) -> int:
         """One draw from the generator (the same on every rank: rank 0's is broadcast)."""
