@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from curvprune.errors import ConfigError, StructureSkipWarning, UnsupportedModelError
+from curvprune.structure.attention import HeadGroup, find_heads, head_gates, is_attention
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.trace import Tracer
 from curvprune.structure.trace_ops import is_leaf_pass
@@ -80,25 +81,39 @@ class StructureGraph:
         model_type: the traced model's class name.
         widths: channels of every BatchNorm and depthwise convolution at trace time (a
             concatenation puts several groups into one of them, at offsets).
+        untraced: why ``torch.fx`` could not trace the model, when the graph holds only the
+            attention heads found by inspecting its modules (:mod:`.attention`); else None.
     """
 
     groups: tuple[ChannelGroup, ...]
     param_names: frozenset[str]
     model_type: str
     widths: dict[str, int] = attrs.field(factory=dict)
+    untraced: str | None = None
 
     @classmethod
     def trace(cls, model: nn.Module) -> StructureGraph:
         """Trace ``model`` with ``torch.fx`` (no input needed) and find its channel groups.
 
+        Attention modules (:func:`curvprune.structure.attention.find_heads`) add one head group
+        each after the channel groups; they are fx leaves. A model fx cannot trace but that
+        has recognised attention modules gives a graph of its head groups alone
+        (:attr:`untraced` names the cause).
+
         Raises:
-            UnsupportedModelError: the model cannot be traced symbolically (the cause is named),
-                or a Linear layer's input is not a whole number of features per flattened channel.
+            UnsupportedModelError: the model cannot be traced symbolically (the cause is named)
+                and has no recognised attention module, or a Linear layer's input is not a
+                whole number of features per flattened channel.
         """
+        heads = find_heads(model)
+        names = frozenset(n for n, _ in model.named_parameters())
         try:
             gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if any(h.removable for h in heads):
+                return cls(groups=heads, param_names=names, model_type=type(model).__name__,
+                           untraced=f"{type(exc).__name__}: {cause}")
             raise UnsupportedModelError(
                 f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
                 f"{cause}); channel structures need a symbolically traceable model, or set "
@@ -107,8 +122,8 @@ class StructureGraph:
         tracer = Tracer(gm)
         tracer.run()
         return cls(
-            groups=tracer.groups(),
-            param_names=frozenset(n for n, _ in model.named_parameters()),
+            groups=tracer.groups() + heads,
+            param_names=names,
             model_type=type(model).__name__,
             widths=dict(tracer.widths),
         )
@@ -129,8 +144,8 @@ class StructureGraph:
         position = {name: i for i, name in enumerate(layout.names)}
         chosen = []
         for g in self.groups:
-            where = [position.get(f"{p}.weight") for p in g.producers]
-            if g.removable and all(i is not None for i in where):
+            where = [position.get(w) for w in g.weights()]
+            if g.removable and where and all(i is not None for i in where):
                 chosen.append((min(w for w in where if w is not None), g))
         chosen.sort(key=lambda item: item[0])
         groups = tuple(g for _, g in chosen)
@@ -143,6 +158,14 @@ class StructureGraph:
             channel_offsets.append(channel_offsets[-1] + c)
         channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
         for g, off in zip(groups, offsets, strict=True):
+            if isinstance(g, HeadGroup):
+                for p, local in g.layout_rows():
+                    i = position[p]
+                    if layout.channels[i] != local.numel():
+                        raise ConfigError(f"parameter {p} has {layout.channels[i]} rows but "
+                                          f"its heads have {local.numel()} @ layout")
+                    channel_structure[channel_offsets[i]: channel_offsets[i + 1]] = off + local
+                continue
             ids = torch.arange(off, off + g.size).repeat(g.copies)
             rows = [(p, 0, 0, g.channels, True) for p in g.producers]
             rows += [(m, at, lo, hi, False) for m, at, lo, hi in g.placed("depthwise")]
@@ -235,6 +258,9 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
+                if isinstance(g, HeadGroup):
+                    handles.extend(head_gates(g, modules, values, off))
+                    continue
                 for gate, at, lo, hi in g.placed("gates"):
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
@@ -260,6 +286,12 @@ class Structures:
         out: dict[str, Tensor] = {}
         params, widths = self.graph.param_names, self.graph.widths
         for i, g in enumerate(self.groups):
+            if isinstance(g, HeadGroup):
+                for name, local in g.bias_rows():
+                    if name in params:
+                        kept = keep[self.group_slice(i)][local.to(keep.device)]
+                        out[name] = out[name] & kept if name in out else kept
+                continue
             piece = keep[self.group_slice(i)].repeat(g.copies)
             entries = [(f"{p}.bias", p, 0, 0, g.channels) for p in g.producers]
             entries += [(f"{n}.{w}", n, at, lo, hi) for n, at, lo, hi in g.placed("norms")
@@ -306,7 +338,8 @@ class _LeafTracer(torch.fx.Tracer):
     ``StochasticDepth``) as leaves so the tracer sees the module, not its random mask."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_leaf_pass(m) or super().is_leaf_module(m, module_qualified_name)
+        return (is_leaf_pass(m) or is_attention(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGroup]:
@@ -315,7 +348,7 @@ def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGr
     selected = set(layout.names)
     return [
         g for g in graph.groups
-        if not g.removable and all(f"{p}.weight" in selected for p in g.producers)
+        if not g.removable and all(w in selected for w in g.weights())
         and "reach the model output" not in (g.reason or "")
     ]
 
@@ -336,6 +369,12 @@ def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> Param
     graph = StructureGraph.trace(model)
     structures = graph.structures(layout)
     skipped = skipped_groups(graph, layout)
+    if graph.untraced and structures.n_structures:
+        message = (f"torch.fx cannot trace {graph.model_type} ({graph.untraced}): only its "
+                   "attention heads are pruned, every other selected channel stays dense")
+        if getattr(config, "strict", False):
+            raise UnsupportedModelError(f"{message}; set mask.strict = false @ mask.strict")
+        warnings.warn(message, StructureSkipWarning, stacklevel=2)
     if skipped and structures.n_structures:
         listed = "; ".join(f"{g.name}: {g.reason}" for g in skipped[:3])
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""

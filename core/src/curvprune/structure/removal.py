@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from curvprune.errors import ConfigError, UnsupportedModelError
+from curvprune.structure.attention import HeadGroup, plan_head_removal
 from curvprune.structure.counting import count_flops_params, count_params
 from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
 
@@ -194,8 +195,16 @@ def _remove(
     """
     modules = dict(model.named_modules())
     cuts: dict[tuple[str, str], _Cut] = {}
+    heads = []  # attention heads: checked and computed here, swapped in with the rest
     for group, index in plan:
-        _group_cuts(group, index, modules, cuts)
+        if isinstance(group, HeadGroup):
+            if index.numel() == 0:
+                raise ConfigError(
+                    f"removal would leave attention module {group.name!r} with no head; keep "
+                    "at least one (mask.min_channels >= 1) @ mask.min_channels")
+            heads.append(plan_head_removal(group, index, modules))
+        else:
+            _group_cuts(group, index, modules, cuts)
     updates = [_checked(name, what, cut, modules[name]) for (name, what), cut in cuts.items()]
     if example_input is not None:
         flops_before, params_before = count_flops_params(model, example_input)
@@ -204,6 +213,8 @@ def _remove(
     # A module may be sliced by several groups (a consumer of one and producer of another, or
     # a concatenation of several): each (module, role) gets one index over its original width.
     _apply_updates(updates)
+    for swap in heads:
+        swap()
     if example_input is not None:
         flops_after, params_after = count_flops_params(model, example_input)
     else:
