@@ -92,18 +92,19 @@ class StructureGraph:
     untraced: str | None = None
 
     @classmethod
-    def trace(cls, model: nn.Module) -> StructureGraph:
+    def trace(cls, model: nn.Module, *, heads_fallback: bool = False) -> StructureGraph:
         """Trace ``model`` with ``torch.fx`` (no input needed) and find its channel groups.
 
         Attention modules (:func:`curvprune.structure.attention.find_heads`) add one head group
-        each after the channel groups; they are fx leaves. A model fx cannot trace but that
-        has recognised attention modules gives a graph of its head groups alone
-        (:attr:`untraced` names the cause).
+        each after the channel groups; they are fx leaves. With ``heads_fallback``, a model fx
+        cannot trace but that has recognised attention modules (a Hugging Face model) gives a
+        graph of its head groups alone (:attr:`untraced` names the cause); the pipeline and
+        :func:`curvprune.apply_removal` ask for it, other callers keep the error.
 
         Raises:
             UnsupportedModelError: the model cannot be traced symbolically (the cause is named)
-                and has no recognised attention module, or a Linear layer's input is not a
-                whole number of features per flattened channel.
+                and no head-only graph was asked for or possible, or a Linear layer's input is
+                not a whole number of features per flattened channel.
         """
         heads = find_heads(model)
         names = frozenset(n for n, _ in model.named_parameters())
@@ -111,7 +112,7 @@ class StructureGraph:
             gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if any(h.removable for h in heads):
+            if heads_fallback and any(h.removable for h in heads):
                 return cls(groups=heads, param_names=names, model_type=type(model).__name__,
                            untraced=f"{type(exc).__name__}: {cause}")
             raise UnsupportedModelError(
@@ -366,7 +367,7 @@ def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> Param
     config = getattr(mask, "config", None)
     if getattr(mask, "granularity", "weight") != "channel" or not getattr(config, "coupled", False):
         return layout
-    graph = StructureGraph.trace(model)
+    graph = StructureGraph.trace(model, heads_fallback=True)
     structures = graph.structures(layout)
     skipped = skipped_groups(graph, layout)
     if graph.untraced and structures.n_structures:

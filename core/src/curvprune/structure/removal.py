@@ -153,7 +153,7 @@ def apply_removal(
             raise ConfigError(f"unknown structure schema {schema!r} (expected {_SCHEMA!r}) "
                               "@ structure.json")
         kept_indices = kept_indices["kept_indices"]
-    graph = StructureGraph.trace(model)
+    graph = StructureGraph.trace(model, heads_fallback=True)
     plan: list[tuple[ChannelGroup, Tensor]] = []
     kept_counts: dict[str, list[int]] = {}
     for name, indices in kept_indices.items():
