@@ -308,6 +308,46 @@ def test_untraceable_model_prunes_heads_only_with_a_warning():
         pipe.prune(model, None)
 
 
+def hf_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "bert":
+        return transformers.BertModel(transformers.BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=32, max_position_embeddings=16)).double().eval()
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=50, n_embd=16, n_layer=1, n_head=4, n_positions=16, bos_token_id=0,
+            eos_token_id=0)).double().eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=32, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0)).double().eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_hf_head_gates_are_exact(kind):
+    model = hf_model(kind)
+    layout = structured(model)
+    s = layout.structures
+    tokens = ids()
+
+    def run(m):
+        out = m(tokens)
+        return out.last_hidden_state if kind == "bert" else out.logits
+
+    keep = drop_heads(layout, {0: [1]})
+    with torch.no_grad():
+        expected, dense = run(masked_copy(model, layout, keep)), run(model)
+        with s.gates(model, keep.double()):
+            gated = run(model)
+        with s.gates(model, torch.ones(s.n_structures, dtype=torch.float64)):
+            ones = run(model)
+        after = run(model)
+    assert_close(gated, expected)
+    assert_close(ones, dense)
+    assert torch.equal(after, dense)  # the hooks are gone
+
+
 # --------------------------------------------------------------------------------------------
 # Refusals: one line naming the module
 # --------------------------------------------------------------------------------------------
