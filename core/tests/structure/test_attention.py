@@ -30,7 +30,7 @@ from curvprune import (
     remove_structures,
     select_parameters,
 )
-from curvprune.structure.attention import HeadGroup
+from curvprune.structure.attention import HeadGroup, find_heads
 from curvprune.structure.attention_mha import HeadPrunedMultiheadAttention
 
 transformers = pytest.importorskip("transformers")
@@ -395,6 +395,14 @@ def test_unknown_attention_layout_is_refused_not_skipped():
     assert "attention module '1' (CustomAttention)" in group.reason
     layout = select_parameters(model)
     assert group in curvprune.structure.graph.skipped_groups(graph, layout)
+
+
+def test_attention_in_torch_transformer_layers_is_refused():
+    """nn.TransformerEncoderLayer's fast path calls a fused kernel on the packed weights."""
+    model = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
+    (group,) = find_heads(model)  # fx cannot trace the layer itself
+    assert group.name == "self_attn" and not group.removable
+    assert "TransformerEncoderLayer" in group.reason
 
 
 def test_gpt2_cross_attention_is_refused():

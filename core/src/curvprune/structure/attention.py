@@ -62,6 +62,8 @@ _KNOWN_CHILDREN = {
     "llama": {"q_proj", "k_proj", "v_proj", "o_proj"},
 }
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+#: Layers whose fast path bypasses the attention module's forward (refused).
+_FUSED_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 @attrs.frozen
@@ -149,10 +151,17 @@ def find_heads(model: nn.Module) -> tuple[HeadGroup, ...]:
     """
     out: list[HeadGroup] = []
     taken: list[str] = []
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if any(name.startswith(t + ".") or t == "" for t in taken):
             continue
-        if is_attention(module):
+        parent = modules.get(name.rsplit(".", 1)[0] if "." in name else "") if name else None
+        if isinstance(module, nn.MultiheadAttention) and isinstance(parent, _FUSED_LAYERS):
+            out.append(_refused(name, module, "mha", (
+                f"MultiheadAttention {name!r} sits in a {type(parent).__name__}, whose "
+                "inference fast path runs a fused kernel that needs num_heads·head_dim = "
+                "embed_dim")))
+        elif is_attention(module):
             style = "mha" if isinstance(module, nn.MultiheadAttention) else _hf_style(module)
             out.append(_describe(name, module, str(style)))
         elif _looks_like_attention(module):
