@@ -184,8 +184,9 @@ def write_docs(lines: list[str], command: str, header: str, summary: str) -> Non
         "products (issue 18) are what lets mobilenet_v2/v3, densenet121, googlenet, "
         "efficientnet_b0 and regnet_x_400mf prune every group but the classifier's; before, "
         "they reached about half of Torch-Pruning's cut (issue 18's table). ConvNeXt (permute, "
-        "LayerNorm, layer scale), ViT (attention heads) and ShuffleNetV2 (chunk, channel "
-        "shuffle) still refuse the groups named in the last column.", "",
+        "LayerNorm, layer scale) and ShuffleNetV2 (chunk, channel shuffle) still refuse the "
+        "groups named in the last column; ViT prunes its attention heads and MLP units, its "
+        "residual stream (the patch embedding's reshape, LayerNorm) stays refused.", "",
         f"Command: `{command}`. {header}", "", f"- {summary}", "", *lines, "", END,
     ])
     text = DOCS.read_text(encoding="utf-8")
