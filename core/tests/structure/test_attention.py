@@ -413,3 +413,83 @@ def test_gpt2_cross_attention_is_refused():
     group = graph.group("transformer.h.0.crossattention")
     assert not group.removable and "cross-attention" in group.reason
     assert graph.group("transformer.h.0.attn").removable
+
+
+# --------------------------------------------------------------------------------------------
+# A run that removes heads, and loading it back
+# --------------------------------------------------------------------------------------------
+TINY_VIT = '''
+import torch
+import torchvision
+
+
+class DigitsViT(torch.nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.vit = torchvision.models.VisionTransformer(
+            image_size=8, patch_size=4, num_layers=1, num_heads=4, hidden_dim=16, mlp_dim=32,
+            num_classes=num_classes)
+
+    def forward(self, x):
+        return self.vit(x.reshape(-1, 1, 8, 8).expand(-1, 3, -1, -1))
+
+
+def build(num_classes=10):
+    torch.manual_seed(0)
+    return DigitsViT(num_classes)
+'''
+
+RUN = """
+[model]
+name = "module:tiny_vit_heads:build"
+[data]
+batch_size = 128
+[train]
+epochs = 1
+[prune]
+sparsity = 0.5
+loss_samples = 0
+targets = ["Linear", "MultiheadAttention"]
+[scorer]
+name = "magnitude"
+granularity = "channel"
+[mask]
+name = "channel"
+scope = "layerwise"
+remove = true
+[finetune]
+epochs = 1
+[run]
+progress = false
+"""
+
+
+def test_run_removes_heads_and_loads_back(tmp_path):
+    import json
+    import sys
+
+    from curvprune.run.execute import execute_run
+
+    (tmp_path / "tiny_vit_heads.py").write_text(TINY_VIT)
+    (tmp_path / "c.toml").write_text(RUN)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run = execute_run(tmp_path / "c.toml", out=tmp_path / "runs", name="r",
+                              quiet=True).run_dir
+        import tiny_vit_heads
+
+        fresh = tiny_vit_heads.build()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("tiny_vit_heads", None)
+    structure = json.loads((run / "result.json").read_text())["structure"]
+    assert structure["kept"]["vit.encoder.layers.encoder_layer_0.self_attention"] == [2, 4]
+    assert structure["max_output_difference"] < 1e-5  # float32 masked vs removed
+    assert structure["params_after"] < structure["params_before"]
+    small = curvprune.load_pruned(run, fresh)
+    attn = small.vit.encoder.layers[0].self_attention
+    assert isinstance(attn, HeadPrunedMultiheadAttention) and attn.num_heads == 2
+    with torch.no_grad():
+        assert small(torch.randn(3, 64)).shape == (3, 10)
