@@ -190,6 +190,23 @@ def test_vit_heads_through_the_pipeline():
     assert removal.params_after < removal.params_before
 
 
+@pytest.mark.parametrize("scope", ["layerwise", "global"])
+def test_min_channels_keeps_a_head_per_attention_module(scope):
+    model = small_vit()
+    pipe = Pipeline.from_config({
+        "prune": {"sparsity": 0.99, "loss_samples": 0, "targets": list(TARGETS)},
+        "scorer": {"name": "magnitude", "granularity": "channel"},
+        "mask": {"name": "channel", "scope": scope, "min_channels": 1},
+    }, host=HOST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = pipe.prune(model, None)
+    pipe.remove(model, result.masks)
+    assert [layer.self_attention.num_heads for layer in model.encoder.layers] == [1, 1]
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 10)
+
+
 def test_head_gates_are_exact():
     """A zero gate is the head removed; gates of 1 leave the model unchanged."""
     model = small_vit()
@@ -306,6 +323,13 @@ def test_untraceable_model_prunes_heads_only_with_a_warning():
     }, host=HOST)
     with pytest.warns(StructureSkipWarning, match="cannot trace GPT2LMHeadModel.*attention heads"):
         pipe.prune(model, None)
+    strict = Pipeline.from_config({
+        "prune": {"sparsity": 0.5, "loss_samples": 0},
+        "scorer": {"name": "magnitude", "granularity": "channel"},
+        "mask": {"name": "channel", "strict": True},
+    }, host=HOST)
+    with pytest.raises(UnsupportedModelError, match=r"cannot trace GPT2LMHeadModel.*@ mask.strict"):
+        strict.prune(model, None)
 
 
 def hf_model(kind: str) -> nn.Module:
