@@ -45,7 +45,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from curvprune.errors import UnsupportedModelError
+from curvprune.errors import ConfigError, UnsupportedModelError
 from curvprune.structure.attention_mha import HeadPrunedMultiheadAttention, swap_in
 from curvprune.structure.groups import ChannelGroup
 
@@ -379,7 +379,9 @@ def head_gates(group: HeadGroup, modules: Mapping[str, nn.Module], values: Tenso
     before the output projection): 0 is the head removed, 1 the model unchanged. Returns
     handles with ``remove()``.
     """
-    module = modules[group.name]
+    module = modules.get(group.name)
+    if module is None:
+        raise ConfigError(f"attention module {group.name!r} is not in the model @ structures")
     size, dim = group.size, group.head_dim
     gate = values[offset: offset + size]
     if group.style == "mha":
