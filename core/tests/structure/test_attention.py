@@ -17,6 +17,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import curvprune
@@ -98,9 +100,11 @@ def head_rows(w: torch.Tensor, heads: int, keep: list[int], dim: int = 0) -> tor
 # nn.MultiheadAttention and torchvision's ViT
 # --------------------------------------------------------------------------------------------
 class SelfAttention(nn.Module):
-    def __init__(self, batch_first: bool, **kwargs) -> None:
+    def __init__(self, batch_first: bool, embed_dim: int = 16, num_heads: int = 4,
+                 **kwargs) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first, **kwargs)
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=batch_first,
+                                          **kwargs)
 
     def forward(self, x, key_padding_mask=None, attn_mask=None, need_weights=True):
         return self.attn(x, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
@@ -137,6 +141,32 @@ def test_multihead_attention_heads_removed_equal_masked(batch_first):
         single = x[0] if batch_first else x[:, 0]
         assert attn(single, single, single)[0].shape == (5, 16)
     assert set(removed.state_dict()) == set(model.state_dict())
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), heads=st.sampled_from([1, 2, 3, 4]), dim=st.integers(1, 4),
+       batch_first=st.booleans(), bias=st.booleans(), need_weights=st.booleans())
+def test_any_heads_removed_equal_masked(data, heads, dim, batch_first, bias, need_weights):
+    """Any kept subset of heads, any head width, with or without biases and padding."""
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    torch.manual_seed(int(torch.randint(0, 2**16, (1,), generator=gen)))
+    model = SelfAttention(batch_first, embed_dim=heads * dim, num_heads=heads, bias=bias)
+    model = model.double().eval()
+    layout = structured(model)
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=heads, max_size=heads)))
+    keep[data.draw(st.integers(0, heads - 1), label="kept")] = True
+    x = torch.randn(2, 4, heads * dim, generator=gen, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    padding = torch.rand(2, 4, generator=gen) < 0.3
+    padding[:, 0] = False  # every query sees a key
+    masked = masked_copy(model, layout, keep)
+    result = remove_structures(model, layout.structures, keep)
+    with torch.no_grad():
+        expected = masked(x, key_padding_mask=padding, need_weights=need_weights)
+        out = model(x, key_padding_mask=padding, need_weights=need_weights)
+    assert_close(out, expected)
+    assert model.attn.num_heads == int(keep.sum())
+    assert result.kept == {"attn": [int(keep.sum()), heads]}
 
 
 def small_vit() -> nn.Module:
