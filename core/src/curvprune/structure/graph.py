@@ -159,14 +159,6 @@ class StructureGraph:
             channel_offsets.append(channel_offsets[-1] + c)
         channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
         for g, off in zip(groups, offsets, strict=True):
-            if isinstance(g, HeadGroup):
-                for p, local in g.layout_rows():
-                    i = position[p]
-                    if layout.channels[i] != local.numel():
-                        raise ConfigError(f"parameter {p} has {layout.channels[i]} rows but "
-                                          f"its heads have {local.numel()} @ layout")
-                    channel_structure[channel_offsets[i]: channel_offsets[i + 1]] = off + local
-                continue
             ids = torch.arange(off, off + g.size).repeat(g.copies)
             rows = [(p, 0, 0, g.channels, True) for p in g.producers]
             rows += [(m, at, lo, hi, False) for m, at, lo, hi in g.placed("depthwise")]
@@ -181,6 +173,17 @@ class StructureGraph:
                     )
                 start = channel_offsets[i] + at
                 channel_structure[start : start + hi - lo] = ids[lo:hi]
+
+        # Attention heads own rows of their projections (the loop above passes over them:
+        # an attention module has no weight of its own)
+        for g, off in zip(groups, offsets, strict=True):
+            for p, local in g.layout_rows() if isinstance(g, HeadGroup) else ():
+                i = position[p]
+                if layout.channels[i] != local.numel():
+                    raise ConfigError(f"parameter {p} has {layout.channels[i]} rows but its "
+                                      f"heads have {local.numel()} @ layout")
+                channel_structure[channel_offsets[i]: channel_offsets[i + 1]] = off + local
+
         structure_group = torch.repeat_interleave(
             torch.arange(len(groups)), torch.tensor([g.size for g in groups], dtype=torch.long)
         )
@@ -259,9 +262,10 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
-                if isinstance(g, HeadGroup):
+                if isinstance(g, HeadGroup):  # attention heads: no gate points of their own
                     handles.extend(head_gates(g, modules, values, off))
-                    continue
+
+            for g, off in zip(self.groups, self.offsets, strict=True):
                 for gate, at, lo, hi in g.placed("gates"):
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
@@ -287,12 +291,6 @@ class Structures:
         out: dict[str, Tensor] = {}
         params, widths = self.graph.param_names, self.graph.widths
         for i, g in enumerate(self.groups):
-            if isinstance(g, HeadGroup):
-                for name, local in g.bias_rows():
-                    if name in params:
-                        kept = keep[self.group_slice(i)][local.to(keep.device)]
-                        out[name] = out[name] & kept if name in out else kept
-                continue
             piece = keep[self.group_slice(i)].repeat(g.copies)
             entries = [(f"{p}.bias", p, 0, 0, g.channels) for p in g.producers]
             entries += [(f"{n}.{w}", n, at, lo, hi) for n, at, lo, hi in g.placed("norms")
@@ -307,6 +305,13 @@ class Structures:
                     mask = torch.ones(width, dtype=torch.bool, device=keep.device)
                 mask[at : at + hi - lo] &= piece[lo:hi]
                 out[name] = mask
+
+        # Attention heads: the q/k/v biases of their rows (the loop above finds none of them)
+        for i, g in enumerate(self.groups):
+            for name, local in g.bias_rows() if isinstance(g, HeadGroup) else ():
+                if name in params:
+                    kept = keep[self.group_slice(i)][local.to(keep.device)]
+                    out[name] = out[name] & kept if name in out else kept
         return out
 
     def unaffine_norms(self) -> list[str]:
