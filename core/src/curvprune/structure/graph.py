@@ -262,15 +262,15 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
-                if isinstance(g, HeadGroup):  # attention heads: no gate points of their own
-                    handles.extend(head_gates(g, modules, values, off))
-
-            for g, off in zip(self.groups, self.offsets, strict=True):
                 for gate, at, lo, hi in g.placed("gates"):
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
                     hook = _gate_hook(values, (off, g.size, g.copies, lo, hi), at, g.channel_dim)
                     handles.append(modules[gate].register_forward_hook(hook))
+
+            for g, off in zip(self.groups, self.offsets, strict=True):
+                if isinstance(g, HeadGroup):  # attention heads: no gate points of their own
+                    handles.extend(head_gates(g, modules, values, off))
             yield
         finally:
             for handle in handles:
