@@ -42,6 +42,7 @@ FULL = ("resnet18", "resnet50", "vgg11_bn", "mobilenet_v2", "mobilenet_v3_small"
         "densenet121", "googlenet", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny",
         "vit_b_16", "shufflenet_v2_x0_5", "squeezenet1_0")
 QUICK = ("mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf")
+TARGETS = ("Conv2d", "Linear", "MultiheadAttention")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- structured-coverage -->", "<!-- /structured-coverage -->"
 
@@ -56,7 +57,10 @@ def build(name: str) -> torch.nn.Module:
         kwargs = {"aux_logits": False, "init_weights": False}
     if name == "inception_v3":
         kwargs = {"aux_logits": False, "init_weights": False}
-    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    if name.startswith("vit"):  # torchvision starts the classifier at zero: every output 0
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # and masked = removed vacuous
+    return model
 
 
 def side_for(name: str, side: int) -> int:
@@ -82,7 +86,8 @@ def run_curvprune(name: str, ratio: float, x: torch.Tensor) -> dict[str, Any]:
     except curvprune.UnsupportedModelError as exc:
         return {"error": f"refused: {short(exc, 70)}"}
     pipe = curvprune.Pipeline.from_config({
-        "prune": {"sparsity": ratio, "loss_samples": 0},
+        # the MultiheadAttention selector adds the packed in-projections: ViT's heads prune
+        "prune": {"sparsity": ratio, "loss_samples": 0, "targets": list(TARGETS)},
         "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1"},
         "mask": {"name": "channel", "scope": "layerwise", "remove": True},
     })
@@ -179,8 +184,9 @@ def write_docs(lines: list[str], command: str, header: str, summary: str) -> Non
         "products (issue 18) are what lets mobilenet_v2/v3, densenet121, googlenet, "
         "efficientnet_b0 and regnet_x_400mf prune every group but the classifier's; before, "
         "they reached about half of Torch-Pruning's cut (issue 18's table). ConvNeXt (permute, "
-        "LayerNorm, layer scale), ViT (attention heads) and ShuffleNetV2 (chunk, channel "
-        "shuffle) still refuse the groups named in the last column.", "",
+        "LayerNorm, layer scale) and ShuffleNetV2 (chunk, channel shuffle) still refuse the "
+        "groups named in the last column; ViT prunes its attention heads and MLP units, its "
+        "residual stream (the patch embedding's reshape, LayerNorm) stays refused.", "",
         f"Command: `{command}`. {header}", "", f"- {summary}", "", *lines, "", END,
     ])
     text = DOCS.read_text(encoding="utf-8")

@@ -391,12 +391,13 @@ def _channel_groups(layout: Any) -> list[dict[str, Any]] | None:
     for g in structures.graph.groups:
         if g.name in chosen:
             status = "prunable"
-        elif not all(f"{p}.weight" in selected for p in g.producers):
+        elif not all(w in selected for w in g.weights()):
             status = "not selected ([prune] targets/ignore)"
         else:
             status = f"not prunable: {g.reason}"
+        unit = "heads" if getattr(g, "head_dim", 0) else "channels"  # attention head groups
         out.append({"name": g.name, "size": g.size, "producers": list(g.producers),
-                    "consumers": [c for c, _ in g.consumers], "status": status})
+                    "consumers": [c for c, _ in g.consumers], "status": status, "unit": unit})
     return out
 
 
@@ -406,7 +407,8 @@ def _print_channel_groups(groups: list[dict[str, Any]]) -> None:
     width = max(len(g["name"]) for g in groups)
     for g in groups:
         coupled = f" + {len(g['producers']) - 1} coupled" if len(g["producers"]) > 1 else ""
-        print(f"  {g['name']:<{width}}  {g['size']:>6} channels{coupled:<14}  {g['status']}")
+        unit = g.get("unit", "channels")
+        print(f"  {g['name']:<{width}}  {g['size']:>6} {unit:<8}{coupled:<14}  {g['status']}")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

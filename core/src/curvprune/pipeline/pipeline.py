@@ -307,7 +307,8 @@ class Pipeline:
         """
         layout = masks.layout
         if layout.structures is None:
-            layout = layout.with_structures(StructureGraph.trace(model).structures(layout))
+            graph = StructureGraph.trace(model, heads_fallback=True)
+            layout = layout.with_structures(graph.structures(layout))
         keep = layout.alive_structures(masks.flat.to(layout.structure_index().device))
         return remove_structures(model, layout.structures, keep, example_input=example_input)
 
