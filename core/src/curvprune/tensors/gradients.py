@@ -41,7 +41,6 @@ generator and the chunk's index, so they do not depend on which rank computes th
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -50,10 +49,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from curvprune.errors import ConfigError, CurvpruneError, NumericalError, SampleReuseWarning
+from curvprune.errors import ConfigError, CurvpruneError, NumericalError
 from curvprune.tensors import distributed
 from curvprune.tensors.layout import ParamLayout
 from curvprune.tensors.linear_rows import NotClosedForm, linear_owners, linear_rows
+from curvprune.tensors.sample_chunks import sample_chunks
 
 __all__ = ["GradientSource", "LossFn", "default_chunk_size", "default_loss"]
 
@@ -215,9 +215,8 @@ class GradientSource:
         was_training = self.model.training
         self.model.eval()
         try:
-            stream = self._sample_chunks(
-                batches, num_grads * self.fisher_mini_batch, rows_per_chunk * self.fisher_mini_batch
-            )
+            per = self.fisher_mini_batch
+            stream = sample_chunks(batches, num_grads * per, rows_per_chunk * per, self._took)
             mine: tuple[Tensor, Tensor, Tensor | None] | None = None
             failure: Exception | None = None
             for j, (xs, ys) in enumerate(stream):
@@ -457,6 +456,9 @@ class GradientSource:
             probs = torch.softmax(logits.float(), dim=-1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
+    def _took(self, samples: int) -> None:
+        self.samples_used += samples
+
     def _track(self, flat: Tensor, losses: Tensor, column_sum: Tensor | None = None) -> None:
         if column_sum is None:
             column_sum = flat.sum(dim=0)
@@ -467,57 +469,3 @@ class GradientSource:
             self._sum += column_sum
             self._loss_sum += loss_sum
         self.rows += flat.shape[0]
-
-    def _sample_chunks(
-        self, batches: Iterable[Any], total: int, per_chunk: int
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Regroup ``batches`` into chunks of ``per_chunk`` samples, ``total`` samples in all."""
-        pending_x: list[Tensor] = []
-        pending_y: list[Tensor] = []
-        have = 0
-        remaining = total
-        restartable = not isinstance(batches, Iterator)
-        passes = 0
-        while remaining > 0:
-            seen_in_pass = 0
-            for batch in batches:
-                x, y = _split_batch(batch)
-                seen_in_pass += x.shape[0]
-                pending_x.append(x)
-                pending_y.append(y)
-                have += x.shape[0]
-                while have >= min(per_chunk, remaining) and remaining > 0:
-                    take = min(per_chunk, remaining)
-                    xs, ys = torch.cat(pending_x), torch.cat(pending_y)
-                    yield xs[:take], ys[:take]
-                    self.samples_used += take
-                    pending_x, pending_y = [xs[take:]], [ys[take:]]
-                    have -= take
-                    remaining -= take
-                if remaining <= 0:
-                    return
-            passes += 1
-            if seen_in_pass == 0:
-                raise ConfigError("the data holds no sample to compute gradients on @ data")
-            if not restartable:
-                raise ConfigError(
-                    f"the data ran out after {self.samples_used + have} samples; gradients need "
-                    f"{total} (num_grads × fisher_mini_batch): pass a re-iterable DataLoader "
-                    "or lower num_grads"
-                )
-            if passes == 1:
-                warnings.warn(
-                    f"the data holds {seen_in_pass} samples but the gradients need {total} "
-                    f"(num_grads × fisher_mini_batch): samples are reused "
-                    f"{-(-total // seen_in_pass)} times over; lower num_grads or add data",
-                    SampleReuseWarning,
-                    stacklevel=2,
-                )
-
-
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ConfigError(
-        f"each batch must be an (inputs, targets) pair, got {type(batch).__name__} @ data"
-    )
