@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import curvprune
 from curvprune import Pipeline, distributed
-from curvprune.errors import NumericalError
+from curvprune.errors import ConfigError, NumericalError
 from curvprune.pipeline.sharding import ShardedEstimator, column_shares, piece_sizes
 from curvprune.testing.distributed import run_distributed
 
@@ -161,7 +161,30 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
         out["poisoned"] = "no error"
     except NumericalError as exc:
         out["poisoned"] = str(exc)
+    out["installs"] = _installs_refused(rank)
     return out
+
+
+def _installs_refused(rank: int) -> str:
+    """Rank 1 pretends to run another version of the woodfisher plugin."""
+    from curvprune.plugin.manager import PluginHost
+
+    original = PluginHost.installs
+
+    def installs(self: PluginHost) -> dict[str, str]:
+        out = original(self)
+        if rank == 1:
+            out["curvprune-woodfisher"] = "0.0.0-other"
+        return out
+
+    PluginHost.installs = installs  # type: ignore[method-assign]
+    try:
+        _prune(SCENARIOS["woodfisher-gram"])
+    except ConfigError as exc:
+        return str(exc)
+    finally:
+        PluginHost.installs = original  # type: ignore[method-assign]
+    return "no error"
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +224,16 @@ def test_sharded_queries_equal_the_whole_estimator(name, ranks, reference):
     for got in ranks:
         for query, value in got[f"queries-{name}"].items():
             torch.testing.assert_close(value, ref[query], rtol=1e-10, atol=1e-10, msg=query)
+
+
+def test_different_plugin_versions_on_the_ranks_are_refused_at_start(ranks):
+    if len(ranks) == 1:
+        assert ranks[0]["installs"] == "no error"
+        return
+    for got in ranks:
+        assert got["installs"].startswith(
+            "the ranks run different installs: curvprune-woodfisher is 0.0.0-other on rank 1"
+        ), got["installs"]
 
 
 def test_non_finite_gradients_fail_on_every_rank_naming_the_parameter(ranks):

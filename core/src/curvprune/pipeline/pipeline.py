@@ -240,6 +240,7 @@ class Pipeline:
         staged = self.schedule.staged_calibration(self.components)
         if staged is not None:
             example = peek_batch(data)
+        self.host.check_same_installs_across_ranks()
         self.plan(model, example=example).check()
         self.host.pipeline_start(self, model)
         target = self.config.prune.sparsity
@@ -338,6 +339,7 @@ class Pipeline:
                 f"schedule {self.config.schedule.name!r} will prune during training with scorer "
                 f"{self.config.scorer.name!r}, which needs data: pass data=<DataLoader> to attach"
             )
+        self.host.check_same_installs_across_ranks()
         self.plan(model).check()
         session = PruningSession(self, StepRunner(self, model, data, loss_fn, masks), optimizer)
         self.host.pipeline_start(self, model)
