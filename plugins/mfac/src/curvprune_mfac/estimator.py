@@ -116,6 +116,17 @@ class MFACEstimator(CurvatureEstimator):
         return super().plan_held_bytes(layout, config)
 
     @classmethod
+    def plan_update_bytes(cls, rows: int, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """Unblocked static (and ``alive``, packed only when frozen) stores the rows as they
+        come, a view written straight into G: no copy beside them (a cast is written in
+        place too). Fixed blocks pack each chunk into padded blocks (one copy); the window
+        keeps the default."""
+        cfg = _as_mfac(config)
+        if cfg.algorithm == "static" and (cfg.block_size is None or cfg.alive_blocks):
+            return 0
+        return super().plan_update_bytes(rows, layout, config)
+
+    @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
         """static: 4·m²·b·W (Gram and Ŵ GEMMs) + b·m³; dynamic: 2·num_grads·m·b·W + b·m³/3."""
         cfg = _as_mfac(config)
