@@ -88,13 +88,17 @@ def _data(poison: bool = False) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
 
 
-def _prune(scenario: dict[str, Any], data: DataLoader | None = None) -> dict[str, Any]:
+def _prune_config(scenario: dict[str, Any]) -> dict[str, Any]:
     cfg = copy.deepcopy(scenario)
     cfg["prune"] = {"sparsity": 0.6, "loss_samples": 32, "gradient_chunk": 8}
     cfg.setdefault("schedule", {"name": "oneshot"})
     cfg.setdefault("mask", {"name": "global"})
+    return cfg
+
+
+def _prune(scenario: dict[str, Any], data: DataLoader | None = None) -> dict[str, Any]:
     model = _model()
-    result = Pipeline.from_config(cfg).prune(model, data or _data())
+    result = Pipeline.from_config(_prune_config(scenario)).prune(model, data or _data())
     return {
         "mask": result.masks.flat.clone(),
         "weights": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
@@ -286,3 +290,24 @@ def test_one_process_without_a_group_is_not_sharded():
 
     estimator = _estimator_of("woodfisher", block_size=16)
     assert maybe_shard(estimator, "auto") is estimator
+
+
+def test_plan_counts_the_largest_share_per_rank():
+    """At N ranks a sharded estimator's planned state is its largest share's, plus the exchange;
+    with ``shard = "off"`` every rank plans the whole state."""
+    from curvprune.pipeline.sharding import share_layouts
+
+    model = _model()
+    config = _prune_config(SCENARIOS["woodfisher-gram"])
+    whole = Pipeline.from_config(config).plan(model, world_size=1)
+    for world in (2, 3):
+        pipeline = Pipeline.from_config(config)
+        plan = pipeline.plan(model, world_size=world)
+        shares = share_layouts(pipeline.select(model), pipeline.estimator, world)
+        largest = max(type(pipeline.estimator).memory_bytes(s.sizes, pipeline.estimator.config)
+                      for s in shares)
+        assert plan.memory["estimator"] == largest < whole.memory["estimator"]
+        assert plan.memory["exchange"] > 0
+    config["prune"]["shard"] = "off"
+    off = Pipeline.from_config(config).plan(model, world_size=2)
+    assert off.memory["estimator"] == whole.memory["estimator"] and "exchange" not in off.memory

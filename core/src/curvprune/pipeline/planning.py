@@ -30,7 +30,8 @@ plus the larger of the two phases, held + gradients and the estimator's peak
 Under torch.distributed every number is per rank. A sharded estimator
 (:mod:`curvprune.pipeline.sharding`) holds its share: the plan counts the rank with the largest
 share, its own chunk of full rows, and the round of W chunks' columns it receives (``exchange``:
-the send buffer and the received columns). Unsharded estimators hold the whole state on every
+the send buffer, a copy of the chunk in rank order unless it is one row, and the received
+columns). Unsharded estimators hold the whole state on every
 rank; those that gather rows (``reduction = "gather"``) also hold a round of W gathered chunks
 (``gathered``).
 
@@ -281,7 +282,8 @@ def make_plan(
             received = world * rows
             update = int(type(estimator).plan_update_bytes(received, share, cfg))
             memory["gradients"] = rows * d * itemsize + max(vectorised, rows * d * itemsize)
-            memory["exchange"] = received * share.d * itemsize + update
+            send = rows * d * itemsize if rows > 1 else 0  # the pieces, copied in rank order
+            memory["exchange"] = send + received * share.d * itemsize + update
         if world > 1 and estimator.reduction == "gather" and not sharded:
             # a round of W chunks (+ a loss column): the padded pieces and their concatenation
             memory["gathered"] = 2 * world * rows * (d + 1) * itemsize

@@ -293,7 +293,11 @@ def all_to_all_columns(
             f"{world_size()} or this rank's {rows.shape[0]} rows"
         )
     where = _comm_device(rows)
-    send = torch.cat([rows[:, a:b].reshape(-1) for a, b in bounds]).to(where)
+    # pieces in rank order: with a single row that is the row itself (no copy)
+    if rows.shape[0] == 1 and rows.is_contiguous():
+        send = rows.reshape(-1).to(where)
+    else:
+        send = torch.cat([rows[:, a:b].reshape(-1) for a, b in bounds]).to(where)
     received = torch.empty(sum(counts) * (hi - lo), dtype=rows.dtype, device=where)
     torch.distributed.all_to_all_single(
         received, send,
