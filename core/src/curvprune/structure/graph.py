@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from curvprune.errors import ConfigError, StructureSkipWarning, UnsupportedModelError
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.trace import Tracer
-from curvprune.structure.trace_ops import is_leaf_pass
+from curvprune.structure.trace_ops import is_leaf
 from curvprune.tensors.layout import ParamLayout
 
 __all__ = [
@@ -143,7 +143,7 @@ class StructureGraph:
             channel_offsets.append(channel_offsets[-1] + c)
         channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
         for g, off in zip(groups, offsets, strict=True):
-            ids = torch.arange(off, off + g.size).repeat(g.copies)
+            ids = g.expand(torch.arange(off, off + g.size))
             rows = [(p, 0, 0, g.channels, True) for p in g.producers]
             rows += [(m, at, lo, hi, False) for m, at, lo, hi in g.placed("depthwise")]
             for p, at, lo, hi, whole in rows:
@@ -235,10 +235,10 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
-                for gate, at, lo, hi in g.placed("gates"):
+                for gate, at, lo, hi, dim in g.gate_points():
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
-                    hook = _gate_hook(values, (off, g.size, g.copies, lo, hi), at, g.channel_dim)
+                    hook = _gate_hook(values, (off, g, lo, hi), at, dim)
                     handles.append(modules[gate].register_forward_hook(hook))
             yield
         finally:
@@ -260,7 +260,7 @@ class Structures:
         out: dict[str, Tensor] = {}
         params, widths = self.graph.param_names, self.graph.widths
         for i, g in enumerate(self.groups):
-            piece = keep[self.group_slice(i)].repeat(g.copies)
+            piece = g.expand(keep[self.group_slice(i)])
             entries = [(f"{p}.bias", p, 0, 0, g.channels) for p in g.producers]
             entries += [(f"{n}.{w}", n, at, lo, hi) for n, at, lo, hi in g.placed("norms")
                         for w in ("weight", "bias")]
@@ -284,12 +284,12 @@ class Structures:
 
 def _gate_hook(values: Tensor, piece: tuple[int, ...], at: int, dim: int) -> Any:
     """Multiply the output's channels ``at, at + 1, ...`` on ``dim`` by the group's gate values
-    ``values[off : off + size]`` repeated ``copies`` times, window ``[lo, hi)`` of them
-    (``piece``); the others by 1."""
-    off, size, copies, lo, hi = piece
+    ``values[off : off + size]`` per channel (:meth:`ChannelGroup.expand`), window ``[lo, hi)``
+    of them (``piece``); the others by 1."""
+    off, group, lo, hi = piece
 
     def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        gate = values[off : off + size].repeat(copies)[lo:hi].to(output.dtype)
+        gate = group.expand(values[off : off + group.size])[lo:hi].to(output.dtype)
         width = output.shape[dim]
         if at or gate.numel() != width:
             ones = torch.ones(width, dtype=gate.dtype, device=gate.device)
@@ -306,7 +306,7 @@ class _LeafTracer(torch.fx.Tracer):
     ``StochasticDepth``) as leaves so the tracer sees the module, not its random mask."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_leaf_pass(m) or super().is_leaf_module(m, module_qualified_name)
+        return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGroup]:

@@ -5,7 +5,10 @@ Removing a channel of a group (see :mod:`curvprune.structure.graph`) slices, in 
 * every producer: its weight rows (dim 0) and bias entries, and ``out_channels`` /
   ``out_features``;
 * every BatchNorm of the group: γ, β, ``running_mean``, ``running_var`` and ``num_features``
-  (``num_batches_tracked`` is kept);
+  (``num_batches_tracked`` is kept); a LayerNorm's γ, β and ``normalized_shape`` (its
+  statistics then run over the kept channels: :mod:`curvprune.structure.norms`); a GroupNorm's
+  γ, β, ``num_channels`` and ``num_groups`` (whole groups go);
+* every channel-wise parameter multiplying the channels (a layer scale), along its channel dim;
 * every depthwise convolution the channels pass through: weight rows, bias entries,
   ``in_channels``, ``out_channels`` and ``groups``;
 * every consumer: Conv weight columns (dim 1) and ``in_channels``; Linear columns in blocks of
@@ -196,7 +199,8 @@ def _remove(
     cuts: dict[tuple[str, str], _Cut] = {}
     for group, index in plan:
         _group_cuts(group, index, modules, cuts)
-    updates = [_checked(name, what, cut, modules[name]) for (name, what), cut in cuts.items()]
+    updates = [_checked(name, what, cut, _owner(modules, name, what))
+               for (name, what), cut in cuts.items()]
     if example_input is not None:
         flops_before, params_before = count_flops_params(model, example_input)
     else:
@@ -251,11 +255,12 @@ def _group_cuts(
 
     def cut(name: str, what: str, width: int | None, at: int, lo: int, hi: int,
             per: int = 1) -> None:
-        if name not in modules:
+        owner = _owner(modules, name, what)
+        if owner is None:
             raise UnsupportedModelError(
                 f"module {name!r} of group {group.name!r} is not in the model @ model"
             )
-        size = _width(modules[name], what)
+        size = _width(owner, what)
         if size is None or (width is not None and size != width) or (at + hi - lo) * per > size:
             raise UnsupportedModelError(
                 f"module {name!r} has {size} {'input' if what == 'in' else 'output'} channels, "
@@ -281,20 +286,49 @@ def _group_cuts(
         cut(name, "dw", None, at, lo, hi)
     for (name, per), at, lo, hi in group.placed("consumers"):
         cut(name, "in", None, at, lo, hi, per)
+    for (name, dim), at, lo, hi in group.placed("scales"):
+        cut(name, f"scale{dim}", None, at, lo, hi)
 
 
-def _width(mod: nn.Module, what: str) -> int | None:
+def _owner(modules: Mapping[str, nn.Module], name: str, what: str) -> Any:
+    """The module ``name``, or for a channel-wise parameter (role ``scale<dim>``) the tuple
+    ``(module, attribute, dim)`` holding it; None when absent."""
+    if not what.startswith("scale"):
+        return modules.get(name)
+    path, _, attr = name.rpartition(".")
+    module = modules.get(path)
+    if not isinstance(getattr(module, attr, None), torch.Tensor):
+        return None
+    return (module, attr, int(what[5:]))
+
+
+def _width(mod: Any, what: str) -> int | None:
+    if what.startswith("scale"):
+        module, attr, dim = mod
+        shape = getattr(module, attr).shape
+        return int(shape[dim]) if dim < len(shape) else None
     if what == "norm":
+        if isinstance(mod, nn.LayerNorm):
+            return int(mod.normalized_shape[-1])
+        if isinstance(mod, nn.GroupNorm):
+            return mod.num_channels
         return getattr(mod, "num_features", None)
     if what == "in":
         return mod.in_channels if isinstance(mod, _CONV) else getattr(mod, "in_features", None)
     return mod.out_channels if isinstance(mod, _CONV) else getattr(mod, "out_features", None)
 
 
-def _checked(name: str, what: str, cut: _Cut, mod: nn.Module) -> tuple[nn.Module, str, Tensor]:
+def _checked(name: str, what: str, cut: _Cut, mod: Any) -> tuple[Any, str, Tensor]:
     """``(module, role, kept index)``; for a grouped convolution's input, the kept positions
     inside one conv group (every group must keep the same ones)."""
     index = cut.keep.nonzero().squeeze(1)
+    if isinstance(mod, nn.GroupNorm):
+        rows = cut.keep.reshape(mod.num_groups, -1)
+        if not bool((rows == rows[:, :1]).all()):
+            raise UnsupportedModelError(
+                f"GroupNorm {name!r} would lose part of one of its {mod.num_groups} groups "
+                f"(group {cut.group!r}); only whole groups keep the others' statistics @ model"
+            )
     groups = getattr(mod, "groups", 1)
     if what in ("in", "out") and groups > 1:
         slots = cut.keep.reshape(groups, -1)
@@ -308,9 +342,14 @@ def _checked(name: str, what: str, cut: _Cut, mod: nn.Module) -> tuple[nn.Module
     return mod, what, index
 
 
-def _apply_updates(updates: list[tuple[nn.Module, str, Tensor]]) -> None:
+def _apply_updates(updates: list[tuple[Any, str, Tensor]]) -> None:
     """Slice in place; every check has passed already."""
     for mod, what, index in updates:
+        if what.startswith("scale"):
+            module, attr, dim = mod
+            _set_param(module, attr, getattr(module, attr).detach().index_select(
+                dim, index.to(getattr(module, attr).device)))
+            continue
         index = index.to(mod.weight.device)
         if what in ("out", "dw"):
             _set_param(mod, "weight", mod.weight.detach().index_select(0, index))
@@ -324,12 +363,19 @@ def _apply_updates(updates: list[tuple[nn.Module, str, Tensor]]) -> None:
                 mod.in_channels = mod.groups = int(index.numel())
         elif what == "norm":
             _set_param(mod, "weight", mod.weight.detach().index_select(0, index))
-            _set_param(mod, "bias", mod.bias.detach().index_select(0, index))
+            if mod.bias is not None:
+                _set_param(mod, "bias", mod.bias.detach().index_select(0, index))
             for buffer in ("running_mean", "running_var"):
-                value = getattr(mod, buffer)
+                value = getattr(mod, buffer, None)
                 if value is not None:
                     setattr(mod, buffer, value.index_select(0, index).clone())
-            mod.num_features = int(index.numel())
+            if isinstance(mod, nn.LayerNorm):
+                mod.normalized_shape = (int(index.numel()),)
+            elif isinstance(mod, nn.GroupNorm):  # whole groups: the group width stays
+                width = mod.num_channels // mod.num_groups
+                mod.num_channels, mod.num_groups = int(index.numel()), int(index.numel()) // width
+            else:
+                mod.num_features = int(index.numel())
         else:
             _set_param(mod, "weight", mod.weight.detach().index_select(1, index))
             if isinstance(mod, nn.Linear):

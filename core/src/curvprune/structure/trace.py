@@ -21,12 +21,14 @@ from torch import nn
 from curvprune.errors import UnsupportedModelError
 from curvprune.structure import trace_ops as ops
 from curvprune.structure.groups import ChannelGroup
+from curvprune.structure.norms import NormRules
+from curvprune.structure.reshapes import NOT_MINE, ShapeRules
 from curvprune.structure.trace_ops import OPAQUE, Cat, Chan, Opaque, chans, unique
 
 __all__ = ["Tracer"]
 
 
-class Tracer:
+class Tracer(NormRules, ShapeRules):
     """One pass over the fx graph, recording groups as union-find over producer calls.
 
     Besides the union-find, it records per element its norms, depthwise convs and consumers
@@ -56,6 +58,7 @@ class Tracer:
         self.produced: dict[str, int] = {}
         self.rank: list[int] = []  # tensor rank of each conv element's maps (0 for Linear)
         self.env: dict[torch.fx.Node, Any] = {}
+        self.init_norm_rules()
 
     # -- union-find ---------------------------------------------------------------------------
     def find(self, e: int) -> int:
@@ -94,7 +97,9 @@ class Tracer:
         self.depthwise.append([])
         self.consumers.append([])
         self.grouping.append([])
-        return e, self.slot(module, 0, e)
+        slot = self.slot(module, 0, e)
+        self.gate_dim[slot] = 1 if kind == "conv" else -1
+        return e, slot
 
     def slot(self, module: str, offset: int, elem: int, lo: int = 0,
              hi: int | None = None) -> int:
@@ -121,7 +126,9 @@ class Tracer:
             self.env[node] = self.visit(node)
 
     def visit(self, node: torch.fx.Node) -> Any:
-        if node.op in ("placeholder", "get_attr"):
+        if node.op == "get_attr":
+            return self.visit_param(node)
+        if node.op == "placeholder":
             return OPAQUE
         env = self.env
         args = torch.fx.node.map_arg(node.args, lambda n: env[n])
@@ -175,6 +182,8 @@ class Tracer:
                 return self.flatten(x, name)
             self.bad(x, f"nn.Flatten {name!r} with start_dim={module.start_dim}")
             return OPAQUE
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            return self.visit_channel_norm(node, name, module, x)
         if isinstance(x, (Chan, Cat)) and isinstance(module, ops.MIXING_NORMS):
             self.bad(x, f"{type(module).__name__} {name!r} normalises across the channels "
                         "(removing one changes the others' statistics)")
@@ -214,6 +223,7 @@ class Tracer:
                 slot = chan.chain
             else:
                 slot = self.slot(name, offset, chan.elem, chan.lo, chan.hi)
+            self.gate_dim[slot] = self.channel_pos(chan)
             new_parts.append((attrs.evolve(chan, chain=slot), offset))
         if isinstance(x, Chan):
             return new_parts[0][0]
@@ -294,6 +304,9 @@ class Tracer:
         where = f"{label} at node {node.name!r}"
         x = args[0] if args else OPAQUE
         is_meta_attr = target is getattr and len(args) > 1 and args[1] in ops.META_ATTRS
+        value = self.visit_shape_op(node, args, kwargs, where)
+        if value is not NOT_MINE:
+            return value
         if method in ops.META_METHODS or is_meta_attr:
             return None
         if isinstance(x, (tuple, list)) and chans(x):  # the chunks of a map, a tuple of outputs
@@ -340,7 +353,7 @@ class Tracer:
             keep = ops.arg(args, kwargs, 2, "keepdim", False)
             dims = (dims,) if isinstance(dims, int) else dims
             if isinstance(x, (Chan, Cat)) and x.kind == "conv" and dims:
-                rank = self.rank[self.parts(x)[0][0].elem]
+                rank = self.rank_of(self.parts(x)[0][0])
                 if all(isinstance(d, int) and -rank <= d < rank and d % rank >= 2 for d in dims):
                     return self.passed(node, x) if keep else self.flatten(x, node.name)
         touched = chans((args, kwargs))
@@ -350,58 +363,6 @@ class Tracer:
             self.bad(touched, f"{where} normalises across the channels (removing one changes the "
                               "others' statistics)" if mixing else f"{where} is not handled")
         return OPAQUE
-
-    def cat(self, args: Any, kwargs: Any, where: str) -> Any:
-        """``torch.cat`` of channel maps on the channel dim: each input at its offset."""
-        items = ops.arg(args, kwargs, 0, "tensors", ())
-        dim = ops.arg(args, kwargs, 1, "dim", 0)
-        items = list(items) if isinstance(items, (list, tuple)) else [items]
-        touched = chans(items)
-        if not touched:
-            return OPAQUE if any(isinstance(i, Opaque) for i in items) else None
-        ok = all(isinstance(i, (Chan, Cat)) and i.kind in ("conv", "linear") for i in items)
-        kinds = {i.kind for i in items if isinstance(i, (Chan, Cat))}
-        if ok and len(kinds) == 1:
-            kind = kinds.pop()
-            rank = self.rank[touched[0].elem] if kind == "conv" else 1
-            ok = dim in ((1, 1 - rank) if kind == "conv" else (-1,))
-            why = f"{where} along dim {dim}, not the channel dim"
-        elif kinds == {"flat"}:
-            ok, why = False, f"{where} joins flattened maps (features per channel unknown)"
-        else:
-            ok, why = False, f"{where} joins channels with an untracked tensor"
-        if not ok or self.dirty(items):
-            self.bad(touched, why)
-            return OPAQUE
-        parts, offset = [], 0
-        for item in items:
-            for chan, inner in self.parts(item):
-                parts.append((attrs.evolve(chan, chain=None), offset + inner))
-            offset += self.total(item)
-        return Cat(tuple(parts), kind)
-
-    def chunk(self, x: Chan, args: Any, kwargs: Any, where: str) -> Any:
-        """``torch.chunk`` on the channel dim: each chunk holds a window of the group, and the
-        group keeps the chunks equal (like a grouped conv's groups), so that the chunk sizes,
-        computed from the tensor, still split at the same place after removal."""
-        parts = ops.arg(args, kwargs, 1, "chunks", None)
-        dim = ops.arg(args, kwargs, 2, "dim", 0)
-        rank = self.rank[x.elem] if x.kind == "conv" else 1
-        width = self.width(x)
-        channel_dim = dim in ((1, 1 - rank) if x.kind == "conv" else (-1,))
-        if self.dirty(x) or x.kind == "flat" or not channel_dim or not isinstance(parts, int) \
-                or parts < 1 or width % parts:
-            self.bad(x, f"{where} is not handled (only equal chunks of the channel dim)")
-            return OPAQUE
-        full, step = self.size[self.find(x.elem)], width // parts
-        need = 1
-        out = []
-        for j in range(parts):
-            lo, hi = x.lo + j * step, x.lo + (j + 1) * step
-            need = math.lcm(need, full // math.gcd(full, lo, hi))
-            out.append(attrs.evolve(x, chain=None, lo=lo, hi=None if hi == full else hi))
-        self.grouping[x.elem].append((need, f"{where} ({parts} chunks)"))
-        return tuple(out)
 
     def multiply(self, a: Chan, b: Chan, where: str) -> Any:
         """A channel-wise product (squeeze-and-excitation, gating): channel c of both factors
@@ -458,15 +419,16 @@ class Tracer:
                         for e in (ea, eb):
                             self.reasons[roots[e]].append(
                                 f"module {name!r} touches channels of several groups")
-        slots: dict[int, list[tuple[str, int, int, int | None]]] = {}
-        for module, offset, elem, lo, hi in self.slots:
-            slots.setdefault(roots[elem], []).append((module, offset, lo, hi))
+        slots: dict[int, list[tuple[str, int, int, int | None, int]]] = {}
+        for i, (module, offset, elem, lo, hi) in enumerate(self.slots):
+            dim = self.gate_dim.get(i, 1)
+            slots.setdefault(roots[elem], []).append((module, offset, lo, hi, dim))
         return tuple(self.group(r, members[r], unique(slots.get(r, ()))) for r in sorted(members))
 
     def group(self, r: int, elems: list[int], gates: list[Any]) -> ChannelGroup:
         reasons = unique(x for e in elems for x in self.reasons[e])
         kinds = {self.kind[e] for e in elems}
-        copies, width = 1, self.size[r]
+        copies, width, block = 1, self.size[r], 1
         for g, what in unique(x for e in elems for x in self.grouping[e]):
             copies = math.lcm(copies, g)
             if width % copies:
@@ -474,15 +436,23 @@ class Tracer:
                                f"{copies} parts")
                 copies = 1
                 break
+        for w, what in unique(x for e in elems for x in self.blocks.get(e, ())):
+            block = math.lcm(block, w)
+            if width % (copies * block):
+                reasons.append(f"{what} needs the {width} channels in whole blocks of "
+                               f"{block} in each of {copies} equal parts")
+                block = 1
+                break
 
         def window(lo: int, hi: int | None) -> tuple[int, int]:
             return (lo, width if hi is None else hi)
         norms = unique(x for e in elems for x in self.norms[e])
         consumers = unique(x for e in elems for x in self.consumers[e])
         depthwise = unique(x for e in elems for x in self.depthwise[e])
+        scales = unique(x for e in elems for x in self.scales.get(e, ()))
         return ChannelGroup(
             name=self.producer[elems[0]],
-            size=width // copies,
+            size=width // (copies * block),
             producers=tuple(self.producer[e] for e in elems),
             norms=tuple(m for m, *_ in norms),
             consumers=tuple((m, per) for m, per, *_ in consumers),
@@ -500,7 +470,13 @@ class Tracer:
             norm_windows=tuple(window(lo, hi) for *_, lo, hi in norms),
             consumer_windows=tuple(window(lo, hi) for *_, lo, hi in consumers),
             depthwise_windows=tuple(window(lo, hi) for *_, lo, hi in depthwise),
-            gate_windows=tuple(window(lo, hi) for *_, lo, hi in gates),
+            gate_windows=tuple(window(lo, hi) for *_, lo, hi, _ in gates),
+            gate_dims=tuple(dim for *_, dim in gates),
+            block=block,
+            renorms=tuple(unique(x for e in elems for x in self.renorms.get(e, ()))),
+            scales=tuple((p, dim) for p, dim, *_ in scales),
+            scale_offsets=tuple(o for _, _, o, *_ in scales),
+            scale_windows=tuple(window(lo, hi) for *_, lo, hi in scales),
         )
 
 

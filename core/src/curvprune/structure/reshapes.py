@@ -1,0 +1,189 @@
+"""Shape ops on channel values: permutes, transposes, sizes, layer-scale products, channel
+concatenation and chunks.
+
+Rules of the structure tracer (:class:`curvprune.structure.trace.Tracer` mixes them in). A
+channel value knows where its channels are: dim 1 of a map (kind ``conv``, of a known rank)
+or the last dim (kind ``linear``: a Linear's features, or a channels-last map). So:
+
+* ``torch.permute(x, dims)``, ``x.permute(*dims)``, torchvision's ``Permute`` (traced
+  through) and ``x.transpose(a, b)`` / ``torch.transpose`` of a map move the channel dim:
+  to the last dim the value becomes ``linear`` (a Linear reads it, a ``LayerNorm((C,))``
+  normalises it), to dim 1 a ``conv`` map of the permutation's rank. A permute that puts the
+  channels anywhere else, or a transpose of a channels-last tensor of unknown rank, is refused.
+* ``x.size()``, ``x.size(d)``, ``x.shape`` and ``x.shape[d] // g`` are followed as the
+  tensor's own sizes (:class:`~curvprune.structure.trace_ops.Sizes`), so a view can tell
+  sizes that follow a removal from literals that would be stale.
+* ``param * x`` with a parameter read by a ``get_attr`` node: a per-channel scale (see
+  :mod:`curvprune.structure.norms`).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import attrs
+import torch
+
+from curvprune.structure import trace_ops as ops
+from curvprune.structure.trace_ops import OPAQUE, Cat, Chan, Opaque, Param, Sizes, chans
+
+__all__ = ["NOT_MINE", "ShapeRules"]
+
+#: What :meth:`ShapeRules.visit_shape_op` returns for a node it leaves to the main rules.
+NOT_MINE = object()
+
+PERMUTE = frozenset({torch.permute})
+TRANSPOSE = frozenset({torch.transpose, torch.swapaxes, torch.swapdims})
+TRANSPOSE_METHODS = frozenset({"transpose", "swapaxes", "swapdims"})
+
+
+class ShapeRules:
+    """Tracer rules for permutes, transposes, sizes, layer scales, ``torch.cat`` and
+    ``torch.chunk`` (a mixin of :class:`curvprune.structure.trace.Tracer`)."""
+
+    def rank_of(self, chan: Chan) -> int:
+        """The tensor rank of a ``conv`` channel value (its own, else its element's)."""
+        return chan.rank if chan.rank is not None else self.rank[chan.elem]
+
+    def visit_shape_op(self, node: torch.fx.Node, args: Any, kwargs: Any, where: str) -> Any:
+        """The value of ``node`` if it is a shape op on channels, else :data:`NOT_MINE`."""
+        target = node.target
+        method = target if node.op == "call_method" else None
+        x = args[0] if args else None
+        rest = list(args[1:]) + list(kwargs.values())
+        if isinstance(x, Sizes) or (target is operator.floordiv and isinstance(x, Sizes)):
+            return self.sizes_op(target, x, args)
+        if not isinstance(x, (Chan, Cat)):
+            if target in ops.MUL or method in ops.MUL_METHODS:
+                if isinstance(x, Param) and len(args) == 2 and isinstance(args[1], (Chan, Cat)):
+                    return self.layer_scale(node, args[1], x, where)
+            return NOT_MINE
+        if method == "size" and not kwargs:
+            return Sizes(x) if len(args) == 1 else Sizes(x, args[1])
+        if target is getattr and len(args) == 2 and args[1] == "shape":
+            return Sizes(x)
+        if (target in ops.MUL or method in ops.MUL_METHODS) and len(args) == 2 \
+                and isinstance(args[1], Param):
+            return self.layer_scale(node, x, args[1], where)
+        if target in PERMUTE or method == "permute":
+            dims = ops.arg(args, kwargs, 1, "dims", None)
+            if method == "permute" and len(args) > 2:
+                dims = args[1:]
+            return self.permute(node, x, dims, where)
+        if target in TRANSPOSE or method in TRANSPOSE_METHODS:
+            if any(isinstance(a, (Chan, Cat)) for a in rest):
+                return NOT_MINE
+            return self.transpose(node, x, ops.arg(args, kwargs, 1, "dim0", None),
+                                  ops.arg(args, kwargs, 2, "dim1", None), where)
+        return NOT_MINE
+
+    def sizes_op(self, target: Any, x: Sizes, args: Any) -> Any:
+        """An entry of a traced value's sizes, or an entry divided by a number."""
+        if target is operator.getitem and x.dim is None and isinstance(args[1], int):
+            return Sizes(x.of, args[1])
+        if target is operator.floordiv and x.dim is not None and isinstance(args[1], int) \
+                and args[1] > 0:
+            return Sizes(x.of, x.dim, x.div * args[1])
+        return None
+
+    def permute(self, node: torch.fx.Node, x: Chan | Cat, dims: Any, where: str) -> Any:
+        """Move the channel dim with a permutation of all dims."""
+        rank = len(dims) if isinstance(dims, (list, tuple)) else 0
+        ok = rank >= 2 and all(isinstance(d, int) for d in dims)
+        perm = [d % rank for d in dims] if ok else []
+        if not ok or sorted(perm) != list(range(rank)) or x.kind == "flat":
+            self.bad(x, f"{where} is not handled (only a permutation of a channel map's or "
+                        "channels-last tensor's dims)")
+            return OPAQUE
+        if x.kind == "conv":
+            have = self.rank_of(self.parts(x)[0][0])
+            if have != rank:
+                self.bad(x, f"{where} permutes {rank} dims of a rank-{have} map")
+                return OPAQUE
+            pos = 1
+        else:
+            pos = rank - 1
+        return self.moved(node, x, perm.index(pos), rank, where)
+
+    def transpose(self, node: torch.fx.Node, x: Chan | Cat, a: Any, b: Any, where: str) -> Any:
+        """Swap two dims of a channel map of known rank."""
+        if x.kind != "conv" or not isinstance(a, int) or not isinstance(b, int):
+            self.bad(x, f"{where} is not handled (a transpose of a channel map's dims only: "
+                        "the rank of a channels-last tensor is unknown)")
+            return OPAQUE
+        rank = self.rank_of(self.parts(x)[0][0])
+        if not (-rank <= a < rank and -rank <= b < rank):
+            self.bad(x, f"{where} swaps dims outside a rank-{rank} map")
+            return OPAQUE
+        perm = list(range(rank))
+        perm[a % rank], perm[b % rank] = perm[b % rank], perm[a % rank]
+        return self.moved(node, x, perm.index(1), rank, where)
+
+    def moved(self, node: torch.fx.Node, x: Chan | Cat, pos: int, rank: int, where: str) -> Any:
+        """``x`` with its channels now on dim ``pos`` of a rank-``rank`` tensor."""
+        if pos == rank - 1:
+            kind, new_rank = "linear", None
+        elif pos == 1 and rank >= 3:
+            kind, new_rank = "conv", rank
+        else:
+            self.bad(x, f"{where} moves the channels to dim {pos} of {rank}")
+            return OPAQUE
+        out = self.passed(node, x)
+        if isinstance(out, Chan):
+            return attrs.evolve(out, kind=kind, rank=new_rank)
+        return Cat(tuple((attrs.evolve(c, kind=kind, rank=new_rank), o) for c, o in out.parts),
+                   kind)
+
+    def cat(self, args: Any, kwargs: Any, where: str) -> Any:
+        """``torch.cat`` of channel maps on the channel dim: each input at its offset."""
+        items = ops.arg(args, kwargs, 0, "tensors", ())
+        dim = ops.arg(args, kwargs, 1, "dim", 0)
+        items = list(items) if isinstance(items, (list, tuple)) else [items]
+        touched = chans(items)
+        if not touched:
+            return OPAQUE if any(isinstance(i, Opaque) for i in items) else None
+        ok = all(isinstance(i, (Chan, Cat)) and i.kind in ("conv", "linear") for i in items)
+        kinds = {i.kind for i in items if isinstance(i, (Chan, Cat))}
+        if ok and len(kinds) == 1:
+            kind = kinds.pop()
+            rank = self.rank_of(touched[0]) if kind == "conv" else 1
+            ok = dim in ((1, 1 - rank) if kind == "conv" else (-1,))
+            why = f"{where} along dim {dim}, not the channel dim"
+        elif kinds == {"flat"}:
+            ok, why = False, f"{where} joins flattened maps (features per channel unknown)"
+        else:
+            ok, why = False, f"{where} joins channels with an untracked tensor"
+        if not ok or self.dirty(items):
+            self.bad(touched, why)
+            return OPAQUE
+        parts, offset = [], 0
+        for item in items:
+            for chan, inner in self.parts(item):
+                parts.append((attrs.evolve(chan, chain=None), offset + inner))
+            offset += self.total(item)
+        return Cat(tuple(parts), kind)
+
+    def chunk(self, x: Chan, args: Any, kwargs: Any, where: str) -> Any:
+        """``torch.chunk`` on the channel dim: each chunk holds a window of the group, and the
+        group keeps the chunks equal (like a grouped conv's groups), so that the chunk sizes,
+        computed from the tensor, still split at the same place after removal."""
+        parts = ops.arg(args, kwargs, 1, "chunks", None)
+        dim = ops.arg(args, kwargs, 2, "dim", 0)
+        rank = self.rank_of(x) if x.kind == "conv" else 1
+        width = self.width(x)
+        channel_dim = dim in ((1, 1 - rank) if x.kind == "conv" else (-1,))
+        if self.dirty(x) or x.kind == "flat" or not channel_dim or not isinstance(parts, int) \
+                or parts < 1 or width % parts:
+            self.bad(x, f"{where} is not handled (only equal chunks of the channel dim)")
+            return OPAQUE
+        full, step = self.size[self.find(x.elem)], width // parts
+        need = 1
+        out = []
+        for j in range(parts):
+            lo, hi = x.lo + j * step, x.lo + (j + 1) * step
+            need = math.lcm(need, full // math.gcd(full, lo, hi))
+            out.append(attrs.evolve(x, chain=None, lo=lo, hi=None if hi == full else hi))
+        self.grouping[x.elem].append((need, f"{where} ({parts} chunks)"))
+        return tuple(out)
