@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from curvprune import (
+    ConfigError,
     MaskSet,
     StructureGraph,
     UnsupportedModelError,
@@ -249,6 +250,76 @@ def test_group_norm_that_cannot_keep_whole_groups_is_refused():
                         nn.Flatten(), nn.LazyLinear(2))
     reason = StructureGraph.trace(odd).group("0").reason
     assert "needs the 6 channels in whole blocks of 2 in each of 2 equal parts" in reason
+
+
+# --------------------------------------------------------------------------------------------
+# torch.split at literal sizes: rewritten in a GraphModule, refused in a plain module
+# --------------------------------------------------------------------------------------------
+class SplitPieces(nn.Module):
+    """A map split unequally into three pieces (a consumer, a pass into a concatenation, a
+    BatchNorm and a conv), and ``x.split(3, 1)`` of another into two pieces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 9, 3, padding=1)
+        self.b = nn.Conv2d(2, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 4, 1)
+        self.d = nn.Conv2d(3, 6, 1)
+        self.e = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(14, 5)
+
+    def forward(self, x):
+        p0, p1, p2 = torch.split(torch.relu(self.a(x)), [2, 3, 4], dim=1)
+        q0, q1 = self.d(x).split(3, 1)
+        y = torch.cat([self.b(p0), p1, self.c(torch.relu(self.bn(p2))) + self.e(q0), q1], 1)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_split_pieces_are_windows_and_literals_are_refused_outside_a_graph_module():
+    reason = StructureGraph.trace(SplitPieces()).group("a").reason
+    assert reason == ("split at node 'split' has literal sizes [2, 3, 4] that a removal would "
+                      "leave stale (a torch.fx.GraphModule's are rewritten)")
+    graph = StructureGraph.trace(torch.fx.symbolic_trace(SplitPieces()))
+    a, d = graph.group("a"), graph.group("d")
+    assert a.removable and d.removable, (a.reason, d.reason)
+    assert a.splits == (("split", ((0, 2), (2, 5), (5, 9))),)
+    assert a.placed("consumers") == [(("b", 1), 0, 0, 2), (("c", 1), 0, 5, 9),
+                                     (("fc", 1), 4, 2, 5)]
+    assert a.placed("norms") == [("bn", 0, 5, 9)]
+    assert d.splits == (("split_1", ((0, 3), (3, 6))),)
+    with pytest.raises(UnsupportedModelError, match="split at node 'split' has literal sizes"):
+        apply_removal(SplitPieces(), {"a": [0, 1, 2]})
+    with pytest.raises(ConfigError, match="leave piece 1 of torch.split at node 'split'"):
+        apply_removal(torch.fx.symbolic_trace(SplitPieces()), {"a": [0, 5]})
+
+
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_split_removal_rewrites_the_sizes_and_equals_the_masked_model(data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    model = torch.fx.symbolic_trace(randomize_(SplitPieces().double(), gen).eval())
+    layout = structured(model)
+    n = layout.n_structures
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    for i, g in enumerate(layout.structures.groups):  # one kept channel in every piece
+        for _, windows in g.splits:
+            for lo, _ in windows:
+                keep[layout.structures.group_slice(i).start + lo] = True
+    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
+    removed, layout, plain_gap = check(model, keep, x)
+    assert plain_gap <= 1e-12 and removed(x).shape == (2, 5)
+    kept = {g.name: keep[layout.structures.group_slice(i)].nonzero().squeeze(1).tolist()
+            for i, g in enumerate(layout.structures.groups)}
+    sizes = [int(keep[layout.structures.group_slice(0)][lo:hi].sum())
+             for lo, hi in ((0, 2), (2, 5), (5, 9))]
+    split = next(n for n in removed.graph.nodes if n.name == "split")
+    assert split.args[1] == sizes
+    fresh = torch.fx.symbolic_trace(SplitPieces().double())
+    apply_removal(fresh, kept)
+    fresh.load_state_dict(removed.state_dict())
+    with torch.no_grad():
+        assert gap(fresh.eval()(x), removed(x)) <= 1e-12
 
 
 # --------------------------------------------------------------------------------------------

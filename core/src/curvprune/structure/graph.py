@@ -96,7 +96,9 @@ class StructureGraph:
                 or a Linear layer's input is not a whole number of features per flattened channel.
         """
         try:
-            gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
+            # a GraphModule is read as it is, so that a removal can rewrite its literals
+            gm = model if isinstance(model, torch.fx.GraphModule) else torch.fx.GraphModule(
+                model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UnsupportedModelError(
@@ -105,6 +107,7 @@ class StructureGraph:
                 "mask.coupled = false for per-layer channels without tracing @ model"
             ) from None
         tracer = Tracer(gm)
+        tracer.rewritable = gm is model
         tracer.run()
         return cls(
             groups=tracer.groups(),

@@ -55,6 +55,8 @@ class ChannelGroup:
         scales: ``(parameter, dim)``: channel-wise parameters multiplying the channels (a
             layer scale), sliced along ``dim`` on removal; ``scale_offsets`` and
             ``scale_windows`` place the group in them.
+        splits: ``(node, windows)``: ``torch.split`` nodes cutting the channels into pieces
+            ``[lo, hi)``, whose literal sizes a removal rewrites (in a GraphModule only).
     """
 
     name: str
@@ -83,6 +85,7 @@ class ChannelGroup:
     scales: tuple[tuple[str, int], ...] = ()
     scale_offsets: tuple[int, ...] = ()
     scale_windows: tuple[tuple[int, int], ...] = ()
+    splits: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
 
     @property
     def channels(self) -> int:

@@ -48,6 +48,7 @@ class NormRules:
         self.blocks: dict[int, list[tuple[int, str]]] = {}  # elem -> (block width, by what)
         self.scales: dict[int, list[tuple[str, int, int, int, int | None]]] = {}
         self.gate_dim: dict[int, int] = {}  # slot -> dim of the channels at its point
+        self.splits: dict[int, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}  # reshapes
 
     def channel_pos(self, chan: Chan) -> int:
         """The dim of ``chan``'s channels, counted from the end when the rank is unknown."""

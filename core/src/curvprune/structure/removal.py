@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from curvprune.errors import ConfigError, UnsupportedModelError
 from curvprune.structure.counting import count_flops_params, count_params
 from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
+from curvprune.structure.reshapes import rewrite_splits
 
 __all__ = ["RemovalResult", "apply_removal", "remove_structures"]
 
@@ -201,6 +202,13 @@ def _remove(
         _group_cuts(group, index, modules, cuts)
     updates = [_checked(name, what, cut, _owner(modules, name, what))
                for (name, what), cut in cuts.items()]
+    splits = {node: windows for group, _ in plan for node, windows in group.splits}
+    kept_channels = {node: _channel_keep(group, index) for group, index in plan
+                     for node, _ in group.splits}
+    try:
+        rewrite = rewrite_splits(model, splits, kept_channels)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{exc} @ model") from None
     if example_input is not None:
         flops_before, params_before = count_flops_params(model, example_input)
     else:
@@ -208,6 +216,7 @@ def _remove(
     # A module may be sliced by several groups (a consumer of one and producer of another, or
     # a concatenation of several): each (module, role) gets one index over its original width.
     _apply_updates(updates)
+    rewrite()
     if example_input is not None:
         flops_after, params_after = count_flops_params(model, example_input)
     else:
@@ -250,8 +259,14 @@ def _group_cuts(
             f"removal would leave group {group.name!r} (producers {', '.join(group.producers)}) "
             "with no channel; keep at least one (mask.min_channels >= 1) @ mask.min_channels"
         )
-    keep = torch.zeros(group.channels, dtype=torch.bool)
-    keep[group.channel_index(index)] = True
+    keep = _channel_keep(group, index)
+    for node, windows in group.splits:
+        for j, (lo, hi) in enumerate(windows):
+            if hi > lo and not bool(keep[lo:hi].any()):
+                raise ConfigError(
+                    f"removal would leave piece {j} of torch.split at node {node!r} (group "
+                    f"{group.name!r}, channels {lo}..{hi - 1}) with no channel; keep one @ keep"
+                )
 
     def cut(name: str, what: str, width: int | None, at: int, lo: int, hi: int,
             per: int = 1) -> None:
@@ -288,6 +303,13 @@ def _group_cuts(
         cut(name, "in", None, at, lo, hi, per)
     for (name, dim), at, lo, hi in group.placed("scales"):
         cut(name, f"scale{dim}", None, at, lo, hi)
+
+
+def _channel_keep(group: ChannelGroup, index: Tensor) -> Tensor:
+    """Bool per channel of ``group``: True for the channels of the kept structures."""
+    keep = torch.zeros(group.channels, dtype=torch.bool)
+    keep[group.channel_index(index)] = True
+    return keep
 
 
 def _owner(modules: Mapping[str, nn.Module], name: str, what: str) -> Any:

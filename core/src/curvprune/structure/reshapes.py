@@ -15,6 +15,12 @@ or the last dim (kind ``linear``: a Linear's features, or a channels-last map). 
   sizes that follow a removal from literals that would be stale.
 * ``param * x`` with a parameter read by a ``get_attr`` node: a per-channel scale (see
   :mod:`curvprune.structure.norms`).
+* ``torch.split(x, [a, b, c], dim=1)`` and ``x.split(k, 1)`` on the channel dim hand each
+  piece's readers a window of the group, like ``torch.chunk``; but the sizes are literals of
+  the traced code, stale once channels go. Only a ``torch.fx.GraphModule`` (traced once, then
+  pruned) has literals a removal can rewrite: there the pieces keep any sizes and
+  :func:`rewrite_splits` sets each to its kept channels; in a plain module the group is
+  refused with the node named.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from curvprune.structure import trace_ops as ops
 from curvprune.structure.trace_ops import OPAQUE, Cat, Chan, Opaque, Param, Sizes, chans
 
-__all__ = ["NOT_MINE", "ShapeRules"]
+__all__ = ["NOT_MINE", "ShapeRules", "rewrite_splits"]
 
 #: What :meth:`ShapeRules.visit_shape_op` returns for a node it leaves to the main rules.
 NOT_MINE = object()
@@ -37,6 +43,7 @@ NOT_MINE = object()
 PERMUTE = frozenset({torch.permute})
 TRANSPOSE = frozenset({torch.transpose, torch.swapaxes, torch.swapdims})
 TRANSPOSE_METHODS = frozenset({"transpose", "swapaxes", "swapdims"})
+SPLIT = frozenset({torch.split})
 
 
 class ShapeRules:
@@ -72,12 +79,43 @@ class ShapeRules:
             if method == "permute" and len(args) > 2:
                 dims = args[1:]
             return self.permute(node, x, dims, where)
+        if (target in SPLIT or method == "split") and isinstance(x, Chan):
+            return self.split(node, x, args, kwargs, where)
         if target in TRANSPOSE or method in TRANSPOSE_METHODS:
             if any(isinstance(a, (Chan, Cat)) for a in rest):
                 return NOT_MINE
             return self.transpose(node, x, ops.arg(args, kwargs, 1, "dim0", None),
                                   ops.arg(args, kwargs, 2, "dim1", None), where)
         return NOT_MINE
+
+    def split(self, node: torch.fx.Node, x: Chan, args: Any, kwargs: Any, where: str) -> Any:
+        """``torch.split`` on the channel dim: each piece a window of the group; the literal
+        sizes are recorded for :func:`rewrite_splits` (refused outside a GraphModule)."""
+        sizes = args[1] if len(args) > 1 else kwargs.get(
+            "split_size_or_sections", kwargs.get("split_size"))
+        dim = ops.arg(args, kwargs, 2, "dim", 0)
+        rank = self.rank_of(x) if x.kind == "conv" else 1
+        width = self.width(x)
+        if isinstance(sizes, int) and sizes > 0:
+            sizes = [min(sizes, width - i) for i in range(0, width, sizes)]
+        channel_dim = dim in ((1, 1 - rank) if x.kind == "conv" else (-1,))
+        if self.dirty(x) or x.kind == "flat" or not channel_dim \
+                or not isinstance(sizes, (list, tuple)) \
+                or not all(isinstance(n, int) and n >= 0 for n in sizes) or sum(sizes) != width:
+            self.bad(x, f"{where} is not handled (only literal sizes on the channel dim)")
+            return OPAQUE
+        full = self.size[self.find(x.elem)]
+        out, lo, windows = [], x.lo, []
+        for n in sizes:
+            hi = lo + n
+            out.append(attrs.evolve(x, chain=None, lo=lo, hi=None if hi == full else hi))
+            windows.append((lo, hi))
+            lo = hi
+        if not getattr(self, "rewritable", False):
+            self.bad(x, f"{where} has literal sizes {list(sizes)} that a removal would leave "
+                        "stale (a torch.fx.GraphModule's are rewritten)")
+        self.splits.setdefault(x.elem, []).append((node.name, tuple(windows)))
+        return tuple(out)
 
     def sizes_op(self, target: Any, x: Sizes, args: Any) -> Any:
         """An entry of a traced value's sizes, or an entry divided by a number."""
@@ -187,3 +225,46 @@ class ShapeRules:
             out.append(attrs.evolve(x, chain=None, lo=lo, hi=None if hi == full else hi))
         self.grouping[x.elem].append((need, f"{where} ({parts} chunks)"))
         return tuple(out)
+
+
+def rewrite_splits(model: Any, splits: dict[str, tuple[tuple[int, int], ...]],
+                   keep: dict[str, Any]) -> Any:
+    """Check, then return a function that rewrites the literal sizes of ``torch.split`` nodes.
+
+    ``splits`` maps a node name to its pieces' windows ``[lo, hi)`` in the channels of the
+    group named in ``keep`` (``keep[node]``: bool per channel of that group): each piece's new
+    size is its kept channels. Raises a one-line ``ValueError`` when ``model`` is not a
+    GraphModule holding that node as a split of the recorded sizes.
+    """
+    nodes = {n.name: n for n in model.graph.nodes} if isinstance(
+        model, torch.fx.GraphModule) else {}
+    edits = []
+    for name, windows in splits.items():
+        node = nodes.get(name)
+        old = [hi - lo for lo, hi in windows]
+        if node is None or not (node.target in SPLIT or node.target == "split"):
+            raise ValueError(f"torch.split at node {name!r} is not in the model's fx graph (a "
+                             "plain module's literal split sizes cannot be rewritten)")
+        pos = 1 if len(node.args) > 1 else None
+        key = next((k for k in ("split_size_or_sections", "split_size") if k in node.kwargs),
+                   None)
+        value = node.args[1] if pos else node.kwargs.get(key)
+        if isinstance(value, int):
+            width = sum(old)
+            value = [min(value, width - i) for i in range(0, width, value)]
+        if list(value) != old:
+            raise ValueError(f"torch.split at node {name!r} has sizes {value}, not the traced "
+                             f"{old}: the model changed since")
+        new = [int(keep[name][lo:hi].sum()) for lo, hi in windows]
+        edits.append((node, pos, key, new))
+
+    def apply() -> None:
+        for node, pos, key, new in edits:
+            if pos:
+                node.args = (*node.args[:1], new, *node.args[2:])
+            else:
+                node.kwargs = {**node.kwargs, key: new}
+        if edits:
+            model.recompile()
+
+    return apply

@@ -477,6 +477,7 @@ class Tracer(NormRules, ShapeRules):
             scales=tuple((p, dim) for p, dim, *_ in scales),
             scale_offsets=tuple(o for _, _, o, *_ in scales),
             scale_windows=tuple(window(lo, hi) for *_, lo, hi in scales),
+            splits=tuple(unique(x for e in elems for x in self.splits.get(e, ()))),
         )
 
 
