@@ -218,6 +218,29 @@ def test_layer_norm_statistics_change_with_removal_and_the_masked_model_differs(
     assert removed.stage1[0].block[3].in_features == 5
 
 
+def test_the_pipeline_warns_that_layer_norms_make_removal_differ_from_masking():
+    from curvprune import Pipeline
+    from curvprune.errors import CurvpruneWarning
+
+    model = randomize_(TinyConvNeXt().double(), torch.Generator().manual_seed(7)).eval()
+    pipe = Pipeline.from_config({
+        "prune": {"sparsity": 0.5, "loss_samples": 0},
+        "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1"},
+        "mask": {"name": "channel", "scope": "layerwise", "remove": True},
+    })
+    with pytest.warns(CurvpruneWarning, match=r"LayerNorms over prunable channels \(stem.1, "):
+        result = pipe.prune(model, None)
+    layout = result.masks.layout
+    keep = layout.alive_structures(result.masks.flat)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    with torch.no_grad(), kept_statistics(model, layout.structures, keep):
+        reference = model(x)
+    pipe.remove(model, result.masks)
+    with torch.no_grad():
+        assert gap(model(x), reference) <= 1e-12
+    assert model.stem[0].out_channels == 3  # half of the stream's 6 channels
+
+
 def test_group_norm_keeps_whole_groups_and_is_exact():
     graph = StructureGraph.trace(GroupNormNet())
     a = graph.group("a")
@@ -367,3 +390,21 @@ def test_unknown_ops_on_a_channel_path_are_refused_in_one_line(how, reason):
     assert "\n" not in group.reason
     with pytest.raises(UnsupportedModelError, match="cannot remove channels of group 'conv'"):
         apply_removal(_Odd(how), {"conv": [0, 1]})
+
+
+@pytest.mark.slow
+def test_torchvision_convnext_tiny_removes_exactly_against_kept_statistics():
+    model = randomize_(torchvision.models.convnext_tiny(weights=None).double(),
+                       torch.Generator().manual_seed(0)).eval()
+    for block in model.modules():  # layer scales of a trained size, so blocks matter
+        if isinstance(block, CNBlock):
+            block.layer_scale.data.fill_(0.1)
+    graph = StructureGraph.trace(model)
+    refused = [g.name for g in graph.groups if not g.removable]
+    assert refused == ["classifier.2"]
+    layout = structured(model)
+    keep = torch.rand(layout.n_structures, generator=torch.Generator().manual_seed(1)) > 0.3
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2),
+                    dtype=torch.float64)
+    removed, _, plain_gap = check(model, keep, x, rel=1e-12)
+    assert removed(x).shape == (1, 1000) and plain_gap > 1e-6

@@ -52,10 +52,16 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from curvprune.errors import ConfigError, StructureSkipWarning, UnsupportedModelError
+from curvprune.errors import (
+    ConfigError,
+    CurvpruneWarning,
+    StructureSkipWarning,
+    UnsupportedModelError,
+)
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.trace import Tracer
 from curvprune.structure.trace_ops import is_leaf
+from curvprune.structure.trace_ops import unique as unique_names
 from curvprune.tensors.layout import ParamLayout
 
 __all__ = [
@@ -356,6 +362,16 @@ def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> Param
         ) or "the model has no Conv or Linear producers"
         raise UnsupportedModelError(
             f"no selected channel can be pruned ({why}) @ prune.targets"
+        )
+    renorms = unique_names(n for g in structures.groups for n in g.renorms)
+    if renorms:
+        more = f" and {len(renorms) - 3} more" if len(renorms) > 3 else ""
+        warnings.warn(
+            f"LayerNorms over prunable channels ({', '.join(renorms[:3])}{more}): a masked "
+            "channel is a zero that still counts in their mean and variance, a removed one "
+            "does not, so the removed model differs from the masked one (evaluate after "
+            "removal; curvprune.structure.norms.kept_statistics gives the removed function)",
+            CurvpruneWarning, stacklevel=2,
         )
     unaffine = structures.unaffine_norms()
     if unaffine and getattr(config, "remove", False):
