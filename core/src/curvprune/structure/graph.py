@@ -153,9 +153,9 @@ class StructureGraph:
         channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
         for g, off in zip(groups, offsets, strict=True):
             ids = g.expand(torch.arange(off, off + g.size))
-            rows = [(p, 0, 0, g.channels, True) for p in g.producers]
-            rows += [(m, at, lo, hi, False) for m, at, lo, hi in g.placed("depthwise")]
-            for p, at, lo, hi, whole in rows:
+            rows = [(p, 0, 0, g.channels, 1, True) for p in g.producers]
+            rows += [(m, at, lo, hi, s, False) for m, at, lo, hi, s in g.laid("depthwise")]
+            for p, at, lo, hi, step, whole in rows:
                 i = position.get(f"{p}.weight")
                 if i is None:  # an unselected depthwise conv: only its input is pruned
                     continue
@@ -165,7 +165,7 @@ class StructureGraph:
                         f"group has {g.channels} @ layout"
                     )
                 start = channel_offsets[i] + at
-                channel_structure[start : start + hi - lo] = ids[lo:hi]
+                channel_structure[start : start + step * (hi - lo) : step] = ids[lo:hi]
         structure_group = torch.repeat_interleave(
             torch.arange(len(groups)), torch.tensor([g.size for g in groups], dtype=torch.long)
         )
@@ -244,10 +244,10 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
-                for gate, at, lo, hi, dim in g.gate_points():
+                for gate, at, lo, hi, step, dim in g.gate_points():
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
-                    hook = _gate_hook(values, (off, g, lo, hi), at, dim)
+                    hook = _gate_hook(values, (off, g, lo, hi, step), at, dim)
                     handles.append(modules[gate].register_forward_hook(hook))
             yield
         finally:
@@ -270,18 +270,19 @@ class Structures:
         params, widths = self.graph.param_names, self.graph.widths
         for i, g in enumerate(self.groups):
             piece = g.expand(keep[self.group_slice(i)])
-            entries = [(f"{p}.bias", p, 0, 0, g.channels) for p in g.producers]
-            entries += [(f"{n}.{w}", n, at, lo, hi) for n, at, lo, hi in g.placed("norms")
+            entries = [(f"{p}.bias", p, 0, 0, g.channels, 1) for p in g.producers]
+            entries += [(f"{n}.{w}", n, at, lo, hi, s) for n, at, lo, hi, s in g.laid("norms")
                         for w in ("weight", "bias")]
-            entries += [(f"{n}.bias", n, at, lo, hi) for n, at, lo, hi in g.placed("depthwise")]
-            for name, module, at, lo, hi in entries:
+            entries += [(f"{n}.bias", n, at, lo, hi, s)
+                        for n, at, lo, hi, s in g.laid("depthwise")]
+            for name, module, at, lo, hi, step in entries:
                 if name not in params:
                     continue
                 width = widths.get(module, g.channels)
                 mask = out.get(name)
                 if mask is None:
                     mask = torch.ones(width, dtype=torch.bool, device=keep.device)
-                mask[at : at + hi - lo] &= piece[lo:hi]
+                mask[at : at + step * (hi - lo) : step] &= piece[lo:hi]
                 out[name] = mask
         return out
 
@@ -292,17 +293,18 @@ class Structures:
 
 
 def _gate_hook(values: Tensor, piece: tuple[int, ...], at: int, dim: int) -> Any:
-    """Multiply the output's channels ``at, at + 1, ...`` on ``dim`` by the group's gate values
-    ``values[off : off + size]`` per channel (:meth:`ChannelGroup.expand`), window ``[lo, hi)``
-    of them (``piece``); the others by 1."""
-    off, group, lo, hi = piece
+    """Multiply the output's channels ``at, at + step, ...`` on ``dim`` by the group's gate
+    values ``values[off : off + size]`` per channel (:meth:`ChannelGroup.expand`), window
+    ``[lo, hi)`` of them (``piece``); the others by 1."""
+    off, group, lo, hi, step = piece
 
     def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         gate = group.expand(values[off : off + group.size])[lo:hi].to(output.dtype)
         width = output.shape[dim]
-        if at or gate.numel() != width:
-            ones = torch.ones(width, dtype=gate.dtype, device=gate.device)
-            gate = torch.cat([ones[:at], gate, ones[at + gate.numel():]])
+        if at or step != 1 or gate.numel() != width:
+            full = torch.ones(width, dtype=gate.dtype, device=gate.device)
+            gate = full.index_put((torch.arange(at, at + step * gate.numel(), step,
+                                                device=gate.device),), gate)
         shape = [1] * output.dim()
         shape[dim] = width
         return output * gate.view(shape)

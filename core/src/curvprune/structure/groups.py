@@ -57,6 +57,9 @@ class ChannelGroup:
             ``scale_windows`` place the group in them.
         splits: ``(node, windows)``: ``torch.split`` nodes cutting the channels into pieces
             ``[lo, hi)``, whose literal sizes a removal rewrites (in a GraphModule only).
+        norm_steps, consumer_steps, depthwise_steps, gate_steps, scale_steps: the stride of
+            the group's channels in each entry (parallel; empty means all 1): after a channel
+            shuffle, channel ``lo + i`` sits at ``offset + step * i`` (see :meth:`laid`).
     """
 
     name: str
@@ -86,6 +89,11 @@ class ChannelGroup:
     scale_offsets: tuple[int, ...] = ()
     scale_windows: tuple[tuple[int, int], ...] = ()
     splits: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    norm_steps: tuple[int, ...] = ()
+    consumer_steps: tuple[int, ...] = ()
+    depthwise_steps: tuple[int, ...] = ()
+    gate_steps: tuple[int, ...] = ()
+    scale_steps: tuple[int, ...] = ()
 
     @property
     def channels(self) -> int:
@@ -96,10 +104,19 @@ class ChannelGroup:
         """Per-structure ``values`` ``[size]`` as per-channel values ``[channels]``."""
         return values.repeat_interleave(self.block).repeat(self.copies)
 
-    def gate_points(self) -> list[tuple[str, int, int, int, int]]:
-        """``(module, offset, lo, hi, dim)`` of every gate point (see :meth:`placed`)."""
+    def gate_points(self) -> list[tuple[str, int, int, int, int, int]]:
+        """``(module, offset, lo, hi, step, dim)`` of every gate point (see :meth:`laid`)."""
         dims = self.gate_dims or (self.channel_dim,) * len(self.gates)
-        return [(*p, d) for p, d in zip(self.placed("gates"), dims, strict=True)]
+        return [(*p, d) for p, d in zip(self.laid("gates"), dims, strict=True)]
+
+    def laid(self, what: str) -> list[tuple[Any, int, int, int, int]]:
+        """``(entry, offset, lo, hi, step)``: :meth:`placed` with the stride of the group's
+        channels in each entry: channel ``lo + i`` sits at ``offset + step * i``."""
+        steps = getattr(self, what.rstrip("s") + "_steps" if what != "depthwise"
+                        else "depthwise_steps")
+        placed = self.placed(what)
+        steps = steps or (1,) * len(placed)
+        return [(*p, s) for p, s in zip(placed, steps, strict=True)]
 
     def spans(self, what: str) -> list[tuple[Any, int]]:
         """``(entry, offset)`` of ``norms``, ``consumers``, ``depthwise`` or ``gates``."""

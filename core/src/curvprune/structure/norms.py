@@ -46,7 +46,7 @@ class NormRules:
     def init_norm_rules(self) -> None:
         self.renorms: dict[int, list[str]] = {}  # elem -> LayerNorms renormalised on removal
         self.blocks: dict[int, list[tuple[int, str]]] = {}  # elem -> (block width, by what)
-        self.scales: dict[int, list[tuple[str, int, int, int, int | None]]] = {}
+        self.scales: dict[int, list[tuple[str, int, int, int, int | None, int]]] = {}
         self.gate_dim: dict[int, int] = {}  # slot -> dim of the channels at its point
         self.splits: dict[int, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}  # reshapes
 
@@ -79,9 +79,9 @@ class NormRules:
         parts = []
         for chan, offset in self.parts(x):
             self.span(name, "norm", offset, chan)
-            self.norms[chan.elem].append((name, offset, chan.lo, chan.hi))
+            self.norms[chan.elem].append((name, offset, chan.lo, chan.hi, chan.step))
             self.renorms.setdefault(chan.elem, []).append(name)
-            slot = self.slot(name, offset, chan.elem, chan.lo, chan.hi)
+            slot = self.slot(name, offset, chan.elem, chan.lo, chan.hi, chan.step)
             self.gate_dim[slot] = self.channel_pos(chan)
             parts.append((attrs.evolve(chan, chain=slot), offset))
         return parts[0][0] if isinstance(x, Chan) else Cat(tuple(parts), x.kind)
@@ -137,7 +137,7 @@ class NormRules:
         for chan, offset in self.parts(x):
             self.span(param.name, "scale", offset, chan)
             self.scales.setdefault(chan.elem, []).append(
-                (param.name, dim, offset, chan.lo, chan.hi))
+                (param.name, dim, offset, chan.lo, chan.hi, chan.step))
         return self.passed(node, x)
 
 

@@ -269,26 +269,28 @@ def _group_cuts(
                 )
 
     def cut(name: str, what: str, width: int | None, at: int, lo: int, hi: int,
-            per: int = 1) -> None:
+            per: int = 1, step: int = 1) -> None:
         owner = _owner(modules, name, what)
         if owner is None:
             raise UnsupportedModelError(
                 f"module {name!r} of group {group.name!r} is not in the model @ model"
             )
         size = _width(owner, what)
-        if size is None or (width is not None and size != width) or (at + hi - lo) * per > size:
+        if size is None or (width is not None and size != width) \
+                or (at + step * (hi - lo - 1) + 1) * per > size:
             raise UnsupportedModelError(
                 f"module {name!r} has {size} {'input' if what == 'in' else 'output'} channels, "
                 f"not what group {group.name!r} had when traced: the model changed since @ model"
             )
         entry = cuts.setdefault((name, what), _Cut(torch.ones(size, dtype=torch.bool),
                                                    group.name))
-        piece = keep[lo:hi].repeat_interleave(per)
-        entry.keep[at * per : at * per + piece.numel()] &= piece
+        places = torch.arange(at, at + step * (hi - lo), step)
+        features = (places[:, None] * per + torch.arange(per)[None, :]).reshape(-1)
+        entry.keep[features] &= keep[lo:hi].repeat_interleave(per)
 
     for name in group.producers:
         cut(name, "out", group.channels, 0, 0, group.channels)
-    for name, at, lo, hi in group.placed("norms"):
+    for name, at, lo, hi, step in group.laid("norms"):
         mod = modules.get(name)
         if mod is not None and not getattr(mod, "affine", True):
             raise UnsupportedModelError(
@@ -296,13 +298,13 @@ def _group_cuts(
                 f"{group.name!r} outputs -mean/std, not 0: removing it would change the "
                 "model's function @ model"
             )
-        cut(name, "norm", None, at, lo, hi)
-    for name, at, lo, hi in group.placed("depthwise"):
-        cut(name, "dw", None, at, lo, hi)
-    for (name, per), at, lo, hi in group.placed("consumers"):
-        cut(name, "in", None, at, lo, hi, per)
-    for (name, dim), at, lo, hi in group.placed("scales"):
-        cut(name, f"scale{dim}", None, at, lo, hi)
+        cut(name, "norm", None, at, lo, hi, 1, step)
+    for name, at, lo, hi, step in group.laid("depthwise"):
+        cut(name, "dw", None, at, lo, hi, 1, step)
+    for (name, per), at, lo, hi, step in group.laid("consumers"):
+        cut(name, "in", None, at, lo, hi, per, step)
+    for (name, dim), at, lo, hi, step in group.laid("scales"):
+        cut(name, f"scale{dim}", None, at, lo, hi, 1, step)
 
 
 def _channel_keep(group: ChannelGroup, index: Tensor) -> Tensor:

@@ -33,7 +33,17 @@ import attrs
 import torch
 
 from curvprune.structure import trace_ops as ops
-from curvprune.structure.trace_ops import OPAQUE, Cat, Chan, Opaque, Param, Sizes, chans
+from curvprune.structure.shuffle import SHUFFLE_FUNCTIONS
+from curvprune.structure.trace_ops import (
+    OPAQUE,
+    Cat,
+    Chan,
+    Grouped,
+    Opaque,
+    Param,
+    Sizes,
+    chans,
+)
 
 __all__ = ["NOT_MINE", "ShapeRules", "rewrite_splits"]
 
@@ -60,8 +70,10 @@ class ShapeRules:
         method = target if node.op == "call_method" else None
         x = args[0] if args else None
         rest = list(args[1:]) + list(kwargs.values())
-        if isinstance(x, Sizes) or (target is operator.floordiv and isinstance(x, Sizes)):
+        if isinstance(x, Sizes):
             return self.sizes_op(target, x, args)
+        if isinstance(x, Grouped):
+            return self.grouped_op(node, x, args, kwargs, where)
         if not isinstance(x, (Chan, Cat)):
             if target in ops.MUL or method in ops.MUL_METHODS:
                 if isinstance(x, Param) and len(args) == 2 and isinstance(args[1], (Chan, Cat)):
@@ -79,6 +91,15 @@ class ShapeRules:
             if method == "permute" and len(args) > 2:
                 dims = args[1:]
             return self.permute(node, x, dims, where)
+        if method in ops.VIEW_METHODS and x.kind == "conv":
+            packed = len(args) == 2 and isinstance(args[1], (tuple, list))
+            shape = list(args[1] if packed else args[1:])
+            if len(shape) == self.rank_of(self.parts(x)[0][0]) + 1:
+                return self.grouped_view(node, x, shape, where)
+        if target in SHUFFLE_FUNCTIONS:
+            return self.shuffle(node, x, ops.arg(args, kwargs, 1, "groups", None), where)
+        if (target in ops.CHUNK or method == "chunk") and isinstance(x, Cat):
+            return self.chunk_cat(x, args, kwargs, where)
         if (target in SPLIT or method == "split") and isinstance(x, Chan):
             return self.split(node, x, args, kwargs, where)
         if target in TRANSPOSE or method in TRANSPOSE_METHODS:

@@ -23,12 +23,13 @@ from curvprune.structure import trace_ops as ops
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.norms import NormRules
 from curvprune.structure.reshapes import NOT_MINE, ShapeRules
+from curvprune.structure.shuffle import ShuffleRules
 from curvprune.structure.trace_ops import OPAQUE, Cat, Chan, Opaque, chans, unique
 
 __all__ = ["Tracer"]
 
 
-class Tracer(NormRules, ShapeRules):
+class Tracer(NormRules, ShapeRules, ShuffleRules):
     """One pass over the fx graph, recording groups as union-find over producer calls.
 
     Besides the union-find, it records per element its norms, depthwise convs and consumers
@@ -47,13 +48,14 @@ class Tracer(NormRules, ShapeRules):
         self.producer: list[str] = []
         self.kind: list[str] = []
         self.reasons: list[list[str]] = []
-        # (module, offset, lo, hi): the element's channels [lo, hi) at ``offset`` in the module
-        self.norms: list[list[tuple[str, int, int, int | None]]] = []
-        self.depthwise: list[list[tuple[str, int, int, int | None]]] = []
-        self.consumers: list[list[tuple[str, int, int, int, int | None]]] = []  # + per_channel
+        # (module, offset, lo, hi, step): the element's channels [lo, hi) at ``offset``,
+        # ``offset + step``, ... in the module
+        self.norms: list[list[tuple[str, int, int, int | None, int]]] = []
+        self.depthwise: list[list[tuple[str, int, int, int | None, int]]] = []
+        self.consumers: list[list[tuple[str, int, int, int, int | None, int]]] = []  # + per
         self.grouping: list[list[tuple[int, str]]] = []  # (equal parts, by what) constraints
-        self.slots: list[list[Any]] = []  # [module, offset, elem, lo, hi]
-        self.spans: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        self.slots: list[list[Any]] = []  # [module, offset, elem, lo, hi, step]
+        self.spans: dict[tuple[str, str], list[tuple[int, int, int, int]]] = {}
         self.widths: dict[str, int] = {}
         self.produced: dict[str, int] = {}
         self.rank: list[int] = []  # tensor rank of each conv element's maps (0 for Linear)
@@ -102,8 +104,8 @@ class Tracer(NormRules, ShapeRules):
         return e, slot
 
     def slot(self, module: str, offset: int, elem: int, lo: int = 0,
-             hi: int | None = None) -> int:
-        self.slots.append([module, offset, elem, lo, hi])
+             hi: int | None = None, step: int = 1) -> int:
+        self.slots.append([module, offset, elem, lo, hi, step])
         return len(self.slots) - 1
 
     def bad(self, value: Any, reason: str) -> None:
@@ -118,7 +120,8 @@ class Tracer(NormRules, ShapeRules):
         return bool(hit)
 
     def span(self, name: str, role: str, offset: int, chan: Chan) -> None:
-        self.spans.setdefault((name, role), []).append((offset, self.width(chan), chan.elem))
+        self.spans.setdefault((name, role), []).append(
+            (offset, self.width(chan), chan.elem, chan.step))
 
     # -- the pass -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -184,6 +187,8 @@ class Tracer(NormRules, ShapeRules):
             return OPAQUE
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             return self.visit_channel_norm(node, name, module, x)
+        if isinstance(module, nn.ChannelShuffle):
+            return self.shuffle(node, x, module.groups, f"ChannelShuffle {name!r}")
         if isinstance(x, (Chan, Cat)) and isinstance(module, ops.MIXING_NORMS):
             self.bad(x, f"{type(module).__name__} {name!r} normalises across the channels "
                         "(removing one changes the others' statistics)")
@@ -217,12 +222,13 @@ class Tracer(NormRules, ShapeRules):
         for (chan, offset), (after, _) in zip(self.parts(x), self.parts(out), strict=True):
             self.span(name, role, offset, chan)
             (self.norms if role == "norm" else self.depthwise)[chan.elem].append(
-                (name, offset, chan.lo, chan.hi))
+                (name, offset, chan.lo, chan.hi, chan.step))
             if chan.chain is not None and after.chain is not None:
                 self.slots[chan.chain][:2] = [name, offset]
+                self.slots[chan.chain][5] = chan.step
                 slot = chan.chain
             else:
-                slot = self.slot(name, offset, chan.elem, chan.lo, chan.hi)
+                slot = self.slot(name, offset, chan.elem, chan.lo, chan.hi, chan.step)
             self.gate_dim[slot] = self.channel_pos(chan)
             new_parts.append((attrs.evolve(chan, chain=slot), offset))
         if isinstance(x, Chan):
@@ -272,7 +278,7 @@ class Tracer(NormRules, ShapeRules):
                 )
         for chan, offset in self.parts(x):
             self.span(name, "in", offset, chan)
-            self.consumers[chan.elem].append((name, per, offset, chan.lo, chan.hi))
+            self.consumers[chan.elem].append((name, per, offset, chan.lo, chan.hi, chan.step))
             if isinstance(module, ops.CONV) and module.groups != 1:
                 self.grouping[chan.elem].append(
                     (module.groups, f"grouped convolution {name!r} (groups={module.groups})"))
@@ -395,7 +401,8 @@ class Tracer(NormRules, ShapeRules):
         a, b = values
         pa, pb = self.parts(a), self.parts(b)
         layout = len(pa) == len(pb) and all(
-            oa == ob and self.same_channels(ca, cb) for (ca, oa), (cb, ob) in zip(pa, pb))
+            oa == ob and ca.step == cb.step and self.same_channels(ca, cb)
+            for (ca, oa), (cb, ob) in zip(pa, pb))
         if a.kind != b.kind or not layout:
             self.bad(values, f"{where} adds tensors of different channel layouts")
             return OPAQUE
@@ -413,16 +420,17 @@ class Tracer(NormRules, ShapeRules):
         # A module reading or normalising channels of two groups at overlapping places (a
         # module called on two streams) cannot be sliced.
         for (name, _), spans in self.spans.items():
-            for i, (oa, wa, ea) in enumerate(spans):
-                for ob, wb, eb in spans[i + 1:]:
-                    if roots[ea] != roots[eb] and oa < ob + wb and ob < oa + wa:
+            places = [set(range(o, o + s * w, s)) for o, w, _, s in spans]
+            for i, (_, _, ea, _) in enumerate(spans):
+                for j, (_, _, eb, _) in enumerate(spans[i + 1:], i + 1):
+                    if roots[ea] != roots[eb] and places[i] & places[j]:
                         for e in (ea, eb):
                             self.reasons[roots[e]].append(
                                 f"module {name!r} touches channels of several groups")
         slots: dict[int, list[tuple[str, int, int, int | None, int]]] = {}
-        for i, (module, offset, elem, lo, hi) in enumerate(self.slots):
+        for i, (module, offset, elem, lo, hi, step) in enumerate(self.slots):
             dim = self.gate_dim.get(i, 1)
-            slots.setdefault(roots[elem], []).append((module, offset, lo, hi, dim))
+            slots.setdefault(roots[elem], []).append((module, offset, lo, hi, step, dim))
         return tuple(self.group(r, members[r], unique(slots.get(r, ()))) for r in sorted(members))
 
     def group(self, r: int, elems: list[int], gates: list[Any]) -> ChannelGroup:
@@ -446,6 +454,11 @@ class Tracer(NormRules, ShapeRules):
 
         def window(lo: int, hi: int | None) -> tuple[int, int]:
             return (lo, width if hi is None else hi)
+
+        def steps(records: list[Any]) -> tuple[int, ...]:
+            """Each record's step (its last entry); empty when all are 1."""
+            out = tuple(r[-1] for r in records)
+            return out if any(s != 1 for s in out) else ()
         norms = unique(x for e in elems for x in self.norms[e])
         consumers = unique(x for e in elems for x in self.consumers[e])
         depthwise = unique(x for e in elems for x in self.depthwise[e])
@@ -467,16 +480,21 @@ class Tracer(NormRules, ShapeRules):
             depthwise=tuple(m for m, *_ in depthwise),
             depthwise_offsets=tuple(o for _, o, *_ in depthwise),
             gate_offsets=tuple(o for _, o, *_ in gates),
-            norm_windows=tuple(window(lo, hi) for *_, lo, hi in norms),
-            consumer_windows=tuple(window(lo, hi) for *_, lo, hi in consumers),
-            depthwise_windows=tuple(window(lo, hi) for *_, lo, hi in depthwise),
-            gate_windows=tuple(window(lo, hi) for *_, lo, hi, _ in gates),
+            norm_windows=tuple(window(lo, hi) for *_, lo, hi, _ in norms),
+            consumer_windows=tuple(window(lo, hi) for *_, lo, hi, _ in consumers),
+            depthwise_windows=tuple(window(lo, hi) for *_, lo, hi, _ in depthwise),
+            gate_windows=tuple(window(lo, hi) for *_, lo, hi, _, _ in gates),
+            norm_steps=steps(norms),
+            consumer_steps=steps(consumers),
+            depthwise_steps=steps(depthwise),
+            gate_steps=steps([g[:-1] for g in gates]),
+            scale_steps=steps(scales),
             gate_dims=tuple(dim for *_, dim in gates),
             block=block,
             renorms=tuple(unique(x for e in elems for x in self.renorms.get(e, ()))),
             scales=tuple((p, dim) for p, dim, *_ in scales),
             scale_offsets=tuple(o for _, _, o, *_ in scales),
-            scale_windows=tuple(window(lo, hi) for *_, lo, hi in scales),
+            scale_windows=tuple(window(lo, hi) for *_, lo, hi, _ in scales),
             splits=tuple(unique(x for e in elems for x in self.splits.get(e, ()))),
         )
 

@@ -23,7 +23,8 @@ __all__ = [
     "ADD", "ADD_METHODS", "CAT", "CHUNK", "CONV", "Cat", "Chan", "FLATTEN_FUNCTIONS", "GATE_FUNCTIONS",
     "GATE_METHODS", "GATE_MODULES", "META_ATTRS", "META_METHODS", "MIXING_FUNCTIONS",
     "MIXING_NORMS", "MUL", "MUL_METHODS", "NORM",
-    "OPAQUE", "Opaque", "PASS_FUNCTIONS", "PASS_METHODS", "PASS_MODULES", "Param", "SCALE",
+    "Grouped", "OPAQUE", "Opaque", "PASS_FUNCTIONS", "PASS_METHODS", "PASS_MODULES", "Param",
+    "SCALE",
     "SCALE_METHODS", "Sizes", "VIEW_METHODS", "arg", "chans", "is_leaf", "is_leaf_norm",
     "is_leaf_pass", "unique",
 ]
@@ -113,7 +114,9 @@ class Chan:
     zero here (after a sigmoid), else None; such a value may only multiply another channel.
     ``lo``, ``hi``: the window of the element's channels this value holds (a chunk of it).
     ``rank``: the tensor rank of a channel map whose rank is not its element's (a Linear's
-    features permuted to dim 1 of a map), else None.
+    features permuted to dim 1 of a map), else None. ``step``: inside a :class:`Cat`, channel
+    ``i`` of the window sits at ``offset + step * i`` (> 1 after a channel shuffle interleaves
+    several windows).
     """
 
     elem: int
@@ -123,6 +126,7 @@ class Chan:
     lo: int = 0
     hi: int | None = None  # the element's channels [lo, hi) after a torch.chunk; None: all
     rank: int | None = None
+    step: int = 1
 
 
 @attrs.define
@@ -149,6 +153,16 @@ class Param(Opaque):
 
 
 @attrs.frozen
+class Grouped:
+    """A channel map viewed as ``[N, groups, C / groups, ...]`` (``transposed``: after swapping
+    those two dims): the first two steps of a channel shuffle."""
+
+    value: Any
+    groups: int
+    transposed: bool = False
+
+
+@attrs.frozen
 class Sizes:
     """``x.size()`` / ``x.shape`` of a traced channel value, or one entry of it (``dim``),
     divided by ``div`` (``x.size(1) // g``): lets the tracer check that a view's sizes are the
@@ -168,6 +182,8 @@ def chans(value: Any) -> list[Chan]:
             out.append(v)
         elif isinstance(v, Cat):
             out.extend(c for c, _ in v.parts)
+        elif isinstance(v, Grouped):
+            walk(v.value)
         elif isinstance(v, (list, tuple)):
             for item in v:
                 walk(item)
