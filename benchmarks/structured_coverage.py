@@ -192,9 +192,13 @@ def write_docs(lines: list[str], command: str, header: str, summary: str) -> Non
         "Depthwise and grouped convolutions, channel concatenation and squeeze-and-excitation "
         "products (issue 18) are what lets mobilenet_v2/v3, densenet121, googlenet, "
         "efficientnet_b0 and regnet_x_400mf prune every group but the classifier's; before, "
-        "they reached about half of Torch-Pruning's cut (issue 18's table). ConvNeXt (permute, "
-        "LayerNorm, layer scale), ViT (attention heads) and ShuffleNetV2 (chunk, channel "
-        "shuffle) still refuse the groups named in the last column.", "",
+        "they reached about half of Torch-Pruning's cut (issue 18's table). Permutes, "
+        "channels-last Linear layers, LayerNorm (statistics over the kept channels after "
+        "removal) and layer scales let convnext_tiny prune its residual streams too. "
+        "ShuffleNetV2's channel shuffles are followed, but its later units shuffle rows laid "
+        "out differently, which no removal keeps aligned (docs/structured.md): its streams "
+        "stay dense, its branch-internal groups and conv5 prune. ViT (attention heads) still "
+        "refuses the groups named in the last column.", "",
         f"Command: `{command}`. {header}", "", f"- {summary}", "", *lines, "", END,
     ])
     text = DOCS.read_text(encoding="utf-8")
