@@ -135,6 +135,26 @@ class ChannelsLast(nn.Module):
         return self.fc(torch.flatten(torch.relu(y), 1))
 
 
+class PatchEmbed(nn.Module):
+    """A patch embedding read two ways (``flatten(2).transpose(1, 2)`` and
+    ``reshape(n, c, h * w).permute(0, 2, 1)``), a pre-norm MLP block on the tokens, and a mean
+    over the tokens into the head."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, c, 2, stride=2)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        y = self.proj(x)
+        n, c, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2) + y.reshape(n, c, h * w).permute(0, 2, 1)
+        t = t + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(t))))
+        return self.head(t.mean(1))
+
+
 class GroupNormNet(nn.Module):
     """GroupNorm of 3 groups of 4 channels, then a GroupNorm of one channel per group, and a
     residual stream normalised by a GroupNorm of 2 groups of 3 channels."""
@@ -184,11 +204,20 @@ def test_channels_last_ops_are_followed():
     assert graph.group("mix").consumers == (("fc", 16),)  # a 4×4 block per channel
 
 
-@pytest.mark.parametrize("name", ["convnext", "channels-last"])
+def test_patch_embeddings_become_tokens_of_the_stream():
+    graph = StructureGraph.trace(PatchEmbed())
+    g = graph.group("proj")
+    assert g.removable, g.reason
+    assert g.producers == ("proj", "fc2") and g.renorms == ("norm",)
+    assert g.consumers == (("fc1", 1), ("head", 1))
+
+
+@pytest.mark.parametrize("name", ["convnext", "channels-last", "patch-embed"])
 @settings(max_examples=6, deadline=None)
 @given(data=st.data())
 def test_removed_equals_the_model_without_the_channels(name, data):
-    build = {"convnext": TinyConvNeXt, "channels-last": ChannelsLast}[name]
+    build = {"convnext": TinyConvNeXt, "channels-last": ChannelsLast,
+             "patch-embed": PatchEmbed}[name]
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
     model = randomize_(build().double(), gen).eval()
     n = structured(model).n_structures

@@ -91,11 +91,23 @@ class ShapeRules:
             if method == "permute" and len(args) > 2:
                 dims = args[1:]
             return self.permute(node, x, dims, where)
-        if method in ops.VIEW_METHODS and x.kind == "conv":
+        if (method in ops.VIEW_METHODS or target is torch.reshape) and x.kind == "conv":
             packed = len(args) == 2 and isinstance(args[1], (tuple, list))
-            shape = list(args[1] if packed else args[1:])
+            shape = list(args[1] if packed or target is torch.reshape else args[1:])
+            c = shape[1] if len(shape) > 1 else None
+            if len(shape) >= 3 and shape[0] != -1 and isinstance(c, Sizes) and c.of is x \
+                    and (c.dim, c.div) == (1, 1):  # [N, C, ...]: only the other dims change
+                return self.moved(node, x, 1, len(shape), where)
             if len(shape) == self.rank_of(self.parts(x)[0][0]) + 1:
                 return self.grouped_view(node, x, shape, where)
+        if (target in ops.FLATTEN_FUNCTIONS or method == "flatten") and x.kind == "conv":
+            start = ops.arg(args, kwargs, 1, "start_dim", 0)
+            end = ops.arg(args, kwargs, 2, "end_dim", -1)
+            rank = self.rank_of(self.parts(x)[0][0])
+            if isinstance(start, int) and 2 <= start < rank and end in (-1, rank - 1):
+                return self.moved(node, x, 1, start + 1, where)  # the spatial dims merge
+        if (method == "mean" or target is torch.mean) and x.kind == "linear":
+            return self.token_mean(node, x, args, kwargs, where)
         if target in SHUFFLE_FUNCTIONS:
             return self.shuffle(node, x, ops.arg(args, kwargs, 1, "groups", None), where)
         if (target in ops.CHUNK or method == "chunk") and isinstance(x, Cat):
@@ -156,34 +168,58 @@ class ShapeRules:
             self.bad(x, f"{where} is not handled (only a permutation of a channel map's or "
                         "channels-last tensor's dims)")
             return OPAQUE
-        if x.kind == "conv":
-            have = self.rank_of(self.parts(x)[0][0])
-            if have != rank:
-                self.bad(x, f"{where} permutes {rank} dims of a rank-{have} map")
-                return OPAQUE
-            pos = 1
-        else:
-            pos = rank - 1
+        have = self.known_rank(x)
+        if have is not None and have != rank:
+            self.bad(x, f"{where} permutes {rank} dims of a rank-{have} tensor")
+            return OPAQUE
+        pos = 1 if x.kind == "conv" else rank - 1
         return self.moved(node, x, perm.index(pos), rank, where)
 
     def transpose(self, node: torch.fx.Node, x: Chan | Cat, a: Any, b: Any, where: str) -> Any:
-        """Swap two dims of a channel map of known rank."""
-        if x.kind != "conv" or not isinstance(a, int) or not isinstance(b, int):
-            self.bad(x, f"{where} is not handled (a transpose of a channel map's dims only: "
-                        "the rank of a channels-last tensor is unknown)")
+        """Swap two dims of a channel map, or of channels-last features of known rank."""
+        rank = self.known_rank(x)
+        if x.kind == "flat" or rank is None or not isinstance(a, int) \
+                or not isinstance(b, int):
+            self.bad(x, f"{where} is not handled (a transpose of a channel map's dims, or of a "
+                        "channels-last tensor's whose rank a permute or transpose told)")
             return OPAQUE
-        rank = self.rank_of(self.parts(x)[0][0])
         if not (-rank <= a < rank and -rank <= b < rank):
-            self.bad(x, f"{where} swaps dims outside a rank-{rank} map")
+            self.bad(x, f"{where} swaps dims outside a rank-{rank} tensor")
             return OPAQUE
         perm = list(range(rank))
         perm[a % rank], perm[b % rank] = perm[b % rank], perm[a % rank]
-        return self.moved(node, x, perm.index(1), rank, where)
+        return self.moved(node, x, perm.index(1 if x.kind == "conv" else rank - 1), rank, where)
+
+    def known_rank(self, x: Chan | Cat) -> int | None:
+        """The rank of a channel value: a map's, or channels-last features' when a permute,
+        transpose or reshape told it (else None)."""
+        first = self.parts(x)[0][0]
+        if x.kind == "conv":
+            return self.rank_of(first)
+        return first.rank if x.kind == "linear" else None
+
+    def token_mean(self, node: torch.fx.Node, x: Chan | Cat, args: Any, kwargs: Any,
+                   where: str) -> Any:
+        """``x.mean(dims)`` of channels-last features of known rank over dims other than the
+        batch and the channels (a mean over tokens): the channels pass."""
+        dims = ops.arg(args, kwargs, 1, "dim", None)
+        keep = ops.arg(args, kwargs, 2, "keepdim", False)
+        dims = (dims,) if isinstance(dims, int) else dims
+        rank = self.known_rank(x)
+        if rank is None or not dims or not all(
+                isinstance(d, int) and -rank <= d < rank and 0 < d % rank < rank - 1
+                for d in dims):
+            return NOT_MINE
+        out = self.passed(node, x)
+        new = rank if keep else rank - len(set(d % rank for d in dims))
+        if isinstance(out, Chan):
+            return attrs.evolve(out, rank=new)
+        return Cat(tuple((attrs.evolve(c, rank=new), o) for c, o in out.parts), out.kind)
 
     def moved(self, node: torch.fx.Node, x: Chan | Cat, pos: int, rank: int, where: str) -> Any:
         """``x`` with its channels now on dim ``pos`` of a rank-``rank`` tensor."""
         if pos == rank - 1:
-            kind, new_rank = "linear", None
+            kind, new_rank = "linear", rank
         elif pos == 1 and rank >= 3:
             kind, new_rank = "conv", rank
         else:

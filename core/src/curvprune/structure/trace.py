@@ -378,8 +378,7 @@ class Tracer(NormRules, ShapeRules, ShuffleRules):
             self.bad((a, b), f"{where} multiplies tensors of different channel layouts"
                      if not (a.nonzero and b.nonzero) else f"{where} multiplies two scales")
             return OPAQUE
-        root = self.union(a.elem, b.elem)
-        return Chan(root, a.kind, None, None, a.lo, a.hi)
+        return self.joined(a, b)
 
     def add(self, node: torch.fx.Node, args: Any, kwargs: Any, where: str) -> Any:
         operands = list(args[:2])
@@ -406,9 +405,14 @@ class Tracer(NormRules, ShapeRules, ShuffleRules):
         if a.kind != b.kind or not layout:
             self.bad(values, f"{where} adds tensors of different channel layouts")
             return OPAQUE
-        joined = [(Chan(self.union(ca.elem, cb.elem), a.kind, None, None, ca.lo, ca.hi), o)
-                  for (ca, o), (cb, _) in zip(pa, pb, strict=True)]
+        joined = [(self.joined(ca, cb), o) for (ca, o), (cb, _) in zip(pa, pb, strict=True)]
         return joined[0][0] if isinstance(a, Chan) else Cat(tuple(joined), a.kind)
+
+    def joined(self, a: Chan, b: Chan) -> Chan:
+        """The channels of ``a`` and ``b`` (same layout) as one element, their rank kept."""
+        rank = self.rank_of(a) if a.kind == "conv" else (a.rank or b.rank)
+        return attrs.evolve(a, elem=self.union(a.elem, b.elem), chain=None, nonzero=None,
+                            rank=rank)
 
     # -- result -------------------------------------------------------------------------------
     def groups(self) -> tuple[ChannelGroup, ...]:
