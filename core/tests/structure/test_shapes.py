@@ -401,6 +401,8 @@ class _Odd(nn.Module):
             return self.big(y.permute(0, 2, 3, 1).flatten(1))
         elif self.how == "scale-2d":
             y = y * self.bias
+        elif self.how == "scale-from-size":
+            y = y * torch.arange(y.size(1)).view(1, -1, 1, 1)
         return self.fc(y.mean((2, 3)))
 
 
@@ -412,6 +414,7 @@ class _Odd(nn.Module):
     ("functional-layer-norm", "layer_norm at node 'layer_norm' normalises across the channels"),
     ("flatten-channels-last", "flatten at 'flatten' of features that are not a channel map"),
     ("scale-2d", "mul at node 'mul' multiplies the channels by parameter 'bias' of shape [4, 6]"),
+    ("scale-from-size", "mul at node 'mul' is not handled"),
 ])
 def test_unknown_ops_on_a_channel_path_are_refused_in_one_line(how, reason):
     group = StructureGraph.trace(_Odd(how)).group("conv")

@@ -151,13 +151,15 @@ class ShapeRules:
         return tuple(out)
 
     def sizes_op(self, target: Any, x: Sizes, args: Any) -> Any:
-        """An entry of a traced value's sizes, or an entry divided by a number."""
+        """An entry of a traced value's sizes, or an entry divided by a number; anything else
+        made from the sizes is opaque (``torch.arange(x.size(1))`` must not pass as a
+        constant: it would change with a removal)."""
         if target is operator.getitem and x.dim is None and isinstance(args[1], int):
             return Sizes(x.of, args[1])
         if target is operator.floordiv and x.dim is not None and isinstance(args[1], int) \
                 and args[1] > 0:
             return Sizes(x.of, x.dim, x.div * args[1])
-        return None
+        return OPAQUE
 
     def permute(self, node: torch.fx.Node, x: Chan | Cat, dims: Any, where: str) -> Any:
         """Move the channel dim with a permutation of all dims."""
