@@ -22,15 +22,21 @@ apart:
 * a channel ``torch.cat`` puts each group at its offset in the modules reading it;
 * an equal ``torch.chunk`` hands each chunk's readers a window of the group (chunks kept equal);
 * a channel-wise product couples its factors; one may be a sigmoid scale (squeeze-and-excitation);
+* permutes and transposes move the channel dim (channels-last blocks, patch embeddings), a
+  layer-scale parameter is sliced with the channels, a GroupNorm keeps whole groups, a
+  LayerNorm over the channels is sliced (its statistics then run over the kept channels:
+  :mod:`curvprune.structure.norms`), a channel shuffle places the channels at strides and keeps
+  its rows alike (:mod:`curvprune.structure.shuffle`), and ``torch.split`` in a GraphModule
+  hands out windows whose sizes removal rewrites (:mod:`curvprune.structure.reshapes`);
 * Conv and Linear layers reading the channels are the group's ``consumers`` (their input dims
   are sliced on removal).
 
-Anything else touching a group's channels (``torch.split`` at literal sizes, ``F.pad``,
-slicing, views other than a flatten, LayerNorm, ops with f(0) ≠ 0 such as sigmoid outside a
-product, modules the tracer does not know) marks the groups involved not removable, with a
-reason naming the node: removing their channels would silently produce a wrong model (the
-option-A zero-pad shortcut pitfall of DepGraph, memo §7.1). A group whose channels reach the
-model's output (the classifier) is never prunable.
+Anything else touching a group's channels (``torch.split`` at literal sizes in a plain module,
+``F.pad``, slicing, views with a literal channel count, shuffles whose rows differ, ops with
+f(0) ≠ 0 such as sigmoid outside a product, modules the tracer does not know) marks the groups
+involved not removable, with a reason naming the node: removing their channels would silently
+produce a wrong model (the option-A zero-pad shortcut pitfall of DepGraph, memo §7.1). A group
+whose channels reach the model's output (the classifier) is never prunable.
 
 **Gates.** Removing structure s is the same as multiplying its channel by a gate m_s = 0 at the
 post-BN output of each of its producers (memo §4.2), and at every BN or depthwise conv of the

@@ -5,7 +5,8 @@ that keep channels apart pass them on, residual adds and products union groups, 
 ``torch.cat`` places groups at offsets, depthwise convolutions pass channel c to channel c,
 grouped convolutions ask their groups to keep conv groups equal, and anything else marks the
 groups it touches not removable with the node named. The op tables and abstract values are in
-:mod:`curvprune.structure.trace_ops`.
+:mod:`curvprune.structure.trace_ops`; the rules for shape ops (:mod:`.reshapes`, :mod:`.shuffle`)
+and for norms and layer scales (:mod:`.norms`) are mixins of :class:`Tracer`.
 """
 
 from __future__ import annotations
