@@ -113,8 +113,9 @@ class TinyConvNeXt(nn.Module):
 
 class ChannelsLast(nn.Module):
     """The permutes written three ways (``x.permute``, ``torch.permute``, torchvision
-    ``Permute``, ``transpose``), a LayerNorm over the last dim, a layer scale of shape [C],
-    and a flatten of a C×H×W map into a Linear (H·W features per channel)."""
+    ``Permute``, ``transpose``), a LayerNorm over the last dim, a layer scale of shape [C], a
+    fixed scale buffer of shape [C, 1, 1], and a flatten of a C×H×W map into a Linear (H·W
+    features per channel)."""
 
     def __init__(self, c: int = 4) -> None:
         super().__init__()
@@ -122,6 +123,7 @@ class ChannelsLast(nn.Module):
         self.norm = nn.LayerNorm(c)
         self.fc1, self.fc2 = nn.Linear(c, 3 * c), nn.Linear(3 * c, c)
         self.scale = nn.Parameter(torch.ones(c))
+        self.register_buffer("fixed", torch.linspace(0.5, 1.5, c)[:, None, None])
         self.back = Permute([0, 3, 1, 2])
         self.mix = nn.Conv2d(c, c, 1)
         self.fc = nn.Linear(c * 16, 5)
@@ -130,7 +132,7 @@ class ChannelsLast(nn.Module):
         y = self.conv(x)  # [N, C, 4, 4]
         z = self.norm(y.permute(0, 2, 3, 1))
         z = self.fc2(torch.relu(self.fc1(z))) * self.scale
-        y = y + self.back(z)
+        y = (y + self.back(z)) * self.fixed
         y = self.mix(torch.permute(y.transpose(1, 3), [0, 3, 2, 1]))
         return self.fc(torch.flatten(torch.relu(y), 1))
 
@@ -200,7 +202,8 @@ def test_channels_last_ops_are_followed():
     g = graph.group("conv")
     assert g.removable, g.reason
     assert g.producers == ("conv", "fc2") and g.renorms == ("norm",)
-    assert g.scales == (("scale", 0),) and g.consumers == (("fc1", 1), ("mix", 1))
+    assert set(g.scales) == {("scale", 0), ("fixed", 0)}
+    assert g.consumers == (("fc1", 1), ("mix", 1))
     assert graph.group("mix").consumers == (("fc", 16),)  # a 4×4 block per channel
 
 

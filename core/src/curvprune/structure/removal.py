@@ -371,8 +371,12 @@ def _apply_updates(updates: list[tuple[Any, str, Tensor]]) -> None:
     for mod, what, index in updates:
         if what.startswith("scale"):
             module, attr, dim = mod
-            _set_param(module, attr, getattr(module, attr).detach().index_select(
-                dim, index.to(getattr(module, attr).device)))
+            old = getattr(module, attr)
+            new = old.detach().index_select(dim, index.to(old.device))
+            if attr in module._parameters:
+                _set_param(module, attr, new)
+            else:  # a buffer stays a buffer
+                setattr(module, attr, new.clone())
             continue
         index = index.to(mod.weight.device)
         if what in ("out", "dw"):
