@@ -289,6 +289,58 @@ def test_group_norm_keeps_whole_groups_and_is_exact():
     assert (removed.gn_b.num_groups, removed.gn_c.num_groups) == (3, 1)
 
 
+class CatLayerNorm(nn.Module):
+    """Two maps concatenated, then channels-last: one LayerNorm over both groups at their
+    offsets, a Linear, and back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 2, 1)
+        self.norm = nn.LayerNorm(5)
+        self.fc = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1).permute(0, 2, 3, 1)
+        return self.head(torch.relu(self.fc(self.norm(y))).mean((1, 2)))
+
+
+class GroupedGroupNorm(nn.Module):
+    """A GroupNorm of 4 groups of 2 channels on a map a grouped conv (2 groups) reads: a
+    structure is one GroupNorm group in each conv group (2 × 2 channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.g = nn.Conv2d(8, 4, 3, padding=1, groups=2)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.head(self.g(torch.relu(self.gn(self.a(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("build", [CatLayerNorm, GroupedGroupNorm])
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_norms_at_offsets_and_in_conv_groups_remove_exactly(build, data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    model = randomize_(build().double(), gen).eval()
+    n = structured(model).n_structures
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    removed, layout, _ = check(model, keep, x)
+    assert removed(x).shape == (2, 5)
+
+
+def test_norm_layouts_at_offsets_and_in_conv_groups():
+    b = StructureGraph.trace(CatLayerNorm()).group("b")
+    assert b.removable and b.laid("norms") == [("norm", 3, 0, 2, 1)] and b.renorms == ("norm",)
+    a = StructureGraph.trace(GroupedGroupNorm()).group("a")
+    assert (a.size, a.copies, a.block) == (2, 2, 2)
+    assert a.channel_index([1]).tolist() == [2, 3, 6, 7]
+
+
 def test_group_norm_that_cannot_keep_whole_groups_is_refused():
     class Cat(nn.Module):
         def __init__(self) -> None:

@@ -121,6 +121,18 @@ class ShapeRules:
                                   ops.arg(args, kwargs, 2, "dim1", None), where)
         return NOT_MINE
 
+    def flatten(self, x: Any, where: str) -> Any:
+        """``x`` flattened from dim 1 on: each channel a block of features (kind ``flat``)."""
+        if not isinstance(x, (Chan, Cat)):
+            return x
+        if x.kind != "conv":
+            self.bad(x, f"flatten at {where!r} of features that are not a channel map")
+            return OPAQUE
+        if isinstance(x, Cat):
+            return Cat(tuple((attrs.evolve(c, kind="flat", chain=None), o) for c, o in x.parts),
+                       "flat")
+        return attrs.evolve(x, kind="flat", chain=None)
+
     def split(self, node: torch.fx.Node, x: Chan, args: Any, kwargs: Any, where: str) -> Any:
         """``torch.split`` on the channel dim: each piece a window of the group; the literal
         sizes are recorded for :func:`rewrite_splits` (refused outside a GraphModule)."""

@@ -264,7 +264,8 @@ class Tracer(NormRules, ShapeRules, ShuffleRules):
                 self.bad(x, f"convolution {name!r} reads them flattened")
                 return
             if module.groups != 1 and (isinstance(x, Cat) or x.lo or x.hi is not None):
-                what = "a concatenation" if isinstance(x, Cat) else "a chunk"
+                what = "a concatenation or shuffled channels" if isinstance(x, Cat) \
+                    else "a chunk"
                 self.bad(x, f"grouped convolution {name!r} reads {what}")
                 return
         else:
@@ -283,17 +284,6 @@ class Tracer(NormRules, ShapeRules, ShuffleRules):
             if isinstance(module, ops.CONV) and module.groups != 1:
                 self.grouping[chan.elem].append(
                     (module.groups, f"grouped convolution {name!r} (groups={module.groups})"))
-
-    def flatten(self, x: Any, where: str) -> Any:
-        if not isinstance(x, (Chan, Cat)):
-            return x
-        if x.kind != "conv":
-            self.bad(x, f"flatten at {where!r} of features that are not a channel map")
-            return OPAQUE
-        if isinstance(x, Cat):
-            return Cat(tuple((attrs.evolve(c, kind="flat", chain=None), o) for c, o in x.parts),
-                       "flat")
-        return attrs.evolve(x, kind="flat", chain=None)
 
     def scale_op(self, x: Any, label: str) -> Any:
         """A sigmoid-like op: its result is a channel scale (nonzero at zero)."""
