@@ -44,7 +44,8 @@ def _outputs(model: nn.Module, x: Tensor) -> Tensor:
     was_training = model.training
     model.eval()
     try:
-        return model(x).detach().double()
+        out = model(x)
+        return getattr(out, "logits", out).detach().double()  # a transformers model's output
     finally:
         model.train(was_training)
 

@@ -64,6 +64,7 @@ from curvprune.errors import (
     StructureSkipWarning,
     UnsupportedModelError,
 )
+from curvprune.structure.attention import HeadGroup, find_heads, head_gates, is_attention
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.trace import Tracer
 from curvprune.structure.trace_ops import is_leaf
@@ -92,27 +93,42 @@ class StructureGraph:
         model_type: the traced model's class name.
         widths: channels of every BatchNorm and depthwise convolution at trace time (a
             concatenation puts several groups into one of them, at offsets).
+        untraced: why ``torch.fx`` could not trace the model, when the graph holds only the
+            attention heads found by inspecting its modules (:mod:`.attention`); else None.
     """
 
     groups: tuple[ChannelGroup, ...]
     param_names: frozenset[str]
     model_type: str
     widths: dict[str, int] = attrs.field(factory=dict)
+    untraced: str | None = None
 
     @classmethod
-    def trace(cls, model: nn.Module) -> StructureGraph:
+    def trace(cls, model: nn.Module, *, heads_fallback: bool = False) -> StructureGraph:
         """Trace ``model`` with ``torch.fx`` (no input needed) and find its channel groups.
 
+        Attention modules (:func:`curvprune.structure.attention.find_heads`) add one head group
+        each after the channel groups; they are fx leaves. With ``heads_fallback``, a model fx
+        cannot trace but that has recognised attention modules (a Hugging Face model) gives a
+        graph of its head groups alone (:attr:`untraced` names the cause); the pipeline and
+        :func:`curvprune.apply_removal` ask for it, other callers keep the error.
+
         Raises:
-            UnsupportedModelError: the model cannot be traced symbolically (the cause is named),
-                or a Linear layer's input is not a whole number of features per flattened channel.
+            UnsupportedModelError: the model cannot be traced symbolically (the cause is named)
+                and no head-only graph was asked for or possible, or a Linear layer's input is
+                not a whole number of features per flattened channel.
         """
+        heads = find_heads(model)
+        names = frozenset(n for n, _ in model.named_parameters())
         try:
             # a GraphModule is read as it is, so that a removal can rewrite its literals
             gm = model if isinstance(model, torch.fx.GraphModule) else torch.fx.GraphModule(
                 model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if heads_fallback and any(h.removable for h in heads):
+                return cls(groups=heads, param_names=names, model_type=type(model).__name__,
+                           untraced=f"{type(exc).__name__}: {cause}")
             raise UnsupportedModelError(
                 f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
                 f"{cause}); channel structures need a symbolically traceable model, or set "
@@ -122,8 +138,8 @@ class StructureGraph:
         tracer.rewritable = gm is model
         tracer.run()
         return cls(
-            groups=tracer.groups(),
-            param_names=frozenset(n for n, _ in model.named_parameters()),
+            groups=tracer.groups() + heads,
+            param_names=names,
             model_type=type(model).__name__,
             widths=dict(tracer.widths),
         )
@@ -144,8 +160,8 @@ class StructureGraph:
         position = {name: i for i, name in enumerate(layout.names)}
         chosen = []
         for g in self.groups:
-            where = [position.get(f"{p}.weight") for p in g.producers]
-            if g.removable and all(i is not None for i in where):
+            where = [position.get(w) for w in g.weights()]
+            if g.removable and where and all(i is not None for i in where):
                 chosen.append((min(w for w in where if w is not None), g))
         chosen.sort(key=lambda item: item[0])
         groups = tuple(g for _, g in chosen)
@@ -172,6 +188,17 @@ class StructureGraph:
                     )
                 start = channel_offsets[i] + at
                 channel_structure[start : start + step * (hi - lo) : step] = ids[lo:hi]
+
+        # Attention heads own rows of their projections (the loop above passes over them:
+        # an attention module has no weight of its own)
+        for g, off in zip(groups, offsets, strict=True):
+            for p, local in g.layout_rows() if isinstance(g, HeadGroup) else ():
+                i = position[p]
+                if layout.channels[i] != local.numel():
+                    raise ConfigError(f"parameter {p} has {layout.channels[i]} rows but its "
+                                      f"heads have {local.numel()} @ layout")
+                channel_structure[channel_offsets[i]: channel_offsets[i + 1]] = off + local
+
         structure_group = torch.repeat_interleave(
             torch.arange(len(groups)), torch.tensor([g.size for g in groups], dtype=torch.long)
         )
@@ -255,6 +282,10 @@ class Structures:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
                     hook = _gate_hook(values, (off, g, lo, hi, step), at, dim)
                     handles.append(modules[gate].register_forward_hook(hook))
+
+            for g, off in zip(self.groups, self.offsets, strict=True):
+                if isinstance(g, HeadGroup):  # attention heads: no gate points of their own
+                    handles.extend(head_gates(g, modules, values, off))
             yield
         finally:
             for handle in handles:
@@ -290,6 +321,13 @@ class Structures:
                     mask = torch.ones(width, dtype=torch.bool, device=keep.device)
                 mask[at : at + step * (hi - lo) : step] &= piece[lo:hi]
                 out[name] = mask
+
+        # Attention heads: the q/k/v biases of their rows (the loop above finds none of them)
+        for i, g in enumerate(self.groups):
+            for name, local in g.bias_rows() if isinstance(g, HeadGroup) else ():
+                if name in params:
+                    kept = keep[self.group_slice(i)][local.to(keep.device)]
+                    out[name] = out[name] & kept if name in out else kept
         return out
 
     def unaffine_norms(self) -> list[str]:
@@ -323,7 +361,8 @@ class _LeafTracer(torch.fx.Tracer):
     ``StochasticDepth``) as leaves so the tracer sees the module, not its random mask."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_leaf(m) or super().is_leaf_module(m, module_qualified_name)
+        return (is_leaf(m) or is_attention(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGroup]:
@@ -332,7 +371,7 @@ def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGr
     selected = set(layout.names)
     return [
         g for g in graph.groups
-        if not g.removable and all(f"{p}.weight" in selected for p in g.producers)
+        if not g.removable and all(w in selected for w in g.weights())
         and "reach the model output" not in (g.reason or "")
     ]
 
@@ -350,9 +389,15 @@ def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> Param
     config = getattr(mask, "config", None)
     if getattr(mask, "granularity", "weight") != "channel" or not getattr(config, "coupled", False):
         return layout
-    graph = StructureGraph.trace(model)
+    graph = StructureGraph.trace(model, heads_fallback=True)
     structures = graph.structures(layout)
     skipped = skipped_groups(graph, layout)
+    if graph.untraced and structures.n_structures:
+        message = (f"torch.fx cannot trace {graph.model_type} ({graph.untraced}): only its "
+                   "attention heads are pruned, every other selected channel stays dense")
+        if getattr(config, "strict", False):
+            raise UnsupportedModelError(f"{message}; set mask.strict = false @ mask.strict")
+        warnings.warn(message, StructureSkipWarning, stacklevel=2)
     if skipped and structures.n_structures:
         listed = "; ".join(f"{g.name}: {g.reason}" for g in skipped[:3])
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""

@@ -136,6 +136,11 @@ class ChannelGroup:
         windows = windows or ((0, self.channels),) * len(spans)
         return [(e, at, lo, hi) for (e, at), (lo, hi) in zip(spans, windows, strict=True)]
 
+    def weights(self) -> tuple[str, ...]:
+        """The weight parameters whose rows are the group's channels (all must be selected
+        for the group to be pruned): each producer's ``weight``."""
+        return tuple(f"{p}.weight" for p in self.producers)
+
     def channel_index(self, structures: Any) -> Any:
         """The channels (in the group's own numbering) of the given structure indices:
         ``(k * size + s) * block + j`` for every copy ``k`` and ``j < block``, ascending."""

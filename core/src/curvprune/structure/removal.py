@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from curvprune.errors import ConfigError, UnsupportedModelError
+from curvprune.structure.attention import HeadGroup, plan_head_removal
 from curvprune.structure.counting import count_flops_params, count_params
 from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
 from curvprune.structure.reshapes import rewrite_splits
@@ -156,7 +157,7 @@ def apply_removal(
             raise ConfigError(f"unknown structure schema {schema!r} (expected {_SCHEMA!r}) "
                               "@ structure.json")
         kept_indices = kept_indices["kept_indices"]
-    graph = StructureGraph.trace(model)
+    graph = StructureGraph.trace(model, heads_fallback=True)
     plan: list[tuple[ChannelGroup, Tensor]] = []
     kept_counts: dict[str, list[int]] = {}
     for name, indices in kept_indices.items():
@@ -197,8 +198,10 @@ def _remove(
     ``groups`` and ``kept_counts`` (kept and total channels by group name) are reported.
     """
     modules = dict(model.named_modules())
+    heads = _head_swaps(plan, modules)  # attention heads: checked and computed, not applied
+    channel_plan = [(group, index) for group, index in plan if not isinstance(group, HeadGroup)]
     cuts: dict[tuple[str, str], _Cut] = {}
-    for group, index in plan:
+    for group, index in channel_plan:
         _group_cuts(group, index, modules, cuts)
     updates = [_checked(name, what, cut, _owner(modules, name, what))
                for (name, what), cut in cuts.items()]
@@ -213,6 +216,9 @@ def _remove(
         flops_before, params_before = count_flops_params(model, example_input)
     else:
         flops_before, params_before = None, count_params(model)
+    for swap in heads:  # every check passed: attention modules lose their heads
+        swap()
+
     # A module may be sliced by several groups (a consumer of one and producer of another, or
     # a concatenation of several): each (module, role) gets one index over its original width.
     _apply_updates(updates)
@@ -235,6 +241,22 @@ def _remove(
         kept_indices={g.name: index.tolist() for g, index in plan},
         layer_ratios=layer_ratios,
     )
+
+
+def _head_swaps(plan: list[tuple[ChannelGroup, Tensor]],
+                modules: Mapping[str, nn.Module]) -> list[Any]:
+    """Check and compute the removal of the attention heads in ``plan``; callables applying
+    it (:func:`curvprune.structure.attention.plan_head_removal`)."""
+    swaps = []
+    for group, index in plan:
+        if not isinstance(group, HeadGroup):
+            continue
+        if index.numel() == 0:
+            raise ConfigError(
+                f"removal would leave attention module {group.name!r} with no head; keep at "
+                "least one (mask.min_channels >= 1) @ mask.min_channels")
+        swaps.append(plan_head_removal(group, index, modules))
+    return swaps
 
 
 @attrs.define
