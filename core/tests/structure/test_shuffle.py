@@ -201,3 +201,102 @@ def test_shufflenet_v2_refuses_the_later_units_by_node_and_prunes_the_rest_exact
                     dtype=torch.float64)
     removed, _, _ = check(model, keep, x)
     assert removed(x).shape == (1, 1000)
+
+
+# --------------------------------------------------------------------------------------------
+# Random compositions of the supported ops: never a crash, and removal stays exact
+# --------------------------------------------------------------------------------------------
+BLOCKS = ("bn", "channels-last", "layernorm2d", "groupnorm", "shuffle", "chunk-cat", "dw",
+          "scale", "residual", "conv", "split")
+
+
+class Composed(nn.Module):
+    """A stem conv of 6 channels, then the named blocks in order, a mean and a classifier;
+    traced into a GraphModule when a block splits at literal sizes."""
+
+    def __init__(self, blocks: list[str], c: int = 6) -> None:
+        from torchvision.models.convnext import LayerNorm2d
+
+        super().__init__()
+        self.blocks = list(blocks)
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.mods = nn.ModuleList()
+        for kind in self.blocks:
+            m = nn.Module()
+            if kind == "bn":
+                m.bn = nn.BatchNorm2d(c)
+            elif kind == "channels-last":
+                m.norm, m.fc = nn.LayerNorm(c), nn.Linear(c, c)
+            elif kind == "layernorm2d":
+                m.norm = LayerNorm2d(c)
+            elif kind == "groupnorm":
+                m.norm = nn.GroupNorm(3, c)
+            elif kind == "shuffle":
+                m.shuffle = nn.ChannelShuffle(2)
+            elif kind == "chunk-cat":
+                m.conv = nn.Conv2d(c // 2, c // 2, 1)
+            elif kind == "dw":
+                m.conv, m.bn = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c)
+            elif kind == "scale":
+                m.gamma = nn.Parameter(torch.ones(c, 1, 1))
+            elif kind in ("residual", "conv"):
+                m.conv = nn.Conv2d(c, c, 1)
+            elif kind == "split":
+                m.a, m.b = nn.Conv2d(2, 2, 1), nn.Conv2d(4, 4, 1)
+            self.mods.append(m)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        for kind, m in zip(self.blocks, self.mods):
+            if kind == "bn":
+                y = torch.relu(m.bn(y))
+            elif kind == "channels-last":
+                y = m.fc(m.norm(y.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+            elif kind in ("layernorm2d", "groupnorm"):
+                y = m.norm(y)
+            elif kind == "shuffle":
+                y = m.shuffle(y)
+            elif kind == "chunk-cat":
+                a, b = y.chunk(2, dim=1)
+                y = torch.cat([b, m.conv(torch.relu(a))], 1)
+            elif kind == "dw":
+                y = m.bn(m.conv(y))
+            elif kind == "scale":
+                y = m.gamma * y
+            elif kind == "residual":
+                y = y + m.conv(torch.relu(y))
+            elif kind == "conv":
+                y = m.conv(torch.relu(y))
+            elif kind == "split":
+                p, q = torch.split(y, [2, 4], dim=1)
+                y = torch.cat([m.a(p), m.b(q)], 1)
+        return self.head(y.mean((2, 3)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_random_compositions_trace_without_crashing_and_remove_exactly(data):
+    blocks = data.draw(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=4),
+                       label="blocks")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    model = randomize_(Composed(blocks).double(), gen).eval()
+    if "split" in blocks:
+        model = torch.fx.symbolic_trace(model)
+    graph = StructureGraph.trace(model)  # never a crash: refusals are reasons
+    for g in graph.groups:
+        assert g.removable or (g.reason and "\n" not in g.reason)
+    layout = structured(model)
+    if layout.n_structures == 0:
+        return
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=layout.n_structures,
+                                           max_size=layout.n_structures), label="keep"))
+    for i, g in enumerate(layout.structures.groups):  # a kept channel in every split piece
+        for _, windows in g.splits:
+            for lo, hi in windows:
+                span = g.channel_index(torch.arange(g.size))
+                inside = ((span >= lo) & (span < hi)).nonzero().squeeze(1)
+                keep[layout.structures.group_slice(i).start + int(inside[0]) % g.size] = True
+    x = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    removed, _, _ = check(model, keep, x)
+    assert removed(x).shape == (2, 5)

@@ -114,6 +114,10 @@ class ShapeRules:
             return self.chunk_cat(x, args, kwargs, where)
         if (target in SPLIT or method == "split") and isinstance(x, Chan):
             return self.split(node, x, args, kwargs, where)
+        if target in SPLIT or method == "split":
+            self.bad(x, f"{where} is not handled (a split of one layer's channels only, not of "
+                        "a concatenation or shuffled channels)")
+            return OPAQUE
         if target in TRANSPOSE or method in TRANSPOSE_METHODS:
             if any(isinstance(a, (Chan, Cat)) for a in rest):
                 return NOT_MINE
