@@ -273,6 +273,24 @@ def test_the_pipeline_warns_that_layer_norms_make_removal_differ_from_masking():
     assert model.stem[0].out_channels == 3  # half of the stream's 6 channels
 
 
+def test_a_run_records_the_renormalised_layer_norms_and_both_differences():
+    from curvprune import Pipeline
+    from curvprune.run.removal import remove_for_run
+
+    model = randomize_(TinyConvNeXt().double(), torch.Generator().manual_seed(9)).eval()
+    pipe = Pipeline.from_config({
+        "prune": {"sparsity": 0.5, "loss_samples": 0},
+        "scorer": {"name": "magnitude", "granularity": "channel", "norm": "l1"},
+        "mask": {"name": "channel", "scope": "layerwise", "remove": True},
+    })
+    with pytest.warns(Warning):
+        result = pipe.prune(model, None)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    _, record = remove_for_run(pipe, model, result, x)
+    assert {"down.0", "head.1", "stage1.0.block.2"} <= set(record["renormalised"])
+    assert record["max_output_difference"] <= 1e-12 < 1e-6 < record["masked_output_difference"]
+
+
 def test_group_norm_keeps_whole_groups_and_is_exact():
     graph = StructureGraph.trace(GroupNormNet())
     a = graph.group("a")
