@@ -22,15 +22,21 @@ apart:
 * a channel ``torch.cat`` puts each group at its offset in the modules reading it;
 * an equal ``torch.chunk`` hands each chunk's readers a window of the group (chunks kept equal);
 * a channel-wise product couples its factors; one may be a sigmoid scale (squeeze-and-excitation);
+* permutes and transposes move the channel dim (channels-last blocks, patch embeddings), a
+  layer-scale parameter is sliced with the channels, a GroupNorm keeps whole groups, a
+  LayerNorm over the channels is sliced (its statistics then run over the kept channels:
+  :mod:`curvprune.structure.norms`), a channel shuffle places the channels at strides and keeps
+  its rows alike (:mod:`curvprune.structure.shuffle`), and ``torch.split`` in a GraphModule
+  hands out windows whose sizes removal rewrites (:mod:`curvprune.structure.reshapes`);
 * Conv and Linear layers reading the channels are the group's ``consumers`` (their input dims
   are sliced on removal).
 
-Anything else touching a group's channels (``torch.split`` at literal sizes, ``F.pad``,
-slicing, views other than a flatten, LayerNorm, ops with f(0) ≠ 0 such as sigmoid outside a
-product, modules the tracer does not know) marks the groups involved not removable, with a
-reason naming the node: removing their channels would silently produce a wrong model (the
-option-A zero-pad shortcut pitfall of DepGraph, memo §7.1). A group whose channels reach the
-model's output (the classifier) is never prunable.
+Anything else touching a group's channels (``torch.split`` at literal sizes in a plain module,
+``F.pad``, slicing, views with a literal channel count, shuffles whose rows differ, ops with
+f(0) ≠ 0 such as sigmoid outside a product, modules the tracer does not know) marks the groups
+involved not removable, with a reason naming the node: removing their channels would silently
+produce a wrong model (the option-A zero-pad shortcut pitfall of DepGraph, memo §7.1). A group
+whose channels reach the model's output (the classifier) is never prunable.
 
 **Gates.** Removing structure s is the same as multiplying its channel by a gate m_s = 0 at the
 post-BN output of each of its producers (memo §4.2), and at every BN or depthwise conv of the
@@ -52,11 +58,17 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from curvprune.errors import ConfigError, StructureSkipWarning, UnsupportedModelError
+from curvprune.errors import (
+    ConfigError,
+    CurvpruneWarning,
+    StructureSkipWarning,
+    UnsupportedModelError,
+)
 from curvprune.structure.attention import HeadGroup, find_heads, head_gates, is_attention
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.trace import Tracer
-from curvprune.structure.trace_ops import is_leaf_pass
+from curvprune.structure.trace_ops import is_leaf
+from curvprune.structure.trace_ops import unique as unique_names
 from curvprune.tensors.layout import ParamLayout
 
 __all__ = [
@@ -109,7 +121,9 @@ class StructureGraph:
         heads = find_heads(model)
         names = frozenset(n for n, _ in model.named_parameters())
         try:
-            gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
+            # a GraphModule is read as it is, so that a removal can rewrite its literals
+            gm = model if isinstance(model, torch.fx.GraphModule) else torch.fx.GraphModule(
+                model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if heads_fallback and any(h.removable for h in heads):
@@ -121,6 +135,7 @@ class StructureGraph:
                 "mask.coupled = false for per-layer channels without tracing @ model"
             ) from None
         tracer = Tracer(gm)
+        tracer.rewritable = gm is model
         tracer.run()
         return cls(
             groups=tracer.groups() + heads,
@@ -159,10 +174,10 @@ class StructureGraph:
             channel_offsets.append(channel_offsets[-1] + c)
         channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
         for g, off in zip(groups, offsets, strict=True):
-            ids = torch.arange(off, off + g.size).repeat(g.copies)
-            rows = [(p, 0, 0, g.channels, True) for p in g.producers]
-            rows += [(m, at, lo, hi, False) for m, at, lo, hi in g.placed("depthwise")]
-            for p, at, lo, hi, whole in rows:
+            ids = g.expand(torch.arange(off, off + g.size))
+            rows = [(p, 0, 0, g.channels, 1, True) for p in g.producers]
+            rows += [(m, at, lo, hi, s, False) for m, at, lo, hi, s in g.laid("depthwise")]
+            for p, at, lo, hi, step, whole in rows:
                 i = position.get(f"{p}.weight")
                 if i is None:  # an unselected depthwise conv: only its input is pruned
                     continue
@@ -172,7 +187,7 @@ class StructureGraph:
                         f"group has {g.channels} @ layout"
                     )
                 start = channel_offsets[i] + at
-                channel_structure[start : start + hi - lo] = ids[lo:hi]
+                channel_structure[start : start + step * (hi - lo) : step] = ids[lo:hi]
 
         # Attention heads own rows of their projections (the loop above passes over them:
         # an attention module has no weight of its own)
@@ -262,10 +277,10 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
-                for gate, at, lo, hi in g.placed("gates"):
+                for gate, at, lo, hi, step, dim in g.gate_points():
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
-                    hook = _gate_hook(values, (off, g.size, g.copies, lo, hi), at, g.channel_dim)
+                    hook = _gate_hook(values, (off, g, lo, hi, step), at, dim)
                     handles.append(modules[gate].register_forward_hook(hook))
 
             for g, off in zip(self.groups, self.offsets, strict=True):
@@ -291,19 +306,20 @@ class Structures:
         out: dict[str, Tensor] = {}
         params, widths = self.graph.param_names, self.graph.widths
         for i, g in enumerate(self.groups):
-            piece = keep[self.group_slice(i)].repeat(g.copies)
-            entries = [(f"{p}.bias", p, 0, 0, g.channels) for p in g.producers]
-            entries += [(f"{n}.{w}", n, at, lo, hi) for n, at, lo, hi in g.placed("norms")
+            piece = g.expand(keep[self.group_slice(i)])
+            entries = [(f"{p}.bias", p, 0, 0, g.channels, 1) for p in g.producers]
+            entries += [(f"{n}.{w}", n, at, lo, hi, s) for n, at, lo, hi, s in g.laid("norms")
                         for w in ("weight", "bias")]
-            entries += [(f"{n}.bias", n, at, lo, hi) for n, at, lo, hi in g.placed("depthwise")]
-            for name, module, at, lo, hi in entries:
+            entries += [(f"{n}.bias", n, at, lo, hi, s)
+                        for n, at, lo, hi, s in g.laid("depthwise")]
+            for name, module, at, lo, hi, step in entries:
                 if name not in params:
                     continue
                 width = widths.get(module, g.channels)
                 mask = out.get(name)
                 if mask is None:
                     mask = torch.ones(width, dtype=torch.bool, device=keep.device)
-                mask[at : at + hi - lo] &= piece[lo:hi]
+                mask[at : at + step * (hi - lo) : step] &= piece[lo:hi]
                 out[name] = mask
 
         # Attention heads: the q/k/v biases of their rows (the loop above finds none of them)
@@ -321,17 +337,18 @@ class Structures:
 
 
 def _gate_hook(values: Tensor, piece: tuple[int, ...], at: int, dim: int) -> Any:
-    """Multiply the output's channels ``at, at + 1, ...`` on ``dim`` by the group's gate values
-    ``values[off : off + size]`` repeated ``copies`` times, window ``[lo, hi)`` of them
-    (``piece``); the others by 1."""
-    off, size, copies, lo, hi = piece
+    """Multiply the output's channels ``at, at + step, ...`` on ``dim`` by the group's gate
+    values ``values[off : off + size]`` per channel (:meth:`ChannelGroup.expand`), window
+    ``[lo, hi)`` of them (``piece``); the others by 1."""
+    off, group, lo, hi, step = piece
 
     def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        gate = values[off : off + size].repeat(copies)[lo:hi].to(output.dtype)
+        gate = group.expand(values[off : off + group.size])[lo:hi].to(output.dtype)
         width = output.shape[dim]
-        if at or gate.numel() != width:
-            ones = torch.ones(width, dtype=gate.dtype, device=gate.device)
-            gate = torch.cat([ones[:at], gate, ones[at + gate.numel():]])
+        if at or step != 1 or gate.numel() != width:
+            full = torch.ones(width, dtype=gate.dtype, device=gate.device)
+            gate = full.index_put((torch.arange(at, at + step * gate.numel(), step,
+                                                device=gate.device),), gate)
         shape = [1] * output.dim()
         shape[dim] = width
         return output * gate.view(shape)
@@ -344,7 +361,7 @@ class _LeafTracer(torch.fx.Tracer):
     ``StochasticDepth``) as leaves so the tracer sees the module, not its random mask."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (is_leaf_pass(m) or is_attention(m)
+        return (is_leaf(m) or is_attention(m)
                 or super().is_leaf_module(m, module_qualified_name))
 
 
@@ -398,6 +415,16 @@ def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> Param
         ) or "the model has no Conv or Linear producers"
         raise UnsupportedModelError(
             f"no selected channel can be pruned ({why}) @ prune.targets"
+        )
+    renorms = unique_names(n for g in structures.groups for n in g.renorms)
+    if renorms:
+        more = f" and {len(renorms) - 3} more" if len(renorms) > 3 else ""
+        warnings.warn(
+            f"LayerNorms over prunable channels ({', '.join(renorms[:3])}{more}): a masked "
+            "channel is a zero that still counts in their mean and variance, a removed one "
+            "does not, so the removed model differs from the masked one (evaluate after "
+            "removal; curvprune.structure.norms.kept_statistics gives the removed function)",
+            CurvpruneWarning, stacklevel=2,
         )
     unaffine = structures.unaffine_norms()
     if unaffine and getattr(config, "remove", False):
