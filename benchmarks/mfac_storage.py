@@ -116,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{accuracy(dense, test_set):.3f}), unblocked static mfac m = {args.num_grads}, "
           f"mini-batch 32, λ = 1e-6; one-shot 90 % in 4 steps; mean of {args.seeds} seeds")
     print()
-    print("| storage | estimator bytes (G and the m×m matrices) | max rel. error of diag F⁻¹ | rel. error of the OBS IHVP | "
-          "decisions differing from float32 | accuracy at 90 % |")
+    print("| storage | estimator bytes (G and the m×m matrices) | max rel. error of diag F⁻¹ "
+          "| rel. error of the OBS IHVP | decisions differing from float32 | accuracy at 90 % |")
     print("|---|---:|---:|---:|---:|---:|")
     cls = type(curvprune.create("estimator", "mfac"))
     for storage in STORAGES:
