@@ -14,7 +14,7 @@ the allocator's slack, without the interpreter and the model, which exist before
 wall time. The two runs are long (minutes each on 2 cores): run them on a quiet machine::
 
     python benchmarks/resnet50_scale.py                 # m = 1024: both runs
-    python benchmarks/resnet50_scale.py --quick         # m = 8, 112×112, B = 8: smoke run
+    python benchmarks/resnet50_scale.py --quick         # a small model, m = 4: smoke run
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="threads of the one process")
     parser.add_argument("--only", choices=("one", "two"), help="run one side only")
     parser.add_argument("--block-size", type=int, default=128, help="woodfisher block size B")
-    parser.add_argument("--quick", action="store_true", help="m = 8, 112×112, B = 8: smoke run")
+    parser.add_argument("--arch", default="resnet50", help="a torchvision classification model")
+    parser.add_argument("--quick", action="store_true",
+                        help="mobilenet_v3_small, m = 4, 64×64, B = 16: smoke run")
     args = parser.parse_args(argv)
     if args.quick:
-        args.num_grads, args.image, args.block_size = 8, 112, 8
+        args.arch, args.num_grads, args.image, args.block_size = "mobilenet_v3_small", 4, 64, 16
     return args
 
 
@@ -62,7 +64,7 @@ def _rss() -> int:
 
 def _prune(args: argparse.Namespace, world: int) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None).eval()
+    model = getattr(torchvision.models, args.arch)(weights=None).eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.num_grads, 3, args.image, args.image, generator=gen)
     y = torch.randint(0, 1000, (args.num_grads,), generator=gen)
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(("2 ranks × 1 thread", ranks))
     gib = 2**30
     print(f"machine: {describe()}")
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; ResNet-50, "
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; {args.arch}, "
           f"{rows[0][1][0]['d']:,} selected weights, m = {args.num_grads}, "
           f"{args.image}×{args.image}, woodfisher gram B = {args.block_size}, 50 % global")
     print()
