@@ -311,3 +311,14 @@ def test_plan_counts_the_largest_share_per_rank():
     config["prune"]["shard"] = "off"
     off = Pipeline.from_config(config).plan(model, world_size=2)
     assert off.memory["estimator"] == whole.memory["estimator"] and "exchange" not in off.memory
+
+
+def test_more_ranks_than_places_to_cut_leave_ranks_idle():
+    """K-FAC cuts only between parameters: the test model's two weights over three ranks leave
+    one rank without a share; it idles through the collectives (the 3-rank runs above prune
+    like one process), it never hangs."""
+    from curvprune.pipeline.sharding import estimator_shares
+
+    estimator = _estimator_of("kfac")
+    shares = estimator_shares(estimator, [36, 2560], 3)
+    assert sorted(hi - lo for lo, hi in shares) == [0, 36, 2560]
