@@ -364,6 +364,19 @@ def test_cli_run_in_two_processes_writes_one_run_dir(two_ranks, reference, folde
         assert rank["cli"] == {"code": 0, "entries": ["r"]}, rank["cli"]
     assert reference["cli"] == {"code": 0, "entries": ["r"]}
     _check_run_dirs(folder / "two" / "out" / "r", folder / "one" / "out" / "r")
+    # where each rank's time and memory went: in result.json and report.md
+    steps = json.loads((folder / "two" / "out" / "r" / "result.json").read_text())["steps"]
+    for step in steps:
+        assert [r["rank"] for r in step["ranks"]] == [0, 1]
+        for entry in step["ranks"]:
+            for key in ("gradients", "communication", "curvature", "scoring"):
+                assert entry[key] >= 0, (key, entry)
+            assert entry["communication"] > 0 and entry["curvature"] > 0
+            assert entry["collect_peak_bytes"] > 2**20 and entry["answer_peak_bytes"] > 2**20
+    report = (folder / "two" / "out" / "r" / "report.md").read_text()
+    assert "### Per rank" in report and "| 1 |" in report
+    one = json.loads((folder / "one" / "out" / "r" / "result.json").read_text())["steps"]
+    assert all(step["ranks"] is None for step in one)
 
 
 @pytest.mark.slow

@@ -264,3 +264,29 @@ def test_plan_of_a_sequential_sparsegpt_run_counts_the_calibration(corpus, tmp_p
     assert main(["plan", str(config)]) == 0
     out = capsys.readouterr().out
     assert "memory calibration" in out and "memory activations" in out
+
+
+def test_a_text_run_removes_attention_heads_and_loads_back(corpus, tmp_path):
+    """`[mask] remove = true` on GPT-2 (issue 18): fx cannot trace it, so only its attention
+    heads prune (said in the warnings); they are removed before fine-tuning, the run reloads
+    at the smaller widths, and export refuses the Hugging Face folder in one line."""
+    model_dir, text = corpus
+    config = _config(tmp_path, model_dir, text).read_text()
+    config = config.replace('name = "magnitude"', 'name = "magnitude"\ngranularity = "channel"')
+    config = config.replace('[mask]\nname = "layerwise"', '[mask]\nname = "channel"\nremove = true')
+    run = execute_run(_write(tmp_path / "c.toml", config), out=tmp_path / "runs", name="heads",
+                      quiet=True).run_dir
+    result = json.loads((run / "result.json").read_text())
+    structure = result["structure"]
+    assert structure["kept"] == {"transformer.h.0.attn": [1, 2], "transformer.h.1.attn": [1, 2]}
+    assert structure["max_output_difference"] < 1e-5
+    assert structure["params_after"] < structure["params_before"]
+    assert any("only its attention heads are pruned" in w for w in result["warnings"])
+    small = load_pruned(run, build_model(f"hf:{model_dir}"))
+    assert [block.attn.num_heads for block in small.transformer.h] == [1, 1]
+    ids = torch.randint(0, small.config.vocab_size, (2, 16), generator=torch.Generator()
+                        .manual_seed(1))
+    with torch.no_grad():
+        assert small(ids).logits.shape == (2, 16, small.config.vocab_size)
+    with pytest.raises(ConfigError, match="removed channels of an hf: model"):
+        export_run(run, tmp_path / "export")

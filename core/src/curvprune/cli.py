@@ -189,10 +189,20 @@ def _add_rank(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]
 def _cmd_run(args: argparse.Namespace) -> int:
     from curvprune.run.execute import execute_run
 
+    from curvprune.tensors import distributed
+
     saved: list[Path] = []
     try:
         outcome = execute_run(args.config, out=args.out, name=args.name, quiet=args.quiet,
                               resume=args.resume, on_checkpoint=saved.append)
+    except (RuntimeError, OSError) as exc:  # a rank died inside a collective (RankLostError)?
+        where = saved[-1].parent if saved else args.resume
+        hint = (f"resume with: curvprune run --resume {where}" if where else
+                "resume the run's .partial folder with curvprune run --resume")
+        lost = distributed.lost_peer(exc, resume_hint=hint)
+        if lost is None:
+            raise
+        raise lost from exc
     except (KeyboardInterrupt, SystemExit) as exc:
         if not saved and not args.resume:
             raise
@@ -202,8 +212,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if isinstance(exc, SystemExit):  # SIGTERM: keep its exit status
             raise
         return 130
-    from curvprune.tensors import distributed
-
     if distributed.rank() != 0:  # rank 0 wrote the run directory and prints the summary
         return 0
     r = outcome.result
@@ -383,12 +391,13 @@ def _channel_groups(layout: Any) -> list[dict[str, Any]] | None:
     for g in structures.graph.groups:
         if g.name in chosen:
             status = "prunable"
-        elif not all(f"{p}.weight" in selected for p in g.producers):
+        elif not all(w in selected for w in g.weights()):
             status = "not selected ([prune] targets/ignore)"
         else:
             status = f"not prunable: {g.reason}"
+        unit = "heads" if getattr(g, "head_dim", 0) else "channels"  # attention head groups
         out.append({"name": g.name, "size": g.size, "producers": list(g.producers),
-                    "consumers": [c for c, _ in g.consumers], "status": status})
+                    "consumers": [c for c, _ in g.consumers], "status": status, "unit": unit})
     return out
 
 
@@ -398,7 +407,8 @@ def _print_channel_groups(groups: list[dict[str, Any]]) -> None:
     width = max(len(g["name"]) for g in groups)
     for g in groups:
         coupled = f" + {len(g['producers']) - 1} coupled" if len(g["producers"]) > 1 else ""
-        print(f"  {g['name']:<{width}}  {g['size']:>6} channels{coupled:<14}  {g['status']}")
+        unit = g.get("unit", "channels")
+        print(f"  {g['name']:<{width}}  {g['size']:>6} {unit:<8}{coupled:<14}  {g['status']}")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

@@ -181,6 +181,9 @@ class PruneConfig:
             that predicts a loss change and ``loss_samples`` > 0.
         gradient_chunk: samples per vectorised per-sample-gradient chunk; None sizes chunks to
             keep their gradients under ~256 MiB.
+        shard: under torch.distributed, ``"auto"`` splits the estimator's state over the ranks
+            by weights when the estimator can be sharded (each rank holds 1/N of it, see
+            docs/distributed.md); ``"off"`` keeps the whole state on every rank.
     """
 
     sparsity: float = attrs.field(default=0.5, converter=float, validator=_in_unit_interval)
@@ -190,6 +193,9 @@ class PruneConfig:
     audit_single: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     gradient_chunk: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
+    shard: Literal["auto", "off"] = attrs.field(
+        default="auto", validator=attrs.validators.in_(("auto", "off"))
     )
 
 

@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Iterable, Sequence
 
 __all__ = [
+    "RankLostError",
     "ChannelCollapseWarning",
     "CheckpointError",
     "ConfigError",
@@ -112,6 +113,11 @@ class EstimatorStateError(CurvpruneError, RuntimeError):
 
 class UnsupportedQuery(CurvpruneError, NotImplementedError):
     """An estimator cannot answer a query; the message says what it can do instead."""
+
+
+class RankLostError(CurvpruneError, RuntimeError):
+    """Another torch.distributed rank stopped responding in a collective (the message names
+    it); the run's last checkpoint stays resumable."""
 
 
 class CurvpruneWarning(UserWarning):

@@ -209,14 +209,17 @@ class _TwoHeads(nn.Module):
         return namedtuple("Outputs", ["logits", "aux"])(self.main(h), self.aux(h))
 
 
-def test_norms_mixing_channels_are_refused_with_why():
+def test_norms_mixing_channels_keep_whole_groups_or_are_refused_with_why():
+    # GroupNorm: whole groups (test_shapes.py); LayerNorm over the features: renormalised
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(2))
-    reason = StructureGraph.trace(model).group("0").reason
-    assert reason == "GroupNorm '1' normalises across the channels (removing one changes the " \
-                     "others' statistics)"
+    assert StructureGraph.trace(model).group("0").block == 2
     mlp = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
-    assert "LayerNorm '1' normalises across the channels" in \
-        StructureGraph.trace(mlp).group("0").reason
+    assert StructureGraph.trace(mlp).group("0").renorms == ("1",)
+    lrn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LocalResponseNorm(2), nn.Flatten(),
+                        nn.LazyLinear(2))
+    assert StructureGraph.trace(lrn).group("0").reason == (
+        "LocalResponseNorm '1' normalises across the channels (removing one changes the "
+        "others' statistics)")
 
 
 def test_heads_returned_in_a_namedtuple_reach_the_model_output():

@@ -164,3 +164,30 @@ def test_sosp_h_prunes_and_removes_depthwise_grouped_cat_and_se_models(net) -> N
     pipeline.remove(small, result.masks)
     with torch.no_grad():
         assert torch.allclose(small(x[:8]), model(x[:8]), atol=1e-5)
+
+
+@pytest.mark.parametrize("scorer", ["sosp-h", "sosp-i"])
+def test_sosp_prunes_and_removes_attention_heads(scorer) -> None:
+    """Attention heads (issue 18) are gated structures too: with the in-projections selected,
+    SOSP ranks heads, and the removed ViT computes what the masked one did."""
+    import copy
+
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=4,
+                              hidden_dim=32, mlp_dim=64, num_classes=4).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
+    pipeline = Pipeline.from_config({
+        "scorer": {"name": scorer}, "mask": {"name": "channel", "scope": "layerwise"},
+        "prune": {"sparsity": 0.5, "loss_samples": 0,
+                  "targets": ["Linear", "MultiheadAttention"]},
+    })
+    with pytest.warns(curvprune.StructureSkipWarning):
+        result = pipeline.prune(model, [(x[:8], y[:8]), (x[8:], y[8:])])
+    small = copy.deepcopy(model)
+    pipeline.remove(small, result.masks)
+    assert [layer.self_attention.num_heads for layer in small.encoder.layers] == [2, 2]
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-5)

@@ -66,6 +66,12 @@ class KFACEstimator(CurvatureEstimator):
 
     config: KFACConfig
     fits_model = True
+    #: one block per parameter: a rank fits the factors of its own parameters only
+    sharding = "separable"
+
+    def shard_alignment(self) -> None:
+        """Whole parameters: a Kronecker block cannot be cut."""
+        return None
 
     def __init__(self, config: KFACConfig | None = None) -> None:
         super().__init__(config or KFACConfig())

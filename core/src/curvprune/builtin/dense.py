@@ -8,6 +8,7 @@ it next to the float64 ground truths it is checked against.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import attrs
 import torch
@@ -60,6 +61,12 @@ class DenseEstimator(CurvatureEstimator):
         self._gram: Tensor | None = None
         self._inverse: Tensor | None = None
         self._m = 0
+
+    @property
+    def sharding(self) -> Literal["separable", "coupled"] | None:  # type: ignore[override]
+        """``"separable"`` when blocked (blocks never cross a parameter, so a run of whole
+        blocks is estimated exactly on its own columns); None for one block over all weights."""
+        return "separable" if self.config.block_size is not None else None
 
     # -- state --------------------------------------------------------------------------------
     @property

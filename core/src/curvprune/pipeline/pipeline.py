@@ -41,6 +41,7 @@ from curvprune.roles.scheduler import Scheduler
 from curvprune.roles.scorer import SaliencyScorer
 from curvprune.structure.graph import StructureGraph
 from curvprune.structure.removal import RemovalResult, remove_structures
+from curvprune.tensors import distributed
 from curvprune.tensors.gradients import LossFn
 from curvprune.tensors.layout import ParamLayout, select_parameters
 from curvprune.tensors.masks import MaskSet
@@ -209,8 +210,9 @@ class Pipeline:
             loss_fn: ``loss_fn(outputs, targets)``, mean over the batch (default cross entropy).
             masks: masks of an earlier pruning to continue from (default: nothing pruned yet).
             progress: where to show the steps and their gradient chunks (default: nowhere).
-            on_stage: with sequential calibration, called after every stage but a step's last
-                with an :class:`~curvprune.pipeline.stages.OneShotProgress` (to checkpoint).
+            on_stage: called with an :class:`~curvprune.pipeline.stages.OneShotProgress` (to
+                checkpoint) after every step but the last, and with sequential calibration
+                after every stage but a step's last.
             resume: continue from such a progress; ``model`` must hold the weights of that
                 moment (``masks`` is then ignored).
 
@@ -235,8 +237,10 @@ class Pipeline:
         progress = progress or Progress(enabled=False)
         runner = StepRunner(self, model, data, loss_fn, masks, progress=progress)
         example = None
-        if self.schedule.staged_calibration(self.components) is not None:
+        staged = self.schedule.staged_calibration(self.components)
+        if staged is not None:
             example = peek_batch(data)
+        self.host.check_same_installs_across_ranks()
         self.plan(model, example=example).check()
         self.host.pipeline_start(self, model)
         target = self.config.prune.sparsity
@@ -248,6 +252,11 @@ class Pipeline:
         if resume is not None:
             levels, first = list(resume.levels), resume.level_index
             runner.resume_from(resume)
+            if resume.rng is not None:  # after the set-up above drew from it
+                torch.set_rng_state(resume.rng)
+            generator = getattr(data, "generator", None)
+            if resume.data_rng is not None and isinstance(generator, torch.Generator):
+                generator.set_state(resume.data_rng)
         try:
             with progress.bar("pruning steps", len(levels)) as advance:
                 for index, level in enumerate(levels):
@@ -258,10 +267,19 @@ class Pipeline:
                         runner.on_stage = functools.partial(
                             _report_stage, on_stage, runner, levels, index)
                     runner.step(level)
+                    if on_stage is not None and staged is None and index + 1 < len(levels):
+                        on_stage(OneShotProgress(  # a step done: resumable from the next one
+                            levels=levels, level_index=index + 1, stages_done=0,
+                            masks=runner.masks.flat, reports=list(runner.reports),
+                            rng=torch.get_rng_state(), data_rng=_data_rng(data),
+                        ))
                     advance()
-        except BaseException:
+        except BaseException as exc:
             runner.layout.scatter_(model, snapshot)
             runner.restore_gate_parameters(gate_snapshot)
+            lost = distributed.lost_peer(exc)  # a peer rank died inside a collective
+            if lost is not None:
+                raise lost from exc
             raise
         result = PruneResult(
             masks=runner.masks, steps=runner.reports, seconds=time.perf_counter() - started
@@ -290,7 +308,8 @@ class Pipeline:
         """
         layout = masks.layout
         if layout.structures is None:
-            layout = layout.with_structures(StructureGraph.trace(model).structures(layout))
+            graph = StructureGraph.trace(model, heads_fallback=True)
+            layout = layout.with_structures(graph.structures(layout))
         keep = layout.alive_structures(masks.flat.to(layout.structure_index().device))
         return remove_structures(model, layout.structures, keep, example_input=example_input)
 
@@ -320,6 +339,7 @@ class Pipeline:
                 f"schedule {self.config.schedule.name!r} will prune during training with scorer "
                 f"{self.config.scorer.name!r}, which needs data: pass data=<DataLoader> to attach"
             )
+        self.host.check_same_installs_across_ranks()
         self.plan(model).check()
         session = PruningSession(self, StepRunner(self, model, data, loss_fn, masks), optimizer)
         self.host.pipeline_start(self, model)
@@ -334,6 +354,12 @@ def _report_stage(
         levels=levels, level_index=index, stages_done=stages_done, masks=runner.masks.flat,
         reports=list(runner.reports), loss_before=loss_before, times=dict(times),
     ))
+
+
+def _data_rng(data: Iterable[Any] | None) -> Tensor | None:
+    """The state of ``data``'s own generator (a shuffling DataLoader's), if it has one."""
+    generator = getattr(data, "generator", None)
+    return generator.get_state() if isinstance(generator, torch.Generator) else None
 
 
 def peek_batch(data: Iterable[Any] | None) -> Any:

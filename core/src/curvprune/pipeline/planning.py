@@ -27,10 +27,13 @@ inverts or answers queries. :attr:`Plan.total_bytes` is therefore the weights an
 plus the larger of the two phases, held + gradients and the estimator's peak
 (``docs/benchmarks.md``, plan accuracy, has the measured peaks this model matches).
 
-Under torch.distributed every number is per rank: each rank holds the whole estimator state (no
-estimator shards its memory across ranks yet), so W ranks need W times the estimator memory in
-all. Estimators that gather rows (``reduction = "gather"``) also hold a round of W gathered
-chunks (``gathered``).
+Under torch.distributed every number is per rank. A sharded estimator
+(:mod:`curvprune.pipeline.sharding`) holds its share: the plan counts the rank with the largest
+share, its own chunk of full rows, and the round of W chunks' columns it receives (``exchange``:
+the send buffer, a copy of the chunk in rank order unless it is one row, and the received
+columns). Unsharded estimators hold the whole state on every
+rank; those that gather rows (``reduction = "gather"``) also hold a round of W gathered chunks
+(``gathered``).
 
 It refuses a run that needs more than the limit (``[run] memory_limit_gb``, else the memory
 available on the device) with a message that names the biggest part and the knob that shrinks it.
@@ -49,6 +52,7 @@ from torch import nn
 
 from curvprune.errors import MemoryPlanError
 from curvprune.pipeline.memprobe import peak_allocated, profiling
+from curvprune.pipeline.sharding import share_layouts, shards
 from curvprune.pipeline.stages import SequentialCalibration, StagePlan, plan_stages
 from curvprune.pipeline.view import PipelineView
 from curvprune.tensors import distributed
@@ -131,8 +135,8 @@ class Plan:
         """
         parts = dict(self.memory)
         peak = parts.pop("estimator", 0)
-        streaming = parts.pop("gradients", 0) + parts.pop("gathered", 0) + parts.pop(
-            "activations", 0)
+        streaming = sum(parts.pop(k, 0) for k in ("gradients", "gathered", "exchange",
+                                                  "activations"))
         held = peak if self.estimator_held is None else min(self.estimator_held, peak)
         return sum(parts.values()) + max(held + streaming, peak)
 
@@ -269,14 +273,26 @@ def make_plan(
         vectorised = 0 if linear_owners(model, layout) is not None else rows * d * itemsize
         memory["gradients"] = rows * d * itemsize + max(vectorised, update)
         held = int(type(estimator).plan_held_bytes(layout, cfg))
-        if world > 1 and estimator.reduction == "gather":
+        sharded = world > 1 and shards(estimator, pipeline.config.prune.shard)
+        if sharded:  # this rank's share (the largest), fed a round of W chunks' columns
+            share = max(share_layouts(layout, estimator, world),
+                        key=lambda p: type(estimator).plan_memory_bytes(p, cfg))
+            memory["estimator"] = int(type(estimator).plan_memory_bytes(share, cfg))
+            held = int(type(estimator).plan_held_bytes(share, cfg))
+            received = world * rows
+            update = int(type(estimator).plan_update_bytes(received, share, cfg))
+            memory["gradients"] = rows * d * itemsize + max(vectorised, rows * d * itemsize)
+            send = rows * d * itemsize if rows > 1 else 0  # the pieces, copied in rank order
+            memory["exchange"] = send + received * share.d * itemsize + update
+        if world > 1 and estimator.reduction == "gather" and not sharded:
             # a round of W chunks (+ a loss column): the padded pieces and their concatenation
             memory["gathered"] = 2 * world * rows * (d + 1) * itemsize
-        flops = type(estimator).estimated_flops(layout.sizes, cfg)
+        flops = type(estimator).estimated_flops(share.sizes if sharded else layout.sizes, cfg)
         if flops is not None:
             # backward passes for the gradients: ~3 forward costs, ~2 flop per weight each
             params = sum(p.numel() for p in model.parameters())
-            flops += 6.0 * params * cfg.num_grads * cfg.fisher_mini_batch
+            samples = cfg.num_grads * cfg.fisher_mini_batch / (world if sharded else 1)
+            flops += 6.0 * params * samples
         hint = (
             f"lower block_size (now {getattr(cfg, 'block_size', None)}) or num_grads (now "
             f"{cfg.num_grads}) in [estimator], set [prune] gradient_chunk, or select fewer "

@@ -62,6 +62,11 @@ class OneShotProgress:
         reports: the reports of the steps completed before.
         loss_before: the step's audit loss before its first stage.
         times: the step's seconds so far, per phase.
+        rng: torch's CPU generator state at that moment (None: not recorded); a resumed prune
+            restores it right before the next step, after its own set-up (the audit samples,
+            the plan) has drawn from it, so shuffled data are drawn as in an uninterrupted run.
+        data_rng: the state of the data's own generator (a DataLoader's ``generator``), which
+            a shuffled loader advances once per pass; restored likewise (None: it has none).
     """
 
     levels: list[float]
@@ -71,6 +76,8 @@ class OneShotProgress:
     reports: list[StepReport] = attrs.field(factory=list)
     loss_before: float | None = None
     times: dict[str, float] = attrs.field(factory=dict)
+    rng: Tensor | None = None
+    data_rng: Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (for ``torch.save(..., weights_only)`` files)."""
@@ -82,6 +89,8 @@ class OneShotProgress:
             "reports": [r.to_dict() for r in self.reports],
             "loss_before": self.loss_before,
             "times": {k: float(v) for k, v in self.times.items()},
+            "rng": None if self.rng is None else self.rng.clone(),
+            "data_rng": None if self.data_rng is None else self.data_rng.clone(),
         }
 
     @classmethod
@@ -96,6 +105,8 @@ class OneShotProgress:
                 reports=[StepReport.from_dict(r) for r in state["reports"]],
                 loss_before=state["loss_before"],
                 times=dict(state["times"]),
+                rng=state.get("rng"),
+                data_rng=state.get("data_rng"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]

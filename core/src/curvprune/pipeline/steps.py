@@ -8,6 +8,7 @@ only after a step, never inside it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -19,6 +20,8 @@ from curvprune._log import get_logger
 from curvprune._progress import Progress
 from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, NumericalError
 from curvprune.pipeline.audit import SingleWeightAudit, audit_single_weights
+from curvprune.pipeline.rankstats import RankMeter
+from curvprune.pipeline.sharding import ShardedEstimator, maybe_shard
 from curvprune.pipeline.stages import OneShotProgress, SequentialCalibration, plan_stages
 from curvprune.pipeline.view import PipelineView
 from curvprune.roles.context import PruneContext
@@ -64,6 +67,8 @@ class StepRunner:
         masks = masks.to(self.device)
         self.masks = MaskSet(self.layout, masks.flat, masks.extra).with_structure_gates()
         self.masks.apply_(model)
+        #: the estimator of whole-model steps: split over the ranks by weights when it can be
+        self.estimator = maybe_shard(pipeline.estimator, pipeline.config.prune.shard)
         self.reports: list[StepReport] = []
         self._audit = AuditSet(data, pipeline.config.prune.loss_samples, self.device)
         #: called after every stage of a sequential step (``Pipeline.prune(on_stage=...)``)
@@ -73,7 +78,7 @@ class StepRunner:
 
     def step(self, level: float, *, train_step: int | None = None) -> StepReport:
         pipeline = self.pipeline
-        scorer, estimator = pipeline.scorer, pipeline.estimator
+        scorer, estimator = pipeline.scorer, self.estimator
         if (scorer.needs_curvature or scorer.needs_gradient or scorer.needs_data) and self.data is None:
             raise ConfigError(
                 f"scorer {pipeline.config.scorer.name!r} needs data: pass batches of "
@@ -89,8 +94,11 @@ class StepRunner:
         mean_grad = None
         num_grads = 0
         tick = time.perf_counter()
+        meter = RankMeter(self.device) if distributed.is_distributed() else None
         if scorer.needs_curvature or scorer.needs_gradient:
-            mean_grad, num_grads = self._collect_gradients(index)
+            with _phase(meter, "collect", "gradients") as inside:
+                mean_grad, num_grads = self._collect_gradients(index)
+                inside["curvature"] = self._curvature_seconds
         times["gradients"] = time.perf_counter() - tick
         ctx = PruneContext(
             model=self.model,
@@ -105,6 +113,9 @@ class StepRunner:
             step=index,
         )
         tick = time.perf_counter()
+        answer = _phase(meter, "answer", "scoring")
+        inside = answer.__enter__()
+        queried = getattr(estimator, "inner_seconds", 0.0)
         chosen = pipeline.schedule.select(ctx)
         if chosen is None:
             new_mask, delta, predicted = self._decide(ctx, level)
@@ -127,6 +138,8 @@ class StepRunner:
         distributed.check_same_across_ranks((new_mask, weights), "the masks and pruned weights")
         masks.write_(self.model, weights)
         self.masks = masks
+        inside["curvature"] = getattr(estimator, "inner_seconds", 0.0) - queried
+        answer.__exit__(None, None, None)
         times["update"] = time.perf_counter() - tick
         loss_after = self._audit.loss(self.model, self.loss_fn)
         times["total"] = time.perf_counter() - started
@@ -144,6 +157,7 @@ class StepRunner:
             times=times,
             train_step=train_step,
             single_audit=None if single is None else single.to_dict(),
+            ranks=None if meter is None else meter.gather(),
         )
         return self._finish(report)
 
@@ -341,12 +355,15 @@ class StepRunner:
         the mean gradient is then computed only if the scorer needs it (else None).
         """
         pipeline = self.pipeline
-        estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
+        estimator = self.estimator if pipeline.scorer.needs_curvature else None
         generator = torch.Generator(device=self.device)
         generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
+        self._curvature_seconds = 0.0  # time inside the estimator (per-rank report)
         if estimator is not None and estimator.fits_model:
             estimator.setup(self.layout.sizes, device=self.device)
+            tick = time.perf_counter()
             estimator.fit(self.model, self.data, self.loss_fn, self.layout, generator=generator)  # type: ignore[arg-type]
+            self._curvature_seconds = time.perf_counter() - tick
             if not pipeline.scorer.needs_gradient:
                 return None, estimator.num_samples
             estimator = None  # the mean gradient alone, from mini-batches below
@@ -369,24 +386,39 @@ class StepRunner:
         )
         # Under torch.distributed: "gather" estimators get every row on every rank (in the
         # single-process order); "sum" estimators and the mean see this rank's rows, then sum.
-        gather = estimator is not None and estimator.reduction == "gather"
+        # A sharded estimator gets this rank's columns of every row (one all-to-all per round).
+        sharded = isinstance(estimator, ShardedEstimator)
+        gather = estimator is not None and estimator.reduction == "gather" and not sharded
+        columns = estimator.bounds if sharded else None  # type: ignore[union-attr]
         failure: CurvpruneError | None = None
         # this rank's rows only when they are local (about num_grads / W of them)
-        total = num_grads if gather or distributed.world_size() == 1 else None
+        total = num_grads if gather or sharded or distributed.world_size() == 1 else None
         try:
             with self.progress.bar(f"step {index + 1} gradients", total) as advance:
-                for chunk in source.iter_grads(self.data, num_grads, gather=gather):  # type: ignore[arg-type]
+                chunks = source.iter_grads(self.data, num_grads, gather=gather, columns=columns)  # type: ignore[arg-type]
+                for chunk in chunks:
                     if estimator is not None:
+                        tick = time.perf_counter()
                         try:
                             estimator.update(chunk)
-                        except NumericalError:
-                            source.check_finite()  # the source knows which parameter: say so
-                            raise
+                        except NumericalError as exc:
+                            if sharded:  # other ranks are in the next exchange: stop them too
+                                failure = exc
+                            else:
+                                source.check_finite()  # the source knows which parameter: say so
+                                raise
+                        self._curvature_seconds += time.perf_counter() - tick
+                        if sharded and distributed.any_rank(failure is not None):
+                            source.synchronize()
+                            source.check_finite()
+                            raise failure or NumericalError(
+                                "another rank's share of the curvature failed; see its error"
+                            )
                     advance(chunk.shape[0])
                     del chunk  # not alive while the next chunk is computed (see iter_grads)
         except CurvpruneError as exc:
-            if not source.rows_are_local:
-                raise  # every rank saw the same rows and fails the same way
+            if not source.rows_are_local or sharded:
+                raise  # every rank saw the same rows (or agreed above) and fails the same way
             failure = exc  # only this rank's rows: agree with the others before raising
         if source.rows_are_local:
             if distributed.any_rank(failure is not None):
@@ -394,7 +426,7 @@ class StepRunner:
                     "another rank failed while collecting gradients; see its error"
                 )
             source.synchronize()
-            if estimator is not None:
+            if estimator is not None and not sharded:
                 estimator.all_reduce()
         source.check_finite()
         return source.mean(), num_grads
@@ -439,3 +471,10 @@ class AuditSet:
         if value != value or value in (float("inf"), float("-inf")):
             raise NumericalError("the loss is not finite on the audit samples; check the model and inputs")
         return value
+
+
+def _phase(meter: RankMeter | None, name: str, rest: str) -> Any:
+    """``meter.phase(name, rest)``, or a context giving a scratch dict when not distributed."""
+    if meter is None:
+        return contextlib.nullcontext({"curvature": 0.0})
+    return meter.phase(name, rest)

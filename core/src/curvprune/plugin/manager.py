@@ -26,6 +26,7 @@ from torch import nn
 
 from curvprune._log import get_logger
 from curvprune.errors import (
+    ConfigError,
     CurvpruneError,
     DuplicatePluginError,
     PluginHookError,
@@ -254,6 +255,46 @@ class PluginHost:
             hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
             out.append(PluginInfo(name, dist, version, hooks, tuple(by_plugin.get(name, ()))))
         return out
+
+    def installs(self) -> dict[str, str]:
+        """Distribution → version of torch, curvprune-core and every registered plugin."""
+        import torch
+
+        out = {"torch": str(torch.__version__)}
+        try:
+            out["curvprune-core"] = metadata.version("curvprune-core")
+        except metadata.PackageNotFoundError:
+            out["curvprune-core"] = "unknown"
+        for info in self.plugin_infos():
+            out[info.distribution or f"plugin {info.name}"] = info.version or "unknown"
+        return out
+
+    def check_same_installs_across_ranks(self) -> None:
+        """Refuse to start when the ranks of a torch.distributed job run different installs.
+
+        One ``all_gather_object`` of :meth:`installs` (a no-op in one process): different
+        plugin versions would build different estimators and scorers, which the per-step
+        agreement check would only catch after the work.
+
+        Raises:
+            ConfigError: on every rank, naming the first difference.
+        """
+        from curvprune.tensors import distributed
+
+        if not distributed.is_distributed():
+            return
+        import torch
+
+        every: list[Any] = [None] * distributed.world_size()
+        torch.distributed.all_gather_object(every, self.installs())
+        for rank, theirs in enumerate(every[1:], start=1):
+            for name in sorted(set(every[0]) | set(theirs)):
+                ours, other = every[0].get(name, "absent"), theirs.get(name, "absent")
+                if ours != other:
+                    raise ConfigError(
+                        f"the ranks run different installs: {name} is {other} on rank {rank} "
+                        f"but {ours} on rank 0; install the same versions everywhere @ plugins"
+                    )
 
     # -- lifecycle hooks (typed) ------------------------------------------------------------
     def pipeline_start(self, pipeline: ObservedPipeline, model: nn.Module) -> None:

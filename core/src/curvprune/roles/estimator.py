@@ -293,6 +293,41 @@ class CurvatureEstimator(abc.ABC):
             f"{type(self).__name__} declares reduction = 'sum' but does not implement _all_reduce()"
         )
 
+    # -- optional: sharding the state over ranks ----------------------------------------------
+    #: Whether the pipeline may split this estimator's state over the torch.distributed ranks
+    #: by weights (:class:`curvprune.pipeline.sharding.ShardedEstimator`, docs/distributed.md):
+    #: each rank sets up its own instance on a contiguous run of the weights (``sizes`` of the
+    #: pieces it owns) and is fed only those columns of every gradient row.
+    #:
+    #: * ``None`` (default): not shardable; every rank holds the whole state (:attr:`reduction`).
+    #: * ``"separable"``: the estimate on a run of weights is exactly the restriction of the
+    #:   whole estimate (block diagonal, blocks never crossing a cut of :meth:`shard_alignment`).
+    #: * ``"coupled"``: the state couples all weights, but only through sums over the columns
+    #:   (a Gram matrix GGᵀ, a product Gx): the estimator calls :meth:`sum_over_shards` on each
+    #:   such partial sum, which all-reduces it when sharded (identity otherwise).
+    #:
+    #: Read before :meth:`setup`, so a subclass may make it a property of its config.
+    sharding: Literal["separable", "coupled"] | None = None
+
+    #: Set by the sharding wrapper for ``"coupled"`` estimators: sums a partial sum over ranks.
+    _shard_sum: Callable[[Tensor], Tensor] | None = None
+
+    def shard_alignment(self) -> int | None:
+        """Where a shard may cut a parameter: at multiples of this many weights from the
+        parameter's start (None: only between parameters). Default: ``block_size``."""
+        return self.config.block_size
+
+    @classmethod
+    def shard_cost(cls, size: int, config: EstimatorConfig) -> float:
+        """Relative cost of one parameter of ``size`` weights, to balance shards (default: its
+        state memory, :meth:`memory_bytes` of the parameter alone)."""
+        return float(cls.memory_bytes([size], config))
+
+    def sum_over_shards(self, partial: Tensor) -> Tensor:
+        """Sum ``partial`` (a sum over this rank's columns) over the shards, in place; the
+        identity unless a ``"coupled"`` estimator is sharded."""
+        return partial if self._shard_sum is None else self._shard_sum(partial)
+
     # -- optional -----------------------------------------------------------------------------
     #: True for an estimator that builds its estimate from the model and data itself
     #: (:meth:`fit`) rather than from gradient rows fed to :meth:`update`; K-FAC needs each

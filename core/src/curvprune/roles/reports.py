@@ -37,6 +37,10 @@ class StepReport:
         single_audit: the single-weight loss-change audit run before the step
             (:meth:`curvprune.pipeline.audit.SingleWeightAudit.to_dict`; None when ``[prune]
             audit_single`` is 0 or the scorer predicts no loss change).
+        ranks: under torch.distributed, one entry per rank: seconds of ``gradients``,
+            ``communication``, ``curvature`` and ``scoring`` and the peak memory of the
+            ``collect`` and ``answer`` phases (:mod:`curvprune.pipeline.rankstats`); None in
+            one process.
     """
 
     step: int
@@ -52,6 +56,7 @@ class StepReport:
     times: dict[str, float] = attrs.field(factory=dict)
     train_step: int | None = None
     single_audit: dict[str, Any] | None = None
+    ranks: list[dict[str, Any]] | None = None
 
     @property
     def measured_loss_change(self) -> float | None:

@@ -373,7 +373,7 @@ class RunCheckpoints:
                 "config_sha256": self._digest,
                 "versions": {"python": platform.python_version(), "torch": str(torch.__version__)},
                 "elapsed": self._elapsed_before + time.perf_counter() - self._phase_started,
-                "loop": {"step": int(progress.stages_done)},
+                "loop": {"step": int(progress.stages_done), "level": int(progress.level_index)},
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "rng": {"torch": torch.get_rng_state()},
                 "extra": {"oneshot": progress.state_dict()},

@@ -216,6 +216,7 @@ def _execute_run(
     static_checks(pipeline, out=out, name=name, cache=cache)  # before any data or training
     # under torchrun: join the process group; each rank builds the same model and data
     device = distributed.init_from_env(resolve_device(cfg.run.device))
+    pipeline.host.check_same_installs_across_ranks()  # before any data or training
     torch.manual_seed(cfg.run.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -12,6 +12,7 @@ rebuild the smaller architecture for loading ``model.safetensors``) and ``layer_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -24,6 +25,7 @@ from curvprune.pipeline.pipeline import Pipeline
 from curvprune.roles.reports import PruneResult
 from curvprune.run.latency import latency_record
 from curvprune.run.render import plot_layer_ratios
+from curvprune.structure.norms import kept_statistics
 from curvprune.structure.removal import _SCHEMA, RemovalResult
 
 __all__ = ["STRUCTURE_FILE", "STRUCTURE_SCHEMA", "removal_requested", "remove_for_run",
@@ -44,7 +46,8 @@ def _outputs(model: nn.Module, x: Tensor) -> Tensor:
     was_training = model.training
     model.eval()
     try:
-        return model(x).detach().double()
+        out = model(x)
+        return getattr(out, "logits", out).detach().double()  # a transformers model's output
     finally:
         model.train(was_training)
 
@@ -54,14 +57,31 @@ def remove_for_run(
 ) -> tuple[RemovalResult, dict[str, Any]]:
     """Remove the pruned structures of ``model`` in place; return the removal and its record.
 
-    The record is the ``structure`` entry of ``result.json``.
+    The record is the ``structure`` entry of ``result.json``. Where LayerNorms read removed
+    channels, their statistics change with the removal (:mod:`curvprune.structure.norms`): the
+    reference of ``max_output_difference`` is then the masked model with those statistics over
+    the kept channels, ``renormalised`` names the LayerNorms and ``masked_output_difference``
+    is the difference to the plain masked model.
     """
-    before = _outputs(model, example_input)
+    layout = result.masks.layout
+    renorms: list[str] = []
+    reference: Any = contextlib.nullcontext()
+    if layout.structures is not None:
+        keep = layout.alive_structures(result.masks.flat.to(layout.structure_index().device))
+        renorms = sorted({n for g in layout.structures.groups for n in g.renorms})
+        if renorms:
+            reference = kept_statistics(model, layout.structures, keep)
+    with reference:
+        before = _outputs(model, example_input)
+    plain = _outputs(model, example_input) if renorms else before
     dense = copy.deepcopy(model)  # full width (zeros cost as much as any weight): the dense speed
     removal = pipeline.remove(model, result.masks, example_input=example_input)
     after = _outputs(model, example_input)
     record = removal.to_json()
     record["max_output_difference"] = float((after - before).abs().max()) if before.numel() else 0.0
+    if renorms:
+        record["renormalised"] = renorms
+        record["masked_output_difference"] = float((after - plain).abs().max())
     record["latency"] = latency_record(dense, model, example_input)
     return removal, record
 

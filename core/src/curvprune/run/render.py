@@ -85,6 +85,7 @@ def render_report(result: Mapping[str, Any]) -> str:
         f"Peak memory: {mem['peak_bytes'] / 2**20:.0f} MiB ({mem['measure']}), the whole run "
         f"(training included); planned for one pruning step: "
         f"{mem['planned_bytes'] / 2**20:.1f} MiB (the plan counts tensors only).",
+        *_rank_lines(result),
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
         "",
@@ -92,6 +93,34 @@ def render_report(result: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _rank_lines(result: Mapping[str, Any]) -> list[str]:
+    """Per-rank seconds and peaks of a distributed prune, summed over its steps."""
+    steps = [s for s in result["steps"] if s.get("ranks")]
+    if not steps:
+        return []
+    lines = [
+        "",
+        "### Per rank",
+        "",
+        "Seconds summed over the pruning steps; peaks are each phase's high-water mark "
+        "(collect: gradients, their exchange and the estimator's accumulation; answer: the "
+        "estimator's factorisation and queries, scoring and the update; the resident set on "
+        "CPU, which includes the interpreter).",
+        "",
+        "| rank | gradients | communication | curvature | scoring | collect peak | answer peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in range(len(steps[0]["ranks"])):
+        rows = [s["ranks"][r] for s in steps]
+        secs = [sum(float(x.get(k) or 0.0) for x in rows)
+                for k in ("gradients", "communication", "curvature", "scoring")]
+        peaks = [max((x.get(k) or 0) for x in rows) for k in ("collect_peak_bytes",
+                                                              "answer_peak_bytes")]
+        lines.append(f"| {r} | " + " | ".join(f"{v:.2f} s" for v in secs) + " | "
+                     + " | ".join(f"{v / 2**20:.0f} MiB" if v else "–" for v in peaks) + " |")
+    return lines
 
 
 def _sparsity_lines(result: Mapping[str, Any]) -> list[str]:

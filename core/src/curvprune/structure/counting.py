@@ -1,7 +1,9 @@
 """FLOP and parameter counts of a model, by the GReg reference rules (greg_sosp memo §2).
 
 FLOPs = 2·(Σ_conv k_h·k_w·C_in·C_out·H_out·W_out / groups + Σ_linear in·out), per sample;
-parameters = Conv and Linear weights and biases (BatchNorm excluded).
+parameters = Conv and Linear weights and biases (BatchNorm excluded), with the packed
+in-projection of ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear) and Hugging Face
+``Conv1D`` layers (GPT-2's transposed Linear) counted as the dense layers they are.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ _COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def count_params(model: nn.Module) -> int:
-    """Conv and Linear weights and biases (BatchNorm excluded; memo §2)."""
+    """Conv and Linear weights and biases (BatchNorm excluded; memo §2); also the attention
+    in-projections of ``nn.MultiheadAttention`` and transformers' ``Conv1D`` layers."""
     total = 0
     for module in model.modules():
-        if isinstance(module, _COUNTED):
+        if isinstance(module, _COUNTED) or type(module).__name__ == "Conv1D":
             total += sum(p.numel() for p in module.parameters(recurse=False))
+        elif isinstance(module, nn.MultiheadAttention):
+            total += sum(p.numel() for n, p in module.named_parameters(recurse=False)
+                         if n.startswith("in_proj_"))
     return total
 
 

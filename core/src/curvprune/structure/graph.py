@@ -22,15 +22,21 @@ apart:
 * a channel ``torch.cat`` puts each group at its offset in the modules reading it;
 * an equal ``torch.chunk`` hands each chunk's readers a window of the group (chunks kept equal);
 * a channel-wise product couples its factors; one may be a sigmoid scale (squeeze-and-excitation);
+* permutes and transposes move the channel dim (channels-last blocks, patch embeddings), a
+  layer-scale parameter is sliced with the channels, a GroupNorm keeps whole groups, a
+  LayerNorm over the channels is sliced (its statistics then run over the kept channels:
+  :mod:`curvprune.structure.norms`), a channel shuffle places the channels at strides and keeps
+  its rows alike (:mod:`curvprune.structure.shuffle`), and ``torch.split`` in a GraphModule
+  hands out windows whose sizes removal rewrites (:mod:`curvprune.structure.reshapes`);
 * Conv and Linear layers reading the channels are the group's ``consumers`` (their input dims
   are sliced on removal).
 
-Anything else touching a group's channels (``torch.split`` at literal sizes, ``F.pad``,
-slicing, views other than a flatten, LayerNorm, ops with f(0) ≠ 0 such as sigmoid outside a
-product, modules the tracer does not know) marks the groups involved not removable, with a
-reason naming the node: removing their channels would silently produce a wrong model (the
-option-A zero-pad shortcut pitfall of DepGraph, memo §7.1). A group whose channels reach the
-model's output (the classifier) is never prunable.
+Anything else touching a group's channels (``torch.split`` at literal sizes in a plain module,
+``F.pad``, slicing, views with a literal channel count, shuffles whose rows differ, ops with
+f(0) ≠ 0 such as sigmoid outside a product, modules the tracer does not know) marks the groups
+involved not removable, with a reason naming the node: removing their channels would silently
+produce a wrong model (the option-A zero-pad shortcut pitfall of DepGraph, memo §7.1). A group
+whose channels reach the model's output (the classifier) is never prunable.
 
 **Gates.** Removing structure s is the same as multiplying its channel by a gate m_s = 0 at the
 post-BN output of each of its producers (memo §4.2), and at every BN or depthwise conv of the
@@ -52,10 +58,17 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from curvprune.errors import ConfigError, StructureSkipWarning, UnsupportedModelError
+from curvprune.errors import (
+    ConfigError,
+    CurvpruneWarning,
+    StructureSkipWarning,
+    UnsupportedModelError,
+)
+from curvprune.structure.attention import HeadGroup, find_heads, head_gates, is_attention
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.trace import Tracer
-from curvprune.structure.trace_ops import is_leaf_pass
+from curvprune.structure.trace_ops import is_leaf
+from curvprune.structure.trace_ops import unique as unique_names
 from curvprune.tensors.layout import ParamLayout
 
 __all__ = [
@@ -80,35 +93,53 @@ class StructureGraph:
         model_type: the traced model's class name.
         widths: channels of every BatchNorm and depthwise convolution at trace time (a
             concatenation puts several groups into one of them, at offsets).
+        untraced: why ``torch.fx`` could not trace the model, when the graph holds only the
+            attention heads found by inspecting its modules (:mod:`.attention`); else None.
     """
 
     groups: tuple[ChannelGroup, ...]
     param_names: frozenset[str]
     model_type: str
     widths: dict[str, int] = attrs.field(factory=dict)
+    untraced: str | None = None
 
     @classmethod
-    def trace(cls, model: nn.Module) -> StructureGraph:
+    def trace(cls, model: nn.Module, *, heads_fallback: bool = False) -> StructureGraph:
         """Trace ``model`` with ``torch.fx`` (no input needed) and find its channel groups.
 
+        Attention modules (:func:`curvprune.structure.attention.find_heads`) add one head group
+        each after the channel groups; they are fx leaves. With ``heads_fallback``, a model fx
+        cannot trace but that has recognised attention modules (a Hugging Face model) gives a
+        graph of its head groups alone (:attr:`untraced` names the cause); the pipeline and
+        :func:`curvprune.apply_removal` ask for it, other callers keep the error.
+
         Raises:
-            UnsupportedModelError: the model cannot be traced symbolically (the cause is named),
-                or a Linear layer's input is not a whole number of features per flattened channel.
+            UnsupportedModelError: the model cannot be traced symbolically (the cause is named)
+                and no head-only graph was asked for or possible, or a Linear layer's input is
+                not a whole number of features per flattened channel.
         """
+        heads = find_heads(model)
+        names = frozenset(n for n, _ in model.named_parameters())
         try:
-            gm = torch.fx.GraphModule(model, _LeafTracer().trace(model))
+            # a GraphModule is read as it is, so that a removal can rewrite its literals
+            gm = model if isinstance(model, torch.fx.GraphModule) else torch.fx.GraphModule(
+                model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if heads_fallback and any(h.removable for h in heads):
+                return cls(groups=heads, param_names=names, model_type=type(model).__name__,
+                           untraced=f"{type(exc).__name__}: {cause}")
             raise UnsupportedModelError(
                 f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
                 f"{cause}); channel structures need a symbolically traceable model, or set "
                 "mask.coupled = false for per-layer channels without tracing @ model"
             ) from None
         tracer = Tracer(gm)
+        tracer.rewritable = gm is model
         tracer.run()
         return cls(
-            groups=tracer.groups(),
-            param_names=frozenset(n for n, _ in model.named_parameters()),
+            groups=tracer.groups() + heads,
+            param_names=names,
             model_type=type(model).__name__,
             widths=dict(tracer.widths),
         )
@@ -129,8 +160,8 @@ class StructureGraph:
         position = {name: i for i, name in enumerate(layout.names)}
         chosen = []
         for g in self.groups:
-            where = [position.get(f"{p}.weight") for p in g.producers]
-            if g.removable and all(i is not None for i in where):
+            where = [position.get(w) for w in g.weights()]
+            if g.removable and where and all(i is not None for i in where):
                 chosen.append((min(w for w in where if w is not None), g))
         chosen.sort(key=lambda item: item[0])
         groups = tuple(g for _, g in chosen)
@@ -143,10 +174,10 @@ class StructureGraph:
             channel_offsets.append(channel_offsets[-1] + c)
         channel_structure = torch.full((channel_offsets[-1],), -1, dtype=torch.long)
         for g, off in zip(groups, offsets, strict=True):
-            ids = torch.arange(off, off + g.size).repeat(g.copies)
-            rows = [(p, 0, 0, g.channels, True) for p in g.producers]
-            rows += [(m, at, lo, hi, False) for m, at, lo, hi in g.placed("depthwise")]
-            for p, at, lo, hi, whole in rows:
+            ids = g.expand(torch.arange(off, off + g.size))
+            rows = [(p, 0, 0, g.channels, 1, True) for p in g.producers]
+            rows += [(m, at, lo, hi, s, False) for m, at, lo, hi, s in g.laid("depthwise")]
+            for p, at, lo, hi, step, whole in rows:
                 i = position.get(f"{p}.weight")
                 if i is None:  # an unselected depthwise conv: only its input is pruned
                     continue
@@ -156,7 +187,18 @@ class StructureGraph:
                         f"group has {g.channels} @ layout"
                     )
                 start = channel_offsets[i] + at
-                channel_structure[start : start + hi - lo] = ids[lo:hi]
+                channel_structure[start : start + step * (hi - lo) : step] = ids[lo:hi]
+
+        # Attention heads own rows of their projections (the loop above passes over them:
+        # an attention module has no weight of its own)
+        for g, off in zip(groups, offsets, strict=True):
+            for p, local in g.layout_rows() if isinstance(g, HeadGroup) else ():
+                i = position[p]
+                if layout.channels[i] != local.numel():
+                    raise ConfigError(f"parameter {p} has {layout.channels[i]} rows but its "
+                                      f"heads have {local.numel()} @ layout")
+                channel_structure[channel_offsets[i]: channel_offsets[i + 1]] = off + local
+
         structure_group = torch.repeat_interleave(
             torch.arange(len(groups)), torch.tensor([g.size for g in groups], dtype=torch.long)
         )
@@ -235,11 +277,15 @@ class Structures:
         handles = []
         try:
             for g, off in zip(self.groups, self.offsets, strict=True):
-                for gate, at, lo, hi in g.placed("gates"):
+                for gate, at, lo, hi, step, dim in g.gate_points():
                     if gate not in modules:
                         raise ConfigError(f"module {gate!r} is not in the model @ structures")
-                    hook = _gate_hook(values, (off, g.size, g.copies, lo, hi), at, g.channel_dim)
+                    hook = _gate_hook(values, (off, g, lo, hi, step), at, dim)
                     handles.append(modules[gate].register_forward_hook(hook))
+
+            for g, off in zip(self.groups, self.offsets, strict=True):
+                if isinstance(g, HeadGroup):  # attention heads: no gate points of their own
+                    handles.extend(head_gates(g, modules, values, off))
             yield
         finally:
             for handle in handles:
@@ -260,20 +306,28 @@ class Structures:
         out: dict[str, Tensor] = {}
         params, widths = self.graph.param_names, self.graph.widths
         for i, g in enumerate(self.groups):
-            piece = keep[self.group_slice(i)].repeat(g.copies)
-            entries = [(f"{p}.bias", p, 0, 0, g.channels) for p in g.producers]
-            entries += [(f"{n}.{w}", n, at, lo, hi) for n, at, lo, hi in g.placed("norms")
+            piece = g.expand(keep[self.group_slice(i)])
+            entries = [(f"{p}.bias", p, 0, 0, g.channels, 1) for p in g.producers]
+            entries += [(f"{n}.{w}", n, at, lo, hi, s) for n, at, lo, hi, s in g.laid("norms")
                         for w in ("weight", "bias")]
-            entries += [(f"{n}.bias", n, at, lo, hi) for n, at, lo, hi in g.placed("depthwise")]
-            for name, module, at, lo, hi in entries:
+            entries += [(f"{n}.bias", n, at, lo, hi, s)
+                        for n, at, lo, hi, s in g.laid("depthwise")]
+            for name, module, at, lo, hi, step in entries:
                 if name not in params:
                     continue
                 width = widths.get(module, g.channels)
                 mask = out.get(name)
                 if mask is None:
                     mask = torch.ones(width, dtype=torch.bool, device=keep.device)
-                mask[at : at + hi - lo] &= piece[lo:hi]
+                mask[at : at + step * (hi - lo) : step] &= piece[lo:hi]
                 out[name] = mask
+
+        # Attention heads: the q/k/v biases of their rows (the loop above finds none of them)
+        for i, g in enumerate(self.groups):
+            for name, local in g.bias_rows() if isinstance(g, HeadGroup) else ():
+                if name in params:
+                    kept = keep[self.group_slice(i)][local.to(keep.device)]
+                    out[name] = out[name] & kept if name in out else kept
         return out
 
     def unaffine_norms(self) -> list[str]:
@@ -283,17 +337,18 @@ class Structures:
 
 
 def _gate_hook(values: Tensor, piece: tuple[int, ...], at: int, dim: int) -> Any:
-    """Multiply the output's channels ``at, at + 1, ...`` on ``dim`` by the group's gate values
-    ``values[off : off + size]`` repeated ``copies`` times, window ``[lo, hi)`` of them
-    (``piece``); the others by 1."""
-    off, size, copies, lo, hi = piece
+    """Multiply the output's channels ``at, at + step, ...`` on ``dim`` by the group's gate
+    values ``values[off : off + size]`` per channel (:meth:`ChannelGroup.expand`), window
+    ``[lo, hi)`` of them (``piece``); the others by 1."""
+    off, group, lo, hi, step = piece
 
     def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
-        gate = values[off : off + size].repeat(copies)[lo:hi].to(output.dtype)
+        gate = group.expand(values[off : off + group.size])[lo:hi].to(output.dtype)
         width = output.shape[dim]
-        if at or gate.numel() != width:
-            ones = torch.ones(width, dtype=gate.dtype, device=gate.device)
-            gate = torch.cat([ones[:at], gate, ones[at + gate.numel():]])
+        if at or step != 1 or gate.numel() != width:
+            full = torch.ones(width, dtype=gate.dtype, device=gate.device)
+            gate = full.index_put((torch.arange(at, at + step * gate.numel(), step,
+                                                device=gate.device),), gate)
         shape = [1] * output.dim()
         shape[dim] = width
         return output * gate.view(shape)
@@ -306,7 +361,8 @@ class _LeafTracer(torch.fx.Tracer):
     ``StochasticDepth``) as leaves so the tracer sees the module, not its random mask."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_leaf_pass(m) or super().is_leaf_module(m, module_qualified_name)
+        return (is_leaf(m) or is_attention(m)
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGroup]:
@@ -315,7 +371,7 @@ def skipped_groups(graph: StructureGraph, layout: ParamLayout) -> list[ChannelGr
     selected = set(layout.names)
     return [
         g for g in graph.groups
-        if not g.removable and all(f"{p}.weight" in selected for p in g.producers)
+        if not g.removable and all(w in selected for w in g.weights())
         and "reach the model output" not in (g.reason or "")
     ]
 
@@ -333,9 +389,15 @@ def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> Param
     config = getattr(mask, "config", None)
     if getattr(mask, "granularity", "weight") != "channel" or not getattr(config, "coupled", False):
         return layout
-    graph = StructureGraph.trace(model)
+    graph = StructureGraph.trace(model, heads_fallback=True)
     structures = graph.structures(layout)
     skipped = skipped_groups(graph, layout)
+    if graph.untraced and structures.n_structures:
+        message = (f"torch.fx cannot trace {graph.model_type} ({graph.untraced}): only its "
+                   "attention heads are pruned, every other selected channel stays dense")
+        if getattr(config, "strict", False):
+            raise UnsupportedModelError(f"{message}; set mask.strict = false @ mask.strict")
+        warnings.warn(message, StructureSkipWarning, stacklevel=2)
     if skipped and structures.n_structures:
         listed = "; ".join(f"{g.name}: {g.reason}" for g in skipped[:3])
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
@@ -353,6 +415,16 @@ def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> Param
         ) or "the model has no Conv or Linear producers"
         raise UnsupportedModelError(
             f"no selected channel can be pruned ({why}) @ prune.targets"
+        )
+    renorms = unique_names(n for g in structures.groups for n in g.renorms)
+    if renorms:
+        more = f" and {len(renorms) - 3} more" if len(renorms) > 3 else ""
+        warnings.warn(
+            f"LayerNorms over prunable channels ({', '.join(renorms[:3])}{more}): a masked "
+            "channel is a zero that still counts in their mean and variance, a removed one "
+            "does not, so the removed model differs from the masked one (evaluate after "
+            "removal; curvprune.structure.norms.kept_statistics gives the removed function)",
+            CurvpruneWarning, stacklevel=2,
         )
     unaffine = structures.unaffine_norms()
     if unaffine and getattr(config, "remove", False):

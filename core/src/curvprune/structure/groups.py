@@ -43,6 +43,23 @@ class ChannelGroup:
         norm_windows, consumer_windows, depthwise_windows, gate_windows: the group's channels
             ``[lo, hi)`` each entry holds (parallel; empty means all of them): a ``torch.chunk``
             hands each chunk's readers a window of the group.
+        gate_dims: the dim of the channels at each gate point (parallel to ``gates``; empty
+            means ``channel_dim`` for all): 1 on a map, -1 on features or a channels-last map.
+        block: consecutive channels per structure in each copy (> 1 when a GroupNorm of
+            ``w``-channel groups reads the channels: a structure is a whole GroupNorm group, so
+            the others' statistics stay; ``block`` is the lcm of such ``w``). Structure ``s``
+            is channels ``k * size * block + s * block + j`` for ``k < copies``, ``j < block``.
+        renorms: LayerNorms over the group's channels: removal slices them, and their
+            statistics then run over the kept channels only (not the masked model's function:
+            see :func:`curvprune.structure.norms.kept_statistics`).
+        scales: ``(parameter, dim)``: channel-wise parameters multiplying the channels (a
+            layer scale), sliced along ``dim`` on removal; ``scale_offsets`` and
+            ``scale_windows`` place the group in them.
+        splits: ``(node, windows)``: ``torch.split`` nodes cutting the channels into pieces
+            ``[lo, hi)``, whose literal sizes a removal rewrites (in a GraphModule only).
+        norm_steps, consumer_steps, depthwise_steps, gate_steps, scale_steps: the stride of
+            the group's channels in each entry (parallel; empty means all 1): after a channel
+            shuffle, channel ``lo + i`` sits at ``offset + step * i`` (see :meth:`laid`).
     """
 
     name: str
@@ -65,34 +82,72 @@ class ChannelGroup:
     consumer_windows: tuple[tuple[int, int], ...] = ()
     depthwise_windows: tuple[tuple[int, int], ...] = ()
     gate_windows: tuple[tuple[int, int], ...] = ()
+    gate_dims: tuple[int, ...] = ()
+    block: int = 1
+    renorms: tuple[str, ...] = ()
+    scales: tuple[tuple[str, int], ...] = ()
+    scale_offsets: tuple[int, ...] = ()
+    scale_windows: tuple[tuple[int, int], ...] = ()
+    splits: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    norm_steps: tuple[int, ...] = ()
+    consumer_steps: tuple[int, ...] = ()
+    depthwise_steps: tuple[int, ...] = ()
+    gate_steps: tuple[int, ...] = ()
+    scale_steps: tuple[int, ...] = ()
 
     @property
     def channels(self) -> int:
-        """The group's width in every module it touches: ``size * copies``."""
-        return self.size * self.copies
+        """The group's width in every module it touches: ``size * copies * block``."""
+        return self.size * self.copies * self.block
+
+    def expand(self, values: Any) -> Any:
+        """Per-structure ``values`` ``[size]`` as per-channel values ``[channels]``."""
+        return values.repeat_interleave(self.block).repeat(self.copies)
+
+    def gate_points(self) -> list[tuple[str, int, int, int, int, int]]:
+        """``(module, offset, lo, hi, step, dim)`` of every gate point (see :meth:`laid`)."""
+        dims = self.gate_dims or (self.channel_dim,) * len(self.gates)
+        return [(*p, d) for p, d in zip(self.laid("gates"), dims, strict=True)]
+
+    def laid(self, what: str) -> list[tuple[Any, int, int, int, int]]:
+        """``(entry, offset, lo, hi, step)``: :meth:`placed` with the stride of the group's
+        channels in each entry: channel ``lo + i`` sits at ``offset + step * i``."""
+        steps = getattr(self, what.rstrip("s") + "_steps" if what != "depthwise"
+                        else "depthwise_steps")
+        placed = self.placed(what)
+        steps = steps or (1,) * len(placed)
+        return [(*p, s) for p, s in zip(placed, steps, strict=True)]
 
     def spans(self, what: str) -> list[tuple[Any, int]]:
         """``(entry, offset)`` of ``norms``, ``consumers``, ``depthwise`` or ``gates``."""
         entries = getattr(self, what)
         offsets = getattr(self, {"norms": "norm_offsets", "consumers": "consumer_offsets",
-                                 "depthwise": "depthwise_offsets", "gates": "gate_offsets"}[what])
+                                 "depthwise": "depthwise_offsets", "gates": "gate_offsets",
+                                 "scales": "scale_offsets"}[what])
         return list(zip(entries, offsets or (0,) * len(entries), strict=True))
 
     def placed(self, what: str) -> list[tuple[Any, int, int, int]]:
         """``(entry, offset, lo, hi)``: the group's channels ``lo .. hi - 1`` sit at ``offset``
         in each of ``norms``, ``consumers``, ``depthwise`` or ``gates``."""
         windows = getattr(self, {"norms": "norm_windows", "consumers": "consumer_windows",
-                                 "depthwise": "depthwise_windows", "gates": "gate_windows"}[what])
+                                 "depthwise": "depthwise_windows", "gates": "gate_windows",
+                                 "scales": "scale_windows"}[what])
         spans = self.spans(what)
         windows = windows or ((0, self.channels),) * len(spans)
         return [(e, at, lo, hi) for (e, at), (lo, hi) in zip(spans, windows, strict=True)]
 
+    def weights(self) -> tuple[str, ...]:
+        """The weight parameters whose rows are the group's channels (all must be selected
+        for the group to be pruned): each producer's ``weight``."""
+        return tuple(f"{p}.weight" for p in self.producers)
+
     def channel_index(self, structures: Any) -> Any:
         """The channels (in the group's own numbering) of the given structure indices:
-        ``k * size + s`` for every copy ``k``, ascending."""
+        ``(k * size + s) * block + j`` for every copy ``k`` and ``j < block``, ascending."""
         index = torch.as_tensor(structures, dtype=torch.long)
-        out = (torch.arange(self.copies)[:, None] * self.size + index[None, :]).reshape(-1)
-        return out
+        slots = torch.arange(self.copies)[:, None] * self.size + index[None, :]
+        out = slots[:, :, None] * self.block + torch.arange(self.block)[None, None, :]
+        return out.reshape(-1)
 
     def to_json(self) -> dict[str, Any]:
         """The group as plain JSON values."""
@@ -101,4 +156,6 @@ class ChannelGroup:
             "norms": list(self.norms), "consumers": [list(c) for c in self.consumers],
             "coupled": self.coupled, "removable": self.removable, "reason": self.reason,
             "copies": self.copies, "depthwise": list(self.depthwise),
+            "block": self.block, "renorms": list(self.renorms),
+            "scales": [list(x) for x in self.scales],
         }

@@ -5,7 +5,10 @@ Removing a channel of a group (see :mod:`curvprune.structure.graph`) slices, in 
 * every producer: its weight rows (dim 0) and bias entries, and ``out_channels`` /
   ``out_features``;
 * every BatchNorm of the group: γ, β, ``running_mean``, ``running_var`` and ``num_features``
-  (``num_batches_tracked`` is kept);
+  (``num_batches_tracked`` is kept); a LayerNorm's γ, β and ``normalized_shape`` (its
+  statistics then run over the kept channels: :mod:`curvprune.structure.norms`); a GroupNorm's
+  γ, β, ``num_channels`` and ``num_groups`` (whole groups go);
+* every channel-wise parameter multiplying the channels (a layer scale), along its channel dim;
 * every depthwise convolution the channels pass through: weight rows, bias entries,
   ``in_channels``, ``out_channels`` and ``groups``;
 * every consumer: Conv weight columns (dim 1) and ``in_channels``; Linear columns in blocks of
@@ -38,8 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from curvprune.errors import ConfigError, UnsupportedModelError
+from curvprune.structure.attention import HeadGroup, plan_head_removal
 from curvprune.structure.counting import count_flops_params, count_params
 from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
+from curvprune.structure.reshapes import rewrite_splits
 
 __all__ = ["RemovalResult", "apply_removal", "remove_structures"]
 
@@ -152,7 +157,7 @@ def apply_removal(
             raise ConfigError(f"unknown structure schema {schema!r} (expected {_SCHEMA!r}) "
                               "@ structure.json")
         kept_indices = kept_indices["kept_indices"]
-    graph = StructureGraph.trace(model)
+    graph = StructureGraph.trace(model, heads_fallback=True)
     plan: list[tuple[ChannelGroup, Tensor]] = []
     kept_counts: dict[str, list[int]] = {}
     for name, indices in kept_indices.items():
@@ -193,17 +198,31 @@ def _remove(
     ``groups`` and ``kept_counts`` (kept and total channels by group name) are reported.
     """
     modules = dict(model.named_modules())
+    heads = _head_swaps(plan, modules)  # attention heads: checked and computed, not applied
+    channel_plan = [(group, index) for group, index in plan if not isinstance(group, HeadGroup)]
     cuts: dict[tuple[str, str], _Cut] = {}
-    for group, index in plan:
+    for group, index in channel_plan:
         _group_cuts(group, index, modules, cuts)
-    updates = [_checked(name, what, cut, modules[name]) for (name, what), cut in cuts.items()]
+    updates = [_checked(name, what, cut, _owner(modules, name, what))
+               for (name, what), cut in cuts.items()]
+    splits = {node: windows for group, _ in plan for node, windows in group.splits}
+    kept_channels = {node: _channel_keep(group, index) for group, index in plan
+                     for node, _ in group.splits}
+    try:
+        rewrite = rewrite_splits(model, splits, kept_channels)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{exc} @ model") from None
     if example_input is not None:
         flops_before, params_before = count_flops_params(model, example_input)
     else:
         flops_before, params_before = None, count_params(model)
+    for swap in heads:  # every check passed: attention modules lose their heads
+        swap()
+
     # A module may be sliced by several groups (a consumer of one and producer of another, or
     # a concatenation of several): each (module, role) gets one index over its original width.
     _apply_updates(updates)
+    rewrite()
     if example_input is not None:
         flops_after, params_after = count_flops_params(model, example_input)
     else:
@@ -222,6 +241,22 @@ def _remove(
         kept_indices={g.name: index.tolist() for g, index in plan},
         layer_ratios=layer_ratios,
     )
+
+
+def _head_swaps(plan: list[tuple[ChannelGroup, Tensor]],
+                modules: Mapping[str, nn.Module]) -> list[Any]:
+    """Check and compute the removal of the attention heads in ``plan``; callables applying
+    it (:func:`curvprune.structure.attention.plan_head_removal`)."""
+    swaps = []
+    for group, index in plan:
+        if not isinstance(group, HeadGroup):
+            continue
+        if index.numel() == 0:
+            raise ConfigError(
+                f"removal would leave attention module {group.name!r} with no head; keep at "
+                "least one (mask.min_channels >= 1) @ mask.min_channels")
+        swaps.append(plan_head_removal(group, index, modules))
+    return swaps
 
 
 @attrs.define
@@ -246,29 +281,38 @@ def _group_cuts(
             f"removal would leave group {group.name!r} (producers {', '.join(group.producers)}) "
             "with no channel; keep at least one (mask.min_channels >= 1) @ mask.min_channels"
         )
-    keep = torch.zeros(group.channels, dtype=torch.bool)
-    keep[group.channel_index(index)] = True
+    keep = _channel_keep(group, index)
+    for node, windows in group.splits:
+        for j, (lo, hi) in enumerate(windows):
+            if hi > lo and not bool(keep[lo:hi].any()):
+                raise ConfigError(
+                    f"removal would leave piece {j} of torch.split at node {node!r} (group "
+                    f"{group.name!r}, channels {lo}..{hi - 1}) with no channel; keep one @ keep"
+                )
 
     def cut(name: str, what: str, width: int | None, at: int, lo: int, hi: int,
-            per: int = 1) -> None:
-        if name not in modules:
+            per: int = 1, step: int = 1) -> None:
+        owner = _owner(modules, name, what)
+        if owner is None:
             raise UnsupportedModelError(
                 f"module {name!r} of group {group.name!r} is not in the model @ model"
             )
-        size = _width(modules[name], what)
-        if size is None or (width is not None and size != width) or (at + hi - lo) * per > size:
+        size = _width(owner, what)
+        if size is None or (width is not None and size != width) \
+                or (at + step * (hi - lo - 1) + 1) * per > size:
             raise UnsupportedModelError(
                 f"module {name!r} has {size} {'input' if what == 'in' else 'output'} channels, "
                 f"not what group {group.name!r} had when traced: the model changed since @ model"
             )
         entry = cuts.setdefault((name, what), _Cut(torch.ones(size, dtype=torch.bool),
                                                    group.name))
-        piece = keep[lo:hi].repeat_interleave(per)
-        entry.keep[at * per : at * per + piece.numel()] &= piece
+        places = torch.arange(at, at + step * (hi - lo), step)
+        features = (places[:, None] * per + torch.arange(per)[None, :]).reshape(-1)
+        entry.keep[features] &= keep[lo:hi].repeat_interleave(per)
 
     for name in group.producers:
         cut(name, "out", group.channels, 0, 0, group.channels)
-    for name, at, lo, hi in group.placed("norms"):
+    for name, at, lo, hi, step in group.laid("norms"):
         mod = modules.get(name)
         if mod is not None and not getattr(mod, "affine", True):
             raise UnsupportedModelError(
@@ -276,25 +320,61 @@ def _group_cuts(
                 f"{group.name!r} outputs -mean/std, not 0: removing it would change the "
                 "model's function @ model"
             )
-        cut(name, "norm", None, at, lo, hi)
-    for name, at, lo, hi in group.placed("depthwise"):
-        cut(name, "dw", None, at, lo, hi)
-    for (name, per), at, lo, hi in group.placed("consumers"):
-        cut(name, "in", None, at, lo, hi, per)
+        cut(name, "norm", None, at, lo, hi, 1, step)
+    for name, at, lo, hi, step in group.laid("depthwise"):
+        cut(name, "dw", None, at, lo, hi, 1, step)
+    for (name, per), at, lo, hi, step in group.laid("consumers"):
+        cut(name, "in", None, at, lo, hi, per, step)
+    for (name, dim), at, lo, hi, step in group.laid("scales"):
+        cut(name, f"scale{dim}", None, at, lo, hi, 1, step)
 
 
-def _width(mod: nn.Module, what: str) -> int | None:
+def _channel_keep(group: ChannelGroup, index: Tensor) -> Tensor:
+    """Bool per channel of ``group``: True for the channels of the kept structures."""
+    keep = torch.zeros(group.channels, dtype=torch.bool)
+    keep[group.channel_index(index)] = True
+    return keep
+
+
+def _owner(modules: Mapping[str, nn.Module], name: str, what: str) -> Any:
+    """The module ``name``, or for a channel-wise parameter (role ``scale<dim>``) the tuple
+    ``(module, attribute, dim)`` holding it; None when absent."""
+    if not what.startswith("scale"):
+        return modules.get(name)
+    path, _, attr = name.rpartition(".")
+    module = modules.get(path)
+    if not isinstance(getattr(module, attr, None), torch.Tensor):
+        return None
+    return (module, attr, int(what[5:]))
+
+
+def _width(mod: Any, what: str) -> int | None:
+    if what.startswith("scale"):
+        module, attr, dim = mod
+        shape = getattr(module, attr).shape
+        return int(shape[dim]) if dim < len(shape) else None
     if what == "norm":
+        if isinstance(mod, nn.LayerNorm):
+            return int(mod.normalized_shape[-1])
+        if isinstance(mod, nn.GroupNorm):
+            return mod.num_channels
         return getattr(mod, "num_features", None)
     if what == "in":
         return mod.in_channels if isinstance(mod, _CONV) else getattr(mod, "in_features", None)
     return mod.out_channels if isinstance(mod, _CONV) else getattr(mod, "out_features", None)
 
 
-def _checked(name: str, what: str, cut: _Cut, mod: nn.Module) -> tuple[nn.Module, str, Tensor]:
+def _checked(name: str, what: str, cut: _Cut, mod: Any) -> tuple[Any, str, Tensor]:
     """``(module, role, kept index)``; for a grouped convolution's input, the kept positions
     inside one conv group (every group must keep the same ones)."""
     index = cut.keep.nonzero().squeeze(1)
+    if isinstance(mod, nn.GroupNorm):
+        rows = cut.keep.reshape(mod.num_groups, -1)
+        if not bool((rows == rows[:, :1]).all()):
+            raise UnsupportedModelError(
+                f"GroupNorm {name!r} would lose part of one of its {mod.num_groups} groups "
+                f"(group {cut.group!r}); only whole groups keep the others' statistics @ model"
+            )
     groups = getattr(mod, "groups", 1)
     if what in ("in", "out") and groups > 1:
         slots = cut.keep.reshape(groups, -1)
@@ -308,9 +388,18 @@ def _checked(name: str, what: str, cut: _Cut, mod: nn.Module) -> tuple[nn.Module
     return mod, what, index
 
 
-def _apply_updates(updates: list[tuple[nn.Module, str, Tensor]]) -> None:
+def _apply_updates(updates: list[tuple[Any, str, Tensor]]) -> None:
     """Slice in place; every check has passed already."""
     for mod, what, index in updates:
+        if what.startswith("scale"):
+            module, attr, dim = mod
+            old = getattr(module, attr)
+            new = old.detach().index_select(dim, index.to(old.device))
+            if attr in module._parameters:
+                _set_param(module, attr, new)
+            else:  # a buffer stays a buffer
+                setattr(module, attr, new.clone())
+            continue
         index = index.to(mod.weight.device)
         if what in ("out", "dw"):
             _set_param(mod, "weight", mod.weight.detach().index_select(0, index))
@@ -324,12 +413,19 @@ def _apply_updates(updates: list[tuple[nn.Module, str, Tensor]]) -> None:
                 mod.in_channels = mod.groups = int(index.numel())
         elif what == "norm":
             _set_param(mod, "weight", mod.weight.detach().index_select(0, index))
-            _set_param(mod, "bias", mod.bias.detach().index_select(0, index))
+            if mod.bias is not None:
+                _set_param(mod, "bias", mod.bias.detach().index_select(0, index))
             for buffer in ("running_mean", "running_var"):
-                value = getattr(mod, buffer)
+                value = getattr(mod, buffer, None)
                 if value is not None:
                     setattr(mod, buffer, value.index_select(0, index).clone())
-            mod.num_features = int(index.numel())
+            if isinstance(mod, nn.LayerNorm):
+                mod.normalized_shape = (int(index.numel()),)
+            elif isinstance(mod, nn.GroupNorm):  # whole groups: the group width stays
+                width = mod.num_channels // mod.num_groups
+                mod.num_channels, mod.num_groups = int(index.numel()), int(index.numel()) // width
+            else:
+                mod.num_features = int(index.numel())
         else:
             _set_param(mod, "weight", mod.weight.detach().index_select(1, index))
             if isinstance(mod, nn.Linear):

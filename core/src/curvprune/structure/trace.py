@@ -5,7 +5,8 @@ that keep channels apart pass them on, residual adds and products union groups, 
 ``torch.cat`` places groups at offsets, depthwise convolutions pass channel c to channel c,
 grouped convolutions ask their groups to keep conv groups equal, and anything else marks the
 groups it touches not removable with the node named. The op tables and abstract values are in
-:mod:`curvprune.structure.trace_ops`.
+:mod:`curvprune.structure.trace_ops`; the rules for shape ops (:mod:`.reshapes`, :mod:`.shuffle`)
+and for norms and layer scales (:mod:`.norms`) are mixins of :class:`Tracer`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from torch import nn
 from curvprune.errors import UnsupportedModelError
 from curvprune.structure import trace_ops as ops
 from curvprune.structure.groups import ChannelGroup
+from curvprune.structure.norms import NormRules
+from curvprune.structure.reshapes import NOT_MINE, ShapeRules
+from curvprune.structure.shuffle import ShuffleRules
 from curvprune.structure.trace_ops import OPAQUE, Cat, Chan, Opaque, chans, unique
 
 __all__ = ["Tracer"]
 
 
-class Tracer:
+class Tracer(NormRules, ShapeRules, ShuffleRules):
     """One pass over the fx graph, recording groups as union-find over producer calls.
 
     Besides the union-find, it records per element its norms, depthwise convs and consumers
@@ -45,17 +49,19 @@ class Tracer:
         self.producer: list[str] = []
         self.kind: list[str] = []
         self.reasons: list[list[str]] = []
-        # (module, offset, lo, hi): the element's channels [lo, hi) at ``offset`` in the module
-        self.norms: list[list[tuple[str, int, int, int | None]]] = []
-        self.depthwise: list[list[tuple[str, int, int, int | None]]] = []
-        self.consumers: list[list[tuple[str, int, int, int, int | None]]] = []  # + per_channel
+        # (module, offset, lo, hi, step): the element's channels [lo, hi) at ``offset``,
+        # ``offset + step``, ... in the module
+        self.norms: list[list[tuple[str, int, int, int | None, int]]] = []
+        self.depthwise: list[list[tuple[str, int, int, int | None, int]]] = []
+        self.consumers: list[list[tuple[str, int, int, int, int | None, int]]] = []  # + per
         self.grouping: list[list[tuple[int, str]]] = []  # (equal parts, by what) constraints
-        self.slots: list[list[Any]] = []  # [module, offset, elem, lo, hi]
-        self.spans: dict[tuple[str, str], list[tuple[int, int, int]]] = {}
+        self.slots: list[list[Any]] = []  # [module, offset, elem, lo, hi, step]
+        self.spans: dict[tuple[str, str], list[tuple[int, int, int, int]]] = {}
         self.widths: dict[str, int] = {}
         self.produced: dict[str, int] = {}
         self.rank: list[int] = []  # tensor rank of each conv element's maps (0 for Linear)
         self.env: dict[torch.fx.Node, Any] = {}
+        self.init_norm_rules()
 
     # -- union-find ---------------------------------------------------------------------------
     def find(self, e: int) -> int:
@@ -94,11 +100,13 @@ class Tracer:
         self.depthwise.append([])
         self.consumers.append([])
         self.grouping.append([])
-        return e, self.slot(module, 0, e)
+        slot = self.slot(module, 0, e)
+        self.gate_dim[slot] = 1 if kind == "conv" else -1
+        return e, slot
 
     def slot(self, module: str, offset: int, elem: int, lo: int = 0,
-             hi: int | None = None) -> int:
-        self.slots.append([module, offset, elem, lo, hi])
+             hi: int | None = None, step: int = 1) -> int:
+        self.slots.append([module, offset, elem, lo, hi, step])
         return len(self.slots) - 1
 
     def bad(self, value: Any, reason: str) -> None:
@@ -113,7 +121,8 @@ class Tracer:
         return bool(hit)
 
     def span(self, name: str, role: str, offset: int, chan: Chan) -> None:
-        self.spans.setdefault((name, role), []).append((offset, self.width(chan), chan.elem))
+        self.spans.setdefault((name, role), []).append(
+            (offset, self.width(chan), chan.elem, chan.step))
 
     # -- the pass -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -121,7 +130,9 @@ class Tracer:
             self.env[node] = self.visit(node)
 
     def visit(self, node: torch.fx.Node) -> Any:
-        if node.op in ("placeholder", "get_attr"):
+        if node.op == "get_attr":
+            return self.visit_param(node)
+        if node.op == "placeholder":
             return OPAQUE
         env = self.env
         args = torch.fx.node.map_arg(node.args, lambda n: env[n])
@@ -175,6 +186,10 @@ class Tracer:
                 return self.flatten(x, name)
             self.bad(x, f"nn.Flatten {name!r} with start_dim={module.start_dim}")
             return OPAQUE
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            return self.visit_channel_norm(node, name, module, x)
+        if isinstance(module, nn.ChannelShuffle):
+            return self.shuffle(node, x, module.groups, f"ChannelShuffle {name!r}")
         if isinstance(x, (Chan, Cat)) and isinstance(module, ops.MIXING_NORMS):
             self.bad(x, f"{type(module).__name__} {name!r} normalises across the channels "
                         "(removing one changes the others' statistics)")
@@ -208,12 +223,14 @@ class Tracer:
         for (chan, offset), (after, _) in zip(self.parts(x), self.parts(out), strict=True):
             self.span(name, role, offset, chan)
             (self.norms if role == "norm" else self.depthwise)[chan.elem].append(
-                (name, offset, chan.lo, chan.hi))
+                (name, offset, chan.lo, chan.hi, chan.step))
             if chan.chain is not None and after.chain is not None:
                 self.slots[chan.chain][:2] = [name, offset]
+                self.slots[chan.chain][5] = chan.step
                 slot = chan.chain
             else:
-                slot = self.slot(name, offset, chan.elem, chan.lo, chan.hi)
+                slot = self.slot(name, offset, chan.elem, chan.lo, chan.hi, chan.step)
+            self.gate_dim[slot] = self.channel_pos(chan)
             new_parts.append((attrs.evolve(chan, chain=slot), offset))
         if isinstance(x, Chan):
             return new_parts[0][0]
@@ -247,7 +264,8 @@ class Tracer:
                 self.bad(x, f"convolution {name!r} reads them flattened")
                 return
             if module.groups != 1 and (isinstance(x, Cat) or x.lo or x.hi is not None):
-                what = "a concatenation" if isinstance(x, Cat) else "a chunk"
+                what = "a concatenation or shuffled channels" if isinstance(x, Cat) \
+                    else "a chunk"
                 self.bad(x, f"grouped convolution {name!r} reads {what}")
                 return
         else:
@@ -262,21 +280,10 @@ class Tracer:
                 )
         for chan, offset in self.parts(x):
             self.span(name, "in", offset, chan)
-            self.consumers[chan.elem].append((name, per, offset, chan.lo, chan.hi))
+            self.consumers[chan.elem].append((name, per, offset, chan.lo, chan.hi, chan.step))
             if isinstance(module, ops.CONV) and module.groups != 1:
                 self.grouping[chan.elem].append(
                     (module.groups, f"grouped convolution {name!r} (groups={module.groups})"))
-
-    def flatten(self, x: Any, where: str) -> Any:
-        if not isinstance(x, (Chan, Cat)):
-            return x
-        if x.kind != "conv":
-            self.bad(x, f"flatten at {where!r} of features that are not a channel map")
-            return OPAQUE
-        if isinstance(x, Cat):
-            return Cat(tuple((attrs.evolve(c, kind="flat", chain=None), o) for c, o in x.parts),
-                       "flat")
-        return attrs.evolve(x, kind="flat", chain=None)
 
     def scale_op(self, x: Any, label: str) -> Any:
         """A sigmoid-like op: its result is a channel scale (nonzero at zero)."""
@@ -294,6 +301,9 @@ class Tracer:
         where = f"{label} at node {node.name!r}"
         x = args[0] if args else OPAQUE
         is_meta_attr = target is getattr and len(args) > 1 and args[1] in ops.META_ATTRS
+        value = self.visit_shape_op(node, args, kwargs, where)
+        if value is not NOT_MINE:
+            return value
         if method in ops.META_METHODS or is_meta_attr:
             return None
         if isinstance(x, (tuple, list)) and chans(x):  # the chunks of a map, a tuple of outputs
@@ -340,7 +350,7 @@ class Tracer:
             keep = ops.arg(args, kwargs, 2, "keepdim", False)
             dims = (dims,) if isinstance(dims, int) else dims
             if isinstance(x, (Chan, Cat)) and x.kind == "conv" and dims:
-                rank = self.rank[self.parts(x)[0][0].elem]
+                rank = self.rank_of(self.parts(x)[0][0])
                 if all(isinstance(d, int) and -rank <= d < rank and d % rank >= 2 for d in dims):
                     return self.passed(node, x) if keep else self.flatten(x, node.name)
         touched = chans((args, kwargs))
@@ -351,58 +361,6 @@ class Tracer:
                               "others' statistics)" if mixing else f"{where} is not handled")
         return OPAQUE
 
-    def cat(self, args: Any, kwargs: Any, where: str) -> Any:
-        """``torch.cat`` of channel maps on the channel dim: each input at its offset."""
-        items = ops.arg(args, kwargs, 0, "tensors", ())
-        dim = ops.arg(args, kwargs, 1, "dim", 0)
-        items = list(items) if isinstance(items, (list, tuple)) else [items]
-        touched = chans(items)
-        if not touched:
-            return OPAQUE if any(isinstance(i, Opaque) for i in items) else None
-        ok = all(isinstance(i, (Chan, Cat)) and i.kind in ("conv", "linear") for i in items)
-        kinds = {i.kind for i in items if isinstance(i, (Chan, Cat))}
-        if ok and len(kinds) == 1:
-            kind = kinds.pop()
-            rank = self.rank[touched[0].elem] if kind == "conv" else 1
-            ok = dim in ((1, 1 - rank) if kind == "conv" else (-1,))
-            why = f"{where} along dim {dim}, not the channel dim"
-        elif kinds == {"flat"}:
-            ok, why = False, f"{where} joins flattened maps (features per channel unknown)"
-        else:
-            ok, why = False, f"{where} joins channels with an untracked tensor"
-        if not ok or self.dirty(items):
-            self.bad(touched, why)
-            return OPAQUE
-        parts, offset = [], 0
-        for item in items:
-            for chan, inner in self.parts(item):
-                parts.append((attrs.evolve(chan, chain=None), offset + inner))
-            offset += self.total(item)
-        return Cat(tuple(parts), kind)
-
-    def chunk(self, x: Chan, args: Any, kwargs: Any, where: str) -> Any:
-        """``torch.chunk`` on the channel dim: each chunk holds a window of the group, and the
-        group keeps the chunks equal (like a grouped conv's groups), so that the chunk sizes,
-        computed from the tensor, still split at the same place after removal."""
-        parts = ops.arg(args, kwargs, 1, "chunks", None)
-        dim = ops.arg(args, kwargs, 2, "dim", 0)
-        rank = self.rank[x.elem] if x.kind == "conv" else 1
-        width = self.width(x)
-        channel_dim = dim in ((1, 1 - rank) if x.kind == "conv" else (-1,))
-        if self.dirty(x) or x.kind == "flat" or not channel_dim or not isinstance(parts, int) \
-                or parts < 1 or width % parts:
-            self.bad(x, f"{where} is not handled (only equal chunks of the channel dim)")
-            return OPAQUE
-        full, step = self.size[self.find(x.elem)], width // parts
-        need = 1
-        out = []
-        for j in range(parts):
-            lo, hi = x.lo + j * step, x.lo + (j + 1) * step
-            need = math.lcm(need, full // math.gcd(full, lo, hi))
-            out.append(attrs.evolve(x, chain=None, lo=lo, hi=None if hi == full else hi))
-        self.grouping[x.elem].append((need, f"{where} ({parts} chunks)"))
-        return tuple(out)
-
     def multiply(self, a: Chan, b: Chan, where: str) -> Any:
         """A channel-wise product (squeeze-and-excitation, gating): channel c of both factors
         goes together, and it is zero when either factor's channel is (so one factor may be a
@@ -411,8 +369,7 @@ class Tracer:
             self.bad((a, b), f"{where} multiplies tensors of different channel layouts"
                      if not (a.nonzero and b.nonzero) else f"{where} multiplies two scales")
             return OPAQUE
-        root = self.union(a.elem, b.elem)
-        return Chan(root, a.kind, None, None, a.lo, a.hi)
+        return self.joined(a, b)
 
     def add(self, node: torch.fx.Node, args: Any, kwargs: Any, where: str) -> Any:
         operands = list(args[:2])
@@ -434,13 +391,19 @@ class Tracer:
         a, b = values
         pa, pb = self.parts(a), self.parts(b)
         layout = len(pa) == len(pb) and all(
-            oa == ob and self.same_channels(ca, cb) for (ca, oa), (cb, ob) in zip(pa, pb))
+            oa == ob and ca.step == cb.step and self.same_channels(ca, cb)
+            for (ca, oa), (cb, ob) in zip(pa, pb))
         if a.kind != b.kind or not layout:
             self.bad(values, f"{where} adds tensors of different channel layouts")
             return OPAQUE
-        joined = [(Chan(self.union(ca.elem, cb.elem), a.kind, None, None, ca.lo, ca.hi), o)
-                  for (ca, o), (cb, _) in zip(pa, pb, strict=True)]
+        joined = [(self.joined(ca, cb), o) for (ca, o), (cb, _) in zip(pa, pb, strict=True)]
         return joined[0][0] if isinstance(a, Chan) else Cat(tuple(joined), a.kind)
+
+    def joined(self, a: Chan, b: Chan) -> Chan:
+        """The channels of ``a`` and ``b`` (same layout) as one element, their rank kept."""
+        rank = self.rank_of(a) if a.kind == "conv" else (a.rank or b.rank)
+        return attrs.evolve(a, elem=self.union(a.elem, b.elem), chain=None, nonzero=None,
+                            rank=rank)
 
     # -- result -------------------------------------------------------------------------------
     def groups(self) -> tuple[ChannelGroup, ...]:
@@ -452,21 +415,23 @@ class Tracer:
         # A module reading or normalising channels of two groups at overlapping places (a
         # module called on two streams) cannot be sliced.
         for (name, _), spans in self.spans.items():
-            for i, (oa, wa, ea) in enumerate(spans):
-                for ob, wb, eb in spans[i + 1:]:
-                    if roots[ea] != roots[eb] and oa < ob + wb and ob < oa + wa:
+            places = [set(range(o, o + s * w, s)) for o, w, _, s in spans]
+            for i, (_, _, ea, _) in enumerate(spans):
+                for j, (_, _, eb, _) in enumerate(spans[i + 1:], i + 1):
+                    if roots[ea] != roots[eb] and places[i] & places[j]:
                         for e in (ea, eb):
                             self.reasons[roots[e]].append(
                                 f"module {name!r} touches channels of several groups")
-        slots: dict[int, list[tuple[str, int, int, int | None]]] = {}
-        for module, offset, elem, lo, hi in self.slots:
-            slots.setdefault(roots[elem], []).append((module, offset, lo, hi))
+        slots: dict[int, list[tuple[str, int, int, int | None, int]]] = {}
+        for i, (module, offset, elem, lo, hi, step) in enumerate(self.slots):
+            dim = self.gate_dim.get(i, 1)
+            slots.setdefault(roots[elem], []).append((module, offset, lo, hi, step, dim))
         return tuple(self.group(r, members[r], unique(slots.get(r, ()))) for r in sorted(members))
 
     def group(self, r: int, elems: list[int], gates: list[Any]) -> ChannelGroup:
         reasons = unique(x for e in elems for x in self.reasons[e])
         kinds = {self.kind[e] for e in elems}
-        copies, width = 1, self.size[r]
+        copies, width, block = 1, self.size[r], 1
         for g, what in unique(x for e in elems for x in self.grouping[e]):
             copies = math.lcm(copies, g)
             if width % copies:
@@ -474,15 +439,28 @@ class Tracer:
                                f"{copies} parts")
                 copies = 1
                 break
+        for w, what in unique(x for e in elems for x in self.blocks.get(e, ())):
+            block = math.lcm(block, w)
+            if width % (copies * block):
+                reasons.append(f"{what} needs the {width} channels in whole blocks of "
+                               f"{block} in each of {copies} equal parts")
+                block = 1
+                break
 
         def window(lo: int, hi: int | None) -> tuple[int, int]:
             return (lo, width if hi is None else hi)
+
+        def steps(records: list[Any]) -> tuple[int, ...]:
+            """Each record's step (its last entry); empty when all are 1."""
+            out = tuple(r[-1] for r in records)
+            return out if any(s != 1 for s in out) else ()
         norms = unique(x for e in elems for x in self.norms[e])
         consumers = unique(x for e in elems for x in self.consumers[e])
         depthwise = unique(x for e in elems for x in self.depthwise[e])
+        scales = unique(x for e in elems for x in self.scales.get(e, ()))
         return ChannelGroup(
             name=self.producer[elems[0]],
-            size=width // copies,
+            size=width // (copies * block),
             producers=tuple(self.producer[e] for e in elems),
             norms=tuple(m for m, *_ in norms),
             consumers=tuple((m, per) for m, per, *_ in consumers),
@@ -497,10 +475,22 @@ class Tracer:
             depthwise=tuple(m for m, *_ in depthwise),
             depthwise_offsets=tuple(o for _, o, *_ in depthwise),
             gate_offsets=tuple(o for _, o, *_ in gates),
-            norm_windows=tuple(window(lo, hi) for *_, lo, hi in norms),
-            consumer_windows=tuple(window(lo, hi) for *_, lo, hi in consumers),
-            depthwise_windows=tuple(window(lo, hi) for *_, lo, hi in depthwise),
-            gate_windows=tuple(window(lo, hi) for *_, lo, hi in gates),
+            norm_windows=tuple(window(lo, hi) for *_, lo, hi, _ in norms),
+            consumer_windows=tuple(window(lo, hi) for *_, lo, hi, _ in consumers),
+            depthwise_windows=tuple(window(lo, hi) for *_, lo, hi, _ in depthwise),
+            gate_windows=tuple(window(lo, hi) for *_, lo, hi, _, _ in gates),
+            norm_steps=steps(norms),
+            consumer_steps=steps(consumers),
+            depthwise_steps=steps(depthwise),
+            gate_steps=steps([g[:-1] for g in gates]),
+            scale_steps=steps(scales),
+            gate_dims=tuple(dim for *_, dim in gates),
+            block=block,
+            renorms=tuple(unique(x for e in elems for x in self.renorms.get(e, ()))),
+            scales=tuple((p, dim) for p, dim, *_ in scales),
+            scale_offsets=tuple(o for _, _, o, *_ in scales),
+            scale_windows=tuple(window(lo, hi) for *_, lo, hi, _ in scales),
+            splits=tuple(unique(x for e in elems for x in self.splits.get(e, ()))),
         )
 
 

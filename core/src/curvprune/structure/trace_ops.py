@@ -23,8 +23,10 @@ __all__ = [
     "ADD", "ADD_METHODS", "CAT", "CHUNK", "CONV", "Cat", "Chan", "FLATTEN_FUNCTIONS", "GATE_FUNCTIONS",
     "GATE_METHODS", "GATE_MODULES", "META_ATTRS", "META_METHODS", "MIXING_FUNCTIONS",
     "MIXING_NORMS", "MUL", "MUL_METHODS", "NORM",
-    "OPAQUE", "Opaque", "PASS_FUNCTIONS", "PASS_METHODS", "PASS_MODULES", "SCALE",
-    "SCALE_METHODS", "VIEW_METHODS", "arg", "chans", "is_leaf_pass", "unique",
+    "Grouped", "OPAQUE", "Opaque", "PASS_FUNCTIONS", "PASS_METHODS", "PASS_MODULES", "Param",
+    "SCALE",
+    "SCALE_METHODS", "Sizes", "VIEW_METHODS", "arg", "chans", "is_leaf", "is_leaf_norm",
+    "is_leaf_pass", "unique",
 ]
 
 #: Modules that map a zero channel to a zero channel and keep channels apart.
@@ -81,9 +83,24 @@ NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _LEAF_PASS = {("torchvision.ops.stochastic_depth", "StochasticDepth")}
 
 
+#: Library LayerNorms over dim 1 of a channel map (channels first), kept as fx leaves so that
+#: the tracer sees one norm module rather than permute, layer_norm, permute.
+_LEAF_NORMS = {("torchvision.models.convnext", "LayerNorm2d")}
+
+
 def is_leaf_pass(module: nn.Module) -> bool:
     """Whether ``module`` is a known library module traced as a leaf and passed through."""
     return (type(module).__module__, type(module).__name__) in _LEAF_PASS
+
+
+def is_leaf_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a known channels-first LayerNorm traced as a leaf."""
+    return (type(module).__module__, type(module).__name__) in _LEAF_NORMS
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Whether the structure tracer keeps ``module`` as an fx leaf (besides torch.nn's)."""
+    return is_leaf_pass(module) or is_leaf_norm(module)
 
 
 @attrs.define
@@ -96,6 +113,10 @@ class Chan:
     chain: single users, no merge), else None. ``nonzero``: why a zero channel is no longer
     zero here (after a sigmoid), else None; such a value may only multiply another channel.
     ``lo``, ``hi``: the window of the element's channels this value holds (a chunk of it).
+    ``rank``: the tensor rank of a channel map whose rank is not its element's (a Linear's
+    features permuted to dim 1 of a map), else None. ``step``: inside a :class:`Cat`, channel
+    ``i`` of the window sits at ``offset + step * i`` (> 1 after a channel shuffle interleaves
+    several windows).
     """
 
     elem: int
@@ -104,6 +125,8 @@ class Chan:
     nonzero: str | None = None
     lo: int = 0
     hi: int | None = None  # the element's channels [lo, hi) after a torch.chunk; None: all
+    rank: int | None = None
+    step: int = 1
 
 
 @attrs.define
@@ -121,6 +144,35 @@ class Opaque:
 OPAQUE = Opaque()
 
 
+class Param(Opaque):
+    """A parameter or buffer read by a ``get_attr`` node (a layer scale): opaque to every op
+    but a channel-wise product, which slices it with the channels it multiplies."""
+
+    def __init__(self, name: str, shape: tuple[int, ...]) -> None:
+        self.name, self.shape = name, shape
+
+
+@attrs.frozen
+class Grouped:
+    """A channel map viewed as ``[N, groups, C / groups, ...]`` (``transposed``: after swapping
+    those two dims): the first two steps of a channel shuffle."""
+
+    value: Any
+    groups: int
+    transposed: bool = False
+
+
+@attrs.frozen
+class Sizes:
+    """``x.size()`` / ``x.shape`` of a traced channel value, or one entry of it (``dim``),
+    divided by ``div`` (``x.size(1) // g``): lets the tracer check that a view's sizes are the
+    tensor's own, not literals that a removal would make stale."""
+
+    of: Any
+    dim: int | None = None
+    div: int = 1
+
+
 def chans(value: Any) -> list[Chan]:
     """Every :class:`Chan` inside nested args (the parts of a :class:`Cat` included)."""
     out: list[Chan] = []
@@ -130,6 +182,8 @@ def chans(value: Any) -> list[Chan]:
             out.append(v)
         elif isinstance(v, Cat):
             out.extend(c for c, _ in v.parts)
+        elif isinstance(v, Grouped):
+            walk(v.value)
         elif isinstance(v, (list, tuple)):
             for item in v:
                 walk(item)

@@ -36,15 +36,21 @@ import torch
 from torch import Tensor
 
 from curvprune.errors import ConfigError, NumericalError
+from curvprune.tensors.comm import collective as _collective
+from curvprune.tensors.comm import communication_seconds, lost_peer
 
 __all__ = [
+    "all_gather_columns",
     "all_gather_rows",
     "all_reduce_sum_",
+    "all_to_all_columns",
     "any_rank",
     "barrier",
     "broadcast_module_",
     "broadcast_object",
     "check_same_across_ranks",
+    "communication_seconds",
+    "lost_peer",
     "data_parallel",
     "init_from_env",
     "is_distributed",
@@ -197,6 +203,7 @@ def _comm_device(like: Tensor) -> torch.device:
     return like.device if like.device.type == "cpu" else torch.device("cpu")
 
 
+@_collective
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` over all ranks, in place, and return it (identity when not distributed).
 
@@ -214,6 +221,7 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
     return tensor
 
 
+@_collective
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
     if not is_distributed():
@@ -225,6 +233,7 @@ def any_rank(flag: bool) -> bool:
     return bool(probe.item() > 0)
 
 
+@_collective
 def all_gather_rows(rows: Tensor, counts: Sequence[int]) -> Tensor:
     """Concatenate every rank's rows in rank order: ``[sum(counts), …]``.
 
@@ -254,6 +263,65 @@ def all_gather_rows(rows: Tensor, counts: Sequence[int]) -> Tensor:
     return out.to(rows.device)
 
 
+@_collective
+def all_to_all_columns(
+    rows: Tensor, counts: Sequence[int], bounds: Sequence[tuple[int, int]]
+) -> Tensor:
+    """Exchange one round of row chunks so that every rank ends with its own columns of all.
+
+    Rank q holds a chunk ``[counts[q], d]``; rank r owns the columns ``bounds[r] = [lo, hi)``.
+    One ``all_to_all_single`` (variable splits) sends each rank its columns of every chunk,
+    so no rank ever holds more than its own chunk plus its share of the round.
+
+    Args:
+        rows: this rank's chunk ``[counts[rank], d]``.
+        counts: every rank's number of rows this round (may hold zeros).
+        bounds: every rank's column range, contiguous and tiling ``[0, d)`` in rank order.
+
+    Returns:
+        ``[sum(counts), hi - lo]``: this rank's columns of rank 0's rows, then rank 1's, …
+        (the single-process order of the round), on ``rows``' device. In one process:
+        ``rows[:, lo:hi]`` for ``bounds[0]``.
+    """
+    me = rank()
+    lo, hi = bounds[me]
+    if not is_distributed():
+        return rows[:, lo:hi]
+    if len(counts) != world_size() or rows.shape[0] != counts[me]:
+        raise ValueError(
+            f"all_to_all_columns: counts {list(counts)} do not match the world size "
+            f"{world_size()} or this rank's {rows.shape[0]} rows"
+        )
+    where = _comm_device(rows)
+    # pieces in rank order: with a single row that is the row itself (no copy)
+    if rows.shape[0] == 1 and rows.is_contiguous():
+        send = rows.reshape(-1).to(where)
+    else:
+        send = torch.cat([rows[:, a:b].reshape(-1) for a, b in bounds]).to(where)
+    received = torch.empty(sum(counts) * (hi - lo), dtype=rows.dtype, device=where)
+    torch.distributed.all_to_all_single(
+        received, send,
+        output_split_sizes=[n * (hi - lo) for n in counts],
+        input_split_sizes=[counts[me] * (b - a) for a, b in bounds],
+    )
+    return received.view(sum(counts), hi - lo).to(rows.device)
+
+
+def all_gather_columns(local: Tensor, widths: Sequence[int]) -> Tensor:
+    """Concatenate every rank's columns in rank order: ``[…, sum(widths)]``.
+
+    Args:
+        local: this rank's columns, ``[w]`` or ``[n, w]`` with ``w = widths[rank]``.
+        widths: every rank's number of columns (may hold zeros).
+    """
+    if not is_distributed():
+        return local
+    if local.dim() == 1:
+        return all_gather_rows(local.unsqueeze(1), widths).squeeze(1)
+    return all_gather_rows(local.mT.contiguous(), widths).mT
+
+
+@_collective
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` as rank ``src`` has it, on every rank (a picklable value; identity alone)."""
     if not is_distributed():
@@ -300,6 +368,7 @@ def _fingerprint(tensor: Tensor) -> Tensor:
     return torch.cat([total, count]).cpu()
 
 
+@_collective
 def check_same_across_ranks(
     tensors: Tensor | Sequence[Tensor],
     what: str,

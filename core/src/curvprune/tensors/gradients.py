@@ -41,8 +41,7 @@ generator and the chunk's index, so they do not depend on which rank computes th
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -50,10 +49,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from curvprune.errors import ConfigError, CurvpruneError, NumericalError, SampleReuseWarning
+from curvprune.errors import ConfigError, CurvpruneError, NumericalError
 from curvprune.tensors import distributed
 from curvprune.tensors.layout import ParamLayout
 from curvprune.tensors.linear_rows import NotClosedForm, linear_owners, linear_rows
+from curvprune.tensors.sample_chunks import sample_chunks
 
 __all__ = ["GradientSource", "LossFn", "default_chunk_size", "default_loss"]
 
@@ -165,7 +165,12 @@ class GradientSource:
 
     # -- main entry point ------------------------------------------------------------------------
     def iter_grads(
-        self, batches: Iterable[Any], num_grads: int, *, gather: bool = False
+        self,
+        batches: Iterable[Any],
+        num_grads: int,
+        *,
+        gather: bool = False,
+        columns: Sequence[tuple[int, int]] | None = None,
     ) -> Iterator[Tensor]:
         """Yield chunks ``[k, d]`` (the parameters' dtype and device), ``num_grads`` rows in all.
 
@@ -179,6 +184,11 @@ class GradientSource:
                 single-process order (``num_grads`` rows on each rank). False: yield only this
                 rank's chunks (about ``num_grads / W`` rows), then call :meth:`synchronize`.
                 Ignored in a single process.
+            columns: under torch.distributed, every rank's column range (tiling ``[0, d)``):
+                each round's chunks are exchanged so that this rank gets its columns of all of
+                them (``[rows, hi − lo]`` in the single-process order, one all-to-all per round;
+                :class:`curvprune.pipeline.sharding.ShardedEstimator`); the running sums cover
+                this rank's own rows (call :meth:`synchronize`). Ignored in a single process.
 
         Raises:
             ConfigError: the data holds no sample, or runs out and cannot be restarted, or
@@ -200,13 +210,13 @@ class GradientSource:
         label_seed = self._label_seed() if self.fisher == "true" else 0
         compute = self._vectorised(frozen)
         self._closed_form = linear_owners(self.model, self.layout)
-        self._local = size > 1 and not gather
+        exchange = size > 1 and (gather or columns is not None)
+        self._local = size > 1 and (columns is not None or not gather)
         was_training = self.model.training
         self.model.eval()
         try:
-            stream = self._sample_chunks(
-                batches, num_grads * self.fisher_mini_batch, rows_per_chunk * self.fisher_mini_batch
-            )
+            per = self.fisher_mini_batch
+            stream = sample_chunks(batches, num_grads * per, rows_per_chunk * per, self._took)
             mine: tuple[Tensor, Tensor, Tensor | None] | None = None
             failure: Exception | None = None
             for j, (xs, ys) in enumerate(stream):
@@ -219,10 +229,10 @@ class GradientSource:
                         mine = self._chunk_grads(compute, selected, frozen, xs, ys, device,
                                                  label_seed + j)
                     except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-                        if size == 1 or not gather:
+                        if not exchange:
                             raise
                         failure, mine = exc, None
-                if size == 1 or not gather:
+                if not exchange:
                     if j % size == me:
                         assert mine is not None
                         self._track(*mine)
@@ -245,10 +255,13 @@ class GradientSource:
                         raise CurvpruneError(
                             "another rank failed while computing gradients; see its error"
                         )
-                    for flat, losses in self._gather_round(mine, counts, device):
-                        self._track(flat, losses)
-                        setattr(flat, _COVERED_BY, self)
-                        yield flat
+                    if columns is not None:  # chunk by chunk, as one process feeds them
+                        yield from self._exchange_round(mine, counts, columns, device)
+                    else:
+                        for flat, losses in self._gather_round(mine, counts, device):
+                            self._track(flat, losses)
+                            setattr(flat, _COVERED_BY, self)
+                            yield flat
                     mine = None
         finally:
             self.model.train(was_training)
@@ -392,6 +405,30 @@ class GradientSource:
                 yield every[start : start + n, :d], every[start : start + n, d]
             start += n
 
+    def _exchange_round(
+        self,
+        mine: tuple[Tensor, Tensor, Tensor | None] | None,
+        counts: list[int],
+        columns: Sequence[tuple[int, int]],
+        device: torch.device,
+    ) -> Iterator[Tensor]:
+        """This rank's columns of one round's chunks (its own chunk counted in the sums)."""
+        if mine is None:
+            dtype = self.layout.parameters(self.model)[0].dtype
+            rows = torch.zeros(0, self.layout.d, dtype=dtype, device=device)
+        else:
+            self._track(*mine)
+            rows = mine[0]
+        # the finiteness of every row is in the synchronized sums (check_finite)
+        out = distributed.all_to_all_columns(rows, counts, columns)
+        start = 0
+        for n in counts:
+            if n:
+                piece = out[start : start + n]
+                setattr(piece, _COVERED_BY, self)
+                yield piece
+            start += n
+
     def _label_seed(self) -> int:
         """One draw from the generator (the same on every rank: rank 0's is broadcast)."""
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator,
@@ -419,6 +456,9 @@ class GradientSource:
             probs = torch.softmax(logits.float(), dim=-1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
+    def _took(self, samples: int) -> None:
+        self.samples_used += samples
+
     def _track(self, flat: Tensor, losses: Tensor, column_sum: Tensor | None = None) -> None:
         if column_sum is None:
             column_sum = flat.sum(dim=0)
@@ -429,57 +469,3 @@ class GradientSource:
             self._sum += column_sum
             self._loss_sum += loss_sum
         self.rows += flat.shape[0]
-
-    def _sample_chunks(
-        self, batches: Iterable[Any], total: int, per_chunk: int
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Regroup ``batches`` into chunks of ``per_chunk`` samples, ``total`` samples in all."""
-        pending_x: list[Tensor] = []
-        pending_y: list[Tensor] = []
-        have = 0
-        remaining = total
-        restartable = not isinstance(batches, Iterator)
-        passes = 0
-        while remaining > 0:
-            seen_in_pass = 0
-            for batch in batches:
-                x, y = _split_batch(batch)
-                seen_in_pass += x.shape[0]
-                pending_x.append(x)
-                pending_y.append(y)
-                have += x.shape[0]
-                while have >= min(per_chunk, remaining) and remaining > 0:
-                    take = min(per_chunk, remaining)
-                    xs, ys = torch.cat(pending_x), torch.cat(pending_y)
-                    yield xs[:take], ys[:take]
-                    self.samples_used += take
-                    pending_x, pending_y = [xs[take:]], [ys[take:]]
-                    have -= take
-                    remaining -= take
-                if remaining <= 0:
-                    return
-            passes += 1
-            if seen_in_pass == 0:
-                raise ConfigError("the data holds no sample to compute gradients on @ data")
-            if not restartable:
-                raise ConfigError(
-                    f"the data ran out after {self.samples_used + have} samples; gradients need "
-                    f"{total} (num_grads × fisher_mini_batch): pass a re-iterable DataLoader "
-                    "or lower num_grads"
-                )
-            if passes == 1:
-                warnings.warn(
-                    f"the data holds {seen_in_pass} samples but the gradients need {total} "
-                    f"(num_grads × fisher_mini_batch): samples are reused "
-                    f"{-(-total // seen_in_pass)} times over; lower num_grads or add data",
-                    SampleReuseWarning,
-                    stacklevel=2,
-                )
-
-
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ConfigError(
-        f"each batch must be an (inputs, targets) pair, got {type(batch).__name__} @ data"
-    )

@@ -369,8 +369,9 @@ def _selector_matches(selector: str, pname: str, mname: str, module: nn.Module) 
         return re.fullmatch(selector[3:], pname) is not None
     if selector == pname:
         return True
-    # A module selector (type name or module name) picks that module's ``weight``.
-    is_weight = pname.rsplit(".", 1)[-1] == "weight"
+    # A module selector (type name or module name) picks that module's ``weight`` (for
+    # ``nn.MultiheadAttention``, its packed ``in_proj_weight``: its heads' rows).
+    is_weight = pname.rsplit(".", 1)[-1] in ("weight", "in_proj_weight")
     by_type = any(c.__name__ == selector for c in type(module).__mro__)
     return is_weight and (by_type or selector == mname)
 

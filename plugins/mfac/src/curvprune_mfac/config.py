@@ -9,13 +9,19 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import attrs
+import torch
 
 from curvprune import EstimatorConfig
 
-__all__ = ["Algorithm", "BlockMode", "MFACConfig"]
+__all__ = ["Algorithm", "BlockMode", "MFACConfig", "StorageDtype"]
 
 Algorithm = Literal["static", "dynamic"]
 BlockMode = Literal["alive", "fixed"]
+StorageDtype = Literal["float32", "float64", "bfloat16", "float16"]
+STORAGE_DTYPES = {
+    "float32": torch.float32, "float64": torch.float64,
+    "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
 
 
 def _at_least_one(_: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -72,6 +78,11 @@ class MFACConfig(EstimatorConfig):
             sees exactly the gradients fed. A smaller window keeps the last ``window`` of them;
             a larger one holds all ``num_grads`` (F then averages over those actually held).
             Ignored by ``static``.
+        storage_dtype: the dtype the static algorithm stores its m×d gradient matrix G (and Ŵ,
+            which overwrites it) in: ``"bfloat16"`` or ``"float16"`` halve the estimator's
+            memory; every product reads G in pieces converted to ``dtype``, so only the stored
+            values are rounded (the error this adds is measured in docs/benchmarks.md). Default
+            None: ``dtype``. Static only.
     """
 
     damping: float = attrs.field(default=1e-5, converter=float, validator=_positive)
@@ -90,8 +101,17 @@ class MFACConfig(EstimatorConfig):
     num_grads: int = attrs.field(default=64, validator=_at_least_one)
     fisher_mini_batch: int = attrs.field(default=32, validator=_at_least_one)
     window: int | None = attrs.field(default=None, validator=_optional_at_least_one)
+    storage_dtype: StorageDtype | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.in_(tuple(STORAGE_DTYPES))),
+    )
 
     def __attrs_post_init__(self) -> None:
+        if self.storage_dtype is not None and self.algorithm == "dynamic":
+            raise ValueError(
+                "storage_dtype applies to algorithm = 'static' (the dynamic window updates its "
+                "stored gradients in place at every step); remove it or use static"
+            )
         if self.blocks == "alive" and self.algorithm == "dynamic":
             raise ValueError(
                 "blocks = 'alive' needs algorithm = 'static' (a sliding window outlives the mask "
@@ -109,6 +129,13 @@ class MFACConfig(EstimatorConfig):
     def alive_blocks(self) -> bool:
         """Blocks of B live weights (``block_mode == "alive"`` with a ``block_size``)."""
         return self.block_mode == "alive" and self.block_size is not None
+
+    @property
+    def storage_torch_dtype(self) -> torch.dtype:
+        """The dtype G is stored in: ``storage_dtype``, or ``dtype`` when unset."""
+        if self.storage_dtype is None:
+            return self.torch_dtype
+        return STORAGE_DTYPES[self.storage_dtype]
 
     @property
     def window_size(self) -> int:

@@ -33,6 +33,7 @@ holds the whole m·d matrix (memory is not sharded).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -98,7 +99,7 @@ class MFACEstimator(CurvatureEstimator):
         """
         cfg = _as_mfac(config)
         b, m, width = cls._shape(sizes, cfg)
-        itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
+        itemsize = cfg.storage_torch_dtype.itemsize
         total = b * m * width * itemsize + 3 * b * m * m * 8
         if cfg.alive_blocks:  # G whole, then its live columns packed: two copies at a time
             total = max(2 * b * m * width * itemsize, total)
@@ -111,9 +112,19 @@ class MFACEstimator(CurvatureEstimator):
         """``alive`` blocks hold G whole (m·d) while gradients stream in; the rest is the peak."""
         cfg = _as_mfac(config)
         if cfg.alive_blocks:
-            itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
-            return cfg.num_grads * layout.d * itemsize
+            return cfg.num_grads * layout.d * cfg.storage_torch_dtype.itemsize
         return super().plan_held_bytes(layout, config)
+
+    @classmethod
+    def plan_update_bytes(cls, rows: int, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """Unblocked static (and ``alive``, packed only when frozen) stores the rows as they
+        come, a view written straight into G: no copy beside them (a cast is written in
+        place too). Fixed blocks pack each chunk into padded blocks (one copy); the window
+        keeps the default."""
+        cfg = _as_mfac(config)
+        if cfg.algorithm == "static" and (cfg.block_size is None or cfg.alive_blocks):
+            return 0
+        return super().plan_update_bytes(rows, layout, config)
 
     @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
@@ -123,6 +134,19 @@ class MFACEstimator(CurvatureEstimator):
         if cfg.algorithm == "static":
             return float(4 * m * m * b * width + b * m**3)
         return float(2 * cfg.num_grads * m * b * width + b * m**3 / 3)
+
+    @property
+    def sharding(self) -> Literal["separable", "coupled"] | None:  # type: ignore[override]
+        """``"separable"`` with fixed blocks (they never cross a parameter), ``"coupled"`` for
+        the unblocked static algorithm (GGᵀ and Ŵx are sums over the columns, see
+        :mod:`curvprune_mfac.static`), None for ``alive`` blocks (they cross parameters and
+        move with the mask) and the unblocked window (one collective per gradient)."""
+        cfg = self.config
+        if cfg.alive_blocks:
+            return None
+        if cfg.block_size is not None:
+            return "separable"
+        return "coupled" if cfg.algorithm == "static" else None
 
     # -- life cycle ---------------------------------------------------------------------------
     @property
@@ -138,10 +162,11 @@ class MFACEstimator(CurvatureEstimator):
         self._unchecked = []
         # G is never zero-filled: update writes rows [count, count + k) whole (padding columns
         # included, BlockLayout.pack zero-pads) and only rows [0, count) are ever read
+        stored = self.config.storage_torch_dtype
         if self.config.alive_blocks:  # G whole; blocks of live columns are cut when frozen
-            self._grads = torch.empty(1, m, self.d, dtype=self.dtype, device=self.device)
+            self._grads = torch.empty(1, m, self.d, dtype=stored, device=self.device)
         elif self.config.algorithm == "static":
-            self._grads = torch.empty(b, m, width, dtype=self.dtype, device=self.device)
+            self._grads = torch.empty(b, m, width, dtype=stored, device=self.device)
         else:
             self._window = SlidingWindow(b, m, width, damping=self.config.damping,
                                          dtype=self.dtype, device=self.device)
@@ -200,8 +225,10 @@ class MFACEstimator(CurvatureEstimator):
                 self._static = self._freeze_alive()
                 return self._static
             grads = self._grads[:, : self._count]
-            self._static = StaticInverse.from_gradients_(grads, self._count,
-                                                         self.config.damping)
+            self._static = StaticInverse.from_gradients_(
+                grads, self._count, self.config.damping, dtype=self.dtype,
+                reduce=self.sum_over_shards,
+            )
             self._grads = None  # Ŵ lives in the same storage
         return self._static
 
@@ -210,7 +237,8 @@ class MFACEstimator(CurvatureEstimator):
         # Scale each row by a power of two near its largest entry (exact in binary floating
         # point): v/λ and the correction then stay clear of underflow and overflow whatever the
         # scale of v (F⁻¹ is linear, so the scale is put back exactly).
-        amax = v.abs().amax(dim=1, keepdim=True)
+        # (sharded: the sum of the shards' maxima, within W× of the largest: a common scale)
+        amax = self.sum_over_shards(v.abs().amax(dim=1, keepdim=True))
         scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(amax))), 1.0)
         v = v / scale
         if self._alive is not None:  # dead coordinates: (F⁻¹v)_q = v_q/λ
@@ -267,14 +295,15 @@ class MFACEstimator(CurvatureEstimator):
         n = int(self._alive.numel())
         width = max(1, min(self.config.block_size, n))
         n_blocks = max(1, -(-n // width))
-        flat = torch.empty(self._count, n_blocks * width, dtype=self.dtype, device=self.device)
+        flat = torch.empty(self._count, n_blocks * width, dtype=grads.dtype, device=self.device)
         flat[:, :n] = grads[:, self._alive]
         flat[:, n:].zero_()  # only the padding after the last live column needs zeros
         del grads
         self._grads = None  # at most two copies of G at a time (memory_bytes)
         packed = flat.reshape(self._count, n_blocks, width).transpose(0, 1).contiguous()
         del flat
-        return StaticInverse.from_gradients_(packed, self._count, self.config.damping)
+        return StaticInverse.from_gradients_(packed, self._count, self.config.damping,
+                                             dtype=self.dtype)
 
     def _pack_alive(self, x: Tensor) -> Tensor:
         """``[n, d]`` to ``[n, b, B]``: the live coordinates, zero-padded after the last."""

@@ -21,9 +21,21 @@ sequential passes of the recursion. Ŵ overwrites G, so the state is m·d number
 Everything is batched over independent diagonal blocks: gradients are ``[b, m, W]`` (b blocks of
 padded width W; the unblocked algorithm is b = 1, W = d). Padding columns hold zero gradients,
 so they keep [F⁻¹]_qq = 1/λ and never couple to real coordinates.
+
+**Sharded by columns** (unblocked, over torch.distributed ranks; rank s holds the columns G_s):
+GGᵀ = Σ_s G_sGₛᵀ is one all-reduce of an m×m matrix, after which every rank has the same C;
+Ŵ_s = C⁻¹G_s/λ is local; F⁻¹x restricted to rank s's columns is x_s/λ − Ŵₛᵀ(Σ_r Ŵ_r x_r), one
+all-reduce of the m-vector Ŵx per product; [F⁻¹]_qq and entries within a shard are local. The
+``reduce`` argument is that all-reduce (the identity in one process).
+
+**Storage in half precision** (``storage_dtype``): G and Ŵ may be held in bfloat16/float16;
+every product reads them in column pieces converted to the compute dtype, so only the stored
+values are rounded (measured in docs/benchmarks.md), never the accumulations.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -68,16 +80,34 @@ class StaticInverse:
     """F⁻¹ = I/λ − ŴᵀŴ for a fixed set of gradients, per block.
 
     Attributes:
-        scaled: Ŵ = C⁻¹G/λ, ``[b, m, W]``; row i is the paper's vᵢ/√denᵢ.
+        scaled: Ŵ = C⁻¹G/λ, ``[b, m, W]``; row i is the paper's vᵢ/√denᵢ (in the storage dtype).
         damping: λ.
+        dtype: the compute dtype (that of the products' inputs and outputs).
+        reduce: sums a partial sum over the column shards (identity unless sharded).
     """
 
-    def __init__(self, scaled: Tensor, damping: float) -> None:
+    def __init__(
+        self,
+        scaled: Tensor,
+        damping: float,
+        dtype: torch.dtype | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         self.scaled = scaled
         self.damping = damping
+        self.dtype = dtype or scaled.dtype
+        self.reduce = reduce or _identity
 
     @classmethod
-    def from_gradients_(cls, grads: Tensor, count: int, damping: float) -> StaticInverse:
+    def from_gradients_(
+        cls,
+        grads: Tensor,
+        count: int,
+        damping: float,
+        *,
+        dtype: torch.dtype | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> StaticInverse:
         """Build the factors, overwriting ``grads`` with Ŵ (M-FAC Sec. 3.1, GEMM form).
 
         Args:
@@ -85,29 +115,64 @@ class StaticInverse:
                 give zero rows of Ŵ). Overwritten in place.
             count: the m of the 1/m scaling (number of real gradients).
             damping: λ.
+            dtype: the compute dtype (default: ``grads``'); ``grads`` may be stored lower.
+            reduce: all-reduce of the partial Gram matrix over column shards.
 
         Cost: O(b·m²·W) for the Gram matrix and for Ŵ, O(b·m³) for the m×m algebra.
         """
-        gram = grads @ grads.mT
+        dtype = dtype or grads.dtype
+        reduce = reduce or _identity
+        width = grads.shape[-1]
+        if grads.dtype == dtype:
+            gram = grads @ grads.mT
+        else:  # stored low: accumulate the Gram matrix from pieces read in the compute dtype
+            m = grads.shape[-2]
+            gram = torch.zeros(*grads.shape[:-2], m, m, dtype=dtype, device=grads.device)
+            for start in range(0, width, _COLUMN_CHUNK):
+                cols = grads[..., start : start + _COLUMN_CHUNK].to(dtype)
+                gram += cols @ cols.mT
+        gram = reduce(gram)
         factor = capacitance_cholesky(gram, count, damping)
         eye = torch.eye(factor.shape[-1], dtype=torch.float64, device=factor.device)
         coeff = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
-        coeff = (coeff / damping).to(grads.dtype)  # C⁻¹/λ, lower triangular
-        width = grads.shape[-1]
+        coeff = (coeff / damping).to(dtype)  # C⁻¹/λ, lower triangular
         for start in range(0, width, _COLUMN_CHUNK):  # loop over column chunks of d, not weights
             cols = grads[..., start : start + _COLUMN_CHUNK]
-            cols.copy_(coeff @ cols)
-        return cls(grads, damping)
+            cols.copy_(coeff @ cols.to(dtype))
+        return cls(grads, damping, dtype, reduce)
 
     def ihvp(self, x: Tensor) -> Tensor:
         """F⁻¹x = x/λ − Ŵᵀ(Ŵx) for ``x`` ``[n, b, W]``: two passes over Ŵ, O(n·m·d)."""
         xt = x.permute(1, 2, 0)  # [b, W, n]
-        back = self.scaled.mT @ (self.scaled @ xt)  # [b, W, n]
-        return x / self.damping - back.permute(2, 0, 1)
+        if self.scaled.dtype == self.dtype:
+            back = self.scaled.mT @ self.reduce(self.scaled @ xt)  # [b, W, n]
+            return x / self.damping - back.permute(2, 0, 1)
+        width = self.scaled.shape[-1]
+        projected = None
+        for start in range(0, width, _COLUMN_CHUNK):
+            piece = self.scaled[..., start : start + _COLUMN_CHUNK].to(self.dtype)
+            part = piece @ xt[..., start : start + _COLUMN_CHUNK, :]
+            projected = part if projected is None else projected + part
+        assert projected is not None
+        projected = self.reduce(projected)  # Ŵx, [b, m, n]
+        out = x / self.damping
+        for start in range(0, width, _COLUMN_CHUNK):
+            piece = self.scaled[..., start : start + _COLUMN_CHUNK].to(self.dtype)
+            out[..., start : start + _COLUMN_CHUNK] -= (piece.mT @ projected).permute(2, 0, 1)
+        return out
 
     def diagonal(self) -> Tensor:
         """[F⁻¹]_qq = 1/λ − Σᵢ Ŵ_iq², ``[b, W]``: O(m) per entry, O(d·m) in all."""
-        norms = torch.linalg.vector_norm(self.scaled, dim=-2)
+        if self.scaled.dtype == self.dtype:
+            norms = torch.linalg.vector_norm(self.scaled, dim=-2)
+        else:
+            width = self.scaled.shape[-1]
+            norms = torch.cat([
+                torch.linalg.vector_norm(
+                    self.scaled[..., start : start + _COLUMN_CHUNK].to(self.dtype), dim=-2
+                )
+                for start in range(0, width, _COLUMN_CHUNK)
+            ], dim=-1)
         return 1.0 / self.damping - norms.square()
 
     def columns(self, block: Tensor, position: Tensor) -> Tensor:
@@ -115,4 +180,8 @@ class StaticInverse:
 
         [F⁻¹]_pq = δ_pq/λ − ⟨Ŵ_:p, Ŵ_:q⟩, so each entry of F⁻¹ costs O(m).
         """
-        return self.scaled.mT[block[:, None], position]
+        return self.scaled.mT[block[:, None], position].to(self.dtype)
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor

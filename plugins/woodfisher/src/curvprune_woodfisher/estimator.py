@@ -236,6 +236,12 @@ class WoodFisherEstimator(CurvatureEstimator):
         algorithm = self.algorithm or self.config.algorithm
         return "sum" if algorithm == "gram" else "gather"
 
+    @property
+    def sharding(self) -> Literal["separable", "coupled"] | None:  # type: ignore[override]
+        """``"separable"`` when blocked (blocks never cross a parameter, so a run of whole
+        blocks is estimated exactly on its own columns); None for one block over all weights."""
+        return "separable" if self.config.block_size is not None else None
+
     def _all_reduce(self) -> None:
         """Sum the Gram blocks Gₘ and the count m over the ranks, then invert them (``gram``).
 

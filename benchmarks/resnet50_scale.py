@@ -1,0 +1,131 @@
+"""ResNet-50 one-shot WoodFisher on one machine: one process against two sharded ranks.
+
+torchvision ``resnet50(weights=None)`` (1000 classes, 25.5 M selected conv/linear weights),
+``--num-grads`` per-sample gradients of random 224×224 images, WoodFisher ``gram`` with B = 128,
+one step to 50 % with a global OBS mask, through ``curvprune.Pipeline``:
+
+* **one process** with ``--threads`` torch threads (the whole d×B block state on one rank);
+* **two gloo processes** with one thread each and ``[prune] shard = "auto"`` (each holds half
+  the blocks and receives its columns of every gradient, one all-to-all per round).
+
+For each it prints the plan's per-rank total against the measured growth of the resident set
+over the prune (``VmHWM`` reset before it, minus the resident set before it: the tensors plus
+the allocator's slack, without the interpreter and the model, which exist before), and the
+wall time. The two runs are long (minutes each on 2 cores): run them on a quiet machine::
+
+    python benchmarks/resnet50_scale.py                 # m = 1024: both runs
+    python benchmarks/resnet50_scale.py --quick         # a small model, m = 4: smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, TensorDataset
+
+from curvprune import Pipeline
+from curvprune.pipeline.rankstats import phase_peak_bytes, reset_phase_peak
+from curvprune.testing.distributed import run_distributed
+
+from _machine import describe
+
+HEADLINE = r"^ratio .*$"
+FULL_ARGS = ("--num-grads", "1024")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--num-grads", type=int, default=1024, help="per-sample gradients m")
+    parser.add_argument("--image", type=int, default=224, help="image side")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the one process")
+    parser.add_argument("--only", choices=("one", "two"), help="run one side only")
+    parser.add_argument("--block-size", type=int, default=128, help="woodfisher block size B")
+    parser.add_argument("--arch", default="resnet50", help="a torchvision classification model")
+    parser.add_argument("--quick", action="store_true",
+                        help="mobilenet_v3_small, m = 4, 64×64, B = 16: smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.arch, args.num_grads, args.image, args.block_size = "mobilenet_v3_small", 4, 64, 16
+    return args
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):  # noqa: SIM115 - a short read
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _prune(args: argparse.Namespace, world: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.arch)(weights=None).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.num_grads, 3, args.image, args.image, generator=gen)
+    y = torch.randint(0, 1000, (args.num_grads,), generator=gen)
+    data = DataLoader(TensorDataset(x, y), batch_size=32)
+    pipeline = Pipeline.from_config({
+        "estimator": {"name": "woodfisher", "algorithm": "gram", "block_size": args.block_size,
+                      "num_grads": args.num_grads, "damping": 1e-4},
+        "scorer": {"name": "obs"}, "schedule": {"name": "oneshot"}, "mask": {"name": "global"},
+        "prune": {"sparsity": 0.5, "loss_samples": 0},
+    })
+    plan = pipeline.plan(model, world_size=world)
+    before = _rss()
+    measured = reset_phase_peak(torch.device("cpu"))
+    started = time.perf_counter()
+    result = pipeline.prune(model, data)
+    seconds = time.perf_counter() - started
+    peak = phase_peak_bytes(torch.device("cpu")) if measured else None
+    return {
+        "seconds": seconds, "planned": plan.total_bytes, "estimator": plan.memory["estimator"],
+        "growth": None if peak is None else peak - before, "d": plan.layout.d,
+        "sparsity": result.sparsity, "ranks": result.steps[0].ranks,
+    }
+
+
+def _worker(rank: int, world_size: int, argv: list[str]) -> dict[str, Any]:
+    return _prune(parse_args(argv), world_size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rows = []
+    if args.only in (None, "one"):
+        torch.set_num_threads(args.threads)
+        rows.append((f"1 process × {args.threads} threads", [_prune(args, 1)]))
+    if args.only in (None, "two"):
+        ranks = run_distributed(_worker, (list(argv or sys.argv[1:]),), world_size=2,
+                                timeout=7200)
+        rows.append(("2 ranks × 1 thread", ranks))
+    gib = 2**30
+    print(f"machine: {describe()}")
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}; {args.arch}, "
+          f"{rows[0][1][0]['d']:,} selected weights, m = {args.num_grads}, "
+          f"{args.image}×{args.image}, woodfisher gram B = {args.block_size}, 50 % global")
+    print()
+    print("| run | rank | wall (s) | plan per rank (GiB) | measured growth (GiB) | "
+          "measured / plan |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, results in rows:
+        for rank, r in enumerate(results):
+            growth = r["growth"]
+            ratio = "–" if growth is None else f"{growth / r['planned']:.2f}"
+            shown = "–" if growth is None else f"{growth / gib:.2f}"
+            print(f"| {name} | {rank} | {r['seconds']:.0f} | {r['planned'] / gib:.2f} | "
+                  f"{shown} | {ratio} |")
+    print()
+    for name, results in rows:
+        worst = max(results, key=lambda r: r["seconds"])
+        print(f"ratio {name}: {worst['seconds']:.0f} s, plan {worst['planned'] / gib:.2f} GiB "
+              "per rank")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
