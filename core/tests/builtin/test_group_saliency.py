@@ -234,3 +234,16 @@ def test_mean_normalization_of_group_sums_is_relative_to_the_group():
     last = group == layout.n_structure_groups - 1
     assert int(last.sum()) == 5
     torch.testing.assert_close(scorer.score(ctx)[last], scores[last])
+
+
+def test_groups_not_yet_covered_fall_back_to_the_producers_rows_with_a_warning():
+    """A LayerNorm over a group's channels (``renorms``) is not counted yet: the scorer says
+    so and scores that model by the producers' rows, rather than a partial group sum."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 5),
+                          nn.ReLU(), nn.Linear(5, 3))
+    layout = structured(model)
+    assert layout.structures.groups[0].renorms
+    with pytest.warns(UserWarning, match="cannot yet count every parameter.*renorms"):
+        scores = _scores(model, layout, norm="l1")
+    torch.testing.assert_close(scores, _scores(model, layout, norm="l1", extent="producers"))

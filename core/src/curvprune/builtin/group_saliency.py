@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from curvprune.tensors.layout import ParamLayout
 
-__all__ = ["group_sums"]
+__all__ = ["group_sums", "unsupported_group"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -42,6 +42,32 @@ class _Axes:
     def __init__(self, rows: int, inputs: int) -> None:
         self.rows = torch.full((rows,), -1, dtype=torch.long)
         self.inputs = torch.full((max(inputs, 0),), -1, dtype=torch.long)
+
+
+def unsupported_group(structures: Any, model: nn.Module) -> str | None:
+    """Why :func:`group_sums` cannot count some group exactly, or None.
+
+    Covered: producers, BatchNorm-like norms, depthwise convolutions and Conv/Linear consumers,
+    at offsets and windows (concatenations, chunks), with grouped-conv copies. Not yet covered
+    (the caller falls back to the producers' rows): channel strides after a shuffle, GroupNorm
+    blocks, LayerNorms and layer scales over the channels, and entries that are not plain
+    modules (attention in-projections).
+    """
+    modules = dict(model.named_modules())
+    for g in structures.groups:
+        if getattr(g, "block", 1) != 1:
+            return f"group {g.name!r} has GroupNorm blocks"
+        for what in ("renorms", "scales", "splits"):
+            if getattr(g, what, ()):
+                return f"group {g.name!r} has {what}"
+        for what in ("norm_steps", "consumer_steps", "depthwise_steps"):
+            if any(step != 1 for step in getattr(g, what, ())):
+                return f"group {g.name!r} has strided channels (a shuffle)"
+        names = [*g.producers, *g.norms, *g.depthwise, *(m for m, _ in g.consumers)]
+        missing = [n for n in names if n not in modules]
+        if missing:
+            return f"group {g.name!r} reads {missing[0]!r}, which is not a plain module"
+    return None
 
 
 def _input_width(module: nn.Module) -> int:

@@ -16,13 +16,14 @@ a trained point,
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import attrs
 import torch
 from torch import Tensor
 
-from curvprune.builtin.group_saliency import group_sums
+from curvprune.builtin.group_saliency import group_sums, unsupported_group
 from curvprune.errors import ConfigError
 from curvprune.plugin.manager import hookimpl
 from curvprune.plugin.registry import Register
@@ -95,7 +96,15 @@ class MagnitudeScorer(SaliencyScorer):
             return w.abs()
         layout = ctx.layout
         fn = torch.abs if self.config.norm == "l1" else torch.square
+        why = None
         if self.config.extent == "group" and hasattr(layout.structures, "groups"):
+            why = unsupported_group(layout.structures, ctx.model)
+            if why is not None:
+                warnings.warn(f"magnitude extent = 'group' cannot yet count every parameter "
+                              f"of this model's groups ({why}); it scores the producers' "
+                              "rows only", stacklevel=2)
+        if self.config.extent == "group" and hasattr(layout.structures, "groups") \
+                and why is None:
             out = group_sums(ctx.model, layout, ctx.weights, ctx.mask, fn)
         else:
             out = layout.structure_sums(layout.channel_sums(fn(w)))
