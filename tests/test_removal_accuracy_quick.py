@@ -27,7 +27,7 @@ def test_removal_accuracy_quick() -> None:
     out = proc.stdout
     assert re.search(r"^machine: .+, \d+ cores, torch threads 1$", out, re.MULTILINE)
     assert re.search(r"^versions: torch .+, torch-pruning \d", out, re.MULTILINE)
-    assert len(re.findall(r"^right after removal, ", out, re.MULTILINE)) == 2
+    assert len(re.findall(r"^right after removal of 50 %, ", out, re.MULTILINE)) == 2
     tables = re.findall(r"^\| (magnitude \(group, raw\)|TP group norm) \| [^|]+ \| ([^|]+) \|",
                         out, re.MULTILINE)
     assert len(tables) == 4
