@@ -17,9 +17,10 @@ same matrix:
   of gradients raises (:class:`curvprune.ConfigError`) instead of returning the inverse of a
   differently scaled matrix.
 * ``gram``: accumulate Gₘ = Σᵢ gᵢgᵢᵀ per block with batched GEMMs (:class:`BlockRuns`), then at
-  the first query one batched Cholesky LLᵀ = λI + Gₘ/m and F⁻¹ = L⁻ᵀL⁻¹ (a batched triangular
-  solve and a GEMM; measured faster than ``cholesky_inverse`` on CPU and robust to thread
-  contention, see docs/benchmarks.md). Any m works: the 1/m is applied at the end.
+  the first query a Cholesky LLᵀ = λI + Gₘ/m and F⁻¹ = (LLᵀ)⁻¹ by ``cholesky_inverse``, piece
+  by piece over the blocks and in place (:func:`damped_block_inverse`: one block batch at the
+  peak, single-threaded LAPACK shared among worker threads on the CPU, robust to thread
+  contention; see docs/benchmarks.md). Any m works: the 1/m is applied at the end.
 
 Padding slots of short blocks start at I/λ (``woodbury``) or get λ on the diagonal (``gram``) and
 every gradient is zero there, so they never couple to a real coordinate and are dropped by
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -97,10 +99,16 @@ def woodbury_update_(inverse: Tensor, g: Tensor, m: int) -> None:
 
 
 def damped_block_inverse(gram: Tensor, m: int, damping: float) -> Tensor:
-    """``(λI + G/m)⁻¹`` for a batch of Gram blocks, by Cholesky; consumes ``gram``.
+    """``(λI + G/m)⁻¹`` for a batch of Gram blocks, by Cholesky, in place: returns ``gram``.
 
-    With ``LLᵀ = λI + G/m``: ``(LLᵀ)⁻¹ = L⁻ᵀL⁻¹``, so one batched triangular solve against I and
-    one batched GEMM. Peak memory is two ``[n_blocks, B, B]`` tensors.
+    With ``LLᵀ = λI + G/m``, ``torch.cholesky_inverse`` forms ``(LLᵀ)⁻¹`` (LAPACK ``potri``).
+    The blocks go through in pieces of :data:`INVERT_PIECE_BYTES`, each piece's inverse
+    written over its own damped blocks, so the peak is the batch plus a few pieces (not two
+    batches). On the CPU the pieces are shared among ``torch.get_num_threads()`` worker threads,
+    each running LAPACK on one intra-op thread: torch runs a batched small-matrix LAPACK call
+    block after block and lets MKL thread each 128×128 call, which gains nothing and, while
+    another process holds a core, slowed the batch 5–30× (docs/benchmarks.md, WoodFisher).
+    Measured against the raw-torch floor (``benchmarks/woodfisher_floor.py``).
 
     A Gram block summed in precision eps is only known to ±eps·‖G‖: when λ is below that, its
     null directions can come out slightly negative and the Cholesky of λI + G/m breaks down
@@ -109,30 +117,94 @@ def damped_block_inverse(gram: Tensor, m: int, damping: float) -> Tensor:
     semidefinite Gram, a change within the Gram's own rounding error.
 
     Args:
-        gram: ``[n_blocks, B, B]`` sums Σᵢ gᵢgᵢᵀ; consumed (its storage is released, so the
-            caller's references see an empty tensor).
+        gram: ``[n_blocks, B, B]`` sums Σᵢ gᵢgᵢᵀ; overwritten by the inverses.
         m: number of gradients summed into ``gram``.
         damping: λ > 0.
 
     Returns:
-        The block inverses. Raises :class:`curvprune.NumericalError` if the Gram matrix
-        overflowed (gradients too large for the dtype).
+        ``gram``, now holding the block inverses. Raises :class:`curvprune.NumericalError` if
+        the Gram matrix overflowed (gradients too large for the dtype).
 
     """
     gram.div_(m).diagonal(dim1=-2, dim2=-1).add_(damping)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    failed = info.nonzero().squeeze(1)  # one host sync
-    retry = gram[failed].to(torch.float64) if failed.numel() else None
-    gram.set_()  # release λI + G/m before the solve allocates
-    inverse = _inverse_from_cholesky(chol)
-    if retry is not None:
-        if not bool(torch.isfinite(retry).all()):
+    n_blocks = gram.shape[0]
+    step = max(1, INVERT_PIECE_BYTES // max(1, gram[0].numel() * gram.element_size()))
+    pieces = [(lo, min(lo + step, n_blocks)) for lo in range(0, n_blocks, step)]
+    workers = torch.get_num_threads() if gram.device.type == "cpu" else 1
+    retries: list[tuple[Tensor, Tensor]] = []
+    if workers > 1 and len(pieces) > 1:
+        shares = [pieces[w::workers] for w in range(workers)]
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                for found in pool.map(_invert_pieces_single_thread, [gram] * workers, shares):
+                    retries += found
+        finally:
+            torch.set_num_threads(workers)  # MKL's thread count is process-wide: restore it
+    else:
+        retries = _invert_pieces(gram, pieces)
+    if retries:
+        failed = torch.cat([index for index, _ in retries])
+        damped = torch.cat([blocks for _, blocks in retries])
+        if not bool(torch.isfinite(damped).all()):
             raise NumericalError(
                 f"the Gram matrix of {failed.numel()} woodfisher block(s) overflowed in "
-                f"{inverse.dtype}; use dtype = 'float64'"
+                f"{gram.dtype}; use dtype = 'float64'"
             )
-        inverse[failed] = _clamped_inverse(retry, damping).to(inverse.dtype)
-    return inverse
+        gram[failed] = _clamped_inverse(damped, damping).to(gram.dtype)
+    return gram
+
+
+#: Bytes of blocks inverted at a time by :func:`damped_block_inverse` (its work space is a few
+#: such pieces: the Cholesky factor and, off the CPU, the inverse before it is written back).
+INVERT_PIECE_BYTES = 8 * 2**20
+
+
+def _invert_pieces(gram: Tensor, pieces: list[tuple[int, int]], per_piece: bool | None = None
+                   ) -> list[tuple[Tensor, Tensor]]:
+    """Invert the damped blocks ``gram[lo:hi]`` of each piece in place, by Cholesky.
+
+    Returns ``(block indices, float64 damped blocks)`` of the blocks whose Cholesky failed,
+    read before their slots are overwritten. With ``per_piece`` (the default on the CPU, where
+    a host sync costs nothing) the failures are read per piece and ``cholesky_inverse`` writes
+    straight into the piece; otherwise the inverse is selected with ``torch.where`` (failed
+    blocks keep their damped matrix) and one host sync at the end finds them.
+    """
+    if per_piece is None:
+        per_piece = gram.device.type == "cpu"
+    retries: list[tuple[Tensor, Tensor]] = []
+    infos: list[Tensor] = []
+    for lo, hi in pieces:
+        part = gram[lo:hi]
+        chol, info = torch.linalg.cholesky_ex(part)
+        if per_piece:
+            bad = info.nonzero().squeeze(1)
+            if bad.numel():
+                retries.append((bad + lo, part[bad].to(torch.float64)))
+                chol[bad] = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+            torch.cholesky_inverse(chol, out=part)
+        else:
+            ok = (info == 0).view(-1, 1, 1)
+            eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+            chol = torch.where(ok, chol, eye)  # failed factors: a placeholder, result unused
+            part.copy_(torch.where(ok, torch.cholesky_inverse(chol), part))
+            infos.append(info)
+    if infos:
+        info = torch.cat(infos)
+        starts = torch.cat([torch.full((hi - lo,), lo, device=info.device)
+                            for lo, hi in pieces])
+        offsets = torch.cat([torch.arange(hi - lo, device=info.device) for lo, hi in pieces])
+        bad = info.nonzero().squeeze(1)  # one host sync
+        if bad.numel():
+            index = starts[bad] + offsets[bad]
+            retries.append((index, gram[index].to(torch.float64)))
+    return retries
+
+
+def _invert_pieces_single_thread(gram: Tensor, pieces: list[tuple[int, int]]
+                                 ) -> list[tuple[Tensor, Tensor]]:
+    """:func:`_invert_pieces` with LAPACK on one intra-op thread (run in a worker thread)."""
+    torch.set_num_threads(1)
+    return _invert_pieces(gram, pieces)
 
 
 def _clamped_inverse(damped: Tensor, damping: float) -> Tensor:
@@ -143,17 +215,6 @@ def _clamped_inverse(damped: Tensor, damping: float) -> Tensor:
     scale = (damping + eigvals.clamp_min(0)).rsqrt()
     root = eigvecs * scale.unsqueeze(-2)
     return root @ root.mT
-
-
-def _inverse_from_cholesky(chol: Tensor) -> Tensor:
-    """``L⁻ᵀL⁻¹`` for lower-triangular ``chol`` ``[n, B, B]``; consumes ``chol``.
-
-    ``chol`` is released once L⁻¹ exists, so at most two ``[n, B, B]`` batches are alive.
-    """
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-    chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-    chol.set_()
-    return torch.bmm(chol_inv.mT, chol_inv)
 
 
 class WoodFisherEstimator(CurvatureEstimator):
@@ -189,21 +250,28 @@ class WoodFisherEstimator(CurvatureEstimator):
     # -- planning -----------------------------------------------------------------------------
     @classmethod
     def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
-        """Peak state bytes: ``n_blocks·B²`` per block batch, one (woodbury) or two (gram).
+        """Peak state bytes: one ``n_blocks·B²`` block batch, plus ``gram``'s inversion work.
 
-        ``gram`` holds the Gram batch while accumulating and two batches while inverting
-        (factor and inverse); ``woodbury`` updates one batch in place. Vectors of size d and
-        the packed gradient row are negligible and not counted, as is the float64 copy of the
-        (normally no) blocks whose float32 Cholesky fails (:func:`damped_block_inverse`).
+        ``woodbury`` updates one batch in place. ``gram`` holds the Gram batch while
+        accumulating and inverts it in place, piece by piece (:func:`damped_block_inverse`):
+        its work space is at most three pieces of :data:`INVERT_PIECE_BYTES` (a Cholesky
+        factor per worker thread on the CPU; factor, inverse and selection elsewhere), never
+        more than a second batch. Vectors of size d and the packed gradient row are negligible
+        and not counted, as is the float64 copy of the (normally no) blocks whose float32
+        Cholesky fails.
         """
         config = _as_woodfisher(config)
         blocks = BlockLayout.build(sizes, config.block_size)
-        batch = blocks.n_blocks * blocks.width**2 * config.torch_dtype.itemsize
-        return batch * (1 if choose_algorithm(config, blocks.width) == "woodbury" else 2)
+        block = blocks.width**2 * config.torch_dtype.itemsize
+        batch = blocks.n_blocks * block
+        if choose_algorithm(config, blocks.width) == "woodbury":
+            return batch
+        piece = max(1, INVERT_PIECE_BYTES // block)
+        return batch + min(blocks.n_blocks, 3 * piece) * block
 
     @classmethod
     def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
-        """One ``n_blocks·B²`` batch: ``gram``'s second batch exists only while it inverts."""
+        """One ``n_blocks·B²`` batch: ``gram``'s inversion work exists only while it inverts."""
         config = _as_woodfisher(config)
         blocks = BlockLayout.build(layout.sizes, config.block_size)
         return blocks.n_blocks * blocks.width**2 * config.torch_dtype.itemsize
