@@ -26,7 +26,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig, distributed
+from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig, ParamLayout, distributed
 
 __all__ = ["DiagFisherConfig", "DiagFisherEstimator"]
 
@@ -79,6 +79,11 @@ class DiagFisherEstimator(CurvatureEstimator):
         return int(sum(sizes)) * itemsize
 
     @classmethod
+    def plan_update_bytes(cls, rows: int, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """One d-vector: Σᵢ gᵢ² of a chunk comes from a norm reduction, not a copy of the rows."""
+        return layout.d * torch.empty((), dtype=config.torch_dtype).element_size()
+
+    @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
         """2·num_grads·d: one square and one add per gradient entry."""
         return 2.0 * config.num_grads * float(sum(sizes))
@@ -89,7 +94,9 @@ class DiagFisherEstimator(CurvatureEstimator):
 
     def _update(self, grads: Tensor) -> None:
         assert self._squares is not None
-        self._squares.add_(grads.square().sum(dim=0))
+        # Σᵢ gᵢ² per coordinate as a norm reduction: no [k, d] temporary of squares (which was
+        # k times the state: 10× memory_bytes at 8-row chunks, docs/benchmarks.md plan accuracy)
+        self._squares.add_(torch.linalg.vector_norm(grads, dim=0).square_())
         self._m += grads.shape[0]
 
     def _all_reduce(self) -> None:

@@ -156,7 +156,7 @@ def damped_block_inverse(gram: Tensor, m: int, damping: float) -> Tensor:
 
 #: Bytes of blocks inverted at a time by :func:`damped_block_inverse` (its work space is a few
 #: such pieces: the Cholesky factor and, off the CPU, the inverse before it is written back).
-INVERT_PIECE_BYTES = 8 * 2**20
+INVERT_PIECE_BYTES = 2 * 2**20
 
 
 def _invert_pieces(gram: Tensor, pieces: list[tuple[int, int]], per_piece: bool | None = None
