@@ -74,9 +74,15 @@ class DiagFisherEstimator(CurvatureEstimator):
 
     @classmethod
     def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
-        """The running Σᵢ gᵢ², d numbers at the configured dtype."""
+        """Peak bytes: the running Σᵢ gᵢ² and, while a query runs, the damped diagonal and the
+        answer, three d-vectors at the configured dtype."""
         itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
-        return int(sum(sizes)) * itemsize
+        return 3 * int(sum(sizes)) * itemsize
+
+    @classmethod
+    def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """The running Σᵢ gᵢ², one d-vector, held while gradients stream in."""
+        return layout.d * torch.empty((), dtype=config.torch_dtype).element_size()
 
     @classmethod
     def plan_update_bytes(cls, rows: int, layout: ParamLayout, config: EstimatorConfig) -> int:

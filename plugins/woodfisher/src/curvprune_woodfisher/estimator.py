@@ -154,9 +154,10 @@ def damped_block_inverse(gram: Tensor, m: int, damping: float) -> Tensor:
     return gram
 
 
-#: Bytes of blocks inverted at a time by :func:`damped_block_inverse` (its work space is a few
-#: such pieces: the Cholesky factor and, off the CPU, the inverse before it is written back).
-INVERT_PIECE_BYTES = 2 * 2**20
+#: Bytes of blocks inverted at a time by :func:`damped_block_inverse`. Its work space is one
+#: such piece per worker thread on the CPU (the Cholesky factor) and two elsewhere (the inverse
+#: and its selection); small pieces cost nothing measurable (LAPACK runs block by block anyway).
+INVERT_PIECE_BYTES = 2**20
 
 
 def _invert_pieces(gram: Tensor, pieces: list[tuple[int, int]], per_piece: bool | None = None
@@ -185,8 +186,10 @@ def _invert_pieces(gram: Tensor, pieces: list[tuple[int, int]], per_piece: bool 
         else:
             ok = (info == 0).view(-1, 1, 1)
             eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-            chol = torch.where(ok, chol, eye)  # failed factors: a placeholder, result unused
-            part.copy_(torch.where(ok, torch.cholesky_inverse(chol), part))
+            chol.copy_(torch.where(ok, chol, eye))  # failed factors: a placeholder, unused
+            inverse = torch.cholesky_inverse(chol)
+            del chol  # two pieces alive at most: the inverse and the selection
+            part.copy_(torch.where(ok, inverse, part))
             infos.append(info)
     if infos:
         info = torch.cat(infos)
@@ -254,9 +257,9 @@ class WoodFisherEstimator(CurvatureEstimator):
 
         ``woodbury`` updates one batch in place. ``gram`` holds the Gram batch while
         accumulating and inverts it in place, piece by piece (:func:`damped_block_inverse`):
-        its work space is at most three pieces of :data:`INVERT_PIECE_BYTES` (a Cholesky
-        factor per worker thread on the CPU; factor, inverse and selection elsewhere), never
-        more than a second batch. Vectors of size d and the packed gradient row are negligible
+        its work space is two pieces of :data:`INVERT_PIECE_BYTES` (or one per worker thread,
+        ``torch.get_num_threads()``, if more: a Cholesky factor each on the CPU; the inverse
+        and its selection elsewhere), never more than a second batch. Vectors of size d and the packed gradient row are negligible
         and not counted, as is the float64 copy of the (normally no) blocks whose float32
         Cholesky fails.
         """
@@ -266,8 +269,8 @@ class WoodFisherEstimator(CurvatureEstimator):
         batch = blocks.n_blocks * block
         if choose_algorithm(config, blocks.width) == "woodbury":
             return batch
-        piece = max(1, INVERT_PIECE_BYTES // block)
-        return batch + min(blocks.n_blocks, 3 * piece) * block
+        pieces = max(2, torch.get_num_threads()) * max(1, INVERT_PIECE_BYTES // block)
+        return batch + min(blocks.n_blocks, pieces) * block
 
     @classmethod
     def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
