@@ -99,7 +99,7 @@ def measure_step(name: str, cfg: dict[str, Any], device: torch.device) -> dict[s
     if name == "sparsegpt":  # layer-wise OBS chooses its mask per layer
         config["mask"] = {"name": "layerwise"}
     pipeline = Pipeline.from_config(config)
-    plan = pipeline.plan(model, device=device)
+    plan = pipeline.plan(model, device=device, example=batches[0])  # as `curvprune plan` does
     _, peak = peak_allocated(lambda: pipeline.prune(model, batches), device)
     return {"planned": plan.total_bytes, "peak": peak, **{f"plan_{k}": v for k, v in plan.memory.items()}}
 
@@ -120,7 +120,7 @@ def measure_kfac_resnet18(device: torch.device) -> dict[str, float]:
     pipeline = Pipeline.from_config({"prune": {"sparsity": 0.5, "loss_samples": 0},
                                      "estimator": {"name": "kfac", "num_grads": 32},
                                      "scorer": {"name": "obs"}})
-    plan = pipeline.plan(model, device=device)
+    plan = pipeline.plan(model, device=device, example=batches[0])
     _, peak = peak_allocated(lambda: pipeline.prune(model, batches), device)
     return {"planned": plan.total_bytes, "peak": peak, **{f"plan_{k}": v for k, v in plan.memory.items()}}
 
