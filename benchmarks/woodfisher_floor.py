@@ -144,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--raw-chunks", action="store_true",
                         help="feed untagged chunks (the estimator scans each for NaN/Inf)")
-    parser.add_argument("--quick", action="store_true", help="d ≈ 0.1 M, m = 256, 1 round, 1 thread")
+    parser.add_argument("--quick", action="store_true",
+                        help="d ≈ 0.1 M, m = 256, 1 round, 1 thread")
     args = parser.parse_args(argv)
     if args.quick:
         args.d, args.grads, args.rounds, args.threads = 1e5, 256, 1, [1]

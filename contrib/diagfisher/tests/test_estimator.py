@@ -59,7 +59,8 @@ def test_block_size_must_be_none_or_one():
 
 def test_memory_is_one_number_per_weight_held_three_at_a_query():
     assert DiagFisherEstimator.memory_bytes([10, 6], DiagFisherConfig()) == 3 * 16 * 4
-    assert DiagFisherEstimator.memory_bytes([10, 6], DiagFisherConfig(dtype="float64")) == 3 * 16 * 8
+    double = DiagFisherConfig(dtype="float64")
+    assert DiagFisherEstimator.memory_bytes([10, 6], double) == 3 * 16 * 8
     layout = ParamLayout(("a", "b"), (torch.Size([10]), torch.Size([6])), ("Linear", "Linear"))
     assert DiagFisherEstimator.plan_held_bytes(layout, DiagFisherConfig()) == 16 * 4
 

@@ -27,7 +27,7 @@ from torch import Tensor
 import curvprune
 from curvprune import BlockLayout, ConfigError, EstimatorStateError, NumericalError
 from curvprune_woodfisher import WoodFisherConfig, WoodFisherEstimator, plugin
-from curvprune_woodfisher import estimator as estimator_module
+from curvprune_woodfisher import inverse as inverse_module
 from curvprune_woodfisher.estimator import AUTO_WOODBURY_RATIO, choose_algorithm
 
 ALGORITHMS = ("woodbury", "gram")
@@ -379,15 +379,15 @@ def test_damped_block_inverse_in_pieces_matches_the_dense_inverse(monkeypatch, t
         1e-4 * (1e-4 + u @ u))
     expected[1] = expected[4] = exact
     gram = gram.float()
-    monkeypatch.setattr(estimator_module, "INVERT_PIECE_BYTES", 2 * 16 * 8)
+    monkeypatch.setattr(inverse_module, "INVERT_PIECE_BYTES", 2 * 16 * 8)
     if not per_piece:  # the off-CPU form: torch.where, one host sync at the end
-        original = estimator_module._invert_pieces
-        monkeypatch.setattr(estimator_module, "_invert_pieces",
+        original = inverse_module._invert_pieces
+        monkeypatch.setattr(inverse_module, "_invert_pieces",
                             lambda g, p: original(g, p, per_piece=False))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = estimator_module.damped_block_inverse(gram.clone(), 6, 1e-4)
+        got = inverse_module.damped_block_inverse(gram.clone(), 6, 1e-4)
         assert torch.get_num_threads() == threads  # the workers' setting does not leak
     finally:
         torch.set_num_threads(before)
