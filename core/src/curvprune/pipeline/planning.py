@@ -314,7 +314,6 @@ def make_plan(
     )
 
 
-@torch.no_grad()
 def wants_example(pipeline: PipelineView) -> bool:
     """Whether :func:`make_plan` measures part of the step on one batch of the data: with
     sequential calibration (the cached block inputs, one block's activations) and for an
@@ -360,6 +359,7 @@ def _fit_probe(model: nn.Module, example: Any, samples: int, device: torch.devic
     return {"samples": per_sample * samples, "activations": int(activations)}
 
 
+@torch.no_grad()
 def _calibration_probe(
     model: nn.Module, plan: StagePlan, example: Any, samples: int, device: torch.device
 ) -> dict[str, int]:

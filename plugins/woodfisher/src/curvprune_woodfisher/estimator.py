@@ -158,6 +158,18 @@ class WoodFisherEstimator(CurvatureEstimator):
         return blocks.n_blocks * blocks.width**2 * config.torch_dtype.itemsize
 
     @classmethod
+    def plan_update_bytes(cls, rows: int, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """``gram``: the chunk's short blocks, gathered and padded (two copies of them); runs
+        of full blocks are multiplied in place as views of the chunk (:class:`BlockRuns`).
+        ``woodbury``: the default, one copy of the rows."""
+        config = _as_woodfisher(config)
+        blocks = BlockLayout.build(layout.sizes, config.block_size)
+        if choose_algorithm(config, blocks.width) == "woodbury":
+            return super().plan_update_bytes(rows, layout, config)
+        n_short = int((blocks.lengths != blocks.width).sum())
+        return 2 * rows * n_short * blocks.width * config.torch_dtype.itemsize
+
+    @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
         """``woodbury``: 4·m·n_blocks·B²; ``gram``: 2·m·n_blocks·B² + (1/3 + 1 + 2)·n_blocks·B³."""
         config = _as_woodfisher(config)
