@@ -14,6 +14,11 @@ of a pruning step holds at its peak:
 * the scorer's own state when it holds more than that (:meth:`SaliencyScorer.memory_bytes`,
   e.g. SOSP-I's S×S structure matrix).
 
+An estimator fitted on the model itself (``kfac``) makes no gradient rows: given one batch
+(``example``, see :func:`wants_example`) the plan counts the samples its fit takes and the peak of
+one forward and backward pass over that batch (``activations``); without one it counts a gradient
+chunk as a stand-in.
+
 A layer-local estimator (``sparsegpt``) is fitted from the layers' inputs, so no gradient rows
 are counted; with sequential calibration it holds one stage's state at a time (the largest
 stage is counted), and given one batch of the data (``example``) the plan also counts the
