@@ -73,11 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"sizes: MLP 784-{hidden}-10, d = {d:,} selected weights, B = 128 "
           f"({blocks.n_blocks} blocks: {batch / MiB:.1f} MiB), m = {args.grads}, chunks of "
           f"{rows} rows ({chunk / MiB:.1f} MiB; m x d would be {args.grads * d * 4 / MiB:.0f} MiB)")
-    estimator = WoodFisherEstimator(WoodFisherConfig(
-        algorithm="gram", block_size=128, num_grads=args.grads, damping=1e-4))
-
     def stream() -> None:
         """The pipeline's gradient phase through the public API, then the inversion."""
+        estimator = WoodFisherEstimator(WoodFisherConfig(
+            algorithm="gram", block_size=128, num_grads=args.grads, damping=1e-4))
         estimator.setup(layout.sizes, device=device)
         source = GradientSource(model, layout)
         for rows in source.iter_grads(data, args.grads):
@@ -87,7 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         estimator.inverse_diagonal()
 
     _, streamed = peak_allocated(stream, device)
-    del estimator
     _, peak = peak_allocated(lambda: pipeline.prune(model, data), device)
     print(f"plan total {plan.total_bytes / MiB:.1f} MiB "
           f"({', '.join(f'{k} {v / MiB:.1f}' for k, v in plan.memory.items())})")
