@@ -215,12 +215,54 @@ def opacus_method(model: nn.Module, layout: ParamLayout) -> Method:
     return run
 
 
+def closed_form_method(model: nn.Module, layout: ParamLayout) -> Method:
+    """Closed-form rows for Conv2d and Linear weights (the candidate of issue #19, not adopted).
+
+    One batched forward and backward record each selected layer's input x and output gradient
+    g; a Conv2d's per-sample weight gradient is g[n] (C_out × L) @ unfold(x[n])ᵀ and a Linear's
+    g[n] ⊗ x[n], each one batched GEMM straight into the parameter's columns of a ``[n, d]``
+    buffer (weights only, groups = 1, as in the models here).
+    """
+    model = only_selected(model, layout)
+    modules = dict(model.named_modules())
+    owners = [modules[name.rsplit(".", 1)[0]] for name in layout.names]
+
+    def run(x: Tensor, y: Tensor) -> list[Tensor]:
+        seen: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+        def record(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            seen[module] = (inputs[0].detach(), output)
+
+        handles = [m.register_forward_hook(record) for m in owners]
+        try:
+            losses = F.cross_entropy(model(x), y, reduction="none")
+            backs = torch.autograd.grad(losses.sum(), [seen[m][1] for m in owners])
+        finally:
+            for handle in handles:
+                handle.remove()
+        n = x.shape[0]
+        rows = torch.empty(n, layout.d)
+        for m, g, start, size in zip(owners, backs, layout.offsets[:-1], layout.sizes,
+                                     strict=True):
+            inputs = seen[m][0]
+            out = rows[:, start : start + size].view(n, m.weight.shape[0], -1)
+            if isinstance(m, nn.Conv2d):
+                unfolded = F.unfold(inputs, m.kernel_size, m.dilation, m.padding, m.stride)
+                torch.bmm(g.reshape(n, g.shape[1], -1), unfolded.mT, out=out)
+            else:
+                torch.bmm(g.unsqueeze(2), inputs.unsqueeze(1), out=out)
+        return [rows]
+
+    return run
+
+
 METHODS: dict[str, Callable[[nn.Module, ParamLayout], Method]] = {
     "curvprune GradientSource": curvprune_method,
     "torch.func vmap(grad)": vmap_method,
     "BackPACK BatchGrad": backpack_method,
     "Opacus GradSampleModule": opacus_method,
     "per-sample loop": loop_method,
+    "closed form, unfold + bmm": closed_form_method,
 }
 
 

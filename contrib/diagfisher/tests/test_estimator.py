@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from curvprune import ConfigError, create, get_plugin_manager
+from curvprune import ConfigError, ParamLayout, create, get_plugin_manager
 from curvprune.testing.dense import assert_allclose, damped_fisher
 from curvprune.testing.strategies import fisher_problems, gradients
 from curvprune_diagfisher import DiagFisherConfig, DiagFisherEstimator, plugin
@@ -57,9 +57,12 @@ def test_block_size_must_be_none_or_one():
         create("estimator", "diagfisher", host=host, block_size=4)
 
 
-def test_memory_is_one_number_per_weight():
-    assert DiagFisherEstimator.memory_bytes([10, 6], DiagFisherConfig()) == 16 * 4
-    assert DiagFisherEstimator.memory_bytes([10, 6], DiagFisherConfig(dtype="float64")) == 16 * 8
+def test_memory_is_one_number_per_weight_held_three_at_a_query():
+    assert DiagFisherEstimator.memory_bytes([10, 6], DiagFisherConfig()) == 3 * 16 * 4
+    double = DiagFisherConfig(dtype="float64")
+    assert DiagFisherEstimator.memory_bytes([10, 6], double) == 3 * 16 * 8
+    layout = ParamLayout(("a", "b"), (torch.Size([10]), torch.Size([6])), ("Linear", "Linear"))
+    assert DiagFisherEstimator.plan_held_bytes(layout, DiagFisherConfig()) == 16 * 4
 
 
 def test_obs_saliency_is_obd_up_to_damping():

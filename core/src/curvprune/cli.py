@@ -320,6 +320,7 @@ def _announce_imports(model_name: str) -> None:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from curvprune.pipeline.planning import wants_example
     from curvprune.run.checks import static_checks
     from curvprune.run.data import build_data, check_data
     from curvprune.run.execute import prepare, resolve_device
@@ -336,9 +337,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc} @ --nproc")
     example = None
-    if pipeline.schedule.staged_calibration(pipeline.components) is not None:
-        # sequential calibration: one batch lets the plan count the cached block inputs and
-        # one block's activations (curvprune run does the same)
+    if wants_example(pipeline):
+        # sequential calibration or an estimator fitted on the model (K-FAC): one batch lets
+        # the plan count the cached block inputs and one block's activations, or the fit's
+        # samples and passes (curvprune run does the same)
         from curvprune.pipeline.pipeline import peek_batch
         from curvprune.run.data import make_loaders
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import curvprune
-from curvprune import PruneContext
+from curvprune import ParamLayout, PruneContext
 from curvprune.testing.contracts import CurvatureEstimatorContract
 from curvprune.testing.dense import (
     DenseConfig,
@@ -112,10 +112,14 @@ def test_without_gradients_the_inverse_is_identity_over_damping():
     assert torch.equal(est.inverse_diagonal(), torch.full((5,), 4.0, dtype=torch.float64))
 
 
-def test_memory_bytes_counts_padded_gram_and_inverse():
-    # sizes (5, 3) with B = 2: blocks 2,2,1 | 2,1 -> 5 blocks padded to width 2; float32.
-    assert DenseEstimator.memory_bytes([5, 3], DenseConfig(block_size=2)) == 2 * 5 * 2 * 2 * 4
-    assert DenseEstimator.memory_bytes([5, 3], DenseConfig(dtype="float64")) == 2 * 8 * 8 * 8
+def test_memory_bytes_counts_padded_gram_and_the_inversion():
+    # sizes (5, 3) with B = 2: blocks 2,2,1 | 2,1 -> 5 blocks padded to width 2; float32. The
+    # peak is three batches (Gram, factor, inverse of the factor); the Gram alone is held while
+    # gradients stream in.
+    assert DenseEstimator.memory_bytes([5, 3], DenseConfig(block_size=2)) == 3 * 5 * 2 * 2 * 4
+    assert DenseEstimator.memory_bytes([5, 3], DenseConfig(dtype="float64")) == 3 * 8 * 8 * 8
+    layout = ParamLayout(("a", "b"), (torch.Size([5]), torch.Size([3])), ("Linear", "Linear"))
+    assert DenseEstimator.plan_held_bytes(layout, DenseConfig(block_size=2)) == 5 * 2 * 2 * 4
 
 
 def test_update_invalidates_the_cached_inverse():

@@ -27,6 +27,7 @@ from torch import Tensor
 import curvprune
 from curvprune import BlockLayout, ConfigError, EstimatorStateError, NumericalError
 from curvprune_woodfisher import WoodFisherConfig, WoodFisherEstimator, plugin
+from curvprune_woodfisher import inverse as inverse_module
 from curvprune_woodfisher.estimator import AUTO_WOODBURY_RATIO, choose_algorithm
 
 ALGORITHMS = ("woodbury", "gram")
@@ -357,6 +358,42 @@ def test_float32_blocks_that_fail_cholesky_fall_back_to_the_psd_inverse(ref) -> 
     assert got.dtype == torch.float32
     assert ref.relative_error(got, expected) <= 4 * 10 * torch.finfo(torch.float32).eps * 4
     assert bool((est.inverse_diagonal() > 0).all())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("per_piece", [True, False])
+def test_damped_block_inverse_in_pieces_matches_the_dense_inverse(monkeypatch, threads,
+                                                                  per_piece) -> None:
+    # 7 blocks of 4 in pieces of 2 blocks (so 4 pieces, shared by 2 worker threads when
+    # threads = 2), float32; blocks 1 and 4 are λI + uuᵀ with u = 1e4·(1, 1, 1, 1) and
+    # λ = 1e-4, whose float32 Cholesky fails (as in the test above), so they take the float64
+    # clamped-eigenvalue path and must give the closed form; every other block must be
+    # (λI + G/m)⁻¹ (float64 reference) to float32 round-off times a small condition number.
+    gen = torch.Generator().manual_seed(3)
+    grads = torch.randn(7, 6, 4, generator=gen, dtype=torch.float64)
+    grads[1] = grads[4] = 1e4
+    gram = grads.mT @ grads
+    expected = torch.linalg.inv_ex(gram / 6 + 1e-4 * torch.eye(4, dtype=torch.float64))[0]
+    u = grads[1, 0]
+    exact = torch.eye(4, dtype=torch.float64) / 1e-4 - torch.outer(u, u) / (
+        1e-4 * (1e-4 + u @ u))
+    expected[1] = expected[4] = exact
+    gram = gram.float()
+    monkeypatch.setattr(inverse_module, "INVERT_PIECE_BYTES", 2 * 16 * 8)
+    if not per_piece:  # the off-CPU form: torch.where, one host sync at the end
+        original = inverse_module._invert_pieces
+        monkeypatch.setattr(inverse_module, "_invert_pieces",
+                            lambda g, p: original(g, p, per_piece=False))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = inverse_module.damped_block_inverse(gram.clone(), 6, 1e-4)
+        assert torch.get_num_threads() == threads  # the workers' setting does not leak
+    finally:
+        torch.set_num_threads(before)
+    scale = expected.abs().amax(dim=(1, 2), keepdim=True)
+    assert got.dtype == torch.float32
+    assert float(((got.double() - expected).abs() / scale).max()) <= 1e-4
 
 
 def test_gram_overflow_is_a_numerical_error() -> None:

@@ -26,7 +26,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig, distributed
+from curvprune import BlockLayout, CurvatureEstimator, EstimatorConfig, ParamLayout, distributed
 
 __all__ = ["DiagFisherConfig", "DiagFisherEstimator"]
 
@@ -74,9 +74,20 @@ class DiagFisherEstimator(CurvatureEstimator):
 
     @classmethod
     def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
-        """The running Σᵢ gᵢ², d numbers at the configured dtype."""
+        """Peak bytes: the running Σᵢ gᵢ² and, while a query runs, the damped diagonal and the
+        answer, three d-vectors at the configured dtype."""
         itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
-        return int(sum(sizes)) * itemsize
+        return 3 * int(sum(sizes)) * itemsize
+
+    @classmethod
+    def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """The running Σᵢ gᵢ², one d-vector, held while gradients stream in."""
+        return layout.d * torch.empty((), dtype=config.torch_dtype).element_size()
+
+    @classmethod
+    def plan_update_bytes(cls, rows: int, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """One d-vector: Σᵢ gᵢ² of a chunk comes from a norm reduction, not a copy of the rows."""
+        return layout.d * torch.empty((), dtype=config.torch_dtype).element_size()
 
     @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
@@ -89,7 +100,9 @@ class DiagFisherEstimator(CurvatureEstimator):
 
     def _update(self, grads: Tensor) -> None:
         assert self._squares is not None
-        self._squares.add_(grads.square().sum(dim=0))
+        # Σᵢ gᵢ² per coordinate as a norm reduction: no [k, d] temporary of squares (which was
+        # k times the state: 10× memory_bytes at 8-row chunks, docs/benchmarks.md plan accuracy)
+        self._squares.add_(torch.linalg.vector_norm(grads, dim=0).square_())
         self._m += grads.shape[0]
 
     def _all_reduce(self) -> None:

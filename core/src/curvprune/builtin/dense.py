@@ -19,7 +19,7 @@ from curvprune.plugin.manager import hookimpl
 from curvprune.plugin.registry import Register
 from curvprune.roles.estimator import CurvatureEstimator, EstimatorConfig
 from curvprune.tensors.distributed import all_reduce_sum_
-from curvprune.tensors.layout import BlockLayout
+from curvprune.tensors.layout import BlockLayout, ParamLayout
 
 __all__ = ["DenseConfig", "DenseEstimator"]
 
@@ -46,7 +46,8 @@ class DenseEstimator(CurvatureEstimator):
     LAPACK); updates invalidate that cache. Padding slots have G = 0, so they hold λ on the
     diagonal of F_b and decouple from the real coordinates.
 
-    Memory: 2·n_blocks·W² numbers (Gram and inverse), W the padded block width.
+    Memory: 2·n_blocks·W² numbers held (Gram and inverse), W the padded block width, and 3 at
+    the peak while inverting (Gram, factor and its inverse).
 
     Under torch.distributed it sums (``reduction = "sum"``): each rank accumulates the Gram
     blocks of its own gradients and :meth:`all_reduce` adds them up.
@@ -76,10 +77,18 @@ class DenseEstimator(CurvatureEstimator):
 
     @classmethod
     def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
-        """Bytes of the padded Gram blocks and their inverses: 2·n_blocks·W²·itemsize."""
+        """Peak bytes: the padded Gram blocks and two more batches while inverting
+        (3·n_blocks·W²·itemsize; the Gram and the inverse, 2·n_blocks·W², are held after)."""
         blocks = BlockLayout.build(sizes, config.block_size)
         itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
-        return 2 * blocks.n_blocks * blocks.width**2 * itemsize
+        return 3 * blocks.n_blocks * blocks.width**2 * itemsize
+
+    @classmethod
+    def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """The Gram batch, held while gradients stream in."""
+        blocks = BlockLayout.build(layout.sizes, config.block_size)
+        itemsize = torch.empty((), dtype=config.torch_dtype).element_size()
+        return blocks.n_blocks * blocks.width**2 * itemsize
 
     @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
@@ -119,8 +128,12 @@ class DenseEstimator(CurvatureEstimator):
                 raise RuntimeError("DenseEstimator: call setup(sizes) before querying")
             n, w = self._gram.shape[:2]
             eye = torch.eye(w, device=self.device, dtype=self.dtype)
-            fisher = self._gram / max(self._m, 1) + self.config.damping * eye
+            # Beside the Gram batch, at most two more batches live at any time (memory_bytes):
+            # each intermediate is released as soon as the next exists.
+            fisher = self._gram / max(self._m, 1)
+            fisher += self.config.damping * eye
             chol, info = torch.linalg.cholesky_ex(fisher)
+            del fisher
             if bool(info.any()):
                 raise NumericalError(
                     f"dense estimator: the damped Fisher of block {int(info.nonzero()[0])} is not "
@@ -128,10 +141,14 @@ class DenseEstimator(CurvatureEstimator):
                     "damping"
                 )
             chol_inv = torch.linalg.solve_triangular(chol, eye.expand(n, w, w), upper=False)
+            del chol
             inverse = chol_inv.mT @ chol_inv
+            del chol_inv
             # A blocked GEMM may sum (i, j) and (j, i) in different orders; averaging with the
             # transpose makes the ground truth exactly symmetric (float addition commutes).
-            self._inverse = 0.5 * (inverse + inverse.mT)
+            symmetric = inverse + inverse.mT
+            del inverse
+            self._inverse = symmetric.mul_(0.5)
         return self._inverse
 
     def _ihvp(self, v: Tensor) -> Tensor:

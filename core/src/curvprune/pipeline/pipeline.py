@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from curvprune._progress import Progress
 from curvprune.config import PipelineConfig, load_raw_config, structure_config
 from curvprune.errors import ConfigError
-from curvprune.pipeline.planning import Plan, make_plan
+from curvprune.pipeline.planning import Plan, make_plan, wants_example
 from curvprune.pipeline.session import PruningSession
 from curvprune.pipeline.stages import OneShotProgress
 from curvprune.pipeline.steps import StepRunner
@@ -236,10 +236,8 @@ class Pipeline:
         started = time.perf_counter()
         progress = progress or Progress(enabled=False)
         runner = StepRunner(self, model, data, loss_fn, masks, progress=progress)
-        example = None
         staged = self.schedule.staged_calibration(self.components)
-        if staged is not None:
-            example = peek_batch(data)
+        example = peek_batch(data) if wants_example(self) else None
         self.host.check_same_installs_across_ranks()
         self.plan(model, example=example).check()
         self.host.pipeline_start(self, model)

@@ -14,6 +14,11 @@ of a pruning step holds at its peak:
 * the scorer's own state when it holds more than that (:meth:`SaliencyScorer.memory_bytes`,
   e.g. SOSP-I's S×S structure matrix).
 
+An estimator fitted on the model itself (``kfac``) makes no gradient rows: given one batch
+(``example``, see :func:`wants_example`) the plan counts the samples its fit takes and the peak of
+one forward and backward pass over that batch (``activations``); without one it counts a gradient
+chunk as a stand-in.
+
 A layer-local estimator (``sparsegpt``) is fitted from the layers' inputs, so no gradient rows
 are counted; with sequential calibration it holds one stage's state at a time (the largest
 stage is counted), and given one batch of the data (``example``) the plan also counts the
@@ -60,7 +65,7 @@ from curvprune.tensors.gradients import default_chunk_size
 from curvprune.tensors.layout import ParamLayout
 from curvprune.tensors.linear_rows import linear_owners
 
-__all__ = ["Plan", "available_memory", "make_plan"]
+__all__ = ["Plan", "available_memory", "make_plan", "wants_example"]
 
 _GiB = 2**30
 
@@ -260,8 +265,10 @@ def make_plan(
         memory["estimator"] = int(type(estimator).plan_memory_bytes(layout, cfg))
         blocks = layout.blocks(getattr(cfg, "block_size", None))
         n_blocks, width = blocks.n_blocks, blocks.width
+        fit_probe: dict[str, int] = {}
         if estimator.fits_model:  # fitted on the model (K-FAC): one block per parameter
             n_blocks, width = len(layout), max(layout.sizes)
+            fit_probe = _fit_probe(model, example, cfg.num_grads, device)
         chunk = pipeline.config.prune.gradient_chunk
         rows = chunk if chunk is not None else default_chunk_size(d, cfg.fisher_mini_batch)
         if chunk is None and world > 1:  # as GradientSource balances chunks over the ranks
@@ -272,6 +279,9 @@ def make_plan(
         # form for nn.Linear models writes the rows directly (tensors/linear_rows.py)
         vectorised = 0 if linear_owners(model, layout) is not None else rows * d * itemsize
         memory["gradients"] = rows * d * itemsize + max(vectorised, update)
+        if fit_probe:  # no gradient rows: the fit's samples and one batch's passes, measured
+            memory["gradients"] = fit_probe["samples"]
+            memory["activations"] = fit_probe["activations"]
         held = int(type(estimator).plan_held_bytes(layout, cfg))
         sharded = world > 1 and shards(estimator, pipeline.config.prune.shard)
         if sharded:  # this rank's share (the largest), fed a round of W chunks' columns
@@ -323,6 +333,51 @@ def make_plan(
         estimator_held=held,
         flops_per_second=None if flops is None else measured_flops_per_second(device),
     )
+
+
+def wants_example(pipeline: PipelineView) -> bool:
+    """Whether :func:`make_plan` measures part of the step on one batch of the data: with
+    sequential calibration (the cached block inputs, one block's activations) and for an
+    estimator fitted on the model itself (K-FAC: its samples and one batch's passes)."""
+    estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
+    staged = pipeline.schedule.staged_calibration(pipeline.components) is not None
+    return staged or bool(estimator is not None and estimator.fits_model)
+
+
+def _fit_probe(model: nn.Module, example: Any, samples: int, device: torch.device
+               ) -> dict[str, int]:
+    """What an estimator fitted on the model holds beside its state, measured on ``example``.
+
+    ``samples``: the ``samples`` inputs it takes from the data (counted from the example's
+    per-sample size); ``activations``: the peak of one forward and backward pass over the
+    example batch (at most ``samples`` of it), the gradients of the parameters taken with
+    ``torch.autograd.grad`` so that no ``.grad`` changes. {} without an example, or on the
+    CPU inside another profile (a CPU probe would end it); the plan then counts a gradient
+    chunk in their place.
+    """
+    if example is None or (device.type != "cuda" and profiling()):
+        return {}
+    x = example[0] if isinstance(example, (tuple, list)) else example
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return {}
+    n = min(int(x.shape[0]), samples)
+    per_sample = x[0].numel() * x.element_size()
+    x = x[:n].to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+
+    def passes() -> None:
+        out = model(x)
+        logits = getattr(out, "logits", out)
+        if isinstance(logits, torch.Tensor) and logits.requires_grad and params:
+            torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
+
+    try:
+        _, activations = peak_allocated(passes, device)
+    finally:
+        model.train(was_training)
+    return {"samples": per_sample * samples, "activations": int(activations)}
 
 
 @torch.no_grad()

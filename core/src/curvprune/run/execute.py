@@ -32,6 +32,7 @@ from curvprune._progress import Progress
 from curvprune.config import PipelineConfig, dump_config, load_raw_config, unstructure_config
 from curvprune.errors import CheckpointError, ConfigError, CurvpruneError
 from curvprune.pipeline.pipeline import Pipeline, peek_batch
+from curvprune.pipeline.planning import wants_example
 from curvprune.plugin.manager import PluginHost, get_plugin_manager
 from curvprune.run.checkpoint_files import (
     check_state_fits,
@@ -258,9 +259,8 @@ def _execute_run(
         # or loaded (training draws from the loaders' and torch's generators): start afresh.
         torch.manual_seed(cfg.run.seed)
         train_loader, grad_loader, test_loader = make_loaders(bundle, cfg.data, seed=cfg.run.seed)
-        staged = pipeline.schedule.staged_calibration(pipeline.components) is not None
         plan = pipeline.plan(model, device=device,
-                             example=peek_batch(grad_loader) if staged else None)
+                             example=peek_batch(grad_loader) if wants_example(pipeline) else None)
         plan.check()
         score_dense, loss_dense = evaluate(model, test_loader, device=device, metric=metric)
         tick = time.perf_counter()

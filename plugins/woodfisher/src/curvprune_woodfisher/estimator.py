@@ -17,9 +17,10 @@ same matrix:
   of gradients raises (:class:`curvprune.ConfigError`) instead of returning the inverse of a
   differently scaled matrix.
 * ``gram``: accumulate Gₘ = Σᵢ gᵢgᵢᵀ per block with batched GEMMs (:class:`BlockRuns`), then at
-  the first query one batched Cholesky LLᵀ = λI + Gₘ/m and F⁻¹ = L⁻ᵀL⁻¹ (a batched triangular
-  solve and a GEMM; measured faster than ``cholesky_inverse`` on CPU and robust to thread
-  contention, see docs/benchmarks.md). Any m works: the 1/m is applied at the end.
+  the first query a Cholesky LLᵀ = λI + Gₘ/m and F⁻¹ = (LLᵀ)⁻¹ by ``cholesky_inverse``, piece
+  by piece over the blocks and in place (:func:`damped_block_inverse`: one block batch at the
+  peak, single-threaded LAPACK shared among worker threads on the CPU, robust to thread
+  contention; see docs/benchmarks.md). Any m works: the 1/m is applied at the end.
 
 Padding slots of short blocks start at I/λ (``woodbury``) or get λ on the diagonal (``gram``) and
 every gradient is zero there, so they never couple to a real coordinate and are dropped by
@@ -58,6 +59,7 @@ from curvprune import (
 )
 from curvprune_woodfisher.blocks import BlockRuns
 from curvprune_woodfisher.config import WoodFisherConfig
+from curvprune_woodfisher.inverse import INVERT_PIECE_BYTES, damped_block_inverse
 
 __all__ = [
     "AUTO_WOODBURY_RATIO",
@@ -96,66 +98,6 @@ def woodbury_update_(inverse: Tensor, g: Tensor, m: int) -> None:
     inverse.baddbmm_(s.unsqueeze(-1), s.unsqueeze(-2), alpha=-1)
 
 
-def damped_block_inverse(gram: Tensor, m: int, damping: float) -> Tensor:
-    """``(λI + G/m)⁻¹`` for a batch of Gram blocks, by Cholesky; consumes ``gram``.
-
-    With ``LLᵀ = λI + G/m``: ``(LLᵀ)⁻¹ = L⁻ᵀL⁻¹``, so one batched triangular solve against I and
-    one batched GEMM. Peak memory is two ``[n_blocks, B, B]`` tensors.
-
-    A Gram block summed in precision eps is only known to ±eps·‖G‖: when λ is below that, its
-    null directions can come out slightly negative and the Cholesky of λI + G/m breaks down
-    (large float32 gradients with λ = 1e-5 do this). Those blocks alone are redone in float64
-    with the eigenvalues of G/m clamped at 0, i.e. the inverse for the nearest positive
-    semidefinite Gram, a change within the Gram's own rounding error.
-
-    Args:
-        gram: ``[n_blocks, B, B]`` sums Σᵢ gᵢgᵢᵀ; consumed (its storage is released, so the
-            caller's references see an empty tensor).
-        m: number of gradients summed into ``gram``.
-        damping: λ > 0.
-
-    Returns:
-        The block inverses. Raises :class:`curvprune.NumericalError` if the Gram matrix
-        overflowed (gradients too large for the dtype).
-
-    """
-    gram.div_(m).diagonal(dim1=-2, dim2=-1).add_(damping)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    failed = info.nonzero().squeeze(1)  # one host sync
-    retry = gram[failed].to(torch.float64) if failed.numel() else None
-    gram.set_()  # release λI + G/m before the solve allocates
-    inverse = _inverse_from_cholesky(chol)
-    if retry is not None:
-        if not bool(torch.isfinite(retry).all()):
-            raise NumericalError(
-                f"the Gram matrix of {failed.numel()} woodfisher block(s) overflowed in "
-                f"{inverse.dtype}; use dtype = 'float64'"
-            )
-        inverse[failed] = _clamped_inverse(retry, damping).to(inverse.dtype)
-    return inverse
-
-
-def _clamped_inverse(damped: Tensor, damping: float) -> Tensor:
-    """``(λI + G₊/m)⁻¹`` from ``damped = λI + G/m``, G₊ the PSD part of G (float64 eigh)."""
-    gram = damped - damping * torch.eye(damped.shape[-1], dtype=damped.dtype,
-                                        device=damped.device)
-    eigvals, eigvecs = torch.linalg.eigh(gram)
-    scale = (damping + eigvals.clamp_min(0)).rsqrt()
-    root = eigvecs * scale.unsqueeze(-2)
-    return root @ root.mT
-
-
-def _inverse_from_cholesky(chol: Tensor) -> Tensor:
-    """``L⁻ᵀL⁻¹`` for lower-triangular ``chol`` ``[n, B, B]``; consumes ``chol``.
-
-    ``chol`` is released once L⁻¹ exists, so at most two ``[n, B, B]`` batches are alive.
-    """
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
-    chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-    chol.set_()
-    return torch.bmm(chol_inv.mT, chol_inv)
-
-
 class WoodFisherEstimator(CurvatureEstimator):
     """Explicit block inverses of the damped empirical Fisher (WoodFisher).
 
@@ -189,24 +131,43 @@ class WoodFisherEstimator(CurvatureEstimator):
     # -- planning -----------------------------------------------------------------------------
     @classmethod
     def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
-        """Peak state bytes: ``n_blocks·B²`` per block batch, one (woodbury) or two (gram).
+        """Peak state bytes: one ``n_blocks·B²`` block batch, plus ``gram``'s inversion work.
 
-        ``gram`` holds the Gram batch while accumulating and two batches while inverting
-        (factor and inverse); ``woodbury`` updates one batch in place. Vectors of size d and
+        ``woodbury`` updates one batch in place. ``gram`` holds the Gram batch while
+        accumulating and inverts it in place, piece by piece (:func:`damped_block_inverse`):
+        its work space is two pieces of :data:`INVERT_PIECE_BYTES` (or one per worker thread,
+        ``torch.get_num_threads()``, if more: a Cholesky factor each on the CPU; the inverse
+        and its selection elsewhere), never more than a second batch. Vectors of size d and
         the packed gradient row are negligible and not counted, as is the float64 copy of the
-        (normally no) blocks whose float32 Cholesky fails (:func:`damped_block_inverse`).
+        (normally no) blocks whose float32 Cholesky fails.
         """
         config = _as_woodfisher(config)
         blocks = BlockLayout.build(sizes, config.block_size)
-        batch = blocks.n_blocks * blocks.width**2 * config.torch_dtype.itemsize
-        return batch * (1 if choose_algorithm(config, blocks.width) == "woodbury" else 2)
+        block = blocks.width**2 * config.torch_dtype.itemsize
+        batch = blocks.n_blocks * block
+        if choose_algorithm(config, blocks.width) == "woodbury":
+            return batch
+        pieces = max(2, torch.get_num_threads()) * max(1, INVERT_PIECE_BYTES // block)
+        return batch + min(blocks.n_blocks, pieces) * block
 
     @classmethod
     def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
-        """One ``n_blocks·B²`` batch: ``gram``'s second batch exists only while it inverts."""
+        """One ``n_blocks·B²`` batch: ``gram``'s inversion work exists only while it inverts."""
         config = _as_woodfisher(config)
         blocks = BlockLayout.build(layout.sizes, config.block_size)
         return blocks.n_blocks * blocks.width**2 * config.torch_dtype.itemsize
+
+    @classmethod
+    def plan_update_bytes(cls, rows: int, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """``gram``: the chunk's short blocks, gathered and padded (two copies of them); runs
+        of full blocks are multiplied in place as views of the chunk (:class:`BlockRuns`).
+        ``woodbury``: the default, one copy of the rows."""
+        config = _as_woodfisher(config)
+        blocks = BlockLayout.build(layout.sizes, config.block_size)
+        if choose_algorithm(config, blocks.width) == "woodbury":
+            return super().plan_update_bytes(rows, layout, config)
+        n_short = int((blocks.lengths != blocks.width).sum())
+        return 2 * rows * n_short * blocks.width * config.torch_dtype.itemsize
 
     @classmethod
     def estimated_flops(cls, sizes: Sequence[int], config: EstimatorConfig) -> float | None:
