@@ -1,8 +1,9 @@
 """ResNet-50 one-shot WoodFisher on one machine: one process against two sharded ranks.
 
 torchvision ``resnet50(weights=None)`` (1000 classes, 25.5 M selected conv/linear weights),
-``--num-grads`` per-sample gradients of random 224×224 images, WoodFisher ``gram`` with B = 128,
-one step to 50 % with a global OBS mask, through ``curvprune.Pipeline``:
+``--num-grads`` per-sample gradients of random 224×224 images (in chunks of ``--chunk``),
+WoodFisher ``gram`` with B = 128, one step to 50 % with a global OBS mask, through
+``curvprune.Pipeline``:
 
 * **one process** with ``--threads`` torch threads (the whole d×B block state on one rank);
 * **two gloo processes** with one thread each and ``[prune] shard = "auto"`` (each holds half
@@ -47,6 +48,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", choices=("one", "two"), help="run one side only")
     parser.add_argument("--block-size", type=int, default=128, help="woodfisher block size B")
     parser.add_argument("--arch", default="resnet50", help="a torchvision classification model")
+    parser.add_argument("--chunk", type=int, default=8, help="[prune] gradient_chunk")
     parser.add_argument("--quick", action="store_true",
                         help="mobilenet_v3_small, m = 4, 64×64, B = 16: smoke run")
     args = parser.parse_args(argv)
@@ -73,7 +75,7 @@ def _prune(args: argparse.Namespace, world: int) -> dict[str, Any]:
         "estimator": {"name": "woodfisher", "algorithm": "gram", "block_size": args.block_size,
                       "num_grads": args.num_grads, "damping": 1e-4},
         "scorer": {"name": "obs"}, "schedule": {"name": "oneshot"}, "mask": {"name": "global"},
-        "prune": {"sparsity": 0.5, "loss_samples": 0},
+        "prune": {"sparsity": 0.5, "loss_samples": 0, "gradient_chunk": args.chunk},
     })
     plan = pipeline.plan(model, world_size=world)
     before = _rss()

@@ -54,6 +54,9 @@ from curvprune_mfac.static import StaticInverse
 
 __all__ = ["MFACEstimator"]
 
+#: Numbers of G read at a time when the ``alive`` blocks are cut (bounds the work space).
+_PIECE = 1 << 22
+
 
 class MFACEstimator(CurvatureEstimator):
     """M-FAC inverse-Fisher products, diagonal and entries; static or sliding-window.
@@ -288,20 +291,36 @@ class MFACEstimator(CurvatureEstimator):
 
     # -- "alive" blocks ------------------------------------------------------------------------
     def _freeze_alive(self) -> StaticInverse:
-        """Gather the live columns of G, cut them into blocks of B, build Ŵ on them."""
+        """Gather the live columns of G, cut them into blocks of B, build Ŵ on them.
+
+        Both passes over G go in column pieces (``_PIECE`` numbers at a time), so the only
+        full-size tensors are G and the packed blocks: two copies of G at the peak, as
+        :meth:`memory_bytes` plans (a whole-matrix ``ne`` or fancy index would add a third).
+        """
         assert self._grads is not None and self.config.block_size is not None
         grads = self._grads[0, : self._count]  # [m, d]
-        self._alive = grads.ne(0).any(dim=0).nonzero().squeeze(1)
+        m, d = grads.shape
+        step = max(1, _PIECE // max(m, 1))
+        live = torch.empty(d, dtype=torch.bool, device=self.device)
+        for start in range(0, d, step):  # pieces of columns, not single weights
+            live[start : start + step] = grads[:, start : start + step].ne(0).any(dim=0)
+        self._alive = live.nonzero().squeeze(1)
+        del live
         n = int(self._alive.numel())
         width = max(1, min(self.config.block_size, n))
         n_blocks = max(1, -(-n // width))
-        flat = torch.empty(self._count, n_blocks * width, dtype=grads.dtype, device=self.device)
-        flat[:, :n] = grads[:, self._alive]
-        flat[:, n:].zero_()  # only the padding after the last live column needs zeros
+        packed = torch.empty(n_blocks, m, width, dtype=grads.dtype, device=self.device)
+        per = max(1, step // width)  # blocks per piece
+        for first in range(0, n_blocks, per):
+            last = min(n_blocks, first + per)
+            cols = self._alive[first * width : last * width]
+            piece = grads[:, cols]  # [m, ≤ (last − first)·W]
+            short = (last - first) * width - cols.numel()
+            if short:  # the last block's padding: zeros
+                piece = torch.cat([piece, piece.new_zeros(m, short)], dim=1)
+            packed[first:last] = piece.reshape(m, last - first, width).transpose(0, 1)
         del grads
         self._grads = None  # at most two copies of G at a time (memory_bytes)
-        packed = flat.reshape(self._count, n_blocks, width).transpose(0, 1).contiguous()
-        del flat
         return StaticInverse.from_gradients_(packed, self._count, self.config.damping,
                                              dtype=self.dtype)
 
