@@ -147,10 +147,12 @@ def _queries(name: str, sharded: bool) -> dict[str, torch.Tensor]:
                         [starts[-1], -1, -1]])
     if name == "mfac-unblocked":
         idx = torch.cat([idx, torch.tensor([[1, 200, 390], [-1, 5, 389]])])
+    rhs = torch.where(idx >= 0, probe[0, idx.clamp_min(0)], torch.zeros((), dtype=probe.dtype))
     return {
         "diagonal": estimator.inverse_diagonal(),
         "ihvp": estimator.ihvp(probe),
         "columns": estimator.inverse_columns(idx),
+        "block_solve": estimator.inverse_block_solve(idx, rhs),
     }
 
 

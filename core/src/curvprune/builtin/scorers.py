@@ -204,14 +204,9 @@ class OBSScorer(SaliencyScorer):
                 f"{self.config.max_joint_group}); use a smaller block_size, more pruning steps, "
                 "or joint = false @ scorer.joint"
             )
-        m = estimator.inverse_columns(groups).to(w.dtype)  # [n, K, K], padded with identity
         rhs = torch.where(groups >= 0, w[groups.clamp_min(0)], torch.zeros((), dtype=w.dtype,
                                                                              device=w.device))
-        chol, info = torch.linalg.cholesky_ex(m)
-        if bool(info.any()):
-            solution = torch.linalg.solve(m, rhs.unsqueeze(-1)).squeeze(-1)
-        else:
-            solution = torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+        solution = estimator.inverse_block_solve(groups, rhs)  # ([F⁻¹]_QQ)⁻¹ w_Q per block
         u = torch.zeros_like(w)
         u[idx] = solution[row, position]
         self._joint_loss = 0.5 * (w[idx] * u[idx]).sum()

@@ -251,18 +251,47 @@ class ShardedEstimator(CurvatureEstimator):
             local = self._local(0, v.shape[0]) if self.idle else self.inner.ihvp(v[:, lo:hi])
         return distributed.all_gather_columns(local.to(self.device), self.widths)
 
+    def _group_owners(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Each group's owning rank and whether it crosses a cut (only ``coupled`` may)."""
+        cuts = torch.tensor([b for _, b in self.bounds[:-1]], device=idx.device)
+        owner = torch.bucketize(idx, cuts, right=True)
+        valid = idx >= 0
+        first = owner.gather(1, valid.long().argmax(dim=1, keepdim=True)).squeeze(1)
+        crossing = (valid & (owner != first[:, None])).any(dim=1)
+        return first, crossing
+
+    def inverse_block_solve(self, idx: Tensor, rhs: Tensor) -> Tensor:
+        """Each rank solves the groups of its blocks; one all-gather of the ``[n, k]`` solutions
+        (not of the ``[n, k, k]`` entries), so the k×k solves are split over the ranks too."""
+        self._require_setup("inverse_block_solve")
+        idx = idx.to(device=self.device, dtype=torch.long)
+        first, crossing = self._group_owners(idx)
+        if distributed.any_rank(bool(crossing.any())):
+            return super().inverse_block_solve(idx, rhs)  # coupled: through IHVPs
+        lo, _ = self.columns
+        me = distributed.rank()
+        mine = first == me
+        with self._timed():
+            local = rhs[mine]
+            if bool(mine.any()):
+                valid = idx[mine] >= 0
+                local = self.inner.inverse_block_solve(
+                    torch.where(valid, idx[mine] - lo, idx[mine]), rhs[mine]).to(rhs.dtype)
+        counts = [int(c) for c in torch.bincount(first, minlength=len(self.bounds)).tolist()]
+        every = distributed.all_gather_rows(local, counts)  # rank 0's groups, then rank 1's, …
+        out = torch.empty_like(rhs)
+        out[torch.argsort(first, stable=True)] = every
+        return out
+
     def _inverse_columns(self, idx: Tensor) -> Tensor:
         """Each group's entries come from the rank owning it (one all-reduce); groups that
         cross a cut (only for ``coupled`` estimators) go through IHVPs on unit vectors."""
         n, k = idx.shape
         lo, hi = self.columns
-        cuts = torch.tensor([b for _, b in self.bounds[:-1]], device=idx.device)
-        owner = torch.bucketize(idx, cuts, right=True)
         valid = idx >= 0
-        first = owner.gather(1, valid.long().argmax(dim=1, keepdim=True))
-        crossing = (valid & (owner != first)).any(dim=1)
+        first, crossing = self._group_owners(idx)
         out = torch.zeros(n, k, k, device=self.device, dtype=self.dtype)
-        mine = ~crossing & (first.squeeze(1) == distributed.rank()) & valid.any(dim=1)
+        mine = ~crossing & (first == distributed.rank()) & valid.any(dim=1)
         if bool(mine.any()):
             local = torch.where(valid[mine], idx[mine] - lo, idx[mine])
             with self._timed():

@@ -190,6 +190,27 @@ class CurvatureEstimator(abc.ABC):
         eye = torch.eye(k, device=self.device, dtype=out.dtype).expand(n, k, k)
         return torch.where(pair_valid, out, eye)
 
+    def inverse_block_solve(self, idx: Tensor, rhs: Tensor) -> Tensor:
+        """Solve ``[F⁻¹]_{QQ} x = w_Q`` for each group Q (a row of ``idx``): the joint OBS step.
+
+        The multipliers of pruning the weights Q together (WoodFisher Eq. 11, Hassibi & Stork's
+        OBS for several weights at once): δw = −F⁻¹ e_Q x. The default reads the entries with
+        :meth:`inverse_columns` and solves by batched Cholesky (LU where round-off made a system
+        indefinite); a sharded estimator solves each group on the rank owning its block.
+
+        Args:
+            idx: long ``[n, k]``, ``-1`` padding, as for :meth:`inverse_columns`.
+            rhs: ``[n, k]``, zero at padding.
+
+        Returns:
+            ``[n, k]`` solutions (zero at padding).
+        """
+        m = self.inverse_columns(idx).to(rhs.dtype)
+        chol, info = torch.linalg.cholesky_ex(m)
+        if bool(info.any()):
+            return torch.linalg.solve(m, rhs.unsqueeze(-1)).squeeze(-1)
+        return torch.cholesky_solve(rhs.unsqueeze(-1), chol).squeeze(-1)
+
     def _inverse_columns(self, idx: Tensor) -> Tensor:
         """``[n, k, k]`` entries of F⁻¹ for groups ``idx`` (long, on the device, -1 padding).
 
