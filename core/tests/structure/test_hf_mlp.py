@@ -226,25 +226,34 @@ def pipeline(sparsity: float, **mask) -> Pipeline:
     }, host=HOST)
 
 
+def counts(model: nn.Module) -> tuple[int, int]:
+    """Parameters of the attention modules and of the MLPs."""
+    def part(n: str) -> str:
+        if "attn" in n or "attention" in n:
+            return "heads"
+        if "mlp" in n or "intermediate" in n or "output.dense" in n:
+            return "mlp"
+        return "other"
+
+    total = {"heads": 0, "mlp": 0, "other": 0}
+    for n, p in model.named_parameters():
+        total[part(n)] += p.numel()
+    return total["heads"], total["mlp"]
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 def test_pipeline_prunes_heads_and_mlp_units(kind):
     model = BUILD[kind]()
     run = run_of(kind)
     with torch.no_grad():
         shape = run(model).shape
-    heads_before = sum(p.numel() for n, p in model.named_parameters() if "attn" in n
-                       or "attention" in n)
-    mlp_before = sum(p.numel() for n, p in model.named_parameters() if "mlp" in n
-                     or "intermediate" in n or "output.dense" in n and "attention" not in n)
+    heads_before, mlp_before = counts(model)
     pipe = pipeline(0.5)
     with pytest.warns(StructureSkipWarning, match="attention heads and Hugging Face MLP"):
         result = pipe.prune(model, None)
     removal = pipe.remove(model, result.masks)
     assert removal.params_after < removal.params_before
-    heads_after = sum(p.numel() for n, p in model.named_parameters() if "attn" in n
-                      or "attention" in n)
-    mlp_after = sum(p.numel() for n, p in model.named_parameters() if "mlp" in n
-                    or "intermediate" in n or "output.dense" in n and "attention" not in n)
+    heads_after, mlp_after = counts(model)
     assert heads_after < heads_before and mlp_after < mlp_before
     assert any(u < 24 for u in units(model, kind))
     with torch.no_grad():
@@ -259,7 +268,7 @@ def test_min_channels_keeps_a_unit_per_mlp(scope):
         warnings.simplefilter("ignore")
         result = pipe.prune(model, None)
     pipe.remove(model, result.masks)
-    assert all(u >= 1 for u in units(model, "gpt2"))
+    assert units(model, "gpt2") == [1, 1]
     assert [block.attn.num_heads for block in model.transformer.h] == [1, 1]
     with torch.no_grad():
         assert model(ids()).logits.shape == (2, 7, 50)
@@ -299,3 +308,19 @@ def test_plan_counts_mlp_groups_in_units():
     assert groups["transformer.h.0.mlp"]["size"] == 24
     assert groups["transformer.h.0.mlp"]["status"] == "prunable"
     assert groups["transformer.h.0.attn"]["unit"] == "heads"
+
+
+def test_mlp_units_prune_when_no_attention_module_is_recognised():
+    """The fallback graph needs one removable inspected group, a head group or an MLP."""
+    model = gpt2()
+    for block in model.transformer.h:
+        block.attn.q_norm = nn.Identity()  # a variant the head rule refuses
+    graph = StructureGraph.trace(model, heads_fallback=True)
+    assert [g.removable for g in graph.groups] == [False, True, False, True]
+    pipe = pipeline(0.5, scope="layerwise")
+    with pytest.warns(StructureSkipWarning, match="attention heads and Hugging Face MLP"):
+        result = pipe.prune(model, None)
+    pipe.remove(model, result.masks)
+    assert units(model, "gpt2") == [12, 12]
+    with torch.no_grad():
+        assert model(ids()).logits.shape == (2, 7, 50)

@@ -111,16 +111,16 @@ class StructureGraph:
 
         Attention modules (:func:`curvprune.structure.attention.find_heads`) add one head group
         each after the channel groups; they are fx leaves. With ``heads_fallback``, a model fx
-        cannot trace but that has recognised attention modules (a Hugging Face model) gives a
-        graph of its head groups and its MLP groups (:func:`curvprune.structure.hf_mlp.
-        find_mlps`, the hidden units of Hugging Face MLPs) alone (:attr:`untraced` names the
-        cause); the pipeline and :func:`curvprune.apply_removal` ask for it, other callers
-        keep the error.
+        cannot trace but that has recognised attention modules or Hugging Face MLPs (a Hugging
+        Face model) gives a graph of those alone: its head groups and its MLP groups
+        (:func:`curvprune.structure.hf_mlp.find_mlps`), in module order, with
+        :attr:`untraced` naming the cause; the pipeline and :func:`curvprune.apply_removal`
+        ask for it, other callers keep the error.
 
         Raises:
             UnsupportedModelError: the model cannot be traced symbolically (the cause is named)
-                and no head-only graph was asked for or possible, or a Linear layer's input is
-                not a whole number of features per flattened channel.
+                and no graph of inspected groups was asked for or possible, or a Linear layer's
+                input is not a whole number of features per flattened channel.
         """
         heads = find_heads(model)
         names = frozenset(n for n, _ in model.named_parameters())
@@ -130,9 +130,9 @@ class StructureGraph:
                 model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if heads_fallback and any(h.removable for h in heads):
-                mlps = find_mlps(model)
-                return cls(groups=_module_order(model, heads + mlps), param_names=names,
+            inspected = heads + find_mlps(model) if heads_fallback else ()
+            if any(g.removable for g in inspected):
+                return cls(groups=_module_order(model, inspected), param_names=names,
                            model_type=type(model).__name__,
                            untraced=f"{type(exc).__name__}: {cause}")
             raise UnsupportedModelError(
