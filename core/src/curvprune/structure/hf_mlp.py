@@ -90,7 +90,8 @@ class MlpGroup(ChannelGroup):
 
     def to_json(self) -> dict[str, Any]:
         """The group as plain JSON values, with its MLP style."""
-        return {**super().to_json(), "style": self.style, "unit": "mlp hidden units"}
+        return {**super().to_json(), "style": self.style, "owner": self.owner,
+                "rows": list(self.rows), "biases": list(self.biases)}
 
 
 def _join(prefix: str, name: str) -> str:
