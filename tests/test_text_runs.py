@@ -268,8 +268,9 @@ def test_plan_of_a_sequential_sparsegpt_run_counts_the_calibration(corpus, tmp_p
 
 def test_a_text_run_removes_attention_heads_and_loads_back(corpus, tmp_path):
     """`[mask] remove = true` on GPT-2 (issue 18): fx cannot trace it, so only its attention
-    heads prune (said in the warnings); they are removed before fine-tuning, the run reloads
-    at the smaller widths, and export refuses the Hugging Face folder in one line."""
+    heads and MLP hidden units prune (said in the warnings); they are removed before
+    fine-tuning, the run reloads at the smaller widths, and export refuses the Hugging Face
+    folder in one line."""
     model_dir, text = corpus
     config = _config(tmp_path, model_dir, text).read_text()
     config = config.replace('name = "magnitude"', 'name = "magnitude"\ngranularity = "channel"')
@@ -278,12 +279,18 @@ def test_a_text_run_removes_attention_heads_and_loads_back(corpus, tmp_path):
                       quiet=True).run_dir
     result = json.loads((run / "result.json").read_text())
     structure = result["structure"]
-    assert structure["kept"] == {"transformer.h.0.attn": [1, 2], "transformer.h.1.attn": [1, 2]}
+    kept = structure["kept"]
+    assert set(kept) == {f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn", "mlp")}
+    assert kept["transformer.h.0.attn"] == kept["transformer.h.1.attn"] == [1, 2]
+    assert sum(kept[f"transformer.h.{i}.mlp"][0] for i in (0, 1)) < 2 * 128
     assert structure["max_output_difference"] < 1e-5
     assert structure["params_after"] < structure["params_before"]
-    assert any("only its attention heads are pruned" in w for w in result["warnings"])
+    assert any("only its attention heads and Hugging Face MLP hidden units are pruned" in w
+               for w in result["warnings"])
     small = load_pruned(run, build_model(f"hf:{model_dir}"))
     assert [block.attn.num_heads for block in small.transformer.h] == [1, 1]
+    assert [block.mlp.c_fc.nf for block in small.transformer.h] == [
+        kept[f"transformer.h.{i}.mlp"][0] for i in (0, 1)]
     ids = torch.randint(0, small.config.vocab_size, (2, 16), generator=torch.Generator()
                         .manual_seed(1))
     with torch.no_grad():

@@ -384,6 +384,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _channel_groups(layout: Any) -> list[dict[str, Any]] | None:
     """Every traced channel group, prunable or not and why (None without a channel mask)."""
+    from curvprune.structure.hf_mlp import MlpGroup
+
     structures = layout.structures
     if structures is None:
         return None
@@ -397,7 +399,9 @@ def _channel_groups(layout: Any) -> list[dict[str, Any]] | None:
             status = "not selected ([prune] targets/ignore)"
         else:
             status = f"not prunable: {g.reason}"
-        unit = "heads" if getattr(g, "head_dim", 0) else "channels"  # attention head groups
+        # attention head groups count heads, Hugging Face MLP groups hidden units
+        unit = ("heads" if getattr(g, "head_dim", 0)
+                else "units" if isinstance(g, MlpGroup) else "channels")
         out.append({"name": g.name, "size": g.size, "producers": list(g.producers),
                     "consumers": [c for c, _ in g.consumers], "status": status, "unit": unit})
     return out

@@ -34,6 +34,7 @@ from curvprune import (
 )
 from curvprune.structure.attention import HeadGroup, find_heads
 from curvprune.structure.attention_mha import HeadPrunedMultiheadAttention
+from curvprune.structure.hf_mlp import MlpGroup
 
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")
@@ -345,7 +346,8 @@ def test_untraceable_model_prunes_heads_only_with_a_warning():
     with pytest.raises(UnsupportedModelError, match="cannot trace GPT2LMHeadModel"):
         StructureGraph.trace(model)  # other callers (GReg's rules) keep the error
     graph = StructureGraph.trace(model, heads_fallback=True)
-    assert graph.untraced and all(isinstance(g, HeadGroup) for g in graph.groups)
+    # the head groups, and the MLP groups of curvprune.structure.hf_mlp (test_hf_mlp.py)
+    assert graph.untraced and {type(g) for g in graph.groups} == {HeadGroup, MlpGroup}
     pipe = Pipeline.from_config({
         "prune": {"sparsity": 0.5, "loss_samples": 0},
         "scorer": {"name": "magnitude", "granularity": "channel"},

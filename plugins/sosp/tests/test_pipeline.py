@@ -191,3 +191,46 @@ def test_sosp_prunes_and_removes_attention_heads(scorer) -> None:
     assert [layer.self_attention.num_heads for layer in small.encoder.layers] == [2, 2]
     with torch.no_grad():
         assert torch.allclose(small(x), model(x), atol=1e-5)
+
+
+class _LastLogits(torch.nn.Module):
+    """A Hugging Face causal LM as a classifier of the next token (SOSP's curvature needs
+    tensor outputs, not a ``ModelOutput``)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids).logits[:, -1]
+
+
+@pytest.mark.parametrize("scorer", ["sosp-h", "sosp-i"])
+def test_sosp_prunes_and_removes_hugging_face_heads_and_mlp_units(scorer) -> None:
+    """A Hugging Face GPT-2 (fx cannot trace it): SOSP differentiates the gates of its heads
+    and MLP hidden units (issue 18), and the removed model computes what the masked one did."""
+    import copy
+
+    transformers = pytest.importorskip("transformers")
+    from curvprune.structure.hf_mlp import MlpGroup
+
+    torch.manual_seed(0)
+    model = _LastLogits(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_embd=16, n_layer=2, n_head=4, n_inner=24, n_positions=16,
+        bos_token_id=0, eos_token_id=0))).double().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (8, 10), generator=g)
+    y = torch.randint(0, 50, (8,), generator=g)
+    pipeline = Pipeline.from_config({
+        "scorer": {"name": scorer}, "mask": {"name": "channel", "scope": "layerwise"},
+        "prune": {"sparsity": 0.5, "loss_samples": 0, "targets": ["Linear", "Conv1D"]},
+    })
+    with pytest.warns(curvprune.StructureSkipWarning, match="MLP hidden units"):
+        result = pipeline.prune(model, [(ids[:4], y[:4]), (ids[4:], y[4:])])
+    assert any(isinstance(grp, MlpGroup) for grp in result.masks.layout.structures.groups)
+    small = copy.deepcopy(model)
+    pipeline.remove(small, result.masks)
+    assert [block.attn.num_heads for block in small.lm.transformer.h] == [2, 2]
+    assert [block.mlp.c_fc.nf for block in small.lm.transformer.h] == [12, 12]
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids), model(ids), rtol=0, atol=1e-10)

@@ -66,6 +66,7 @@ from curvprune.errors import (
 )
 from curvprune.structure.attention import HeadGroup, find_heads, head_gates, is_attention
 from curvprune.structure.groups import ChannelGroup
+from curvprune.structure.hf_mlp import MlpGroup, find_mlps, mlp_gates
 from curvprune.structure.trace import Tracer
 from curvprune.structure.trace_ops import is_leaf
 from curvprune.structure.trace_ops import unique as unique_names
@@ -94,7 +95,8 @@ class StructureGraph:
         widths: channels of every BatchNorm and depthwise convolution at trace time (a
             concatenation puts several groups into one of them, at offsets).
         untraced: why ``torch.fx`` could not trace the model, when the graph holds only the
-            attention heads found by inspecting its modules (:mod:`.attention`); else None.
+            attention heads and Hugging Face MLP hidden units found by inspecting its modules
+            (:mod:`.attention`, :mod:`.hf_mlp`); else None.
     """
 
     groups: tuple[ChannelGroup, ...]
@@ -109,14 +111,16 @@ class StructureGraph:
 
         Attention modules (:func:`curvprune.structure.attention.find_heads`) add one head group
         each after the channel groups; they are fx leaves. With ``heads_fallback``, a model fx
-        cannot trace but that has recognised attention modules (a Hugging Face model) gives a
-        graph of its head groups alone (:attr:`untraced` names the cause); the pipeline and
-        :func:`curvprune.apply_removal` ask for it, other callers keep the error.
+        cannot trace but that has recognised attention modules or Hugging Face MLPs (a Hugging
+        Face model) gives a graph of those alone: its head groups and its MLP groups
+        (:func:`curvprune.structure.hf_mlp.find_mlps`), in module order, with
+        :attr:`untraced` naming the cause; the pipeline and :func:`curvprune.apply_removal`
+        ask for it, other callers keep the error.
 
         Raises:
             UnsupportedModelError: the model cannot be traced symbolically (the cause is named)
-                and no head-only graph was asked for or possible, or a Linear layer's input is
-                not a whole number of features per flattened channel.
+                and no graph of inspected groups was asked for or possible, or a Linear layer's
+                input is not a whole number of features per flattened channel.
         """
         heads = find_heads(model)
         names = frozenset(n for n, _ in model.named_parameters())
@@ -126,8 +130,10 @@ class StructureGraph:
                 model, _LeafTracer().trace(model))
         except Exception as exc:  # noqa: BLE001 - fx raises many types; the cause is reported
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if heads_fallback and any(h.removable for h in heads):
-                return cls(groups=heads, param_names=names, model_type=type(model).__name__,
+            inspected = heads + find_mlps(model) if heads_fallback else ()
+            if any(g.removable for g in inspected):
+                return cls(groups=_module_order(model, inspected), param_names=names,
+                           model_type=type(model).__name__,
                            untraced=f"{type(exc).__name__}: {cause}")
             raise UnsupportedModelError(
                 f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
@@ -189,10 +195,10 @@ class StructureGraph:
                 start = channel_offsets[i] + at
                 channel_structure[start : start + step * (hi - lo) : step] = ids[lo:hi]
 
-        # Attention heads own rows of their projections (the loop above passes over them:
-        # an attention module has no weight of its own)
+        # Attention heads and MLP units own rows of their projections (the loop above passes
+        # over them: an attention module or MLP has no weight of its own)
         for g, off in zip(groups, offsets, strict=True):
-            for p, local in g.layout_rows() if isinstance(g, HeadGroup) else ():
+            for p, local in g.layout_rows() if isinstance(g, _ROW_GROUPS) else ():
                 i = position[p]
                 if layout.channels[i] != local.numel():
                     raise ConfigError(f"parameter {p} has {layout.channels[i]} rows but its "
@@ -286,6 +292,8 @@ class Structures:
             for g, off in zip(self.groups, self.offsets, strict=True):
                 if isinstance(g, HeadGroup):  # attention heads: no gate points of their own
                     handles.extend(head_gates(g, modules, values, off))
+                elif isinstance(g, MlpGroup):  # nor MLP units: their down projection's input
+                    handles.extend(mlp_gates(g, modules, values, off))
             yield
         finally:
             for handle in handles:
@@ -322,9 +330,9 @@ class Structures:
                 mask[at : at + step * (hi - lo) : step] &= piece[lo:hi]
                 out[name] = mask
 
-        # Attention heads: the q/k/v biases of their rows (the loop above finds none of them)
+        # Attention heads and MLP units: the biases of their rows (the loop above finds none)
         for i, g in enumerate(self.groups):
-            for name, local in g.bias_rows() if isinstance(g, HeadGroup) else ():
+            for name, local in g.bias_rows() if isinstance(g, _ROW_GROUPS) else ():
                 if name in params:
                     kept = keep[self.group_slice(i)][local.to(keep.device)]
                     out[name] = out[name] & kept if name in out else kept
@@ -354,6 +362,16 @@ def _gate_hook(values: Tensor, piece: tuple[int, ...], at: int, dim: int) -> Any
         return output * gate.view(shape)
 
     return hook
+
+
+#: Groups found by module inspection, owning rows of their modules' projections.
+_ROW_GROUPS = (HeadGroup, MlpGroup)
+
+
+def _module_order(model: nn.Module, groups: tuple[ChannelGroup, ...]) -> tuple[ChannelGroup, ...]:
+    """``groups`` in the order their modules come in ``model`` (a block's heads, then its MLP)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return tuple(sorted(groups, key=lambda g: order.get(g.name, len(order))))
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -394,7 +412,8 @@ def attach_structures(mask: Any, layout: ParamLayout, model: nn.Module) -> Param
     skipped = skipped_groups(graph, layout)
     if graph.untraced and structures.n_structures:
         message = (f"torch.fx cannot trace {graph.model_type} ({graph.untraced}): only its "
-                   "attention heads are pruned, every other selected channel stays dense")
+                   "attention heads and Hugging Face MLP hidden units are pruned, every other "
+                   "selected channel stays dense")
         if getattr(config, "strict", False):
             raise UnsupportedModelError(f"{message}; set mask.strict = false @ mask.strict")
         warnings.warn(message, StructureSkipWarning, stacklevel=2)

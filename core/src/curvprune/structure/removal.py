@@ -44,6 +44,7 @@ from curvprune.errors import ConfigError, UnsupportedModelError
 from curvprune.structure.attention import HeadGroup, plan_head_removal
 from curvprune.structure.counting import count_flops_params, count_params
 from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
+from curvprune.structure.hf_mlp import MlpGroup, plan_mlp_removal
 from curvprune.structure.reshapes import rewrite_splits
 
 __all__ = ["RemovalResult", "apply_removal", "remove_structures"]
@@ -198,8 +199,9 @@ def _remove(
     ``groups`` and ``kept_counts`` (kept and total channels by group name) are reported.
     """
     modules = dict(model.named_modules())
-    heads = _head_swaps(plan, modules)  # attention heads: checked and computed, not applied
-    channel_plan = [(group, index) for group, index in plan if not isinstance(group, HeadGroup)]
+    heads = _head_swaps(plan, modules)  # heads, MLP units: checked and computed, not applied
+    channel_plan = [(group, index) for group, index in plan
+                    if not isinstance(group, (HeadGroup, MlpGroup))]
     cuts: dict[tuple[str, str], _Cut] = {}
     for group, index in channel_plan:
         _group_cuts(group, index, modules, cuts)
@@ -245,10 +247,14 @@ def _remove(
 
 def _head_swaps(plan: list[tuple[ChannelGroup, Tensor]],
                 modules: Mapping[str, nn.Module]) -> list[Any]:
-    """Check and compute the removal of the attention heads in ``plan``; callables applying
-    it (:func:`curvprune.structure.attention.plan_head_removal`)."""
+    """Check and compute the removal of the attention heads and Hugging Face MLP units in
+    ``plan``; callables applying it (:func:`curvprune.structure.attention.plan_head_removal`,
+    :func:`curvprune.structure.hf_mlp.plan_mlp_removal`)."""
     swaps = []
     for group, index in plan:
+        if isinstance(group, MlpGroup):
+            swaps.append(plan_mlp_removal(group, index, modules))
+            continue
         if not isinstance(group, HeadGroup):
             continue
         if index.numel() == 0:

@@ -81,7 +81,8 @@ def gate_space(model: nn.Module, layout: ParamLayout, *, where: str = "scorer") 
     """Build the gate space of ``model`` for the structures of ``layout``.
 
     Uses ``layout.structures`` when the pipeline attached them (``channel`` mask, ``coupled =
-    true``), otherwise traces the model with :class:`curvprune.StructureGraph`.
+    true``), otherwise traces the model with :class:`curvprune.StructureGraph` (a model fx
+    cannot trace gives its attention heads and Hugging Face MLP units, as in the pipeline).
 
     Raises:
         ConfigError: the selected parameters hold no prunable structure (e.g. only the
@@ -90,7 +91,7 @@ def gate_space(model: nn.Module, layout: ParamLayout, *, where: str = "scorer") 
     """
     structures = getattr(layout, "structures", None)
     if structures is None:
-        structures = StructureGraph.trace(model).structures(layout)
+        structures = StructureGraph.trace(model, heads_fallback=True).structures(layout)
     group = torch.as_tensor(structures.structure_group).long()
     size = int(group.numel())
     if size == 0 or not structures.groups:
