@@ -54,8 +54,8 @@ from curvprune_mfac.static import StaticInverse
 
 __all__ = ["MFACEstimator"]
 
-#: Numbers of G read at a time when the ``alive`` blocks are cut (bounds the work space).
-_PIECE = 1 << 22
+#: Pieces G is read in when the ``alive`` blocks are cut (the work space is 1/_PIECES of G).
+_PIECES = 16
 
 
 class MFACEstimator(CurvatureEstimator):
@@ -293,14 +293,14 @@ class MFACEstimator(CurvatureEstimator):
     def _freeze_alive(self) -> StaticInverse:
         """Gather the live columns of G, cut them into blocks of B, build Ŵ on them.
 
-        Both passes over G go in column pieces (``_PIECE`` numbers at a time), so the only
-        full-size tensors are G and the packed blocks: two copies of G at the peak, as
+        Both passes over G go in ``_PIECES`` column pieces, so the only full-size tensors are
+        G and the packed blocks: two copies of G (and one piece) at the peak, as
         :meth:`memory_bytes` plans (a whole-matrix ``ne`` or fancy index would add a third).
         """
         assert self._grads is not None and self.config.block_size is not None
         grads = self._grads[0, : self._count]  # [m, d]
         m, d = grads.shape
-        step = max(1, _PIECE // max(m, 1))
+        step = max(self.config.block_size, -(-d // _PIECES))
         live = torch.empty(d, dtype=torch.bool, device=self.device)
         for start in range(0, d, step):  # pieces of columns, not single weights
             live[start : start + step] = grads[:, start : start + step].ne(0).any(dim=0)

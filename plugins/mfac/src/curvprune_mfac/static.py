@@ -61,10 +61,10 @@ def capacitance_cholesky(gram: Tensor, count: int | float, damping: float) -> Te
         factorization exists for any finite K; it is done in float64 because A's condition
         number, up to 1 + ‖G‖²/(count·λ), grows as λ shrinks (M-FAC memo §4.3).
     """
-    m = gram.shape[-1]
-    eye = torch.eye(m, dtype=torch.float64, device=gram.device)
-    capacitance = gram.to(torch.float64) / damping + float(count) * eye
+    capacitance = gram.to(torch.float64, copy=True)  # built in place: one m×m batch at a time
+    capacitance.div_(damping).diagonal(dim1=-2, dim2=-1).add_(float(count))
     factor, info = torch.linalg.cholesky_ex(capacitance)
+    del capacitance
     if bool(info.any()):
         # Exact arithmetic cannot get here (A ≥ count·I), but K = GGᵀ accumulated in float32
         # has eigenvalue errors ~eps₃₂·‖K‖, which K/λ amplifies past count when λ is tiny.
@@ -133,9 +133,11 @@ class StaticInverse:
                 gram += cols @ cols.mT
         gram = reduce(gram)
         factor = capacitance_cholesky(gram, count, damping)
+        del gram  # the m×m batches are the algorithm's peak beside G: hold as few as possible
         eye = torch.eye(factor.shape[-1], dtype=torch.float64, device=factor.device)
         coeff = torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False)
-        coeff = (coeff / damping).to(dtype)  # C⁻¹/λ, lower triangular
+        del factor
+        coeff = coeff.div_(damping).to(dtype)  # C⁻¹/λ, lower triangular
         for start in range(0, width, _COLUMN_CHUNK):  # loop over column chunks of d, not weights
             cols = grads[..., start : start + _COLUMN_CHUNK]
             cols.copy_(coeff @ cols.to(dtype))
