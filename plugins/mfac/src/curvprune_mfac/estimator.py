@@ -98,7 +98,8 @@ class MFACEstimator(CurvatureEstimator):
         ``alive`` blocks: G is stored whole and then packed, so the peak is the larger of two
         copies of G and the above (b·W ≥ d is the packed width for all weights live).
 
-        ``dynamic`` adds the piece of Ŵ its diagonal query forms at a time (1/8 of G).
+        ``dynamic`` adds the piece of Ŵ its diagonal query forms at a time (1/8 of G); every
+        query holds three d-vectors (which matter beside a small window).
         """
         cfg = _as_mfac(config)
         b, m, width = cls._shape(sizes, cfg)
@@ -108,7 +109,8 @@ class MFACEstimator(CurvatureEstimator):
             total = max(2 * b * m * width * itemsize, total)
         if cfg.algorithm == "dynamic":
             total += b * m * -(-width // DIAGONAL_PIECES) * itemsize
-        return total
+        # a query's d-vectors: its result, the scaled input and the correction
+        return total + 3 * b * width * cfg.torch_dtype.itemsize
 
     @classmethod
     def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:

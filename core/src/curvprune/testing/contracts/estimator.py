@@ -289,7 +289,9 @@ class CurvatureEstimatorContract(ComponentContract):
         what: str,
     ) -> None:
         reference = self.reference_inverse(grads, drawn_sizes, first)
-        rtol = self.tolerance(reference, grads.shape[0], torch.float64, first.config.damping)
+        # two computations, each within the bound of the exact answer: their difference is
+        # within twice it (hypothesis found M-FAC orders 1.2× apart at κ ≈ 4)
+        rtol = 2 * self.tolerance(reference, grads.shape[0], torch.float64, first.config.damping)
         v = data.draw(gradients(2, sum(drawn_sizes), bound=1.0), label="v")
         self._check_products(second.ihvp(v), first.ihvp(v), v, reference, rtol, f"ihvp, {what}")
         atol = rtol * float(torch.linalg.matrix_norm(reference, ord=2))
