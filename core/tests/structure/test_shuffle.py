@@ -9,8 +9,6 @@ cannot express (ShuffleNetV2's later units) must be refused with the node named.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,63 +17,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from curvprune import (
-    MaskSet,
     StructureGraph,
     apply_removal,
-    remove_structures,
-    select_parameters,
 )
-from curvprune.structure.norms import kept_statistics
 from curvprune.testing.nets import randomize_
-
-
-# the helpers of test_shapes.py (test modules import nothing from each other here)
-def structured(model: nn.Module):
-    layout = select_parameters(model)
-    return layout.with_structures(StructureGraph.trace(model).structures(layout))
-
-
-def masked_copy(model: nn.Module, layout, keep: torch.Tensor) -> nn.Module:
-    sid = layout.structure_index()
-    per_channel = torch.where(sid >= 0, keep[sid.clamp_min(0)], torch.ones_like(sid, dtype=bool))
-    twin = copy.deepcopy(model)
-    masks = MaskSet(layout, per_channel[layout.channel_index()])
-    masks.with_extra(layout.structures.gate_masks(keep)).apply_(twin)
-    return twin
-
-
-def rescue(keep: torch.Tensor, layout) -> torch.Tensor:
-    """At least one kept structure per group."""
-    s = layout.structures
-    for i in range(s.n_groups):
-        if not keep[s.group_slice(i)].any():
-            keep[s.group_slice(i).start] = True
-    return keep
-
-
-def gap(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference relative to the reference's scale (at least 1)."""
-    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
-
-
-def check(model: nn.Module, keep: torch.Tensor, x: torch.Tensor, rel: float = 1e-12):
-    """masked == gated, and removed == masked with kept-channel LayerNorm statistics; returns
-    (removed model, layout, difference of the plain masked model to the removed one)."""
-    layout = structured(model)
-    keep = rescue(keep, layout)
-    with torch.no_grad():
-        masked = masked_copy(model, layout, keep)
-        plain = masked(x)
-        with layout.structures.gates(model, keep.double()):
-            assert gap(model(x), plain) <= rel, "a zero gate differs from the masked structure"
-        with kept_statistics(masked, layout.structures, keep):
-            reference = masked(x)
-        remove_structures(masked, layout.structures, keep)
-        out = masked(x)
-    assert out.shape == reference.shape
-    assert gap(out, reference) <= rel, "the removed model differs from its reference"
-    return masked, layout, gap(out, plain)
-
+from curvprune.testing.removal import check, structured
 
 
 def view_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
