@@ -93,7 +93,7 @@ class MFACEstimator(CurvatureEstimator):
 
     @classmethod
     def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
-        """b·m·W·itemsize for G (Ŵ overwrites it) + 3·b·m²·8 for K, C and C⁻¹ (float64).
+        """b·m·W·itemsize for G (Ŵ overwrites it) + b·m²·(16 + itemsize) for K, C and C⁻¹.
 
         ``alive`` blocks: G is stored whole and then packed, so the peak is the larger of two
         copies of G and the above (b·W ≥ d is the packed width for all weights live).
@@ -104,7 +104,9 @@ class MFACEstimator(CurvatureEstimator):
         cfg = _as_mfac(config)
         b, m, width = cls._shape(sizes, cfg)
         itemsize = cfg.storage_torch_dtype.itemsize
-        total = b * m * width * itemsize + 3 * b * m * m * 8
+        # the m×m algebra, built in place: the float32 Gram, capacitance and factor, then the
+        # factor and C⁻¹ (float64), then C⁻¹/λ in both dtypes: 2.5 float64 batches at most
+        total = b * m * width * itemsize + b * m * m * (2 * 8 + cfg.torch_dtype.itemsize)
         if cfg.alive_blocks:  # G whole, then its live columns packed: two copies at a time
             total = max(2 * b * m * width * itemsize, total)
         if cfg.algorithm == "dynamic":
