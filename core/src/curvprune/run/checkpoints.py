@@ -373,7 +373,9 @@ class RunCheckpoints:
                 "config_sha256": self._digest,
                 "versions": {"python": platform.python_version(), "torch": str(torch.__version__)},
                 "elapsed": self._elapsed_before + time.perf_counter() - self._phase_started,
-                "loop": {"step": int(progress.stages_done), "level": int(progress.level_index)},
+                # what was done: the stages of the step in progress, or the steps before it
+                "loop": {"step": int(progress.stages_done or progress.level_index),
+                         "level": int(progress.level_index)},
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "rng": {"torch": torch.get_rng_state()},
                 "extra": {"oneshot": progress.state_dict()},
