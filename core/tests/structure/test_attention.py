@@ -23,7 +23,6 @@ from torch import nn
 
 import curvprune
 from curvprune import (
-    MaskSet,
     Pipeline,
     StructureGraph,
     StructureSkipWarning,
@@ -35,6 +34,7 @@ from curvprune import (
 from curvprune.structure.attention import HeadGroup, find_heads
 from curvprune.structure.attention_mha import HeadPrunedMultiheadAttention
 from curvprune.structure.hf_mlp import MlpGroup
+from curvprune.testing.removal import masked_copy
 
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")
@@ -49,15 +49,6 @@ def structured(model: nn.Module):
         warnings.simplefilter("ignore")
         graph = StructureGraph.trace(model, heads_fallback=True)
     return layout.with_structures(graph.structures(layout))
-
-
-def masked_copy(model: nn.Module, layout, keep: torch.Tensor) -> nn.Module:
-    sid = layout.structure_index()
-    per_channel = torch.where(sid >= 0, keep[sid.clamp_min(0)], torch.ones_like(sid).bool())
-    twin = copy.deepcopy(model)
-    masks = MaskSet(layout, per_channel[layout.channel_index()])
-    masks.with_extra(layout.structures.gate_masks(keep)).apply_(twin)
-    return twin
 
 
 def drop_heads(layout, drops: dict[int, list[int]]) -> torch.Tensor:

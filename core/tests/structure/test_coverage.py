@@ -13,8 +13,6 @@ variances amplify float64 round-off: running the same model channels-last differ
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,11 +20,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from curvprune import (
-    MaskSet,
     StructureGraph,
     apply_removal,
     remove_structures,
-    select_parameters,
 )
 from curvprune.testing.nets import (
     CatNet,
@@ -37,31 +33,7 @@ from curvprune.testing.nets import (
     SqueezeExciteNet,
     randomize_,
 )
-
-
-def structured(model: nn.Module):
-    layout = select_parameters(model)
-    return layout.with_structures(StructureGraph.trace(model).structures(layout))
-
-
-def masked_copy(model: nn.Module, layout, keep: torch.Tensor) -> nn.Module:
-    sid = layout.structure_index()
-    never = torch.ones_like(sid, dtype=torch.bool)
-    per_channel = torch.where(sid >= 0, keep[sid.clamp_min(0)], never)
-    twin = copy.deepcopy(model)
-    masks = MaskSet(layout, per_channel[layout.channel_index()])
-    masks.with_extra(layout.structures.gate_masks(keep)).apply_(twin)
-    return twin
-
-
-def rescue(keep: torch.Tensor, layout) -> torch.Tensor:
-    """At least one kept structure per group."""
-    s = layout.structures
-    for i in range(s.n_groups):
-        piece = keep[s.group_slice(i)]
-        if not piece.any():
-            piece[0] = True
-    return keep
+from curvprune.testing.removal import masked_copy, rescue, structured
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
