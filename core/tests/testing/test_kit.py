@@ -104,6 +104,21 @@ def test_allclose_report_explains_the_worst_element():
         dense.assert_allclose(actual, expected, rtol=1e-6, what="ihvp")
 
 
+@pytest.mark.parametrize("magnitude", [1e-168, 1.0, 1e150])
+def test_product_check_scales_by_the_norm_of_v_at_any_magnitude(magnitude):
+    # F⁻¹v errors are bounded relative to ‖F⁻¹‖·‖v‖; at v ~ 1e-168 the squares underflow, and a
+    # norm flushed to zero made the check elementwise (a false M-FAC failure hypothesis found).
+    reference = torch.diag(torch.tensor([1.0, 0.01], dtype=torch.float64))
+    v = torch.full((1, 2), magnitude, dtype=torch.float64)
+    expected = v @ reference
+    inside = expected + torch.tensor([[0.0, 0.5e-8 * magnitude]], dtype=torch.float64)
+    check = CurvatureEstimatorContract._check_products
+    check(inside, expected, v, reference, 1e-8, "ihvp")  # 0.5e-8·‖v‖·‖F⁻¹‖/(√2) < 1e-8: passes
+    outside = expected + torch.tensor([[0.0, 5e-8 * magnitude]], dtype=torch.float64)
+    with pytest.raises(AssertionError, match="ihvp"):
+        check(outside, expected, v, reference, 1e-8, "ihvp")
+
+
 # ------------------------------------------------------------------------------------------------
 # Fixtures of the kit (the plugin manager's own tests are in core/tests/plugin)
 # ------------------------------------------------------------------------------------------------
