@@ -70,6 +70,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 }
 #: the mean gradient (woodtaylor's first-order term) sums float32 rows in another order
 LOOSE = {"woodtaylor"}
+#: on an all-Linear model the ranks exchange each layer's inputs and output gradients and form
+#: their own columns (closed form, ``LinearFactors``), not the rows: the same prunes must follow
+MLP_SCENARIOS = ("woodfisher-gram", "mfac-static-unblocked", "mfac-static-fixed", "woodtaylor")
 
 
 def _model() -> nn.Module:
@@ -77,6 +80,11 @@ def _model() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)
     )
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
 
 
 def _data(poison: bool = False) -> DataLoader:
@@ -96,8 +104,10 @@ def _prune_config(scenario: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _prune(scenario: dict[str, Any], data: DataLoader | None = None) -> dict[str, Any]:
-    model = _model()
+def _prune(
+    scenario: dict[str, Any], data: DataLoader | None = None, make=_model
+) -> dict[str, Any]:
+    model = make()
     result = Pipeline.from_config(_prune_config(scenario)).prune(model, data or _data())
     return {
         "mask": result.masks.flat.clone(),
@@ -160,13 +170,17 @@ def _worker(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {"rank": rank, "world_size": world_size}
     for name, scenario in SCENARIOS.items():
         out[name] = _prune(scenario)
+    for name in MLP_SCENARIOS:
+        out[f"mlp-{name}"] = _prune(SCENARIOS[name], make=_mlp)
     for name in QUERY_CASES:
         out[f"queries-{name}"] = _queries(name, sharded=True)
-    try:
-        _prune(SCENARIOS["woodfisher-gram"], _data(poison=True))
-        out["poisoned"] = "no error"
-    except NumericalError as exc:
-        out["poisoned"] = str(exc)
+    out["factor-columns"] = _factor_columns()
+    for key, make in (("poisoned", _model), ("poisoned-mlp", _mlp)):
+        try:
+            _prune(SCENARIOS["woodfisher-gram"], _data(poison=True), make=make)
+            out[key] = "no error"
+        except NumericalError as exc:
+            out[key] = str(exc)
     out["installs"] = _installs_refused(rank)
     return out
 
@@ -193,12 +207,41 @@ def _installs_refused(rank: int) -> str:
     return "no error"
 
 
+def _factor_columns() -> dict[str, Any]:
+    """This rank's columns of every row, at bounds that cut W's rows and a bias, with a mask
+    and mini-batch rows, and the synchronized sums."""
+    from curvprune.tensors.gradients import GradientSource
+    from curvprune.tensors.layout import select_parameters
+
+    model = _mlp().double()
+    layout = select_parameters(model, targets=["Linear"])
+    mask = torch.ones(layout.d, dtype=torch.bool)
+    mask[::7] = False
+    source = GradientSource(model, layout, mask=mask, chunk_size=5, fisher_mini_batch=2)
+    d, size = layout.d, distributed.world_size()
+    # d = 1536 + 24 + 240 + 10: a cut inside W₁'s first row, one inside W₂'s rows
+    cuts = {1: [0, d], 2: [0, 37, d], 3: [0, 37, 1536 + 24 + 100, d]}[size]
+    bounds = list(zip(cuts[:-1], cuts[1:], strict=True))
+    x, y = (t.double() if t.is_floating_point() else t for t in _data().dataset.tensors)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, N_SAMPLES, 16)]
+    if size == 1:
+        pieces = list(source.iter_grads(batches, 22))
+    else:
+        pieces = list(source.iter_grads(batches, 22, columns=bounds))
+        source.synchronize()
+    return {"rows": torch.cat(pieces), "bounds": bounds, "mean": source.mean(),
+            "count": source.rows}
+
+
 @pytest.fixture(scope="module")
 def reference() -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         out = {name: _prune(scenario) for name, scenario in SCENARIOS.items()}
+        for name in MLP_SCENARIOS:
+            out[f"mlp-{name}"] = _prune(SCENARIOS[name], make=_mlp)
+        out["factor-columns"] = _factor_columns()
         for name in QUERY_CASES:
             out[f"queries-{name}"] = _queries(name, sharded=False)
     finally:
@@ -223,6 +266,31 @@ def test_sharded_prune_equals_one_process(name, ranks, reference):
         assert torch.equal(got[name]["weights"], ranks[0][name]["weights"])
 
 
+@pytest.mark.parametrize("name", MLP_SCENARIOS)
+def test_sharded_closed_form_prune_equals_one_process(name, ranks, reference):
+    """The same, on an all-Linear model, whose ranks exchange x and g instead of rows."""
+    ref = reference[f"mlp-{name}"]
+    for got in ranks:
+        assert torch.equal(got[f"mlp-{name}"]["mask"], ref["mask"]), f"{name}: masks differ"
+        tol = 1e-5 if name in LOOSE else 1e-6
+        torch.testing.assert_close(got[f"mlp-{name}"]["weights"], ref["weights"], rtol=tol,
+                                   atol=tol)
+
+
+def test_closed_form_ranks_form_exactly_their_columns(ranks, reference):
+    """float64 rows formed from exchanged factors equal one process's rows, column for column
+    (cuts inside W's rows and between a weight and its bias), masked; the synchronized mean
+    and row count are one process's."""
+    ref = reference["factor-columns"]
+    for got in ranks:
+        lo, hi = got["factor-columns"]["bounds"][got["rank"]]
+        torch.testing.assert_close(got["factor-columns"]["rows"], ref["rows"][:, lo:hi],
+                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got["factor-columns"]["mean"], ref["mean"], rtol=1e-12,
+                                   atol=1e-14)
+        assert got["factor-columns"]["count"] == ref["count"] == 22
+
+
 @pytest.mark.parametrize("name", list(QUERY_CASES))
 def test_sharded_queries_equal_the_whole_estimator(name, ranks, reference):
     """float64 rows, damping 1e-2: condition numbers ≲ 1e4, so 1e-10 relative is ample."""
@@ -245,6 +313,10 @@ def test_different_plugin_versions_on_the_ranks_are_refused_at_start(ranks):
 def test_non_finite_gradients_fail_on_every_rank_naming_the_parameter(ranks):
     for got in ranks:
         assert got["poisoned"].startswith("non-finite gradients in '0.weight'"), got["poisoned"]
+        # closed form: the NaN sample's columns reach their owners only; the sums meet
+        assert got["poisoned-mlp"].startswith("non-finite gradients in '1.weight'"), (
+            got["poisoned-mlp"]
+        )
 
 
 # -- shares ------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ __all__ = [
     "check_same_across_ranks",
     "communication_seconds",
     "lost_peer",
+    "max_over_ranks",
     "data_parallel",
     "init_from_env",
     "is_distributed",
@@ -224,13 +225,23 @@ def all_reduce_sum_(tensor: Tensor) -> Tensor:
 @_collective
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
+    return max_over_ranks([1.0 if flag else 0.0])[0] > 0
+
+
+@_collective
+def max_over_ranks(values: Sequence[float]) -> list[float]:
+    """The elementwise maximum of ``values`` over all ranks (one tiny all-reduce, one sync).
+
+    Several flags and sizes a round needs agreed (a failure, a fallback, the sizes of what is
+    about to travel) share one collective this way; a minimum is the maximum of the negations.
+    """
     if not is_distributed():
-        return flag
-    probe = torch.tensor([1.0 if flag else 0.0])
+        return [float(v) for v in values]
+    probe = torch.tensor([float(v) for v in values], dtype=torch.float64)
     where = _comm_device(probe)
     probe = probe.to(where)
     torch.distributed.all_reduce(probe, op=torch.distributed.ReduceOp.MAX)
-    return bool(probe.item() > 0)
+    return probe.tolist()
 
 
 @_collective

@@ -51,8 +51,14 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from curvprune.errors import ConfigError, CurvpruneError, NumericalError
 from curvprune.tensors import distributed
+from curvprune.tensors.gradient_rounds import COVERED_BY, RoundExchange
 from curvprune.tensors.layout import ParamLayout
-from curvprune.tensors.linear_rows import NotClosedForm, linear_owners, linear_rows
+from curvprune.tensors.linear_rows import (
+    LinearFactors,
+    NotClosedForm,
+    linear_factors,
+    linear_owners,
+)
 from curvprune.tensors.sample_chunks import sample_chunks
 
 __all__ = ["GradientSource", "LossFn", "default_chunk_size", "default_loss"]
@@ -60,7 +66,7 @@ __all__ = ["GradientSource", "LossFn", "default_chunk_size", "default_loss"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 #: Attribute of a yielded chunk naming the source whose check_finite covers it (see covering).
-_COVERED_BY = "_curvprune_finite_check_by"
+_COVERED_BY = COVERED_BY
 #: Gradient bytes one chunk may hold at most when no chunk size is given (the rows and their
 #: work: two copies of the rows, docs/benchmarks.md plan accuracy).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -105,7 +111,7 @@ def default_chunk_size(d: int, fisher_mini_batch: int = 1) -> int:
     return max(1, rows)
 
 
-class GradientSource:
+class GradientSource(RoundExchange):
     """Yields gradients of the selected parameters in ``[k, d]`` chunks.
 
     Args:
@@ -212,6 +218,8 @@ class GradientSource:
         self._closed_form = linear_owners(self.model, self.layout)
         exchange = size > 1 and (gather or columns is not None)
         self._local = size > 1 and (columns is not None or not gather)
+        # sharded closed-form rows: ranks exchange each layer's x and g, not the rows
+        factors = columns is not None and size > 1 and self._closed_form is not None
         was_training = self.model.training
         self.model.eval()
         try:
@@ -227,7 +235,7 @@ class GradientSource:
                 if j % size == me:
                     try:
                         mine = self._chunk_grads(compute, selected, frozen, xs, ys, device,
-                                                 label_seed + j)
+                                                 label_seed + j, factors=factors)
                     except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
                         if not exchange:
                             raise
@@ -249,13 +257,21 @@ class GradientSource:
                         min(rows_per_chunk, num_grads - c * rows_per_chunk) if c < n_chunks else 0
                         for c in range(first, first + size)
                     ]
-                    if distributed.any_rank(failure is not None):
+                    failed, positions = self._agree(failure is not None, mine, factors)
+                    if failed:
                         if failure is not None:
                             raise failure
                         raise CurvpruneError(
                             "another rank failed while computing gradients; see its error"
                         )
-                    if columns is not None:  # chunk by chunk, as one process feeds them
+                    if factors and positions is None:  # a rank fell back to vmap: rows travel
+                        factors, self._closed_form = False, None
+                    if isinstance(mine, LinearFactors) and not factors:
+                        mine = mine.full_rows(self.layout, self._owners)
+                    if factors:
+                        assert positions is not None and columns is not None
+                        yield from self._factor_round(mine, counts, columns, positions, device)
+                    elif columns is not None:  # chunk by chunk, as one process feeds them
                         yield from self._exchange_round(mine, counts, columns, device)
                     else:
                         for flat, losses in self._gather_round(mine, counts, device):
@@ -351,8 +367,13 @@ class GradientSource:
         ys: Tensor,
         device: torch.device,
         seed: int,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Rows ``[k, d]``, per-row losses ``[k]`` and, if already known, the rows' sum ``[d]``."""
+        *,
+        factors: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None] | LinearFactors:
+        """Rows ``[k, d]``, per-row losses ``[k]`` and, if already known, the rows' sum ``[d]``.
+
+        With ``factors`` (and the closed form applying) the layers' x and g instead.
+        """
         xs, ys = xs.to(device), ys.to(device)
         if self.fisher == "true":
             generator = torch.Generator(device=device)
@@ -364,12 +385,14 @@ class GradientSource:
         flat, column_sum = None, None
         if self._closed_form is not None:
             try:
-                flat, losses, column_sum = linear_rows(
-                    self.model, self.loss_fn, self.layout, self._closed_form, selected, frozen,
-                    xs, ys,
-                )
+                made = linear_factors(self.model, self.loss_fn, self._closed_form, selected,
+                                      frozen, xs, ys)
             except NotClosedForm:  # outputs that are not a tensor: vmap from now on
                 self._closed_form = None
+            else:
+                if factors:
+                    return made  # masked when its columns are formed (_factor_round)
+                flat, losses, column_sum = made.full_rows(self.layout, self._closed_form)
         if flat is None:
             grads, losses = compute(selected, xs, ys)
             flat = self.layout.flatten([grads[n] for n in self.layout.names])
@@ -380,54 +403,6 @@ class GradientSource:
             if column_sum is not None:
                 column_sum.masked_fill_(self._pruned, 0)
         return flat, losses, column_sum
-
-    def _gather_round(
-        self,
-        mine: tuple[Tensor, Tensor, Tensor | None] | None,
-        counts: list[int],
-        device: torch.device,
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """All-gather one round of chunks (rank r's is chunk r of the round); yield them in order.
-
-        The per-row losses travel as one extra column, so a round costs one collective.
-        """
-        d = self.layout.d
-        if mine is None:
-            dtype = self.layout.parameters(self.model)[0].dtype
-            local = torch.zeros(0, d + 1, dtype=dtype, device=device)
-        else:
-            flat, losses = mine[0], mine[1]
-            local = torch.cat([flat, losses.to(flat.dtype).unsqueeze(1)], dim=1)
-        every = distributed.all_gather_rows(local, counts)
-        start = 0
-        for n in counts:
-            if n:
-                yield every[start : start + n, :d], every[start : start + n, d]
-            start += n
-
-    def _exchange_round(
-        self,
-        mine: tuple[Tensor, Tensor, Tensor | None] | None,
-        counts: list[int],
-        columns: Sequence[tuple[int, int]],
-        device: torch.device,
-    ) -> Iterator[Tensor]:
-        """This rank's columns of one round's chunks (its own chunk counted in the sums)."""
-        if mine is None:
-            dtype = self.layout.parameters(self.model)[0].dtype
-            rows = torch.zeros(0, self.layout.d, dtype=dtype, device=device)
-        else:
-            self._track(*mine)
-            rows = mine[0]
-        # the finiteness of every row is in the synchronized sums (check_finite)
-        out = distributed.all_to_all_columns(rows, counts, columns)
-        start = 0
-        for n in counts:
-            if n:
-                piece = out[start : start + n]
-                setattr(piece, _COVERED_BY, self)
-                yield piece
-            start += n
 
     def _label_seed(self) -> int:
         """One draw from the generator (the same on every rank: rank 0's is broadcast)."""
@@ -459,13 +434,24 @@ class GradientSource:
     def _took(self, samples: int) -> None:
         self.samples_used += samples
 
+    def _track_losses(self, losses: Tensor) -> None:
+        loss_sum = losses.sum()
+        if self._loss_sum is None:
+            self._loss_sum = loss_sum
+        else:
+            self._loss_sum += loss_sum
+        self.rows += losses.shape[0]
+
+    def _track_columns(self, piece: Tensor, lo: int) -> None:
+        if self._sum is None:
+            self._sum = torch.zeros(self.layout.d, dtype=piece.dtype, device=piece.device)
+        self._sum[lo : lo + piece.shape[1]] += piece.sum(dim=0)
+
     def _track(self, flat: Tensor, losses: Tensor, column_sum: Tensor | None = None) -> None:
         if column_sum is None:
             column_sum = flat.sum(dim=0)
-        loss_sum = losses.sum()
         if self._sum is None:
-            self._sum, self._loss_sum = column_sum, loss_sum
+            self._sum = column_sum
         else:
             self._sum += column_sum
-            self._loss_sum += loss_sum
-        self.rows += flat.shape[0]
+        self._track_losses(losses)
