@@ -17,11 +17,13 @@ import torch
 from torch import Tensor
 
 from curvprune.builtin.channel import ChannelMask, ChannelMaskConfig
+from curvprune.builtin.lowest import prune_lowest_in_runs
 from curvprune.builtin.selection import (
     FLOOR_NUDGE,
     BuiltinMask,
     check_overrides,
     count_per_group,
+    count_per_run,
     override_hits,
     prune_lowest,
     rank_alive_in_rows,
@@ -82,16 +84,16 @@ class GlobalMask(BuiltinMask):
     def select(self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout) -> Tensor:
         """Keep-mask with ``round(sparsity · d)`` weights removed in all, within layer limits."""
         scores = self._check_select(scores, mask, sparsity, layout)
-        layer = layout.param_index(mask.device)
-        self._check_finite(scores, mask, layer, layout)
+        self._check_finite(scores, mask, None, layout)
         size = torch.tensor(layout.sizes, device=mask.device)
-        removed = size - count_per_group(mask, layer, len(layout))
+        removed = size - count_per_run(mask, layout.sizes)
         cap = self.config.max_layer_sparsity * FLOOR_NUDGE
         by_cap = torch.floor(size.double() * cap).long()
         limit = torch.minimum(by_cap, size - self.config.min_keep).clamp_min(0)
         quota = (limit - removed).clamp_min(0)
         total = (round(sparsity * layout.d) - removed.sum()).clamp_min(0)
-        return prune_lowest(scores, mask, layer, quota, total)
+        # layers are contiguous runs: no sort, no int64 index per weight (builtin/lowest.py)
+        return prune_lowest_in_runs(scores, mask, layout.sizes, quota, total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,8 +194,7 @@ class LayerwiseMask(BuiltinMask):
         """Keep-mask with ``round(s_l · n_l)`` weights removed in each layer l (or in each
         output row: ``round(s_l · row length)``, with ``scope = "row"``)."""
         scores = self._check_select(scores, mask, sparsity, layout)
-        layer = layout.param_index(mask.device)
-        self._check_finite(scores, mask, layer, layout)
+        self._check_finite(scores, mask, None, layout)
         if self.config.scope == "row":
             row, length, row_layer = output_rows(layout, mask.device)
             level = torch.tensor(self.layer_sparsities(sparsity, layout), dtype=torch.float64,
@@ -203,10 +204,10 @@ class LayerwiseMask(BuiltinMask):
             removed = length - count_per_group(mask, row, length.numel())
             return prune_lowest(scores, mask, row, (limit - removed).clamp_min(0))
         size = torch.tensor(layout.sizes, device=mask.device)
-        removed = size - count_per_group(mask, layer, len(layout))
+        removed = size - count_per_run(mask, layout.sizes)
         limit = torch.tensor(self.layer_counts(sparsity, layout), device=mask.device)
         quota = (limit - removed).clamp_min(0)
-        return prune_lowest(scores, mask, layer, quota)
+        return prune_lowest_in_runs(scores, mask, layout.sizes, quota)
 
 
 

@@ -16,13 +16,16 @@ the lowest-scored units, either exactly the quota in every group or the globally
 among the units the quotas allow. Ranks within groups come from two stable sorts (by score,
 then by group), so the work is two sorts over the alive units whatever the number of layers.
 N:M groups, short rows of equal length, are ranked row by row instead
-(:func:`rank_alive_in_rows`).
+(:func:`rank_alive_in_rows`). The ``global`` and ``layerwise`` masks, whose groups are the
+layers' contiguous runs of weights, use :func:`curvprune.builtin.lowest.prune_lowest_in_runs`
+instead: the same selection without sorting (9 bytes per score instead of ~56 of int64
+permutations, which at d = 85 M is the difference between 0.8 and 4.8 GB).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -39,6 +42,7 @@ __all__ = [
     "BuiltinMask",
     "check_overrides",
     "count_per_group",
+    "count_per_run",
     "override_hits",
     "prune_lowest",
     "rank_alive_in_rows",
@@ -139,6 +143,11 @@ def rank_alive_in_rows(scores: Tensor, alive: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(1, order, positions)
 
 
+def count_per_run(values: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Nonzero ``values`` ``[n]`` in each contiguous run of ``sizes``, long ``[len(sizes)]``."""
+    return torch.stack([torch.count_nonzero(run) for run in values.split(list(sizes))])
+
+
 def count_per_group(values: Tensor, group: Tensor, n_groups: int) -> Tensor:
     """Sum of integer ``values`` ``[n]`` in each group, long ``[n_groups]`` (no host sync)."""
     out = torch.zeros(n_groups, dtype=torch.long, device=values.device)
@@ -192,12 +201,21 @@ class BuiltinMask(MaskApplier):
         return scores.to(mask.device)
 
     def _check_finite(
-        self, scores: Tensor, alive: Tensor, owner: Tensor, layout: ParamLayout
+        self, scores: Tensor, alive: Tensor, owner: Tensor | None, layout: ParamLayout
     ) -> None:
-        """Raise on NaN scores of alive units (one host sync, outside any loop)."""
+        """Raise on NaN scores of alive units (one host sync, outside any loop).
+
+        ``owner``: each unit's layer (or group); None: the weights' layers, looked up only
+        when there is an error to name.
+        """
         bad = torch.isnan(scores) & alive
         if bool(bad.any()):
-            first = int(owner[bad.nonzero()[0, 0]])
+            position = int(bad.nonzero()[0, 0])
+            if owner is None:
+                first = int(torch.searchsorted(torch.tensor(layout.offsets[1:]), position,
+                                               right=True))
+            else:
+                first = int(owner[position])
             unit = "weights" if self.granularity == "weight" else "channels"
             where = layout.names[first]
             if self.granularity == "channel" and layout.structures is not None:

@@ -10,7 +10,11 @@ of a pruning step holds at its peak:
   estimator's update work U (:meth:`CurvatureEstimator.plan_update_bytes`, one copy of the rows
   by default); C + U where the closed form for ``nn.Linear`` models writes the rows directly
   (:mod:`curvprune.tensors.linear_rows`);
-* a snapshot of the selected weights (restored if the step fails), the flat weights and mask;
+* a snapshot of the selected weights (restored if the step fails) and the masks, held
+  throughout (``weights``);
+* while answering, beside the estimator's peak, the d-vectors of scoring (``scoring``,
+  :data:`SCORING_VECTORS`): the gathered weights, the scores, the mask's selection (sort-free,
+  :mod:`curvprune.builtin.lowest`) and the update;
 * the scorer's own state when it holds more than that (:meth:`SaliencyScorer.memory_bytes`,
   e.g. SOSP-I's S×S structure matrix).
 
@@ -36,7 +40,9 @@ Under torch.distributed every number is per rank. A sharded estimator
 (:mod:`curvprune.pipeline.sharding`) holds its share: the plan counts the rank with the largest
 share, its own chunk of full rows, and the round of W chunks' columns it receives (``exchange``:
 the send buffer, a copy of the chunk in rank order unless it is one row, and the received
-columns). Unsharded estimators hold the whole state on every
+columns); where the rows come in closed form (all-``nn.Linear`` models) the round's layer
+inputs and output gradients travel instead, and one chunk's columns are formed at a time
+(:mod:`curvprune.tensors.gradient_rounds`). Unsharded estimators hold the whole state on every
 rank; those that gather rows (``reduction = "gather"``) also hold a round of W gathered chunks
 (``gathered``).
 
@@ -67,6 +73,12 @@ from curvprune.tensors.linear_rows import linear_owners
 
 __all__ = ["Plan", "available_memory", "make_plan", "wants_example"]
 
+#: d-vectors (in the weights' dtype) a step holds while answering, beside the estimator's peak:
+#: the gathered weights, the scores, the mask's sort-free selection (keys, flags, an int32
+#: count) and the update with its products. Measured on MLPs of 11 M weights (global OBS mask,
+#: diagfisher and mfac: 21–22 bytes per weight beyond the snapshot, mask and estimator),
+#: docs/benchmarks.md "Plan accuracy at large d".
+SCORING_VECTORS = 6
 _GiB = 2**30
 
 
@@ -136,14 +148,15 @@ class Plan:
 
         Accumulating: the state held meanwhile plus the gradient chunk and its work (and a
         gathered round under torch.distributed); answering: the estimator's peak, the
-        gradients freed.
+        gradients freed, and the scoring's d-vectors (``scoring``).
         """
         parts = dict(self.memory)
         peak = parts.pop("estimator", 0)
         streaming = sum(parts.pop(k, 0) for k in ("gradients", "gathered", "exchange",
                                                   "activations"))
+        scoring = parts.pop("scoring", 0)
         held = peak if self.estimator_held is None else min(self.estimator_held, peak)
-        return sum(parts.values()) + max(held + streaming, peak)
+        return sum(parts.values()) + max(held + streaming, peak + scoring)
 
     @property
     def fits(self) -> bool:
@@ -238,14 +251,22 @@ def make_plan(
     device = torch.device(device)
     d = layout.d
     itemsize = 4
-    memory = {"weights": 3 * d * itemsize + d}
+    # held through the step: the snapshot of the selected weights (restored if the step fails),
+    # the keep-mask and the gradient source's mask of pruned weights
+    memory = {"weights": d * itemsize + 2 * d}
     estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
     name = pipeline.config.estimator.name if pipeline.config.estimator else None
     n_blocks = width = held = None
     flops = None
     hint = "select fewer parameters ([prune] targets/ignore)"
     staged = pipeline.schedule.staged_calibration(pipeline.components)
+    if estimator is None or not estimator.layer_local:
+        # answering only: the gathered weights, the scores, the mask's selection and the update
+        # a scorer without curvature makes no update (and no product with F⁻¹): two fewer
+        vectors = SCORING_VECTORS if pipeline.scorer.needs_curvature else SCORING_VECTORS - 2
+        memory["scoring"] = vectors * d * itemsize
     if estimator is not None and estimator.layer_local:
+        memory["weights"] = 3 * d * itemsize + d  # the layer-wise OBS holds its own scoring
         # fitted from the layers' inputs: no gradient rows; stage by stage, one stage's state
         cfg = estimator.config
         parts = [layout]
@@ -291,9 +312,19 @@ def make_plan(
             held = int(type(estimator).plan_held_bytes(share, cfg))
             received = world * rows
             update = int(type(estimator).plan_update_bytes(received, share, cfg))
-            memory["gradients"] = rows * d * itemsize + max(vectorised, rows * d * itemsize)
-            send = rows * d * itemsize if rows > 1 else 0  # the pieces, copied in rank order
-            memory["exchange"] = send + received * share.d * itemsize + update
+            owners = linear_owners(model, layout)
+            if owners is None:
+                memory["gradients"] = rows * d * itemsize + max(vectorised, rows * d * itemsize)
+                send = rows * d * itemsize if rows > 1 else 0  # the pieces, copied in rank order
+                memory["exchange"] = send + received * share.d * itemsize + update
+            else:  # closed form: each layer's x and g travel; one chunk's columns at a time
+                per_row = 1 + cfg.fisher_mini_batch * sum(
+                    m.in_features + m.out_features for m in dict.fromkeys(m for m, _ in owners)
+                )
+                memory["gradients"] = rows * per_row * itemsize
+                update = int(type(estimator).plan_update_bytes(rows, share, cfg))
+                gathered = 2 * received * per_row * itemsize  # padded pieces, concatenated
+                memory["exchange"] = gathered + rows * share.d * itemsize + update
         if world > 1 and estimator.reduction == "gather" and not sharded:
             # a round of W chunks (+ a loss column): the padded pieces and their concatenation
             memory["gathered"] = 2 * world * rows * (d + 1) * itemsize

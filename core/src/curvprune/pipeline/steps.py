@@ -131,7 +131,9 @@ class StepRunner:
             single = self._single_weight_audit(ctx, index)
             times["audit"] = time.perf_counter() - audit_tick
             tick += times["audit"]
-        weights = self._updated(ctx.weights, delta) * new_mask
+        # in place: the gathered weights are not read again; two fewer d-vectors at the peak
+        weights = self._updated(ctx.weights, delta).mul_(new_mask)
+        del delta
         masks = self.masks.narrowed(new_mask)
         # Every rank must prune alike (the reduced estimator state is identical): verify with
         # exact fingerprints (one small all-gather) before touching the model.
@@ -295,6 +297,7 @@ class StepRunner:
         else:
             scores = scorer.score(ctx)
             new_mask = pipeline.mask.select(scores, ctx.mask, level, ctx.layout)
+            del scores  # not alive while the update is computed
         if new_mask.shape != ctx.mask.shape or bool((new_mask & ~ctx.mask).any()):
             raise NumericalError(
                 f"mask applier {pipeline.config.mask.name!r} (or scorer "
@@ -308,7 +311,7 @@ class StepRunner:
         return new_mask, delta, predicted
 
     def _updated(self, weights: Tensor, delta: Tensor | None) -> Tensor:
-        """``weights + delta``, refusing a non-finite update."""
+        """``weights + delta``, in place, refusing a non-finite update (``weights`` untouched)."""
         if delta is None:
             return weights
         if not bool(torch.isfinite(delta).all()):
@@ -316,7 +319,7 @@ class StepRunner:
                 f"the compensating update of scorer {self.pipeline.config.scorer.name!r} is not "
                 "finite; increase the estimator's damping or use dtype = 'float64'"
             )
-        return weights + delta.to(weights.dtype)
+        return weights.add_(delta.to(weights.dtype))
 
     def _batches(self, num_samples: int | None = None) -> Iterator[Any]:
         """``PruneContext.batches``: the data, as this rank's slice of every batch when
@@ -429,7 +432,8 @@ class StepRunner:
             if estimator is not None and not sharded:
                 estimator.all_reduce()
         source.check_finite()
-        return source.mean(), num_grads
+        # the mean gradient is a d-vector held through scoring: only for scorers that read it
+        return (source.mean() if pipeline.scorer.needs_gradient else None), num_grads
 
 
 class AuditSet:

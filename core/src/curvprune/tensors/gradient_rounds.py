@@ -168,4 +168,5 @@ class RoundExchange:
                 self._track_columns(piece, lo)
                 setattr(piece, COVERED_BY, self)
                 yield piece
+                del piece, chunk  # one piece at a time: freed before the next is formed
             start += n
