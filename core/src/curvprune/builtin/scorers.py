@@ -160,7 +160,7 @@ class OBSScorer(SaliencyScorer):
         assert ctx.estimator is not None
         diag = ctx.estimator.inverse_diagonal()
         # Guard round-off (a float32 diagonal can cancel to <= 0 when 1/damping is huge).
-        floor = torch.finfo(diag.dtype).eps * diag.abs().max()
+        floor = torch.finfo(diag.dtype).eps * torch.maximum(diag.amax(), -diag.amin())
         return diag.clamp_min(floor)
 
     def select(self, ctx: PruneContext, applier: MaskApplier, level: float) -> Selection | None:
@@ -173,8 +173,9 @@ class OBSScorer(SaliencyScorer):
     def score(self, ctx: PruneContext) -> Tensor:
         """ρ_q = w_q² / (2 [F⁻¹]_qq), ``[d]`` (WoodFisher Eq. 5)."""
         self._diag = self._inverse_diagonal(ctx)
-        w = (ctx.weights * ctx.mask).to(self._diag.dtype)
-        return w.square() / (2 * self._diag)
+        # in place on one new d-vector (at d = 85 M each d-vector is 0.32 GiB)
+        rho = (ctx.weights * ctx.mask).to(self._diag.dtype)
+        return rho.square_().div_(self._diag).mul_(0.5)
 
     def compensate(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
         """δw = −F⁻¹u (sum of single-weight OBS updates), or the exact joint update per block."""
@@ -185,8 +186,8 @@ class OBSScorer(SaliencyScorer):
         diag = self._diag if self._diag is not None else self._inverse_diagonal(ctx)
         w = ctx.weights.to(diag.dtype)
         if not self.config.joint:
-            u = torch.where(pruned, w / diag, torch.zeros_like(w))
-            return -ctx.estimator.ihvp(u)
+            u = (w / diag).masked_fill_(~pruned, 0)
+            return ctx.estimator.ihvp(u).neg_()
         return self._joint_update(ctx, pruned, w)
 
     def _joint_update(self, ctx: PruneContext, pruned: Tensor, w: Tensor) -> Tensor:
@@ -217,8 +218,8 @@ class OBSScorer(SaliencyScorer):
         if self._joint_loss is not None:
             return self._joint_loss
         diag = self._diag if self._diag is not None else self._inverse_diagonal(ctx)
-        w = ctx.weights.to(diag.dtype)
-        return (torch.where(pruned, w.square() / (2 * diag), torch.zeros_like(w))).sum()
+        rho = ctx.weights.to(diag.dtype, copy=True).square_().div_(diag).mul_(0.5)
+        return rho.masked_fill_(~pruned, 0).sum()
 
 
 @hookimpl
