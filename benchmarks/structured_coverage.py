@@ -187,7 +187,7 @@ def write_docs(lines: list[str], command: str, header: str, summary: str) -> Non
         "`scope = \"layerwise\"`, physical removal), random weights, every parameter counted "
         "(BatchNorm included) for both tools. *masked = removed*: the largest output difference "
         "between the masked and the removed model, relative to the output scale (float32); "
-        "where LayerNorms read pruned channels (ConvNeXt) the reference is the masked model "
+        "where LayerNorms read pruned channels (ConvNeXt, ViT) the reference is the masked model "
         "with their statistics over the kept channels (`kept_statistics`, the channels truly "
         "absent), and *plain mask* is the difference to the plain masked model, whose "
         "LayerNorms still count the zeros (docs/structured.md). "
@@ -205,8 +205,11 @@ def write_docs(lines: list[str], command: str, header: str, summary: str) -> Non
         "out differently, which no removal keeps aligned (docs/structured.md): its streams "
         "stay dense, its branch-internal groups and conv5 prune (its classifier holds 75 % of "
         "its parameters and loses only what conv5 loses, so 30 % of every group could cut at "
-        "most ~35 %). ViT prunes its attention heads and MLP units; its residual stream (the "
-        "patch embedding's reshape to a literal hidden size) stays refused.", "",
+        "most ~35 %). ViT prunes its residual stream besides its attention heads and MLP "
+        "units: the patch embedding's reshape to the literal hidden size is read as the "
+        "model's `hidden_dim` attribute and set on removal, the class token and position "
+        "embedding are sliced with the stream, and the attention modules' `embed_dim` narrows "
+        "(docs/structured.md).", "",
         f"Command: `{command}`. {header}", "", f"- {summary}", "", *lines, "", END,
     ])
     text = DOCS.read_text(encoding="utf-8")

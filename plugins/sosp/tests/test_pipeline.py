@@ -134,9 +134,12 @@ def test_attention_models_are_scored_through_the_math_attention_path(scorer) -> 
         "scorer": {"name": scorer}, "mask": {"name": "channel", "scope": "layerwise"},
         "prune": {"sparsity": 0.3, "loss_samples": 0},
     })
-    with pytest.warns(curvprune.StructureSkipWarning):
+    # the residual stream is a group too (its class token and position embedding gated with
+    # it), so the run warns of its LayerNorms rather than of a refused group
+    with pytest.warns(curvprune.CurvpruneWarning, match="LayerNorms over prunable channels"):
         result = pipeline.prune(model, [(x[:8], y[:8]), (x[8:], y[8:])])
     assert result.steps[-1].sparsity > 0
+    assert result.masks.layout.structures.groups[0].name == "conv_proj"
     assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
 
 

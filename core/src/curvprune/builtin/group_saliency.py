@@ -50,21 +50,23 @@ def unsupported_group(structures: Any, model: nn.Module) -> str | None:
     Covered: producers, BatchNorm-like norms, depthwise convolutions and Conv/Linear consumers,
     at offsets and windows (concatenations, chunks), with grouped-conv copies. Not yet covered
     (the caller falls back to the producers' rows): channel strides after a shuffle, GroupNorm
-    blocks, LayerNorms and layer scales over the channels, and entries that are not plain
-    modules (attention in-projections).
+    blocks, LayerNorms and layer scales over the channels, embedding parameters (a ViT's class
+    token and position embedding), and entries that are not plain modules (attention
+    in-projections).
     """
     modules = dict(model.named_modules())
     for g in structures.groups:
         if getattr(g, "block", 1) != 1:
             return f"group {g.name!r} has GroupNorm blocks"
-        for what in ("renorms", "scales", "splits"):
+        for what in ("renorms", "scales", "splits", "embeddings"):
             if getattr(g, what, ()):
                 return f"group {g.name!r} has {what}"
         for what in ("norm_steps", "consumer_steps", "depthwise_steps"):
             if any(step != 1 for step in getattr(g, what, ())):
                 return f"group {g.name!r} has strided channels (a shuffle)"
         names = [*g.producers, *g.norms, *g.depthwise, *(m for m, _ in g.consumers)]
-        missing = [n for n in names if n not in modules]
+        missing = [n for n in names if n not in modules
+                   or isinstance(modules[n], nn.MultiheadAttention)]
         if missing:
             return f"group {g.name!r} reads {missing[0]!r}, which is not a plain module"
     return None

@@ -4,9 +4,11 @@ A **head group** (:class:`HeadGroup`) is one attention module; its structures ar
 (with grouped-query attention, its key/value heads, each with the query heads that read it).
 Removing a head slices, together, the head's rows of the query, key and value projections
 (and biases) and the head's input columns of the output projection, and updates the module's
-head count. The module's input and output width (the residual stream) never change, so a head
-group is local to its module: it is found by inspecting the module, not by the fx walk, and
-the recognised modules are fx leaves (:func:`is_attention`).
+head count. Removing heads never changes the module's input and output width (the residual
+stream), so a head group is local to its module: it is found by inspecting the module, not by
+the fx walk, and the recognised modules are fx leaves (:func:`is_attention`). The stream of a
+traced ``nn.MultiheadAttention`` is a channel group of its own, independent of the heads
+(:mod:`curvprune.structure.tokens`).
 
 Recognised layouts (anything else that looks like attention is a refused group, its reason
 naming the module):

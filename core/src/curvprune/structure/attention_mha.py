@@ -1,13 +1,16 @@
-"""``nn.MultiheadAttention`` with fewer heads than ``embed_dim / head_dim``.
+"""``nn.MultiheadAttention`` whose heads' inner width is not ``embed_dim``.
 
 PyTorch's ``nn.MultiheadAttention`` ties the inner width of its heads to ``embed_dim`` (its
-functional form asserts ``head_dim * num_heads == embed_dim``), so a module that lost heads
-cannot run through it. :class:`HeadPrunedMultiheadAttention` is the same module (same
-parameters, same state-dict keys, ``embed_dim`` still the width of its input and output) with a
-forward that reads the inner width from ``num_heads * head_dim``: the packed
-``in_proj_weight`` is ``[3 * num_heads * head_dim, embed_dim]`` and ``out_proj`` reads
-``num_heads * head_dim`` features. Head removal (:mod:`curvprune.structure.attention`) swaps a
-module's class to it in place; the computation is the stock one (scaled dot product per head,
+functional form asserts ``head_dim * num_heads == embed_dim``), so a module that lost heads, or
+whose input and output width (the residual stream it reads and writes) narrowed, cannot run
+through it. :class:`HeadPrunedMultiheadAttention` is the same module (same parameters, same
+state-dict keys, ``embed_dim`` the width of its input and output) with a forward that reads the
+inner width from ``num_heads * head_dim`` and never from ``embed_dim``: the packed
+``in_proj_weight`` is ``[3 * num_heads * head_dim, embed_dim]`` and ``out_proj`` maps
+``num_heads * head_dim`` features to ``embed_dim``. Head removal
+(:mod:`curvprune.structure.attention`) and stream removal (:func:`narrow_embed`, called by
+:mod:`curvprune.structure.removal`) swap a module's class to it in place, each independently of
+the other; the computation is the stock one (scaled dot product per head,
 ``attn_mask`` and ``key_padding_mask`` as boolean "not allowed" or additive float masks,
 ``batch_first`` either way, unbatched inputs, dropout on the attention weights in training).
 
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HeadPrunedMultiheadAttention"]
+__all__ = ["HeadPrunedMultiheadAttention", "narrow_embed", "swap_in"]
 
 
 class HeadPrunedMultiheadAttention(nn.MultiheadAttention):
@@ -137,3 +140,18 @@ def swap_in(module: nn.MultiheadAttention) -> Any:
     if not isinstance(module, HeadPrunedMultiheadAttention):
         module.__class__ = HeadPrunedMultiheadAttention
     return old
+
+
+def narrow_embed(module: nn.MultiheadAttention, index: Tensor) -> None:
+    """Keep the input columns ``index`` of ``module``'s packed in-projection, in place.
+
+    Its input width (``embed_dim``, ``kdim``, ``vdim``) becomes ``len(index)``; the heads, their
+    width and ``out_proj`` (sliced as a producer of the stream) are left to their own rules. The
+    module becomes a :class:`HeadPrunedMultiheadAttention`, whose forward does not tie
+    ``embed_dim`` to ``num_heads * head_dim``; ``_qkv_same_embed_dim`` stays True.
+    """
+    weight = module.in_proj_weight
+    kept = weight.detach().index_select(1, index.to(weight.device)).clone()
+    module.in_proj_weight = nn.Parameter(kept, requires_grad=weight.requires_grad)
+    module.embed_dim = module.kdim = module.vdim = int(index.numel())
+    swap_in(module)

@@ -28,6 +28,8 @@ apart:
   :mod:`curvprune.structure.norms`), a channel shuffle places the channels at strides and keeps
   its rows alike (:mod:`curvprune.structure.shuffle`), and ``torch.split`` in a GraphModule
   hands out windows whose sizes removal rewrites (:mod:`curvprune.structure.reshapes`);
+* a ViT's token stream is followed through its literal hidden-size view, class token, position
+  embedding, token selection and ``nn.MultiheadAttention`` (:mod:`curvprune.structure.tokens`);
 * Conv and Linear layers reading the channels are the group's ``consumers`` (their input dims
   are sliced on removal).
 
@@ -67,6 +69,7 @@ from curvprune.errors import (
 from curvprune.structure.attention import HeadGroup, find_heads, head_gates, is_attention
 from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.hf_mlp import MlpGroup, find_mlps, mlp_gates
+from curvprune.structure.tokens import embedding_gates
 from curvprune.structure.trace import Tracer
 from curvprune.structure.trace_ops import is_leaf
 from curvprune.structure.trace_ops import unique as unique_names
@@ -142,6 +145,7 @@ class StructureGraph:
             ) from None
         tracer = Tracer(gm)
         tracer.rewritable = gm is model
+        tracer.source = model
         tracer.run()
         return cls(
             groups=tracer.groups() + heads,
@@ -294,6 +298,8 @@ class Structures:
                     handles.extend(head_gates(g, modules, values, off))
                 elif isinstance(g, MlpGroup):  # nor MLP units: their down projection's input
                     handles.extend(mlp_gates(g, modules, values, off))
+                elif g.embeddings:  # parameters added to the channels: gated themselves
+                    handles.extend(embedding_gates(model, g, values, off))
             yield
         finally:
             for handle in handles:
@@ -329,6 +335,11 @@ class Structures:
                     mask = torch.ones(width, dtype=torch.bool, device=keep.device)
                 mask[at : at + step * (hi - lo) : step] &= piece[lo:hi]
                 out[name] = mask
+            for name, dim, shape in g.embeddings:  # whole-group embeddings, full-shape masks
+                view = [1] * len(shape)
+                view[dim] = g.channels
+                mask = piece.view(view).expand(shape)
+                out[name] = out[name] & mask if name in out else mask.clone()
 
         # Attention heads and MLP units: the biases of their rows (the loop above finds none)
         for i, g in enumerate(self.groups):
@@ -350,7 +361,9 @@ def _gate_hook(values: Tensor, piece: tuple[int, ...], at: int, dim: int) -> Any
     ``[lo, hi)`` of them (``piece``); the others by 1."""
     off, group, lo, hi, step = piece
 
-    def hook(module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+        if isinstance(output, tuple):  # an attention module: (output, attention weights)
+            return (hook(module, inputs, output[0]), *output[1:])
         gate = group.expand(values[off : off + group.size])[lo:hi].to(output.dtype)
         width = output.shape[dim]
         if at or step != 1 or gate.numel() != width:

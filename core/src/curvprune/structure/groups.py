@@ -60,6 +60,14 @@ class ChannelGroup:
         norm_steps, consumer_steps, depthwise_steps, gate_steps, scale_steps: the stride of
             the group's channels in each entry (parallel; empty means all 1): after a channel
             shuffle, channel ``lo + i`` sits at ``offset + step * i`` (see :meth:`laid`).
+        embeddings: ``(parameter, dim, shape)``: parameters added to or concatenated beside
+            the channels (a ViT's position embedding and class token) whose ``dim`` holds the
+            whole group: masked and gated with the structures, sliced on removal
+            (:mod:`curvprune.structure.tokens`).
+        literals: ``(node, index, module, attribute, count)``: views whose shape holds the
+            group's channel count as a literal at ``index``: removal sets ``attribute`` of
+            ``module`` to the kept count, or (``attribute == ""``, a GraphModule) rewrites
+            the node (:mod:`curvprune.structure.literals`).
     """
 
     name: str
@@ -94,6 +102,8 @@ class ChannelGroup:
     depthwise_steps: tuple[int, ...] = ()
     gate_steps: tuple[int, ...] = ()
     scale_steps: tuple[int, ...] = ()
+    embeddings: tuple[tuple[str, int, tuple[int, ...]], ...] = ()
+    literals: tuple[tuple[str, int, str, str, int], ...] = ()
 
     @property
     def channels(self) -> int:
@@ -158,4 +168,6 @@ class ChannelGroup:
             "copies": self.copies, "depthwise": list(self.depthwise),
             "block": self.block, "renorms": list(self.renorms),
             "scales": [list(x) for x in self.scales],
+            "embeddings": [[p, dim] for p, dim, _ in self.embeddings],
+            "literals": [[node, module, attr] for node, _, module, attr, _ in self.literals],
         }

@@ -8,7 +8,14 @@ Removing a channel of a group (see :mod:`curvprune.structure.graph`) slices, in 
   (``num_batches_tracked`` is kept); a LayerNorm's γ, β and ``normalized_shape`` (its
   statistics then run over the kept channels: :mod:`curvprune.structure.norms`); a GroupNorm's
   γ, β, ``num_channels`` and ``num_groups`` (whole groups go);
-* every channel-wise parameter multiplying the channels (a layer scale), along its channel dim;
+* every channel-wise parameter multiplying the channels (a layer scale) or added to them (a
+  ViT's position embedding and class token: ``embeddings``), along its channel dim;
+* every ``nn.MultiheadAttention`` reading the channels: ``in_proj_weight``'s input columns and
+  ``embed_dim`` (``kdim``, ``vdim``), the module becoming a ``HeadPrunedMultiheadAttention``;
+  its ``out_proj`` is a producer like any Linear;
+* every literal channel count of a view (``literals``): the module attribute it stands for is
+  set to the kept count, or, in a GraphModule, the node is rewritten
+  (:mod:`curvprune.structure.literals`);
 * every depthwise convolution the channels pass through: weight rows, bias entries,
   ``in_channels``, ``out_channels`` and ``groups``;
 * every consumer: Conv weight columns (dim 1) and ``in_channels``; Linear columns in blocks of
@@ -42,9 +49,11 @@ from torch import Tensor, nn
 
 from curvprune.errors import ConfigError, UnsupportedModelError
 from curvprune.structure.attention import HeadGroup, plan_head_removal
+from curvprune.structure.attention_mha import narrow_embed
 from curvprune.structure.counting import count_flops_params, count_params
 from curvprune.structure.graph import ChannelGroup, StructureGraph, Structures
 from curvprune.structure.hf_mlp import MlpGroup, plan_mlp_removal
+from curvprune.structure.literals import rewrite_literals
 from curvprune.structure.reshapes import rewrite_splits
 
 __all__ = ["RemovalResult", "apply_removal", "remove_structures"]
@@ -210,8 +219,11 @@ def _remove(
     splits = {node: windows for group, _ in plan for node, windows in group.splits}
     kept_channels = {node: _channel_keep(group, index) for group, index in plan
                      for node, _ in group.splits}
+    literals = [(record, int(_channel_keep(group, index).sum())) for group, index in plan
+                for record in group.literals]
     try:
         rewrite = rewrite_splits(model, splits, kept_channels)
+        relabel = rewrite_literals(model, literals)
     except ValueError as exc:
         raise UnsupportedModelError(f"{exc} @ model") from None
     if example_input is not None:
@@ -225,6 +237,7 @@ def _remove(
     # a concatenation of several): each (module, role) gets one index over its original width.
     _apply_updates(updates)
     rewrite()
+    relabel()
     if example_input is not None:
         flops_after, params_after = count_flops_params(model, example_input)
     else:
@@ -333,6 +346,8 @@ def _group_cuts(
         cut(name, "in", None, at, lo, hi, per, step)
     for (name, dim), at, lo, hi, step in group.laid("scales"):
         cut(name, f"scale{dim}", None, at, lo, hi, 1, step)
+    for name, dim, _ in group.embeddings:  # a position embedding, a class token
+        cut(name, f"scale{dim}", group.channels, 0, 0, group.channels)
 
 
 def _channel_keep(group: ChannelGroup, index: Tensor) -> Tensor:
@@ -365,6 +380,8 @@ def _width(mod: Any, what: str) -> int | None:
         if isinstance(mod, nn.GroupNorm):
             return mod.num_channels
         return getattr(mod, "num_features", None)
+    if what == "in" and isinstance(mod, nn.MultiheadAttention):
+        return int(mod.embed_dim)
     if what == "in":
         return mod.in_channels if isinstance(mod, _CONV) else getattr(mod, "in_features", None)
     return mod.out_channels if isinstance(mod, _CONV) else getattr(mod, "out_features", None)
@@ -405,6 +422,9 @@ def _apply_updates(updates: list[tuple[Any, str, Tensor]]) -> None:
                 _set_param(module, attr, new)
             else:  # a buffer stays a buffer
                 setattr(module, attr, new.clone())
+            continue
+        if isinstance(mod, nn.MultiheadAttention):  # the stream it reads: in_proj columns
+            narrow_embed(mod, index)
             continue
         index = index.to(mod.weight.device)
         if what in ("out", "dw"):

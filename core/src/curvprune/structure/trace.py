@@ -5,8 +5,9 @@ that keep channels apart pass them on, residual adds and products union groups, 
 ``torch.cat`` places groups at offsets, depthwise convolutions pass channel c to channel c,
 grouped convolutions ask their groups to keep conv groups equal, and anything else marks the
 groups it touches not removable with the node named. The op tables and abstract values are in
-:mod:`curvprune.structure.trace_ops`; the rules for shape ops (:mod:`.reshapes`, :mod:`.shuffle`)
-and for norms and layer scales (:mod:`.norms`) are mixins of :class:`Tracer`.
+:mod:`curvprune.structure.trace_ops`; the rules for shape ops (:mod:`.reshapes`, :mod:`.shuffle`),
+norms and layer scales (:mod:`.norms`) and token streams (:mod:`.tokens`: literal channel views,
+embeddings, self-attention) are mixins of :class:`Tracer`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from curvprune.structure.groups import ChannelGroup
 from curvprune.structure.norms import NormRules
 from curvprune.structure.reshapes import NOT_MINE, ShapeRules
 from curvprune.structure.shuffle import ShuffleRules
-from curvprune.structure.trace_ops import OPAQUE, Cat, Chan, Opaque, chans, unique
+from curvprune.structure.tokens import TokenRules
+from curvprune.structure.trace_ops import OPAQUE, Cat, Chan, Opaque, Param, chans, unique
 
 __all__ = ["Tracer"]
 
 
-class Tracer(NormRules, ShapeRules, ShuffleRules):
+class Tracer(NormRules, ShapeRules, ShuffleRules, TokenRules):
     """One pass over the fx graph, recording groups as union-find over producer calls.
 
     Besides the union-find, it records per element its norms, depthwise convs and consumers
@@ -62,6 +64,7 @@ class Tracer(NormRules, ShapeRules, ShuffleRules):
         self.rank: list[int] = []  # tensor rank of each conv element's maps (0 for Linear)
         self.env: dict[torch.fx.Node, Any] = {}
         self.init_norm_rules()
+        self.init_token_rules()
 
     # -- union-find ---------------------------------------------------------------------------
     def find(self, e: int) -> int:
@@ -167,6 +170,8 @@ class Tracer(NormRules, ShapeRules, ShuffleRules):
         name = str(node.target)
         x = args[0] if args else OPAQUE
         others = (args[1:], kwargs)
+        if isinstance(module, nn.MultiheadAttention):
+            return self.visit_attention(node, name, module, args, kwargs)
         if chans(others):
             self.bad(others, f"module {name!r} takes several channel inputs")
             self.bad(x, f"module {name!r} takes several channel inputs")
@@ -301,7 +306,9 @@ class Tracer(NormRules, ShapeRules, ShuffleRules):
         where = f"{label} at node {node.name!r}"
         x = args[0] if args else OPAQUE
         is_meta_attr = target is getattr and len(args) > 1 and args[1] in ops.META_ATTRS
-        value = self.visit_shape_op(node, args, kwargs, where)
+        value = self.visit_token_op(node, args, kwargs, where, NOT_MINE)
+        if value is NOT_MINE:
+            value = self.visit_shape_op(node, args, kwargs, where)
         if value is not NOT_MINE:
             return value
         if method in ops.META_METHODS or is_meta_attr:
@@ -385,6 +392,8 @@ class Tracer(NormRules, ShapeRules, ShuffleRules):
             other = operands[1] if operands[0] is values[0] else operands[0]
             if isinstance(other, (int, float)) and other == 0:
                 return self.passed(node, values[0])
+            if isinstance(other, Param):
+                return self.embedding(node, values[0], other, where)
             what = "an untracked tensor" if isinstance(other, Opaque) else f"the constant {other!r}"
             self.bad(values, f"{where} adds {what} to the channels")
             return OPAQUE
@@ -491,6 +500,8 @@ class Tracer(NormRules, ShapeRules, ShuffleRules):
             scale_offsets=tuple(o for _, _, o, *_ in scales),
             scale_windows=tuple(window(lo, hi) for *_, lo, hi, _ in scales),
             splits=tuple(unique(x for e in elems for x in self.splits.get(e, ()))),
+            embeddings=tuple(unique(x for e in elems for x in self.embeds.get(e, ()))),
+            literals=tuple(unique(x for e in elems for x in self.literals.get(e, ()))),
         )
 
 

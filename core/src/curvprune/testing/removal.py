@@ -11,6 +11,7 @@ LayerNorms that is the masked model itself).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -18,15 +19,18 @@ from torch import nn
 from curvprune.structure.graph import StructureGraph
 from curvprune.structure.norms import kept_statistics
 from curvprune.structure.removal import remove_structures
-from curvprune.tensors.layout import select_parameters
+from curvprune.tensors.layout import DEFAULT_TARGETS, select_parameters
 from curvprune.tensors.masks import MaskSet
 
 __all__ = ["check", "gap", "masked_copy", "rescue", "structured"]
 
 
-def structured(model: nn.Module):
-    """``model``'s selected parameters with its traced channel structures."""
-    layout = select_parameters(model)
+def structured(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS):
+    """``model``'s parameters selected by ``targets`` with its traced channel structures.
+
+    Add ``"MultiheadAttention"`` to ``targets`` to prune attention heads too.
+    """
+    layout = select_parameters(model, targets)
     return layout.with_structures(StructureGraph.trace(model).structures(layout))
 
 
@@ -54,10 +58,11 @@ def gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
 
 
-def check(model: nn.Module, keep: torch.Tensor, x: torch.Tensor, rel: float = 1e-12):
+def check(model: nn.Module, keep: torch.Tensor, x: torch.Tensor, rel: float = 1e-12,
+          targets: Sequence[str] = DEFAULT_TARGETS):
     """masked == gated, and removed == masked with kept-channel LayerNorm statistics; returns
     (removed model, layout, difference of the plain masked model to the removed one)."""
-    layout = structured(model)
+    layout = structured(model, targets)
     keep = rescue(keep, layout)
     with torch.no_grad():
         masked = masked_copy(model, layout, keep)
