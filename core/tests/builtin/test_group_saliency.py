@@ -9,13 +9,16 @@ Two independent ground truths:
   random model and diffing its parameters: removal only deletes entries, so the L1 score is what
   Σ|θ| over all parameters drops by, the squared L2 score what Σθ² drops by, and the count what
   the number of parameters drops by. This runs on every tracer pattern (residual streams,
-  flatten, concatenation, depthwise, grouped, chunk, squeeze-and-excitation).
+  flatten, concatenation, depthwise, grouped, chunk, squeeze-and-excitation); the LayerNorm,
+  layer-scale, GroupNorm, shuffle, attention and ViT patterns are in
+  ``test_group_sums_coverage.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -236,14 +239,20 @@ def test_mean_normalization_of_group_sums_is_relative_to_the_group():
     torch.testing.assert_close(scorer.score(ctx)[last], scores[last])
 
 
-def test_groups_not_yet_covered_fall_back_to_the_producers_rows_with_a_warning():
-    """A LayerNorm over a group's channels (``renorms``) is not counted yet: the scorer says
-    so and scores that model by the producers' rows, rather than a partial group sum."""
-    torch.manual_seed(0)
+def test_layernorm_over_the_channels_is_counted_without_a_fallback():
+    """A LayerNorm over a group's channels (``renorms``) loses γ_c and β_c with unit c: one
+    value per tensor, unit c of layer 0 scores its row (4), bias, γ, β and layer 3's column
+    (5 rows), with no warning (it used to fall back to the producers' rows)."""
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 5),
                           nn.ReLU(), nn.Linear(5, 3))
+    values = {"0.weight": 1.0, "0.bias": -2.0, "1.weight": 0.5, "1.bias": 0.25,
+              "3.weight": -3.0, "3.bias": 4.0, "5.weight": 0.125, "5.bias": 9.0}
+    _fill(model, values)
     layout = structured(model)
-    assert layout.structures.groups[0].renorms
-    with pytest.warns(UserWarning, match="cannot yet count every parameter.*renorms"):
-        scores = _scores(model, layout, norm="l1")
-    torch.testing.assert_close(scores, _scores(model, layout, norm="l1", extent="producers"))
+    assert layout.structures.groups[0].renorms == ("1",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        l1 = _scores(model, layout, norm="l1")
+    # unit of layer 3: its row (6) and bias, the classifier's column (3 rows)
+    expected = [4 + 2 + 0.5 + 0.25 + 5 * 3] * 6 + [6 * 3 + 4 + 3 * 0.125] * 5
+    torch.testing.assert_close(l1, torch.tensor(expected))

@@ -84,12 +84,13 @@ class MagnitudeScorer(SaliencyScorer):
 
         With ``extent = "group"`` and traced structures, a structure's norm runs over every
         parameter entry its removal deletes (producers' rows and biases, norms' γ and β,
-        depthwise rows and biases, consumers' input columns), without the entries of
-        structures already removed; with ``extent = "producers"`` over the weight rows of all
-        its channels (for a coupled structure, the rows of every producer of the residual
-        stream channel). The norm is the sum of |θ| (l1) or the square root of the sum of θ²
-        (l2). Channels of selected parameters that are not prunable (structure id -1) are
-        left out.
+        depthwise rows and biases, consumers' input columns, layer scales, embeddings; a
+        head's rows and output-projection columns: :mod:`curvprune.builtin.group_entries`),
+        without the entries of structures already removed; with ``extent = "producers"`` over
+        the weight rows of all its channels (for a coupled structure, the rows of every
+        producer of the residual stream channel). The norm is the sum of |θ| (l1) or the
+        square root of the sum of θ² (l2). Channels of selected parameters that are not
+        prunable (structure id -1) are left out.
         """
         w = ctx.weights * ctx.mask
         if self.granularity == "weight":
@@ -100,7 +101,7 @@ class MagnitudeScorer(SaliencyScorer):
         if self.config.extent == "group" and hasattr(layout.structures, "groups"):
             why = unsupported_group(layout.structures, ctx.model)
             if why is not None:
-                warnings.warn(f"magnitude extent = 'group' cannot yet count every parameter "
+                warnings.warn(f"magnitude extent = 'group' cannot count every parameter "
                               f"of this model's groups ({why}); it scores the producers' "
                               "rows only", stacklevel=2)
         if self.config.extent == "group" and hasattr(layout.structures, "groups") \

@@ -51,7 +51,8 @@ from curvprune.errors import ConfigError, UnsupportedModelError
 from curvprune.structure.attention_mha import HeadPrunedMultiheadAttention, swap_in
 from curvprune.structure.groups import ChannelGroup
 
-__all__ = ["HeadGroup", "find_heads", "head_gates", "is_attention", "plan_head_removal"]
+__all__ = ["HeadGroup", "find_heads", "head_gates", "head_slices", "is_attention",
+           "plan_head_removal"]
 
 #: Hugging Face attention classes recognised by name (any class in the module's MRO).
 _HF_STYLES = {"BertAttention": "bert", "GPT2Attention": "gpt2", "LlamaAttention": "llama"}
@@ -288,6 +289,32 @@ def _llama(name: str, m: nn.Module) -> Spec:
 # --------------------------------------------------------------------------------------------
 # Removal
 # --------------------------------------------------------------------------------------------
+def head_slices(group: HeadGroup,
+                module: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
+    """``(owner, parameter, axis, unit, copies)`` of every parameter that removing heads of
+    ``group`` (its attention ``module``) slices: along ``axis``, structure ``s`` owns entries
+    ``k·size·unit + s·unit + j`` for ``k < copies``, ``j < unit``. A parameter the module does
+    not have (no bias) is left out: what a head's removal deletes, for the removal and for
+    the group saliencies."""
+    dim, per = group.head_dim, group.per
+    if group.style == "mha":
+        cuts = [(module, "in_proj_weight", 0, dim, 3), (module, "in_proj_bias", 0, dim, 3),
+                (module.out_proj, "weight", 1, dim, 1)]
+    elif group.style == "bert":
+        cuts = [(getattr(module.self, p), what, 0, dim, 1)
+                for p in ("query", "key", "value") for what in ("weight", "bias")]
+        cuts.append((module.output.dense, "weight", 1, dim, 1))
+    elif group.style == "gpt2":
+        cuts = [(module.c_attn, "weight", 1, dim, 3), (module.c_attn, "bias", 0, dim, 3),
+                (module.c_proj, "weight", 0, dim, 1)]
+    else:  # llama
+        cuts = [(getattr(module, p), what, 0, unit, 1)
+                for p, unit in (("q_proj", per * dim), ("k_proj", dim), ("v_proj", dim))
+                for what in ("weight", "bias")]
+        cuts.append((module.o_proj, "weight", 1, per * dim, 1))
+    return [c for c in cuts if getattr(c[0], c[1], None) is not None]
+
+
 def plan_head_removal(group: HeadGroup, index: Tensor,
                       modules: Mapping[str, nn.Module]) -> Callable[[], None]:
     """Check the removal of every structure of ``group`` not in ``index`` (kept, ascending)
@@ -306,42 +333,24 @@ def plan_head_removal(group: HeadGroup, index: Tensor,
             "the trace @ model")
     index = index.cpu()
     kept = int(index.numel())
-    size, dim, per = group.size, group.head_dim, group.per
-    cuts: list[tuple[nn.Module, str, int, Tensor]] = []  # (owner, parameter, dim, index)
+    dim, per = group.head_dim, group.per
+    cuts = [(owner, param, axis, _rows(index, group.size, unit, copies))
+            for owner, param, axis, unit, copies in head_slices(group, module)]
     attrs_after: list[tuple[nn.Module, str, int]] = []
-
-    def cut(owner: nn.Module, param: str, axis: int, unit: int, copies: int) -> None:
-        if getattr(owner, param, None) is not None:
-            cuts.append((owner, param, axis, _rows(index, size, unit, copies)))
-
     if group.style == "mha":
-        cut(module, "in_proj_weight", 0, dim, 3)
-        cut(module, "in_proj_bias", 0, dim, 3)
-        cut(module.out_proj, "weight", 1, dim, 1)
         attrs_after += [(module, "num_heads", kept), (module.out_proj, "in_features", kept * dim)]
     elif group.style == "bert":
-        for p in ("query", "key", "value"):
-            lin = getattr(module.self, p)
-            cut(lin, "weight", 0, dim, 1)
-            cut(lin, "bias", 0, dim, 1)
-            attrs_after.append((lin, "out_features", kept * dim))
-        cut(module.output.dense, "weight", 1, dim, 1)
+        attrs_after += [(getattr(module.self, p), "out_features", kept * dim)
+                        for p in ("query", "key", "value")]
         attrs_after += [(module.output.dense, "in_features", kept * dim),
                         (module.self, "num_attention_heads", kept),
                         (module.self, "all_head_size", kept * dim)]
     elif group.style == "gpt2":
-        cut(module.c_attn, "weight", 1, dim, 3)
-        cut(module.c_attn, "bias", 0, dim, 3)
-        cut(module.c_proj, "weight", 0, dim, 1)
         attrs_after += [(module.c_attn, "nf", 3 * kept * dim), (module.c_proj, "nx", kept * dim),
                         (module, "num_heads", kept), (module, "split_size", kept * dim)]
     else:  # llama
-        for p, unit in (("q_proj", per * dim), ("k_proj", dim), ("v_proj", dim)):
-            lin = getattr(module, p)
-            cut(lin, "weight", 0, unit, 1)
-            cut(lin, "bias", 0, unit, 1)
-            attrs_after.append((lin, "out_features", kept * unit))
-        cut(module.o_proj, "weight", 1, per * dim, 1)
+        attrs_after += [(getattr(module, p), "out_features", kept * unit)
+                        for p, unit in (("q_proj", per * dim), ("k_proj", dim), ("v_proj", dim))]
         attrs_after.append((module.o_proj, "in_features", kept * per * dim))
     new = [(owner, param, getattr(owner, param), getattr(owner, param).detach()
             .index_select(axis, rows.to(getattr(owner, param).device)).clone())

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from curvprune.errors import ConfigError, UnsupportedModelError
 from curvprune.structure.groups import ChannelGroup
 
-__all__ = ["MlpGroup", "find_mlps", "mlp_gates", "plan_mlp_removal"]
+__all__ = ["MlpGroup", "find_mlps", "mlp_gates", "mlp_slices", "plan_mlp_removal"]
 
 #: Hugging Face block classes recognised by name (any class in the module's MRO).
 _STYLES = {"BertLayer": "bert", "GPT2MLP": "gpt2", "LlamaMLP": "llama"}
@@ -243,6 +243,21 @@ def _llama(name: str, m: nn.Module) -> Spec:
 # --------------------------------------------------------------------------------------------
 # Removal
 # --------------------------------------------------------------------------------------------
+def mlp_slices(group: MlpGroup, block: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """``(owner, parameter, axis)`` of every parameter that removing hidden units of ``group``
+    (``block``, the module at ``group.owner``) slices: entry ``i`` along ``axis`` is unit ``i``.
+    A parameter the module does not have (no bias) is left out: what a unit's removal deletes,
+    for the removal and for the group saliencies."""
+    if group.style == "gpt2":
+        up, down = _parts("gpt2", block)
+        cuts = [(up, "weight", 1), (up, "bias", 0), (down, "weight", 0)]
+    else:
+        *ups, down = _parts(group.style, block)
+        cuts = [(lin, what, 0) for lin in ups for what in ("weight", "bias")]
+        cuts.append((down, "weight", 1))
+    return [c for c in cuts if getattr(c[0], c[1], None) is not None]
+
+
 def plan_mlp_removal(group: MlpGroup, index: Tensor,
                      modules: Mapping[str, nn.Module]) -> Callable[[], None]:
     """Check the removal of every unit of ``group`` not in ``index`` (kept, ascending) and
@@ -266,18 +281,14 @@ def plan_mlp_removal(group: MlpGroup, index: Tensor,
             "trace @ model")
     index = index.cpu()
     kept = int(index.numel())
-    cuts: list[tuple[nn.Module, str, int]] = []  # (owner, parameter, axis)
+    cuts = mlp_slices(group, block)
     attrs_after: list[tuple[nn.Module, str, int]] = []
     if group.style == "gpt2":
         up, down = _parts("gpt2", block)
-        cuts += [(up, "weight", 1), (up, "bias", 0), (down, "weight", 0)]
         attrs_after += [(up, "nf", kept), (down, "nx", kept)]
     else:
         *ups, down = _parts(group.style, block)
-        for lin in ups:
-            cuts += [(lin, "weight", 0), (lin, "bias", 0)]
-            attrs_after.append((lin, "out_features", kept))
-        cuts.append((down, "weight", 1))
+        attrs_after += [(lin, "out_features", kept) for lin in ups]
         attrs_after.append((down, "in_features", kept))
         if group.style == "llama" and isinstance(getattr(block, "intermediate_size", None), int):
             attrs_after.append((block, "intermediate_size", kept))
