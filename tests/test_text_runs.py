@@ -274,7 +274,10 @@ def test_a_text_run_removes_attention_heads_and_loads_back(corpus, tmp_path):
     model_dir, text = corpus
     config = _config(tmp_path, model_dir, text).read_text()
     config = config.replace('name = "magnitude"', 'name = "magnitude"\ngranularity = "channel"')
-    config = config.replace('[mask]\nname = "layerwise"', '[mask]\nname = "channel"\nremove = true')
+    # layerwise: every group loses half of its units, so each attention module loses one of
+    # its two heads whatever the group-sum magnitudes of heads against MLP units are
+    config = config.replace('[mask]\nname = "layerwise"',
+                            '[mask]\nname = "channel"\nscope = "layerwise"\nremove = true')
     run = execute_run(_write(tmp_path / "c.toml", config), out=tmp_path / "runs", name="heads",
                       quiet=True).run_dir
     result = json.loads((run / "result.json").read_text())
