@@ -92,7 +92,8 @@ def _prune(args: argparse.Namespace, world: int) -> dict[str, Any]:
         "scorer": {"name": "obs"}, "schedule": {"name": "oneshot"}, "mask": {"name": "global"},
         "prune": {"sparsity": 0.5, "loss_samples": 0, "gradient_chunk": args.chunk},
     })
-    plan = pipeline.plan(model, world_size=world)
+    # one batch, as `curvprune plan` and `Pipeline.prune` give it (a chunk's activations)
+    plan = pipeline.plan(model, world_size=world, example=next(iter(data)))
     before = _rss()
     measured = reset_phase_peak(torch.device("cpu"))
     started = time.perf_counter()

@@ -18,6 +18,11 @@ of a pruning step holds at its peak:
 * the scorer's own state when it holds more than that (:meth:`SaliencyScorer.memory_bytes`,
   e.g. SOSP-I's S×S structure matrix).
 
+Given one batch of the data (``example``; ``curvprune plan``, ``curvprune run`` and
+``Pipeline.prune`` pass one), the gradient phase also counts the peak of one forward and
+backward pass over one chunk's samples (``activations``): on a ResNet-50 at 224×224 with
+8-row chunks that is about 1.5 GiB beside the rows, which a plan from sizes alone cannot see.
+
 An estimator fitted on the model itself (``kfac``) makes no gradient rows: given one batch
 (``example``, see :func:`wants_example`) the plan counts the samples its fit takes and the peak of
 one forward and backward pass over that batch (``activations``); without one it counts a gradient
@@ -74,11 +79,11 @@ from curvprune.tensors.linear_rows import linear_owners
 __all__ = ["Plan", "available_memory", "make_plan", "wants_example"]
 
 #: d-vectors (in the weights' dtype) a step holds while answering, beside the estimator's peak:
-#: the gathered weights, the scores, the mask's sort-free selection (keys, flags, an int32
-#: count) and the update with its products. Measured on MLPs of 11 M weights (global OBS mask,
-#: diagfisher and mfac: 21–22 bytes per weight beyond the snapshot, mask and estimator),
-#: docs/benchmarks.md "Plan accuracy at large d".
-SCORING_VECTORS = 6
+#: the gathered weights, the scores or the update with its right-hand side, the mask's
+#: sort-free selection (keys, flags, an int32 count). Measured on MLPs of 0.8 M and 11 M
+#: weights (global mask; magnitude, and OBS over diagfisher and mfac): 13–17 bytes per weight
+#: beyond the snapshot, the masks and the estimator, docs/benchmarks.md "Plan accuracy".
+SCORING_VECTORS = 4
 _GiB = 2**30
 
 
@@ -262,9 +267,7 @@ def make_plan(
     staged = pipeline.schedule.staged_calibration(pipeline.components)
     if estimator is None or not estimator.layer_local:
         # answering only: the gathered weights, the scores, the mask's selection and the update
-        # a scorer without curvature makes no update (and no product with F⁻¹): two fewer
-        vectors = SCORING_VECTORS if pipeline.scorer.needs_curvature else SCORING_VECTORS - 2
-        memory["scoring"] = vectors * d * itemsize
+        memory["scoring"] = SCORING_VECTORS * d * itemsize
     if estimator is not None and estimator.layer_local:
         memory["weights"] = 3 * d * itemsize + d  # the layer-wise OBS holds its own scoring
         # fitted from the layers' inputs: no gradient rows; stage by stage, one stage's state
@@ -303,6 +306,11 @@ def make_plan(
         if fit_probe:  # no gradient rows: the fit's samples and one batch's passes, measured
             memory["gradients"] = fit_probe["samples"]
             memory["activations"] = fit_probe["activations"]
+        elif example is not None:  # the chunk's forward and backward pass, measured
+            chunk_probe = _fit_probe(model, example, rows * cfg.fisher_mini_batch, device,
+                                     parameter_grads=False)
+            if chunk_probe:
+                memory["activations"] = chunk_probe["activations"]
         held = int(type(estimator).plan_held_bytes(layout, cfg))
         sharded = world > 1 and shards(estimator, pipeline.config.prune.shard)
         if sharded:  # this rank's share (the largest), fed a round of W chunks' columns
@@ -368,23 +376,27 @@ def make_plan(
 
 def wants_example(pipeline: PipelineView) -> bool:
     """Whether :func:`make_plan` measures part of the step on one batch of the data: with
-    sequential calibration (the cached block inputs, one block's activations) and for an
-    estimator fitted on the model itself (K-FAC: its samples and one batch's passes)."""
+    sequential calibration (the cached block inputs, one block's activations), for an
+    estimator fitted on the model itself (K-FAC: its samples and one batch's passes), and for
+    one fed gradient rows (the activations of one chunk's forward and backward pass)."""
     estimator = pipeline.estimator if pipeline.scorer.needs_curvature else None
     staged = pipeline.schedule.staged_calibration(pipeline.components) is not None
-    return staged or bool(estimator is not None and estimator.fits_model)
+    # gradient rows: one chunk's forward and backward pass (its activations) beside the rows
+    return staged or estimator is not None
 
 
-def _fit_probe(model: nn.Module, example: Any, samples: int, device: torch.device
-               ) -> dict[str, int]:
+def _fit_probe(model: nn.Module, example: Any, samples: int, device: torch.device,
+               *, parameter_grads: bool = True) -> dict[str, int]:
     """What an estimator fitted on the model holds beside its state, measured on ``example``.
 
     ``samples``: the ``samples`` inputs it takes from the data (counted from the example's
     per-sample size); ``activations``: the peak of one forward and backward pass over the
     example batch (at most ``samples`` of it), the gradients of the parameters taken with
-    ``torch.autograd.grad`` so that no ``.grad`` changes. {} without an example, or on the
-    CPU inside another profile (a CPU probe would end it); the plan then counts a gradient
-    chunk in their place.
+    ``torch.autograd.grad`` so that no ``.grad`` changes. With ``parameter_grads = False``
+    (gradient rows, whose per-sample gradients the plan counts itself) the backward pass is
+    taken to a floating input instead, which runs through every layer without making the
+    parameters' gradients. {} without an example, or on the CPU inside another profile (a CPU
+    probe would end it); the plan then counts a gradient chunk in their place.
     """
     if example is None or (device.type != "cuda" and profiling()):
         return {}
@@ -398,11 +410,15 @@ def _fit_probe(model: nn.Module, example: Any, samples: int, device: torch.devic
     was_training = model.training
     model.eval()
 
+    through_input = not parameter_grads and x.is_floating_point()
+
     def passes() -> None:
-        out = model(x)
+        inputs = x.detach().requires_grad_() if through_input else x
+        out = model(inputs)
         logits = getattr(out, "logits", out)
-        if isinstance(logits, torch.Tensor) and logits.requires_grad and params:
-            torch.autograd.grad(logits.float().sum(), params, allow_unused=True)
+        wrt = [inputs] if through_input else params
+        if isinstance(logits, torch.Tensor) and logits.requires_grad and wrt:
+            torch.autograd.grad(logits.float().sum(), wrt, allow_unused=True)
 
     try:
         _, activations = peak_allocated(passes, device)
