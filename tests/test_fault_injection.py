@@ -119,10 +119,11 @@ ONESHOT = {"prune": {"sparsity": 0.5, "loss_samples": 16}, "scorer": {"name": "o
            "estimator": {"name": "dense", "damping": 1e-3, "num_grads": 16, "block_size": 16}}
 
 
+# forward passes before the gradients: the plan's probe of one chunk's activations, the audit
 @pytest.mark.parametrize(("calls", "value", "fragment"), [
     (0, float("nan"), "loss is not finite on the audit samples"),  # NaN from the start
-    (1, float("nan"), "non-finite gradients in 'net.0.weight'"),  # NaN once gradients start
-    (1, float("inf"), "non-finite gradients in 'net.0.weight'"),
+    (2, float("nan"), "non-finite gradients in 'net.0.weight'"),  # NaN once gradients start
+    (2, float("inf"), "non-finite gradients in 'net.0.weight'"),
 ])
 def test_nan_or_inf_in_pruning_raises_and_restores_the_model(calls, value, fragment):
     model = NaNAfter(calls, value)
