@@ -16,7 +16,6 @@ Two independent ground truths:
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import curvprune
-from curvprune import PruneContext, StructureGraph, remove_structures, select_parameters
+from curvprune import PruneContext, StructureGraph, select_parameters
 from curvprune.builtin.group_saliency import group_sums
 from curvprune.run.models import DigitsCNN
 from curvprune.testing.nets import (
@@ -40,6 +39,7 @@ from curvprune.testing.nets import (
     randomize_,
     sequential_cnn,
 )
+from curvprune.testing.removal import assert_group_sums_match_removal
 
 HOST = curvprune.get_plugin_manager(autoload=False)
 
@@ -47,13 +47,6 @@ HOST = curvprune.get_plugin_manager(autoload=False)
 def structured(model: nn.Module):
     layout = select_parameters(model)
     return layout.with_structures(StructureGraph.trace(model).structures(layout))
-
-
-def weights_mask(keep: torch.Tensor, layout) -> torch.Tensor:
-    """Weight keep-mask [d] from a structure keep-mask [S] (rows of id -1 kept)."""
-    sid = layout.structure_index()
-    per_channel = torch.where(sid >= 0, keep[sid.clamp_min(0)], torch.ones_like(sid, dtype=bool))
-    return layout.expand_channels(per_channel)
 
 
 class HandNet(nn.Module):
@@ -141,10 +134,6 @@ def test_hand_computed_linear_mlp():
     torch.testing.assert_close(rows, torch.tensor([4.0] * 3 + [1.5] * 2))
 
 
-def _mass(model: nn.Module, fn) -> float:
-    return sum(float(fn(p.detach().double()).sum()) for p in model.parameters())
-
-
 MODELS = {
     "resnet-basic": lambda: TinyResNet("basic", widths=(2, 3), blocks=2, stem=2),
     "resnet-bottleneck": lambda: TinyResNet("bottleneck", widths=(2,), blocks=2, stem=3),
@@ -178,28 +167,7 @@ def test_group_sums_equal_what_physical_removal_deletes(name):
         if int((group == g).sum()) > 1:
             keep[structures.offsets[g]] = False
     for keep_before in (torch.ones(S, dtype=torch.bool), keep):
-        mask = weights_mask(keep_before, layout)
-        weights = layout.gather(model)
-        sums = {key: group_sums(model, layout, weights, mask, fn) for key, fn in
-                (("l1", torch.abs), ("l2", torch.square), ("count", torch.ones_like))}
-        base = copy.deepcopy(model)
-        if not bool(keep_before.all()):
-            remove_structures(base, structures, keep_before)
-        before = {key: _mass(base, fn) for key, fn in
-                  (("l1", torch.abs), ("l2", torch.square), ("count", torch.ones_like))}
-        for s in range(S):
-            if not bool(keep_before[s]):
-                assert all(float(v[s]) == 0 for v in sums.values())
-                continue
-            gone = keep_before.clone()
-            gone[s] = False
-            if int(gone[group == group[s]].sum()) == 0:
-                continue  # removal refuses to empty a group
-            smaller = copy.deepcopy(model)
-            remove_structures(smaller, structures, gone)
-            for key, fn in (("l1", torch.abs), ("l2", torch.square), ("count", torch.ones_like)):
-                drop = before[key] - _mass(smaller, fn)
-                assert float(sums[key][s]) == pytest.approx(drop, rel=1e-9, abs=1e-9), (key, s)
+        assert_group_sums_match_removal(model, layout, keep_before)
 
 
 def test_group_sums_need_traced_structures():

@@ -14,7 +14,6 @@ in-projection column) or an entry counted twice changes the count by at least on
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -26,14 +25,13 @@ import curvprune
 from curvprune import PruneContext, StructureGraph, remove_structures, select_parameters
 from curvprune.builtin.group_saliency import group_sums, unsupported_group
 from curvprune.testing.nets import TinyResNet, randomize_
-from curvprune.testing.removal import structured
+from curvprune.testing.removal import assert_group_sums_match_removal, structured, weights_mask
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.convnext import CNBlock, LayerNorm2d  # noqa: E402
 
 HOST = curvprune.get_plugin_manager(autoload=False)
 HEADS = ("Conv2d", "Linear", "MultiheadAttention")
-FNS = (("count", torch.ones_like), ("l1", torch.abs), ("l2", torch.square))
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,20 +211,6 @@ def build(name: str) -> tuple[nn.Module, object]:
     return model, structured(model, targets) if targets else structured(model)
 
 
-# --------------------------------------------------------------------------------------------
-# Ground truth: what physical removal deletes
-# --------------------------------------------------------------------------------------------
-def weights_mask(keep: torch.Tensor, layout) -> torch.Tensor:
-    """Weight keep-mask [d] from a structure keep-mask [S] (rows of id -1 kept)."""
-    sid = layout.structure_index()
-    per_channel = torch.where(sid >= 0, keep[sid.clamp_min(0)], torch.ones_like(sid, dtype=bool))
-    return layout.expand_channels(per_channel)
-
-
-def mass(model: nn.Module, fn) -> float:
-    return sum(float(fn(p.detach().double()).sum()) for p in model.parameters())
-
-
 def earlier_removal(layout) -> torch.Tensor:
     """An earlier step removed the first structure of every group of two or more."""
     s = layout.structures
@@ -238,42 +222,13 @@ def earlier_removal(layout) -> torch.Tensor:
     return keep
 
 
-def assert_sums_are_removals(model: nn.Module, layout, keep_before: torch.Tensor,
-                             check: list[int] | None = None) -> None:
-    """Each structure's sums (count, L1, squared L2) equal the drop of #θ, Σ|θ|, Σθ² when it
-    alone is removed from the model with ``keep_before`` applied (structures ``check``)."""
-    structures = layout.structures
-    group = layout.structure_group()
-    mask = weights_mask(keep_before, layout)
-    weights = layout.gather(model)
-    sums = {key: group_sums(model, layout, weights, mask, fn) for key, fn in FNS}
-    base = copy.deepcopy(model)
-    if not bool(keep_before.all()):
-        remove_structures(base, structures, keep_before)
-    before = {key: mass(base, fn) for key, fn in FNS}
-    for s in range(layout.n_structures) if check is None else check:
-        if not bool(keep_before[s]):
-            assert all(float(v[s]) == 0 for v in sums.values()), s
-            continue
-        gone = keep_before.clone()
-        gone[s] = False
-        if int(gone[group == group[s]].sum()) == 0:
-            continue  # removal refuses to empty a group
-        smaller = copy.deepcopy(model)
-        remove_structures(smaller, structures, gone)
-        for key, fn in FNS:
-            drop = before[key] - mass(smaller, fn)
-            assert float(sums[key][s]) == pytest.approx(drop, rel=1e-9, abs=1e-9), \
-                (key, s, structures.groups[int(group[s])].name)
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_group_sums_equal_what_removal_deletes(name):
     model, layout = build(name)
     assert unsupported_group(layout.structures, model) is None
     for keep_before in (torch.ones(layout.n_structures, dtype=torch.bool),
                         earlier_removal(layout)):
-        assert_sums_are_removals(model, layout, keep_before)
+        assert_group_sums_match_removal(model, layout, keep_before)
 
 
 def test_the_vit_stream_counts_every_member_by_hand():
@@ -324,7 +279,7 @@ def test_shufflenet_v2_structures_count_what_removal_deletes():
     check = sorted({i for g in range(s.n_groups) for i in
                     (s.group_slice(g).start, (s.group_slice(g).start + s.group_slice(g).stop) // 2,
                      s.group_slice(g).stop - 1)})
-    assert_sums_are_removals(model, layout, torch.ones(s.n_structures, dtype=torch.bool), check)
+    assert_group_sums_match_removal(model, layout, torch.ones(s.n_structures, dtype=torch.bool), check)
 
 
 def hf_model(kind: str) -> nn.Module:
@@ -355,7 +310,7 @@ def test_hugging_face_heads_and_mlp_units_count_what_removal_deletes(kind):
     assert unsupported_group(layout.structures, model) is None
     for keep_before in (torch.ones(layout.n_structures, dtype=torch.bool),
                         earlier_removal(layout)):
-        assert_sums_are_removals(model, layout, keep_before)
+        assert_group_sums_match_removal(model, layout, keep_before)
 
 
 # --------------------------------------------------------------------------------------------

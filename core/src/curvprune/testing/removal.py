@@ -6,6 +6,10 @@ and asserts three models agree on ``x``: the model with closed gates equals the 
 and the physically removed model equals the masked one with LayerNorm statistics over the
 kept channels (:func:`curvprune.structure.norms.kept_statistics`; without channel-wise
 LayerNorms that is the masked model itself).
+
+:func:`assert_group_sums_match_removal` is the ground truth of per-structure group sums
+(:func:`curvprune.builtin.group_saliency.group_sums`): each structure's count, L1 and squared
+L2 equal what the model's parameters lose when that structure alone is removed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from curvprune.structure.removal import remove_structures
 from curvprune.tensors.layout import DEFAULT_TARGETS, select_parameters
 from curvprune.tensors.masks import MaskSet
 
-__all__ = ["check", "gap", "masked_copy", "rescue", "structured"]
+__all__ = ["assert_group_sums_match_removal", "check", "gap", "masked_copy", "rescue",
+           "structured", "weights_mask"]
 
 
 def structured(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS):
@@ -76,3 +81,55 @@ def check(model: nn.Module, keep: torch.Tensor, x: torch.Tensor, rel: float = 1e
     assert out.shape == reference.shape
     assert gap(out, reference) <= rel, "the removed model differs from its reference"
     return masked, layout, gap(out, plain)
+
+
+def weights_mask(keep: torch.Tensor, layout) -> torch.Tensor:
+    """Weight keep-mask ``[d]`` from a structure keep-mask ``[S]`` (rows of id −1 kept)."""
+    sid = layout.structure_index()
+    per_channel = torch.where(sid >= 0, keep[sid.clamp_min(0)], torch.ones_like(sid, dtype=bool))
+    return layout.expand_channels(per_channel)
+
+
+_MASSES = (("count", torch.ones_like), ("l1", torch.abs), ("l2", torch.square))
+
+
+def _mass(model: nn.Module, fn) -> float:
+    return sum(float(fn(p.detach().double()).sum()) for p in model.parameters())
+
+
+def assert_group_sums_match_removal(model: nn.Module, layout, keep_before: torch.Tensor,
+                                    check: Sequence[int] | None = None) -> None:
+    """Each structure's group sums (count, L1, squared L2) equal the drop of #θ, Σ|θ|, Σθ²
+    when it alone is removed from ``model`` with ``keep_before`` applied.
+
+    Structures already removed must sum to 0; a structure whose removal would empty its
+    group is skipped (removal refuses it). ``check``: the structures to test (default all).
+    """
+    from curvprune.builtin.group_saliency import group_sums
+
+    structures = layout.structures
+    group = layout.structure_group()
+    mask = weights_mask(keep_before, layout)
+    weights = layout.gather(model)
+    sums = {key: group_sums(model, layout, weights, mask, fn) for key, fn in _MASSES}
+    base = copy.deepcopy(model)
+    if not bool(keep_before.all()):
+        remove_structures(base, structures, keep_before)
+    before = {key: _mass(base, fn) for key, fn in _MASSES}
+    for s in range(layout.n_structures) if check is None else check:
+        if not bool(keep_before[s]):
+            assert all(float(v[s]) == 0 for v in sums.values()), s
+            continue
+        gone = keep_before.clone()
+        gone[s] = False
+        if int(gone[group == group[s]].sum()) == 0:
+            continue  # removal refuses to empty a group
+        smaller = copy.deepcopy(model)
+        remove_structures(smaller, structures, gone)
+        for key, fn in _MASSES:
+            drop = before[key] - _mass(smaller, fn)
+            got = float(sums[key][s])
+            assert abs(got - drop) <= 1e-9 * max(1.0, abs(drop)), (
+                f"{key} of structure {s} ({structures.groups[int(group[s])].name}): group sum "
+                f"{got!r}, removal drops {drop!r}"
+            )
