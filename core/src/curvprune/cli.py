@@ -338,9 +338,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc} @ --nproc")
     example = None
     if wants_example(pipeline):
-        # sequential calibration or an estimator fitted on the model (K-FAC): one batch lets
-        # the plan count the cached block inputs and one block's activations, or the fit's
-        # samples and passes (curvprune run does the same)
+        # one batch lets the plan count the cached block inputs and one block's activations
+        # (sequential calibration), the fit's samples and passes (K-FAC), or one gradient
+        # chunk's forward and backward pass (curvprune run does the same)
         from curvprune.pipeline.pipeline import peek_batch
         from curvprune.run.data import make_loaders
 
