@@ -155,7 +155,7 @@ class OBSScorer(SaliencyScorer):
         super().__init__(config or OBSConfig())
         self.quadratic_prediction = self.config.update  # ρ_q = ½δwᵀFδw at the OBS update δw
         self._diag: Tensor | None = None
-        self._joint_loss: Tensor | None = None
+        self._taken_loss: Tensor | None = None
 
     def _inverse_diagonal(self, ctx: PruneContext) -> Tensor:
         assert ctx.estimator is not None
@@ -180,7 +180,7 @@ class OBSScorer(SaliencyScorer):
 
     def compensate(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
         """δw = −F⁻¹u (sum of single-weight OBS updates), or the exact joint update per block."""
-        self._joint_loss = None
+        self._taken_loss = None
         if not self.config.update:
             return None
         assert ctx.estimator is not None
@@ -188,6 +188,11 @@ class OBSScorer(SaliencyScorer):
         w = ctx.weights.to(diag.dtype)
         if not self.config.joint:
             u = (w / diag).masked_fill_(~pruned, 0)
+            # Σ_P ρ_q = ½ Σ_P w_q²/[F⁻¹]_qq = ½ wᵀu: taken now, the diagonal is not alive
+            # beside the IHVP's vectors (one d-vector less at the step's peak)
+            self._taken_loss = 0.5 * torch.dot(w, u)
+            self._diag = None
+            del diag
             return ctx.estimator.ihvp(u).neg_()
         return self._joint_update(ctx, pruned, w)
 
@@ -211,13 +216,14 @@ class OBSScorer(SaliencyScorer):
         solution = estimator.inverse_block_solve(groups, rhs)  # ([F⁻¹]_QQ)⁻¹ w_Q per block
         u = torch.zeros_like(w)
         u[idx] = solution[row, position]
-        self._joint_loss = 0.5 * (w[idx] * u[idx]).sum()
+        self._taken_loss = 0.5 * (w[idx] * u[idx]).sum()
         return -estimator.ihvp(u)
 
     def predicted_loss_change(self, ctx: PruneContext, pruned: Tensor) -> Tensor | None:
-        """Σ_P ρ_q for single-weight updates; ½ w_Pᵀ([F⁻¹]_PP)⁻¹w_P for the joint update."""
-        if self._joint_loss is not None:
-            return self._joint_loss
+        """Σ_P ρ_q for single-weight updates; ½ w_Pᵀ([F⁻¹]_PP)⁻¹w_P for the joint update
+        (both taken by :meth:`compensate` when it ran)."""
+        if self._taken_loss is not None:
+            return self._taken_loss
         diag = self._diag if self._diag is not None else self._inverse_diagonal(ctx)
         rho = ctx.weights.to(diag.dtype, copy=True).square_().div_(diag).mul_(0.5)
         return rho.masked_fill_(~pruned, 0).sum()
