@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from curvprune.tensors import distributed
-from curvprune.tensors.linear_rows import LinearFactors, linear_owners
+from curvprune.tensors.linear_rows import LinearFactors
 
 if TYPE_CHECKING:
     from curvprune.tensors.layout import ParamLayout
@@ -38,13 +38,15 @@ COVERED_BY = "_curvprune_finite_check_by"
 class RoundExchange:
     """The exchanges of :class:`~curvprune.tensors.gradients.GradientSource`'s rounds.
 
-    The host class provides ``model``, ``layout``, ``_pruned`` and the running sums'
-    ``_track``, ``_track_losses`` and ``_track_columns``.
+    The host class provides ``model``, ``layout``, ``_pruned``, ``_closed_form`` (the Linear
+    owners of the selected parameters) and the running sums' ``_track``, ``_track_losses``
+    and ``_track_columns``.
     """
 
     model: nn.Module
     layout: ParamLayout
     _pruned: Tensor | None
+    _closed_form: list[tuple[nn.Linear, str]] | None
 
     def _track(self, flat: Tensor, losses: Tensor, column_sum: Tensor | None = None) -> None:
         raise NotImplementedError
@@ -105,7 +107,7 @@ class RoundExchange:
 
     @property
     def _owners(self) -> list[tuple[nn.Linear, str]]:
-        owners = linear_owners(self.model, self.layout)
+        owners = self._closed_form  # set by iter_grads for the model's closed form
         assert owners is not None
         return owners
 

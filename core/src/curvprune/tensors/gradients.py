@@ -65,8 +65,6 @@ __all__ = ["GradientSource", "LossFn", "default_chunk_size", "default_loss"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-#: Attribute of a yielded chunk naming the source whose check_finite covers it (see covering).
-_COVERED_BY = COVERED_BY
 #: Gradient bytes one chunk may hold at most when no chunk size is given (the rows and their
 #: work: two copies of the rows, docs/benchmarks.md plan accuracy).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -245,7 +243,7 @@ class GradientSource(RoundExchange):
                         assert mine is not None
                         self._track(*mine)
                         rows, mine = mine[0], None
-                        setattr(rows, _COVERED_BY, self)
+                        setattr(rows, COVERED_BY, self)
                         yield rows
                         # free this chunk before the next is computed: two copies at the peak
                         # (the next chunk's per-parameter gradients and its rows), not three
@@ -265,9 +263,9 @@ class GradientSource(RoundExchange):
                             "another rank failed while computing gradients; see its error"
                         )
                     if factors and positions is None:  # a rank fell back to vmap: rows travel
+                        if isinstance(mine, LinearFactors):
+                            mine = mine.full_rows(self.layout, self._owners)
                         factors, self._closed_form = False, None
-                    if isinstance(mine, LinearFactors) and not factors:
-                        mine = mine.full_rows(self.layout, self._owners)
                     if factors:
                         assert positions is not None and columns is not None
                         yield from self._factor_round(mine, counts, columns, positions, device)
@@ -276,7 +274,7 @@ class GradientSource(RoundExchange):
                     else:
                         for flat, losses in self._gather_round(mine, counts, device):
                             self._track(flat, losses)
-                            setattr(flat, _COVERED_BY, self)
+                            setattr(flat, COVERED_BY, self)
                             yield flat
                     mine = None
         finally:
@@ -355,7 +353,7 @@ class GradientSource(RoundExchange):
         (one O(d) check for all chunks instead of one O(k·d) pass per chunk); any other tensor
         gives None and must be checked where it is fed.
         """
-        return getattr(chunk, _COVERED_BY, None)
+        return getattr(chunk, COVERED_BY, None)
 
     # -- internals ---------------------------------------------------------------------------------
     def _chunk_grads(
