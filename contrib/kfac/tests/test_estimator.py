@@ -190,6 +190,34 @@ def test_memory_plan_counts_the_factor_shapes():
     assert KFACEstimator.memory_bytes([200, 200], config) < planned  # the square guess
 
 
+def test_held_plan_is_the_factor_sums_a_fit_holds(ref):
+    """While a later batch is fitted the factor sums are held: G and A of each layer once (a
+    layer's weight and bias share G)."""
+    model, batches = ref.make_problem("cnn", 3)
+    layout = select_parameters(model, TARGETS[True])
+    factors = kronecker_factors(model, layout, batches, torch.nn.functional.cross_entropy)
+    distinct = {}
+    for name, (g, a) in zip(layout.names, factors, strict=True):
+        module = name.rpartition(".")[0]
+        numbers = g.numel() + (a.numel() if name.endswith("weight") else 0)
+        distinct[module] = max(distinct.get(module, 0), 4 * numbers)  # counted as float32
+    assert KFACEstimator.plan_held_bytes(layout, KFACConfig()) == sum(distinct.values())
+
+
+def test_fit_passes_keep_nothing_and_leave_the_model_untouched(ref):
+    model, batches = ref.make_problem("cnn", 4)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layout = select_parameters(model)
+    est = KFACEstimator(KFACConfig(dtype="float64"))
+    est.setup(layout.sizes)
+    est.fit_passes(model, batches[0], torch.nn.functional.cross_entropy, layout)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(EstimatorStateError, match="call fit"):
+        est.ihvp(torch.zeros(layout.d, dtype=torch.float64))
+
+
 @pytest.mark.gpu
 def test_cuda_fit_matches_cpu(ref):
     model, batches = ref.make_problem("cnn", 7)

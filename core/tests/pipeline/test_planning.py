@@ -36,3 +36,38 @@ def test_plan_seconds_are_flops_over_the_rate_and_name_their_class():
 def test_without_a_flop_estimate_the_time_is_unknown():
     plan = Pipeline.from_config({"scorer": {"name": "magnitude"}}).plan(DigitsMLP(), device="cpu")
     assert plan.flops is None and plan.seconds is None and plan.time_class == "unknown"
+
+
+def test_default_fit_passes_make_no_grad_and_change_nothing():
+    pipeline = Pipeline.from_config({"estimator": {"name": "dense", "block_size": 8},
+                                     "scorer": {"name": "obs"}})
+    model = DigitsMLP()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layout = pipeline.select(model)
+    batch = (torch.randn(4, 64), torch.tensor([0, 1, 2, 3]))
+    pipeline.estimator.fit_passes(model, batch, torch.nn.functional.cross_entropy, layout)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("num_grads, held", [(16, False), (128, True)])
+def test_a_model_fitted_estimator_is_probed_with_its_fit_passes(monkeypatch, num_grads, held):
+    """The plan runs the estimator's own per-batch passes on at most ``num_grads`` samples of
+    the example, with the given loss; the held state counts only when the fit spans batches."""
+    pipeline = Pipeline.from_config({"estimator": {"name": "dense", "block_size": 8,
+                                                   "num_grads": num_grads},
+                                     "scorer": {"name": "obs"}})
+    estimator, seen = pipeline.estimator, []
+
+    def passes(model, batch, loss_fn, layout):
+        seen.append((batch[0].shape[0], batch[1].shape[0], loss_fn))
+        torch.ones(4096)  # some allocation to measure
+
+    monkeypatch.setattr(type(estimator), "fits_model", True)
+    monkeypatch.setattr(estimator, "fit_passes", passes)
+    loss = torch.nn.functional.cross_entropy
+    example = (torch.randn(32, 64), torch.randint(0, 10, (32,)))
+    plan = pipeline.plan(DigitsMLP(), example=example, loss_fn=loss)
+    assert seen == [(min(32, num_grads),) * 2 + (loss,)]
+    assert plan.memory["activations"] > 0
+    assert (plan.estimator_held > 0) is held

@@ -99,6 +99,19 @@ class KFACEstimator(CurvatureEstimator):
         return sum(_layer_bytes(*_factor_dims(shape), config) for shape in layout.shapes)
 
     @classmethod
+    def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
+        """Bytes held while a batch after the first is fitted: the factor sums, G (o×o) and A
+        (i×i) of every layer once, in the model's dtype (counted as float32). The batch's own
+        passes (its activations, unfolded patches and covariances) ``plan`` measures with
+        :meth:`fit_passes`."""
+        factors = {}
+        for name, shape in zip(layout.names, layout.shapes, strict=True):
+            o, i = _factor_dims(shape)
+            module = name.rpartition(".")[0]
+            factors[module] = max(factors.get(module, 0), 4 * (o * o + i * i))
+        return sum(factors.values())
+
+    @classmethod
     def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
         """Like :meth:`plan_memory_bytes`, taking each parameter of n weights as a √n×√n layer.
 
@@ -156,6 +169,18 @@ class KFACEstimator(CurvatureEstimator):
         self._inverse = KroneckerInverse(factors, self.config.damping, self.dtype,
                                          self.config.damping_split)
         self._m = sum(int(x.shape[0]) for x, _ in data)
+
+    def fit_passes(
+        self,
+        model: nn.Module,
+        batch: tuple[Tensor, Tensor],
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        layout: ParamLayout,
+    ) -> None:
+        """curvlinops' passes over one batch (forward, backward, each layer's covariances),
+        the factors dropped: what ``plan`` measures as the fit's per-batch peak."""
+        kronecker_factors(model, layout, [batch], loss_fn, fisher=self.config.fisher,
+                          mc_samples=self.config.mc_samples, kfac_approx=self.config.kfac_approx)
 
     def set_factors(self, factors: Sequence[tuple[Tensor, Tensor]], num_samples: int) -> None:
         """Use given factors ``(G_l, A_l)`` per parameter (tests, or factors from elsewhere)."""

@@ -178,16 +178,19 @@ class Pipeline:
         device: torch.device | str | None = None,
         world_size: int | None = None,
         example: Any = None,
+        loss_fn: LossFn | None = None,
     ) -> Plan:
         """Memory and time needed to prune ``model``, computed before any compute.
 
-        Under torch.distributed (or with ``world_size``) the memory is that of one rank. With
-        sequential calibration over repeated blocks, ``example`` (one ``(inputs, targets)``
-        batch of the data) lets the plan count the cached block inputs and one block's
-        activations, measured by running that batch through the first block (the one probe
-        the plan computes).
+        Under torch.distributed (or with ``world_size``) the memory is that of one rank.
+        ``example`` (one ``(inputs, targets)`` batch of the data) lets the plan measure what
+        sizes cannot tell: one gradient chunk's forward and backward pass, an estimator fit's
+        passes over one batch (with ``loss_fn``, default cross entropy), or with sequential
+        calibration the cached block inputs and one block's activations
+        (:func:`~curvprune.pipeline.planning.wants_example`).
         """
-        return make_plan(self, model, device=device, world_size=world_size, example=example)
+        return make_plan(self, model, device=device, world_size=world_size, example=example,
+                         loss_fn=loss_fn)
 
     # -- one-shot -------------------------------------------------------------------------------
     def prune(
@@ -239,7 +242,7 @@ class Pipeline:
         staged = self.schedule.staged_calibration(self.components)
         example = peek_batch(data) if wants_example(self) else None
         self.host.check_same_installs_across_ranks()
-        self.plan(model, example=example).check()
+        self.plan(model, example=example, loss_fn=loss_fn).check()
         self.host.pipeline_start(self, model)
         target = self.config.prune.sparsity
         current = self.mask.achieved_sparsity(runner.masks.flat, runner.layout)

@@ -25,8 +25,10 @@ backward pass over one chunk's samples (``activations``): on a ResNet-50 at 224Ã
 
 An estimator fitted on the model itself (``kfac``) makes no gradient rows: given one batch
 (``example``, see :func:`wants_example`) the plan counts the samples its fit takes and the peak of
-one forward and backward pass over that batch (``activations``); without one it counts a gradient
-chunk as a stand-in.
+its fit's passes over that batch (:meth:`CurvatureEstimator.fit_passes`, ``activations``: for
+K-FAC also the unfolded patches and the batch's covariances), beside the state held from earlier
+batches (:meth:`~CurvatureEstimator.plan_held_bytes`, the factor sums) when the fit spans more
+than one; without a batch it counts a gradient chunk as a stand-in.
 
 A layer-local estimator (``sparsegpt``) is fitted from the layers' inputs, so no gradient rows
 are counted; with sequential calibration it holds one stage's state at a time (the largest
@@ -60,19 +62,20 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from curvprune.errors import MemoryPlanError
 from curvprune.pipeline.memprobe import peak_allocated, profiling
-from curvprune.pipeline.sharding import share_layouts, shards
+from curvprune.pipeline.sharding import shards, share_layouts
 from curvprune.pipeline.stages import SequentialCalibration, StagePlan, plan_stages
 from curvprune.pipeline.view import PipelineView
 from curvprune.tensors import distributed
-from curvprune.tensors.gradients import default_chunk_size
+from curvprune.tensors.gradients import LossFn, default_chunk_size, default_loss
 from curvprune.tensors.layout import ParamLayout
 from curvprune.tensors.linear_rows import linear_owners
 
@@ -243,11 +246,13 @@ def make_plan(
     device: torch.device | str | None = None,
     world_size: int | None = None,
     example: Any = None,
+    loss_fn: LossFn | None = None,
 ) -> Plan:
     """Build the :class:`Plan` for pruning ``model`` with ``pipeline`` (no compute).
 
     ``world_size`` (default: the current one, 1 outside torch.distributed) makes it the plan of
-    one rank among that many.
+    one rank among that many; ``loss_fn`` (default cross entropy) is the loss an estimator
+    fitted on the model is probed with on ``example``.
     """
     world = distributed.world_size() if world_size is None else max(1, int(world_size))
     layout = pipeline.select(model)
@@ -292,7 +297,9 @@ def make_plan(
         fit_probe: dict[str, int] = {}
         if estimator.fits_model:  # fitted on the model (K-FAC): one block per parameter
             n_blocks, width = len(layout), max(layout.sizes)
-            fit_probe = _fit_probe(model, example, cfg.num_grads, device)
+            loss = loss_fn or default_loss
+            fit_probe = _fit_probe(model, example, cfg.num_grads, device, passes=functools.partial(
+                estimator.fit_passes, model, loss_fn=loss, layout=layout))
         chunk = pipeline.config.prune.gradient_chunk
         rows = chunk if chunk is not None else default_chunk_size(d, cfg.fisher_mini_batch)
         if chunk is None and world > 1:  # as GradientSource balances chunks over the ranks
@@ -307,11 +314,12 @@ def make_plan(
             memory["gradients"] = fit_probe["samples"]
             memory["activations"] = fit_probe["activations"]
         elif example is not None:  # the chunk's forward and backward pass, measured
-            chunk_probe = _fit_probe(model, example, rows * cfg.fisher_mini_batch, device,
-                                     parameter_grads=False)
+            chunk_probe = _fit_probe(model, example, rows * cfg.fisher_mini_batch, device)
             if chunk_probe:
                 memory["activations"] = chunk_probe["activations"]
         held = int(type(estimator).plan_held_bytes(layout, cfg))
+        if fit_probe and cfg.num_grads <= fit_probe["batch"]:
+            held = 0  # one batch: its passes (measured) make the whole state
         sharded = world > 1 and shards(estimator, pipeline.config.prune.shard)
         if sharded:  # this rank's share (the largest), fed a round of W chunks' columns
             share = max(share_layouts(layout, estimator, world),
@@ -386,15 +394,15 @@ def wants_example(pipeline: PipelineView) -> bool:
 
 
 def _fit_probe(model: nn.Module, example: Any, samples: int, device: torch.device,
-               *, parameter_grads: bool = True) -> dict[str, int]:
-    """What an estimator fitted on the model holds beside its state, measured on ``example``.
+               *, passes: Callable[[tuple[Tensor, Tensor]], None] | None = None) -> dict[str, int]:
+    """The samples a step takes and one batch's passes over them, measured on ``example``.
 
-    ``samples``: the ``samples`` inputs it takes from the data (counted from the example's
-    per-sample size); ``activations``: the peak of one forward and backward pass over the
-    example batch (at most ``samples`` of it), the gradients of the parameters taken with
-    ``torch.autograd.grad`` so that no ``.grad`` changes. With ``parameter_grads = False``
-    (gradient rows, whose per-sample gradients the plan counts itself) the backward pass is
-    taken to a floating input instead, which runs through every layer without making the
+    ``samples``: the ``samples`` inputs taken from the data (counted from the example's
+    per-sample size); ``batch``: how many of them one batch holds; ``activations``: the peak of
+    ``passes`` over the example batch (at most ``samples`` of it, as an ``(inputs, targets)``
+    pair, the model in eval mode): an estimator's :meth:`~CurvatureEstimator.fit_passes`. By
+    default (gradient rows, whose per-sample gradients the plan counts itself) one forward and
+    backward pass taken to a floating input, which runs through every layer without making the
     parameters' gradients. {} without an example, or on the CPU inside another profile (a CPU
     probe would end it); the plan then counts a gradient chunk in their place.
     """
@@ -406,25 +414,25 @@ def _fit_probe(model: nn.Module, example: Any, samples: int, device: torch.devic
     n = min(int(x.shape[0]), samples)
     per_sample = x[0].numel() * x.element_size()
     x = x[:n].to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    y = example[1] if isinstance(example, (tuple, list)) and len(example) > 1 else None
+    if passes is not None and not isinstance(y, torch.Tensor):
+        return {}
     was_training = model.training
     model.eval()
 
-    through_input = not parameter_grads and x.is_floating_point()
-
-    def passes() -> None:
-        inputs = x.detach().requires_grad_() if through_input else x
+    def through_input() -> None:
+        inputs = x.detach().requires_grad_() if x.is_floating_point() else x
         out = model(inputs)
         logits = getattr(out, "logits", out)
-        wrt = [inputs] if through_input else params
-        if isinstance(logits, torch.Tensor) and logits.requires_grad and wrt:
-            torch.autograd.grad(logits.float().sum(), wrt, allow_unused=True)
+        if isinstance(logits, torch.Tensor) and logits.requires_grad and inputs.requires_grad:
+            torch.autograd.grad(logits.float().sum(), [inputs], allow_unused=True)
 
+    run = through_input if passes is None else functools.partial(passes, (x, y[:n].to(device)))
     try:
-        _, activations = peak_allocated(passes, device)
+        _, activations = peak_allocated(run, device)
     finally:
         model.train(was_training)
-    return {"samples": per_sample * samples, "activations": int(activations)}
+    return {"samples": per_sample * samples, "batch": n, "activations": int(activations)}
 
 
 @torch.no_grad()

@@ -392,6 +392,26 @@ class CurvatureEstimator(abc.ABC):
         """
         raise self.unsupported("fit(model, batches, ...)", "feed gradient rows with update(grads)")
 
+    def fit_passes(
+        self,
+        model: nn.Module,
+        batch: tuple[Tensor, Tensor],
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        layout: ParamLayout,
+    ) -> None:
+        """The work :meth:`fit` does on one batch, nothing kept and the model unchanged.
+
+        ``plan`` measures its peak on one batch of the data (``activations``); the state of
+        the batches before it is :meth:`plan_held_bytes`. The default is one forward and
+        backward pass to the selected parameters (``torch.autograd.grad``: no ``.grad``
+        changes); an estimator whose passes hold more overrides it (K-FAC also unfolds each
+        convolution's patches and forms the batch's covariances).
+        """
+        out = model(batch[0])
+        loss = loss_fn(getattr(out, "logits", out), batch[1])
+        if loss.requires_grad:
+            torch.autograd.grad(loss, layout.parameters(model), allow_unused=True)
+
     def obs_select(
         self, weights: Tensor, mask: Tensor, layout: ParamLayout, applier: MaskApplier, level: float
     ) -> Selection | None:
