@@ -67,7 +67,23 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "estimator": _estimator("woodfisher", algorithm="gram", block_size=16, num_grads=40),
         "scorer": {"name": "woodtaylor"},
     },
+    # the owners' per-layer selection, a layer cut between two ranks
+    "mfac-static-unblocked-layerwise": {
+        "estimator": _estimator("mfac", algorithm="static", num_grads=20, fisher_mini_batch=2,
+                                block_size=None),
+        "scorer": {"name": "obs"},
+        "mask": {"name": "layerwise"},
+    },
+    # joint OBS solves per block over the pruned set: scored on the gathered vectors
+    "woodfisher-gram-joint": {
+        "estimator": _estimator("woodfisher", algorithm="gram", block_size=16, num_grads=40),
+        "scorer": {"name": "obs", "joint": True},
+    },
 }
+#: scored on the gathered vectors, not on the owners (owned.py): joint OBS, WoodTaylor (its
+#: prediction couples all weights through ḡᵀF⁻¹ḡ), and diagfisher, which is not sharded (its
+#: state, one d-vector, is summed over the ranks)
+GATHERED = {"woodfisher-gram-joint", "woodtaylor", "diagfisher"}
 #: the mean gradient (woodtaylor's first-order term) sums float32 rows in another order
 LOOSE = {"woodtaylor"}
 #: on an all-Linear model the ranks exchange each layer's inputs and output gradients and form
@@ -166,10 +182,77 @@ def _queries(name: str, sharded: bool) -> dict[str, torch.Tensor]:
     }
 
 
+def _selections(columns_of) -> list[torch.Tensor]:
+    """The builtin selection over scores split by columns, on seeded problems with ties,
+    signed zeros and dead weights; ``columns_of(d)`` is this rank's ``(lo, hi)``."""
+    from curvprune.builtin.lowest import AcrossRanks, prune_lowest_in_runs
+
+    gen, cut_gen = torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)
+    out = []
+    for _ in range(60):
+        sizes = torch.randint(1, 40, (int(torch.randint(1, 7, (), generator=gen)),),
+                              generator=gen).tolist()
+        d = sum(sizes)
+        values = torch.randint(-4, 5, (d,), generator=gen).float() * 0.5  # many ties, ±0
+        alive = torch.rand(d, generator=gen) < 0.8
+        quota = torch.randint(0, 30, (len(sizes),), generator=gen)
+        total = None if bool(torch.rand((), generator=gen) < 0.4) else \
+            torch.randint(0, d + 3, (), generator=gen)
+        if columns_of is None:
+            out.append(prune_lowest_in_runs(values, alive, sizes, quota, total))
+            continue
+        lo, hi = columns_of(d, cut_gen)
+        out.append(prune_lowest_in_runs(values[lo:hi], alive[lo:hi], sizes, quota, total,
+                                        columns=(lo, hi), ranks=AcrossRanks()))
+    return out
+
+
+def _random_columns(d: int, gen: torch.Generator) -> tuple[int, int]:
+    """Every rank draws the same cuts (same seed, same draws); pieces may be empty."""
+    size = distributed.world_size()
+    cuts = sorted(torch.randint(0, d + 1, (size - 1,), generator=gen).tolist())
+    bounds = list(zip([0, *cuts], [*cuts, d], strict=True))
+    return bounds[distributed.rank()]
+
+
+def _nan_scores() -> str:
+    """NaN in the last rank's scores: every rank raises, naming the layer."""
+    from curvprune.builtin.masks import GlobalMask
+    from curvprune.tensors.layout import select_parameters
+
+    layout = select_parameters(_model())
+    size, me = distributed.world_size(), distributed.rank()
+    bounds = [(layout.d * r // size, layout.d * (r + 1) // size) for r in range(size)]
+    lo, hi = bounds[me]
+    scores = torch.arange(lo, hi, dtype=torch.float32)
+    if me == size - 1:
+        scores[-1] = float("nan")
+    try:
+        GlobalMask().select_columns(scores, torch.ones(layout.d, dtype=torch.bool), 0.5,
+                                    layout, (lo, hi))
+    except NumericalError as exc:
+        return str(exc)
+    return "no error"
+
+
 def _worker(rank: int, world_size: int) -> dict[str, Any]:
+    import curvprune.pipeline.steps as steps
+
     out: dict[str, Any] = {"rank": rank, "world_size": world_size}
+    original, calls = steps.prune_on_owners, []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    steps.prune_on_owners = counted
     for name, scenario in SCENARIOS.items():
+        calls.clear()
         out[name] = _prune(scenario)
+        out[name]["owners"] = len(calls)
+    steps.prune_on_owners = original
+    out["selections"] = _selections(_random_columns)
+    out["nan-scores"] = _nan_scores()
     for name in MLP_SCENARIOS:
         out[f"mlp-{name}"] = _prune(SCENARIOS[name], make=_mlp)
     for name in QUERY_CASES:
@@ -244,6 +327,7 @@ def reference() -> dict[str, Any]:
         out["factor-columns"] = _factor_columns()
         for name in QUERY_CASES:
             out[f"queries-{name}"] = _queries(name, sharded=False)
+        out["selections"] = _selections(None)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -264,6 +348,37 @@ def test_sharded_prune_equals_one_process(name, ranks, reference):
         torch.testing.assert_close(got[name]["weights"], ref["weights"], rtol=tol, atol=tol)
     for got in ranks[1:]:  # every rank ends with the same model, bit for bit
         assert torch.equal(got[name]["weights"], ranks[0][name]["weights"])
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_columns_local_scorers_score_on_the_owners(name, ranks):
+    """OBS with the summed update under the global or layerwise mask scores on each rank's
+    own columns (owned.py), every step; joint OBS and WoodTaylor on the gathered vectors."""
+    from curvprune.pipeline.sharding import share_layouts
+
+    pipeline = Pipeline.from_config(_prune_config(SCENARIOS[name]))
+    shares = share_layouts(pipeline.select(_model()), pipeline.estimator, len(ranks)) \
+        if name not in GATHERED else []
+    idle = any(share.d == 0 for share in shares)  # kfac at 3 ranks: whole parameters only
+    steps = SCENARIOS[name].get("schedule", {}).get("steps", 1)
+    for got in ranks:
+        assert got[name]["owners"] == (0 if name in GATHERED or idle else steps), name
+
+
+def test_split_selection_equals_one_process(ranks, reference):
+    """The k lowest per layer and overall, with the counts summed over the ranks and ties to
+    the lower ranks: each rank's piece is the one-process selection's (random cuts, inside
+    layers and empty pieces included; scores with many ties and signed zeros)."""
+    for index in range(len(reference["selections"])):
+        whole = torch.cat([got["selections"][index] for got in ranks])
+        assert torch.equal(whole, reference["selections"][index]), index
+
+
+def test_nan_scores_on_one_rank_fail_on_every_rank_naming_the_layer(ranks):
+    for got in ranks:
+        assert got["nan-scores"].startswith("mask 'global': scores are NaN for kept weights "
+                                            "(first in '"), got["nan-scores"]
+    assert len({got["nan-scores"] for got in ranks}) == 1
 
 
 @pytest.mark.parametrize("name", MLP_SCENARIOS)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from curvprune.builtin.channel import ChannelMask, ChannelMaskConfig
-from curvprune.builtin.lowest import prune_lowest_in_runs
+from curvprune.builtin.lowest import AcrossRanks, prune_lowest_in_runs
 from curvprune.builtin.selection import (
     FLOOR_NUDGE,
     BuiltinMask,
@@ -77,6 +77,7 @@ class GlobalMask(BuiltinMask):
     """
 
     name = "global"
+    selects_columns = True
 
     def __init__(self, config: GlobalMaskConfig | None = None) -> None:
         super().__init__(config or GlobalMaskConfig())
@@ -85,6 +86,24 @@ class GlobalMask(BuiltinMask):
         """Keep-mask with ``round(sparsity · d)`` weights removed in all, within layer limits."""
         scores = self._check_select(scores, mask, sparsity, layout)
         self._check_finite(scores, mask, None, layout)
+        # layers are contiguous runs: no sort, no int64 index per weight (builtin/lowest.py)
+        return prune_lowest_in_runs(scores, mask, layout.sizes, *self._quotas(mask, sparsity, layout))
+
+    def select_columns(
+        self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout,
+        columns: tuple[int, int],
+    ) -> Tensor:
+        """This rank's columns of :meth:`select`: the quotas from the whole mask (every rank
+        holds it), the exact global k-th score by bisection with the counts summed over the
+        ranks, ties to the lower positions (lower ranks first)."""
+        scores = self._checked_columns(scores, mask, sparsity, layout, columns)
+        lo, hi = columns
+        return prune_lowest_in_runs(scores, mask[lo:hi], layout.sizes,
+                                    *self._quotas(mask, sparsity, layout), columns=columns,
+                                    ranks=AcrossRanks())
+
+    def _quotas(self, mask: Tensor, sparsity: float, layout: ParamLayout) -> tuple[Tensor, Tensor]:
+        """How many more weights each layer may lose, and how many go in all."""
         size = torch.tensor(layout.sizes, device=mask.device)
         removed = size - count_per_run(mask, layout.sizes)
         cap = self.config.max_layer_sparsity * FLOOR_NUDGE
@@ -92,8 +111,7 @@ class GlobalMask(BuiltinMask):
         limit = torch.minimum(by_cap, size - self.config.min_keep).clamp_min(0)
         quota = (limit - removed).clamp_min(0)
         total = (round(sparsity * layout.d) - removed.sum()).clamp_min(0)
-        # layers are contiguous runs: no sort, no int64 index per weight (builtin/lowest.py)
-        return prune_lowest_in_runs(scores, mask, layout.sizes, quota, total)
+        return quota, total
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +177,7 @@ class LayerwiseMask(BuiltinMask):
 
     def __init__(self, config: LayerwiseMaskConfig | None = None) -> None:
         super().__init__(config or LayerwiseMaskConfig())
+        self.selects_columns = self.config.scope == "layer"
 
     def layer_sparsities(self, sparsity: float, layout: ParamLayout) -> list[float]:
         """Resolve each layer's sparsity: ``sparsity``, unless an override matches the layer.
@@ -203,11 +222,29 @@ class LayerwiseMask(BuiltinMask):
                                   length - self.config.min_keep)
             removed = length - count_per_group(mask, row, length.numel())
             return prune_lowest(scores, mask, row, (limit - removed).clamp_min(0))
+        return prune_lowest_in_runs(scores, mask, layout.sizes, self._quota(mask, sparsity, layout))
+
+    def select_columns(
+        self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout,
+        columns: tuple[int, int],
+    ) -> Tensor | None:
+        """This rank's columns of :meth:`select` (``scope = "layer"``): each layer's k-th
+        score by one bisection for all layers, the counts of a layer cut between two ranks
+        summed over them. None with ``scope = "row"`` (the pipeline gathers the scores)."""
+        if self.config.scope != "layer":
+            return None
+        scores = self._checked_columns(scores, mask, sparsity, layout, columns)
+        lo, hi = columns
+        return prune_lowest_in_runs(scores, mask[lo:hi], layout.sizes,
+                                    self._quota(mask, sparsity, layout), columns=columns,
+                                    ranks=AcrossRanks())
+
+    def _quota(self, mask: Tensor, sparsity: float, layout: ParamLayout) -> Tensor:
+        """How many more weights each layer loses."""
         size = torch.tensor(layout.sizes, device=mask.device)
         removed = size - count_per_run(mask, layout.sizes)
         limit = torch.tensor(self.layer_counts(sparsity, layout), device=mask.device)
-        quota = (limit - removed).clamp_min(0)
-        return prune_lowest_in_runs(scores, mask, layout.sizes, quota)
+        return (limit - removed).clamp_min(0)
 
 
 

@@ -31,6 +31,7 @@ from curvprune.roles.context import PruneContext
 from curvprune.roles.mask_applier import MaskApplier
 from curvprune.roles.scorer import SaliencyScorer
 from curvprune.roles.units import Selection
+from curvprune.tensors import distributed
 
 __all__ = ["MagnitudeConfig", "MagnitudeScorer", "OBSConfig", "OBSScorer"]
 
@@ -154,6 +155,9 @@ class OBSScorer(SaliencyScorer):
     def __init__(self, config: OBSConfig | None = None) -> None:
         super().__init__(config or OBSConfig())
         self.quadratic_prediction = self.config.update  # ρ_q = ½δwᵀFδw at the OBS update δw
+        # the joint update solves per block over the pruned set; the summed one is elementwise
+        # but for the IHVP, which a sharded estimator answers for its own columns
+        self.columns_local = not self.config.joint
         self._diag: Tensor | None = None
         self._taken_loss: Tensor | None = None
 
@@ -161,8 +165,10 @@ class OBSScorer(SaliencyScorer):
         assert ctx.estimator is not None
         diag = ctx.estimator.inverse_diagonal()
         # Guard round-off (a float32 diagonal can cancel to <= 0 when 1/damping is huge).
-        floor = torch.finfo(diag.dtype).eps * torch.maximum(diag.amax(), -diag.amin())
-        return diag.clamp_min(floor)
+        largest = torch.maximum(diag.amax(), -diag.amin())  # max |diag|, no d-vector
+        if ctx.columns is not None:  # this rank's columns: the largest over all of them
+            largest = distributed.all_reduce_(largest.reshape(1), "max").reshape(())
+        return diag.clamp_min(torch.finfo(diag.dtype).eps * largest)
 
     def select(self, ctx: PruneContext, applier: MaskApplier, level: float) -> Selection | None:
         """The estimator's joint OBS choice (:meth:`CurvatureEstimator.obs_select`), if it has

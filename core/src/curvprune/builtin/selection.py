@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from curvprune.errors import ConfigError, NumericalError, closest
-from curvprune.roles.units import Granularity
 from curvprune.roles.mask_applier import MaskApplier
+from curvprune.roles.units import Granularity
+from curvprune.tensors import distributed
 from curvprune.tensors.layout import ParamLayout
 
 __all__ = [
@@ -199,6 +200,35 @@ class BuiltinMask(MaskApplier):
             )
         _check_sparsity(sparsity)
         return scores.to(mask.device)
+
+    def _checked_columns(
+        self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout,
+        columns: tuple[int, int],
+    ) -> Tensor:
+        """:meth:`_check_select` and :meth:`_check_finite` for scores split over the ranks
+        (:meth:`select_columns`): the NaN check agrees over the ranks (one all-reduce of the
+        first bad position), so that every rank raises the same error, naming the layer."""
+        lo, hi = columns
+        if tuple(scores.shape) != (hi - lo,) or mask.shape != (layout.d,):
+            raise ValueError(
+                f"mask {self.name!r}: columns [{lo}, {hi}) need {hi - lo} scores and the whole "
+                f"bool [{layout.d}] keep-mask, got {list(scores.shape)} and {list(mask.shape)}"
+            )
+        _check_sparsity(sparsity)
+        scores = scores.to(mask.device)
+        bad = torch.isnan(scores) & mask[lo:hi]
+        local = bad.nonzero()[:1, 0] + lo if bad.numel() else bad.new_zeros(0, dtype=torch.long)
+        first = torch.full((1,), layout.d, dtype=torch.long, device=mask.device)
+        first[: local.numel()] = local
+        first = int(distributed.all_reduce_(first, "min"))
+        if first < layout.d:
+            where = layout.names[int(torch.searchsorted(torch.tensor(layout.offsets[1:]), first,
+                                                        right=True))]
+            raise NumericalError(
+                f"mask {self.name!r}: scores are NaN for kept weights (first in {where!r}); "
+                "the scorer produced NaN"
+            )
+        return scores
 
     def _check_finite(
         self, scores: Tensor, alive: Tensor, owner: Tensor | None, layout: ParamLayout

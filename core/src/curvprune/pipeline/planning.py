@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 from curvprune.errors import MemoryPlanError
 from curvprune.pipeline.memprobe import peak_allocated, profiling
+from curvprune.pipeline.owned import scores_on_owners, scoring_on_owners_bytes
 from curvprune.pipeline.sharding import shards, share_layouts
 from curvprune.pipeline.stages import SequentialCalibration, StagePlan, plan_stages
 from curvprune.pipeline.view import PipelineView
@@ -322,8 +323,11 @@ def make_plan(
             held = 0  # one batch: its passes (measured) make the whole state
         sharded = world > 1 and shards(estimator, pipeline.config.prune.shard)
         if sharded:  # this rank's share (the largest), fed a round of W chunks' columns
-            share = max(share_layouts(layout, estimator, world),
-                        key=lambda p: type(estimator).plan_memory_bytes(p, cfg))
+            every_share = share_layouts(layout, estimator, world)
+            share = max(every_share, key=lambda p: type(estimator).plan_memory_bytes(p, cfg))
+            if scores_on_owners(pipeline) and all(p.d for p in every_share):
+                widest = max(p.d for p in every_share)  # each rank scores its own columns
+                memory["scoring"] = scoring_on_owners_bytes(d, widest, itemsize)
             memory["estimator"] = int(type(estimator).plan_memory_bytes(share, cfg))
             held = int(type(estimator).plan_held_bytes(share, cfg))
             received = world * rows

@@ -37,7 +37,8 @@ from curvprune.roles.estimator import CurvatureEstimator, EstimatorConfig
 from curvprune.tensors import distributed
 from curvprune.tensors.layout import BlockLayout, ParamLayout
 
-__all__ = ["ShardedEstimator", "column_shares", "maybe_shard", "piece_sizes", "share_layouts"]
+__all__ = ["OwnColumns", "ShardedEstimator", "column_shares", "maybe_shard", "piece_sizes",
+           "share_layouts"]
 
 
 def column_shares(
@@ -304,6 +305,51 @@ class ShardedEstimator(CurvatureEstimator):
                 )
             out[crossing] = super()._inverse_columns(idx[crossing])
         return out
+
+
+class OwnColumns(CurvatureEstimator):
+    """This rank's share of a :class:`ShardedEstimator` as the estimator of its own columns.
+
+    Queries go to the share's estimator without gathering (an IHVP of a ``coupled`` share
+    still sums its small vectors over the ranks inside), timed as the share's curvature work:
+    what scoring on the owners (:mod:`curvprune.pipeline.owned`) hands its scorer.
+    """
+
+    def __init__(self, sharded: ShardedEstimator) -> None:
+        inner = sharded.inner
+        super().__init__(inner.config)
+        self.sharded, self.inner = sharded, inner
+        self.sizes, self.device, self.dtype = inner.sizes, inner.device, inner.dtype
+
+    @property
+    def block_layout(self) -> BlockLayout:
+        return self.inner.block_layout
+
+    @property
+    def num_samples(self) -> int:
+        return self.sharded.num_samples
+
+    @classmethod
+    def memory_bytes(cls, sizes: Sequence[int], config: EstimatorConfig) -> int:
+        raise NotImplementedError("plan a sharded estimator with its inner estimator's shares")
+
+    def _setup(self) -> None:
+        raise self.unsupported("setup", "set up the ShardedEstimator it views")
+
+    def _update(self, grads: Tensor) -> None:
+        raise self.unsupported("update(grads)", "feed the ShardedEstimator it views")
+
+    def _ihvp(self, v: Tensor) -> Tensor:
+        with self.sharded._timed():
+            return self.inner.ihvp(v)
+
+    def _inverse_diagonal(self) -> Tensor:
+        with self.sharded._timed():
+            return self.inner.inverse_diagonal()
+
+    def _inverse_columns(self, idx: Tensor) -> Tensor:
+        with self.sharded._timed():
+            return self.inner.inverse_columns(idx)
 
 
 def shards(estimator: CurvatureEstimator | None, mode: Literal["auto", "off"]) -> bool:

@@ -20,6 +20,7 @@ from curvprune._log import get_logger
 from curvprune._progress import Progress
 from curvprune.errors import CheckpointError, ConfigError, CurvpruneError, NumericalError
 from curvprune.pipeline.audit import SingleWeightAudit, audit_single_weights
+from curvprune.pipeline.owned import on_owners, prune_on_owners
 from curvprune.pipeline.rankstats import RankMeter
 from curvprune.pipeline.sharding import ShardedEstimator, maybe_shard
 from curvprune.pipeline.stages import OneShotProgress, SequentialCalibration, plan_stages
@@ -117,28 +118,40 @@ class StepRunner:
         inside = answer.__enter__()
         queried = getattr(estimator, "inner_seconds", 0.0)
         chosen = pipeline.schedule.select(ctx)
-        if chosen is None:
+        owners = chosen is None and on_owners(pipeline, estimator)
+        delta = None
+        if owners:  # each rank scores, selects and updates its own columns (owned.py)
+            del ctx  # the whole gathered vector is not needed there
+            new_mask, predicted = prune_on_owners(
+                pipeline, estimator, self.model, self.layout, self.masks.flat, level,
+                mean_grad=mean_grad, batches=self._batches if self.data is not None else None,
+                loss_fn=self.loss_fn, step=index,
+            )
+        elif chosen is None:
             new_mask, delta, predicted = self._decide(ctx, level)
         else:  # the schedule owns the choice (GReg): no scores, no compensation
             new_mask = self.masks.flat & chosen.to(device=self.masks.flat.device, dtype=torch.bool)
-            delta = predicted = None
+            predicted = None
         times["scores"] = time.perf_counter() - tick
         pruned = self.masks.flat & ~new_mask
         tick = time.perf_counter()
         single = None
-        if chosen is None and pipeline.config.prune.audit_single:
+        if chosen is None and not owners and pipeline.config.prune.audit_single:
             audit_tick = time.perf_counter()
             single = self._single_weight_audit(ctx, index)
             times["audit"] = time.perf_counter() - audit_tick
             tick += times["audit"]
-        # in place: the gathered weights are not read again; two fewer d-vectors at the peak
-        weights = self._updated(ctx.weights, delta).mul_(new_mask)
-        del delta
         masks = self.masks.narrowed(new_mask)
-        # Every rank must prune alike (the reduced estimator state is identical): verify with
-        # exact fingerprints (one small all-gather) before touching the model.
-        distributed.check_same_across_ranks((new_mask, weights), "the masks and pruned weights")
-        masks.write_(self.model, weights)
+        if owners:  # the weights are written and equal on every rank (all-gathered)
+            masks.apply_(self.model)
+        else:
+            # in place: the gathered weights are not read again; two fewer d-vectors at the peak
+            weights = self._updated(ctx.weights, delta).mul_(new_mask)
+            del delta
+            # Every rank must prune alike (the reduced estimator state is identical): verify
+            # with exact fingerprints (one small all-gather) before touching the model.
+            distributed.check_same_across_ranks((new_mask, weights), "the masks and pruned weights")
+            masks.write_(self.model, weights)
         self.masks = masks
         inside["curvature"] = getattr(estimator, "inner_seconds", 0.0) - queried
         answer.__exit__(None, None, None)

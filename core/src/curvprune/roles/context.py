@@ -7,7 +7,7 @@ whether a component works on single weights or on channel structures.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from torch import Tensor
@@ -45,6 +45,11 @@ class PruneContext:
             sample count (``curvprune.distributed.all_reduce_sum_``).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean over the batch).
         step: the index of this pruning step in the run.
+        columns: None, or ``(lo, hi)`` when the context holds only the columns ``[lo, hi)`` of
+            the selection (scoring on the owners of a sharded estimator, for scorers with
+            ``columns_local``): ``layout``, ``weights``, ``mask`` and ``mean_grad`` are this
+            rank's pieces, ``estimator`` answers for them, and any reduction over all weights
+            (a maximum, a norm) must also reduce over the ranks.
     """
 
     model: nn.Module
@@ -57,4 +62,5 @@ class PruneContext:
     batches: Callable[..., Iterable[tuple[Any, Tensor]]] | None = None
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
     step: int = 0
+    columns: tuple[int, int] | None = None
 

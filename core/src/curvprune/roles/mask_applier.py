@@ -30,6 +30,10 @@ class MaskApplier(abc.ABC):
     #: (sequential calibration); False for rankings across parameters (``global``).
     per_parameter: ClassVar[bool] = False
 
+    #: True when :meth:`select_columns` can select over scores split by columns over the
+    #: torch.distributed ranks (an instance attribute: an option may decide it).
+    selects_columns: bool = False
+
     def __init__(self, config: Any = None) -> None:
         self.config = config
 
@@ -49,6 +53,28 @@ class MaskApplier(abc.ABC):
         Returns:
             bool ``[d]``, True where a weight is kept; a subset of ``mask``.
         """
+
+    def select_columns(
+        self, scores: Tensor, mask: Tensor, sparsity: float, layout: ParamLayout,
+        columns: tuple[int, int],
+    ) -> Tensor | None:
+        """:meth:`select` with the scores split over the torch.distributed ranks, or None.
+
+        Each rank holds the scores of its contiguous columns ``[lo, hi)`` of the flat layout
+        (rank order = column order) and every rank calls this alike; the result, this rank's
+        ``[hi − lo]`` piece of the new keep-mask, must equal the same columns of
+        :meth:`select` on the whole vector. Called only when :attr:`selects_columns` is True;
+        the default returns None (this applier needs all scores in one place, and the
+        pipeline gathers them).
+
+        Args:
+            scores: this rank's saliencies ``[hi − lo]`` (weight granularity).
+            mask: the whole current keep-mask, bool ``[d]`` (every rank holds it).
+            sparsity: as for :meth:`select`.
+            layout: the selected parameters (all of them).
+            columns: this rank's ``(lo, hi)``.
+        """
+        return None
 
     def achieved_sparsity(self, mask: Tensor, layout: ParamLayout) -> float:
         """The sparsity of ``mask`` in this applier's units (for reports and schedules)."""

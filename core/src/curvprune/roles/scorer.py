@@ -56,6 +56,12 @@ class SaliencyScorer(abc.ABC):
       measurement into ∇Lᵀδw and the rest (:mod:`curvprune.pipeline.audit`); the conformance suite
       checks the identity. An instance attribute, since an option may turn the compensation
       off.
+    * ``columns_local``: the scores, the update and the predicted loss change of any run of
+      weights ``[lo, hi)`` need only those weights, their mask and the estimator's answers for
+      those columns (OBS with the summed update: ρ_q from [F⁻¹]_qq, δw = −F⁻¹u with u zero off
+      the pruned weights). Under a sharded estimator each rank then scores and updates its
+      own columns (:mod:`curvprune.pipeline.owned`) and the predicted loss changes of the
+      ranks are summed. An instance attribute, since an option may change it.
     """
 
     granularity: Granularity = "weight"
@@ -64,6 +70,7 @@ class SaliencyScorer(abc.ABC):
     needs_data: ClassVar[bool] = False
     layer_local: ClassVar[bool] = False
     quadratic_prediction: bool = False
+    columns_local: bool = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config

@@ -116,10 +116,16 @@ class MFACEstimator(CurvatureEstimator):
 
     @classmethod
     def plan_held_bytes(cls, layout: ParamLayout, config: EstimatorConfig) -> int:
-        """``alive`` blocks hold G whole (m·d) while gradients stream in; the rest is the peak."""
+        """While gradients stream in the static algorithm holds G alone (b·m·W, or m·d whole
+        for ``alive`` blocks): the m×m algebra and a query's d-vectors come after the last
+        update. The sliding window's state is its whole peak."""
         cfg = _as_mfac(config)
+        itemsize = cfg.storage_torch_dtype.itemsize
         if cfg.alive_blocks:
-            return cfg.num_grads * layout.d * cfg.storage_torch_dtype.itemsize
+            return cfg.num_grads * layout.d * itemsize
+        if cfg.algorithm == "static":
+            b, m, width = cls._shape(layout.sizes, cfg)
+            return b * m * width * itemsize
         return super().plan_held_bytes(layout, config)
 
     @classmethod
