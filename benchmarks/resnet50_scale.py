@@ -24,9 +24,7 @@ each other; the one-process side's freed memory may stay with its process)::
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,10 +32,9 @@ import torch
 import torchvision
 
 from curvprune import Pipeline
-from curvprune.pipeline.rankstats import phase_peak_bytes, reset_phase_peak
-from curvprune.testing.distributed import run_distributed
 
 from _machine import describe
+from _scale import measure_prune, run_sides
 
 HEADLINE = r"^ratio .*$"
 FULL_ARGS = ("--num-grads", "1024")
@@ -75,13 +72,6 @@ class RandomImages:
                    torch.randint(0, 1000, (k,), generator=gen))
 
 
-def _rss() -> int:
-    for line in open("/proc/self/status"):  # noqa: SIM115 - a short read
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _prune(args: argparse.Namespace, world: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.arch)(weights=None).eval()
@@ -92,34 +82,11 @@ def _prune(args: argparse.Namespace, world: int) -> dict[str, Any]:
         "scorer": {"name": "obs"}, "schedule": {"name": "oneshot"}, "mask": {"name": "global"},
         "prune": {"sparsity": 0.5, "loss_samples": 0, "gradient_chunk": args.chunk},
     })
-    # one batch, as `curvprune plan` and `Pipeline.prune` give it (a chunk's activations)
-    plan = pipeline.plan(model, world_size=world, example=next(iter(data)))
-    before = _rss()
-    measured = reset_phase_peak(torch.device("cpu"))
-    started = time.perf_counter()
-    result = pipeline.prune(model, data)
-    seconds = time.perf_counter() - started
-    peak = phase_peak_bytes(torch.device("cpu")) if measured else None
-    return {
-        "seconds": seconds, "planned": plan.total_bytes, "estimator": plan.memory["estimator"],
-        "growth": None if peak is None else peak - before, "d": plan.layout.d,
-        "sparsity": result.sparsity, "ranks": result.steps[0].ranks,
-    }
+    return measure_prune(pipeline, model, data, world)
 
 
 def _worker(rank: int, world_size: int, argv: list[str]) -> dict[str, Any]:
     return _prune(parse_args(argv), world_size)
-
-
-def _report(name: str, results: list[dict[str, Any]]) -> None:
-    """One side's rows, printed (and flushed) as soon as it is measured."""
-    gib = 2**30
-    for rank, r in enumerate(results):
-        growth = r["growth"]
-        ratio = "–" if growth is None else f"{growth / r['planned']:.2f}"
-        shown = "–" if growth is None else f"{growth / gib:.2f}"
-        print(f"| {name} | {rank} | {r['seconds']:.0f} | {r['planned'] / gib:.2f} | "
-              f"{shown} | {ratio} |", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,26 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"m = {args.num_grads}, {args.image}×{args.image}, chunks of {args.chunk}, "
           f"woodfisher gram B = {args.block_size}, 50 % global")
     print()
-    print("| run | rank | wall (s) | plan per rank (GiB) | measured growth (GiB) | "
-          "measured / plan |")
-    print("|---|---:|---:|---:|---:|---:|", flush=True)
-    rows = []
-    if args.only in (None, "one"):
-        torch.set_num_threads(args.threads)
-        rows.append((f"1 process × {args.threads} threads", [_prune(args, 1)]))
-        _report(*rows[-1])
-        gc.collect()  # the one-process estimator is gone before the ranks start
-    if args.only in (None, "two"):
-        ranks = run_distributed(_worker, (list(argv or sys.argv[1:]),), world_size=2,
-                                timeout=7200)
-        rows.append(("2 ranks × 1 thread", ranks))
-        _report(*rows[-1])
-    print()
-    for name, results in rows:
-        worst = max(results, key=lambda r: r["seconds"])
-        print(f"ratio {name}: {worst['seconds']:.0f} s, plan {worst['planned'] / 2**30:.2f} "
-              "GiB per rank")
-    return 0
+    return run_sides(args, argv, _prune, _worker)
 
 
 if __name__ == "__main__":

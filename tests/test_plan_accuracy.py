@@ -130,19 +130,27 @@ STEP_CASES = {
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_whole_step_peak_matches_the_plan_within_20_percent(case):
     """The plan's total (the larger of the accumulating and the answering phase, plus weights)."""
+    name, cfg = STEP_CASES[case]
+    _, plan, peak = _digits_cnn_step({"name": name, **cfg}, given_batch=False)
+    assert peak == pytest.approx(plan.total_bytes, rel=0.2), plan.memory
+
+
+def _digits_cnn_step(estimator: dict, *, given_batch: bool):
+    """The plan of one OBS step to 50 % on the digits CNN (two random batches of 64), and the
+    step's measured tensor peak; ``given_batch``: the plan gets the first batch, as
+    ``curvprune plan`` and ``Pipeline.prune`` give it."""
     from curvprune.run.models import build_model
 
-    name, cfg = STEP_CASES[case]
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
                for _ in range(2)]
     torch.manual_seed(0)
     model = build_model("digits-cnn", num_classes=10)
     pipeline = Pipeline.from_config({"prune": {"sparsity": 0.5, "loss_samples": 64},
-                                     "estimator": {"name": name, **cfg}, "scorer": {"name": "obs"}})
-    plan = pipeline.plan(model)
+                                     "estimator": estimator, "scorer": {"name": "obs"}})
+    plan = pipeline.plan(model, example=batches[0] if given_batch else None)
     _, peak = peak_allocated(lambda: pipeline.prune(model, batches))
-    assert peak == pytest.approx(plan.total_bytes, rel=0.2), plan.memory
+    return pipeline, plan, peak
 
 
 def test_plan_total_takes_the_larger_phase():
@@ -204,18 +212,8 @@ def test_kfac_step_matches_the_plan_within_20_percent(num_grads):
     held meanwhile. One batch (32 of 64) and two batches (128): the digits CNN's step peaks
     within 20 % of the plan either way (before fit_passes the one-batch case read 0.80)."""
     pytest.importorskip("curvprune_kfac")
-    from curvprune.run.models import build_model
-
-    g = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
-               for _ in range(2)]
-    torch.manual_seed(0)
-    model = build_model("digits-cnn", num_classes=10)
-    pipeline = Pipeline.from_config({"prune": {"sparsity": 0.5, "loss_samples": 64},
-                                     "estimator": {"name": "kfac", "num_grads": num_grads},
-                                     "scorer": {"name": "obs"}})
-    plan = pipeline.plan(model, example=batches[0])
+    pipeline, plan, peak = _digits_cnn_step({"name": "kfac", "num_grads": num_grads},
+                                            given_batch=True)
     held = pipeline.estimator.plan_held_bytes(plan.layout, pipeline.estimator.config)
     assert plan.estimator_held == (held if num_grads > 64 else 0)
-    _, peak = peak_allocated(lambda: pipeline.prune(model, batches))
     assert peak == pytest.approx(plan.total_bytes, rel=0.2), (peak, plan.memory)

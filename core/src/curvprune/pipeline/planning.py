@@ -406,8 +406,9 @@ def _fit_probe(model: nn.Module, example: Any, samples: int, device: torch.devic
     ``passes`` over the example batch (at most ``samples`` of it, as an ``(inputs, targets)``
     pair, the model in eval mode): an estimator's :meth:`~CurvatureEstimator.fit_passes`. By
     default (gradient rows, whose per-sample gradients the plan counts itself) one forward and
-    backward pass taken to a floating input, which runs through every layer without making the
-    parameters' gradients. {} without an example, or on the CPU inside another profile (a CPU
+    backward pass over exactly ``samples`` inputs (a chunk's rows × ``fisher_mini_batch``; the
+    example repeated when it is smaller), taken to a floating input, which runs through every
+    layer without making the parameters' gradients. {} without an example, or on the CPU inside another profile (a CPU
     probe would end it); the plan then counts a gradient chunk in their place.
     """
     if example is None or (device.type != "cuda" and profiling()):
@@ -418,6 +419,10 @@ def _fit_probe(model: nn.Module, example: Any, samples: int, device: torch.devic
     n = min(int(x.shape[0]), samples)
     per_sample = x[0].numel() * x.element_size()
     x = x[:n].to(device)
+    if passes is None and n < samples:
+        # a chunk of rows regroups the data into rows × fisher_mini_batch samples whatever
+        # the batch size: measure that many (the example repeated), not one batch
+        x, n = x.repeat(-(-samples // n), *([1] * (x.dim() - 1)))[:samples], samples
     y = example[1] if isinstance(example, (tuple, list)) and len(example) > 1 else None
     if passes is not None and not isinstance(y, torch.Tensor):
         return {}
