@@ -106,6 +106,7 @@ def _prune(name: str) -> dict[str, Any]:
         "num_grads": step.num_grads,
         "layer_losses": dict(pipeline.estimator.layer_losses),
         "ranks": step.ranks or [],
+        "own_sweeps": pipeline.estimator.inner_seconds,
     }
 
 
@@ -201,15 +202,22 @@ def test_split_sweeps_prune_like_one_process(name, ranks, reference):
 
 
 def test_every_rank_reports_its_own_sweep_time(ranks):
-    """The staged step's per-rank report: at 2 ranks each owns a share of every GPT-2 block (or
-    of the dense MLP's layers), so each spent time in its own sweeps."""
-    name = "gpt2-sparsegpt" if "gpt2-sparsegpt" in ranks[0] else "mlp-sparsegpt-dense"
-    for got in ranks:
-        reports = got[name]["ranks"]
-        assert [r["rank"] for r in reports] == list(range(len(ranks)))
-        assert all(r["gradients"] >= 0 and r["scoring"] >= 0 for r in reports)
-        if len(ranks) <= 2:
-            assert all(r["curvature"] > 0 for r in reports)
+    """Each rank times the sweeps of the layers it owns, and the staged step's per-rank report
+    counts them (``curvature``: its fits and its own sweeps). The MLP's sequential stages hold
+    one layer each, owned by rank 0: the other ranks sweep nothing."""
+    for me, got in enumerate(ranks):
+        single = got["mlp-sparsegpt"]
+        assert (single["own_sweeps"] > 0) == (me == 0)
+        for name in ("mlp-sparsegpt", "mlp-sparsegpt-dense", "gpt2-sparsegpt"):
+            if name not in got:
+                continue
+            reports = got[name]["ranks"]
+            assert [r["rank"] for r in reports] == list(range(len(ranks)))
+            assert reports[me]["curvature"] >= got[name]["own_sweeps"]
+            assert all(r["gradients"] >= 0 and r["scoring"] >= 0 for r in reports)
+    if len(ranks) == 2 and "gpt2-sparsegpt" in ranks[0]:
+        # rank 0 owns each block's mlp.c_proj, rank 1 the three others: both sweep
+        assert all(got["gpt2-sparsegpt"]["own_sweeps"] > 0 for got in ranks)
 
 
 def test_queries_gather_every_owners_layers(ranks, reference):

@@ -345,14 +345,14 @@ class SparseGPTEstimator(CurvatureEstimator):
         me = distributed.rank()
         local: dict[int, tuple[Tensor, ...]] = {}
         failure: Exception | None = None
-        started = time.perf_counter()
         try:
             for i in layers:
                 if self._owners[i] == me:
+                    started = time.perf_counter()
                     local[i] = work(i)
+                    self.inner_seconds += time.perf_counter() - started
         except Exception as exc:  # noqa: BLE001 - raised below, once every rank knows
             failure = exc
-        self.inner_seconds += time.perf_counter() - started
         if distributed.any_rank(failure is not None):
             raise failure or NumericalError(
                 "another rank failed on the layers it owns (estimator 'sparsegpt'); see its error"
