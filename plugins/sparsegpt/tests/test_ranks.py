@@ -307,14 +307,16 @@ def test_costs_follow_the_sweeps_flops():
 def test_plan_counts_the_largest_owners_share():
     """At W ranks a GPT-2 block's four layers are split: the plan's estimator part is the
     busiest rank's (its layers' H, factors, transient and sweep), not the stage's, and at
-    least the stage's Hessians every rank holds while they accumulate."""
+    least the stage's Hessians every rank holds while they accumulate; the gathered results
+    are counted, and each rank's slice of the cached block inputs."""
     model = _gpt2()
     pipeline = _pipeline("sparsegpt", "auto", 24)
-    one = pipeline.plan(model, world_size=1)
+    example = _gpt2_data()[0]
+    one = pipeline.plan(model, world_size=1, example=example)
     layout = select_parameters(model).subset(range(4))  # the first block
     cfg = pipeline.estimator.config
     for world in (2, 3):
-        plan = pipeline.plan(model, world_size=world)
+        plan = pipeline.plan(model, world_size=world, example=example)
         owners = SparseGPTEstimator.layer_owners(layout, cfg, world)
         shares = [SparseGPTEstimator.plan_memory_bytes(
             layout.subset([i for i, o in enumerate(owners) if o == r]), cfg)
@@ -323,3 +325,5 @@ def test_plan_counts_the_largest_owners_share():
         assert plan.memory["estimator"] == max(max(shares), held) < one.memory["estimator"]
         assert plan.estimator_held == held
         assert plan.memory["results"] > 0 and "results" not in one.memory
+        # each rank caches the block inputs of its slice of the 24 samples
+        assert plan.memory["calibration"] * world == one.memory["calibration"] > 0

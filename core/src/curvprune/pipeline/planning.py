@@ -289,6 +289,7 @@ def make_plan(
             # and result at a time
             memory["weights"] = 4 * d + 2 * d + 3 * itemsize * max(p.d for p in parts)
             samples = staged.num_samples or cfg.num_grads
+            samples = -(-samples // world)  # each rank caches its slice of the samples
             memory.update(_calibration_probe(model, plan, example, samples, device))
         memory["estimator"] = max(max(_layer_shares(estimator, p, world)) for p in parts)
         if _owners(estimator, layout, world) is not None:  # layers split over the ranks: each
