@@ -51,7 +51,11 @@ columns); where the rows come in closed form (all-``nn.Linear`` models) the roun
 inputs and output gradients travel instead, and one chunk's columns are formed at a time
 (:mod:`curvprune.tensors.gradient_rounds`). Unsharded estimators hold the whole state on every
 rank; those that gather rows (``reduction = "gather"``) also hold a round of W gathered chunks
-(``gathered``).
+(``gathered``). A layer-local estimator that gives each layer of a stage one owner rank
+(:meth:`~curvprune.CurvatureEstimator.layer_owners`, ``sparsegpt``) holds the whole stage's
+sums while they accumulate (``estimator_held``), then only its own layers' state: the plan
+counts the rank with the largest share, and the owners' results gathered on every rank
+(``results``).
 
 It refuses a run that needs more than the limit (``[run] memory_limit_gb``, else the memory
 available on the device) with a message that names the biggest part and the knob that shrinks it.
@@ -286,8 +290,18 @@ def make_plan(
             # and result at a time
             memory["weights"] = 4 * d + 2 * d + 3 * itemsize * max(p.d for p in parts)
             samples = staged.num_samples or cfg.num_grads
+            samples = -(-samples // world)  # each rank caches its slice of the samples
             memory.update(_calibration_probe(model, plan, example, samples, device))
-        memory["estimator"] = max(int(type(estimator).plan_memory_bytes(p, cfg)) for p in parts)
+        memory["estimator"] = max(max(_layer_shares(estimator, p, world)) for p in parts)
+        if _owners(estimator, layout, world) is not None:  # layers split over the ranks: each
+            # rank accumulates the whole stage's sums, then keeps (and factors) its own layers'
+            held = max(int(type(estimator).plan_held_bytes(p, cfg)) for p in parts)
+            memory["estimator"] = max(memory["estimator"], held)
+            # the stage's pruned weights and masks from their owners: this rank's pieces, the
+            # padded copy and the W received, their concatenation
+            most = max(max(_owned_sizes(estimator, p, world)) for p in parts)
+            memory["results"] = (itemsize + 1) * (
+                (world + 2) * most + max(p.d for p in parts))
         n_blocks, width = len(layout), max(layout.sizes)
         hint = "select fewer parameters ([prune] targets/ignore), or use sequential calibration"
     elif estimator is not None:
@@ -384,6 +398,32 @@ def make_plan(
         estimator_held=held,
         flops_per_second=None if flops is None else measured_flops_per_second(device),
     )
+
+
+def _owners(estimator: Any, layout: ParamLayout, world: int) -> list[int] | None:
+    """Each parameter's owner rank if ``estimator`` splits ``layout``'s layers over ``world``
+    ranks (:meth:`~curvprune.CurvatureEstimator.layer_owners`), else None."""
+    if world <= 1:
+        return None
+    return type(estimator).layer_owners(layout, estimator.config, world)
+
+
+def _layer_shares(estimator: Any, layout: ParamLayout, world: int) -> list[int]:
+    """The estimator's planned peak on each rank owning part of ``layout`` (the whole
+    layout's alone when its layers are not split over the ranks)."""
+    kind, cfg = type(estimator), estimator.config
+    owners = _owners(estimator, layout, world)
+    if owners is None:
+        return [int(kind.plan_memory_bytes(layout, cfg))]
+    mine = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+    return [int(kind.plan_memory_bytes(layout.subset(m), cfg)) for m in mine if m] or [0]
+
+
+def _owned_sizes(estimator: Any, layout: ParamLayout, world: int) -> list[int]:
+    """The weights each rank owns of ``layout`` (layers split over ``world`` ranks)."""
+    owners = _owners(estimator, layout, world) or [0] * len(layout)
+    return [sum(s for s, o in zip(layout.sizes, owners, strict=True) if o == r)
+            for r in range(world)]
 
 
 def wants_example(pipeline: PipelineView) -> bool:

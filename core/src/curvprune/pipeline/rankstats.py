@@ -75,6 +75,9 @@ class RankMeter:
     def phase(self, name: str, rest: str) -> Iterator[dict[str, float]]:
         """Measure phase ``name``; the body adds its estimator seconds to ``["curvature"]``.
 
+        A phase entered again (once per stage of a sequential step) adds its seconds to the
+        earlier ones and keeps the highest peak.
+
         Args:
             name: ``"collect"`` or ``"answer"``.
             rest: what the time left after communication and curvature is called.
@@ -89,12 +92,15 @@ class RankMeter:
             wall = time.perf_counter() - started
             comm = distributed.communication_seconds() - comm
             curvature = inside["curvature"]
-            self.values[rest] = max(0.0, wall - comm - curvature)
+            self.values[rest] = float(self.values.get(rest) or 0.0) + max(
+                0.0, wall - comm - curvature)
             self.values["communication"] = float(self.values.get("communication", 0.0)) + comm
             self.values["curvature"] = float(self.values.get("curvature", 0.0)) + curvature
-            self.values[f"{name}_peak_bytes"] = (
-                phase_peak_bytes(self.device) if measured else None
-            )
+            peak = phase_peak_bytes(self.device) if measured else None
+            before = self.values.get(f"{name}_peak_bytes")
+            if before is not None and peak is not None:
+                peak = max(int(before), peak)
+            self.values[f"{name}_peak_bytes"] = peak
 
     def gather(self) -> list[dict[str, Any]]:
         """Every rank's values, in rank order (collective; this rank's alone in one process)."""

@@ -230,6 +230,10 @@ class StepRunner:
         was_training = self.model.training
         self.model.eval()
         num_samples = 0
+        # per rank, summed over the stages: collect = the calibration forwards and the
+        # estimator's fit (curvature), answer = the choice and the update (curvature: the
+        # estimator's own work there, e.g. the layer sweeps this rank owns)
+        meter = RankMeter(self.device) if distributed.is_distributed() else None
         try:
             with self.progress.bar(f"step {index + 1} stages", len(plan.stages)) as advance:
                 for position, stage in enumerate(plan.stages):
@@ -237,36 +241,44 @@ class StepRunner:
                         advance(1)
                         continue
                     tick = time.perf_counter()
-                    stage_model, batches = calibration.enter(stage)
-                    sub = self.layout.subset(stage.indices)
-                    where = self.layout.subset_index(stage.indices, self.device)
-                    if estimator is not None:
-                        estimator.setup(sub.sizes, device=self.device)
-                        generator = torch.Generator(device=self.device)
-                        generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
-                        estimator.fit(
-                            stage_model, batches(), self.loss_fn, sub, generator=generator
-                        )
-                        num_samples = estimator.num_samples
+                    with _phase(meter, "collect", "gradients") as inside:
+                        stage_model, batches = calibration.enter(stage)
+                        sub = self.layout.subset(stage.indices)
+                        where = self.layout.subset_index(stage.indices, self.device)
+                        if estimator is not None:
+                            estimator.setup(sub.sizes, device=self.device)
+                            generator = torch.Generator(device=self.device)
+                            generator.manual_seed(pipeline.config.run.seed * 1_000_003 + index)
+                            fitting = time.perf_counter()
+                            estimator.fit(
+                                stage_model, batches(), self.loss_fn, sub, generator=generator
+                            )
+                            inside["curvature"] = time.perf_counter() - fitting
+                            num_samples = estimator.num_samples
                     times["gradients"] += time.perf_counter() - tick
                     tick = time.perf_counter()
-                    ctx = PruneContext(
-                        model=stage_model, layout=sub, weights=sub.gather(self.model),
-                        mask=self.masks.flat[where], target_sparsity=level, estimator=estimator,
-                        batches=batches, loss_fn=self.loss_fn, step=index,
-                    )
-                    keep, delta, _ = self._decide(ctx, level)
-                    times["scores"] += time.perf_counter() - tick
-                    tick = time.perf_counter()
-                    weights = self._updated(ctx.weights, delta) * keep
-                    distributed.check_same_across_ranks(
-                        (keep, weights), f"the masks of {stage.label}"
-                    )
-                    flat = self.masks.flat.clone()
-                    flat[where] = keep
-                    sub.scatter_(self.model, weights)
-                    self.masks = self.masks.narrowed(flat)
-                    calibration.leave(stage)
+                    with _phase(meter, "answer", "scoring") as inside:
+                        queried = getattr(estimator, "inner_seconds", 0.0)
+                        ctx = PruneContext(
+                            model=stage_model, layout=sub, weights=sub.gather(self.model),
+                            mask=self.masks.flat[where], target_sparsity=level,
+                            estimator=estimator, batches=batches, loss_fn=self.loss_fn,
+                            step=index,
+                        )
+                        keep, delta, _ = self._decide(ctx, level)
+                        times["scores"] += time.perf_counter() - tick
+                        tick = time.perf_counter()
+                        weights = self._updated(ctx.weights, delta) * keep
+                        distributed.check_same_across_ranks(
+                            (keep, weights), f"the masks of {stage.label}"
+                        )
+                        flat = self.masks.flat.clone()
+                        flat[where] = keep
+                        sub.scatter_(self.model, weights)
+                        self.masks = self.masks.narrowed(flat)
+                        inside["curvature"] = getattr(estimator, "inner_seconds", 0.0) - queried
+                    with _phase(meter, "collect", "gradients"):
+                        calibration.leave(stage)  # the next stage's inputs
                     times["update"] += time.perf_counter() - tick
                     advance(1)
                     if self.on_stage is not None and position + 1 < len(plan.stages):
@@ -290,6 +302,7 @@ class StepRunner:
             num_grads=num_samples,
             times=times,
             train_step=train_step,
+            ranks=None if meter is None else meter.gather(),
         )
         return self._finish(report)
 
@@ -378,7 +391,10 @@ class StepRunner:
         if estimator is not None and estimator.fits_model:
             estimator.setup(self.layout.sizes, device=self.device)
             tick = time.perf_counter()
-            estimator.fit(self.model, self.data, self.loss_fn, self.layout, generator=generator)  # type: ignore[arg-type]
+            data = self.data
+            if estimator.layer_local and distributed.is_distributed():
+                data = self._batches(estimator.num_grads)  # its sums add up over the ranks
+            estimator.fit(self.model, data, self.loss_fn, self.layout, generator=generator)  # type: ignore[arg-type]
             self._curvature_seconds = time.perf_counter() - tick
             if not pipeline.scorer.needs_gradient:
                 return None, estimator.num_samples

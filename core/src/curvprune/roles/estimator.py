@@ -367,6 +367,16 @@ class CurvatureEstimator(abc.ABC):
     #: ``oneshot`` schedule's ``calibration = "auto"`` then runs stage by stage.
     prefers_sequential: ClassVar[bool] = False
 
+    @classmethod
+    def layer_owners(
+        cls, layout: ParamLayout, config: EstimatorConfig, world: int
+    ) -> list[int] | None:
+        """The rank owning each parameter of ``layout`` when a :attr:`layer_local` estimator
+        splits a fit's layers over ``world`` ranks (the owner alone keeps that layer's state
+        and does its work), or None (the default): every rank holds every layer. The estimator
+        uses it at :meth:`fit`; ``plan`` counts the largest rank's share with it."""
+        return None
+
     def fit(
         self,
         model: nn.Module,

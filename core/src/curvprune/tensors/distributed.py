@@ -17,6 +17,8 @@ How curvprune splits work (docs/distributed.md):
   ``[⌊r·n/W⌋, ⌊(r+1)·n/W⌋)`` of every batch of n samples, so the union over ranks is exactly the
   samples of one process, batch by batch, and every rank sees the same number of batches (a
   slice may be empty), which keeps collectives in step.
+* **Layers** of a layer-local estimator (``sparsegpt``): each layer has one owner rank; its
+  sums go there alone (:func:`reduce_sum_to_`) and the owners' results are all-gathered.
 * **Training** (``curvprune run``): :func:`data_parallel` wraps the model in
   ``DistributedDataParallel`` and :func:`sharded_loss` scales each rank's slice loss so that
   DDP's gradient average is the whole batch's gradient.
@@ -67,6 +69,7 @@ __all__ = [
     "local",
     "rank",
     "rank_tag",
+    "reduce_sum_to_",
     "shard",
     "shard_bounds",
     "sharded_loss",
@@ -141,6 +144,27 @@ def all_gather_stack(tensor: Tensor) -> Tensor:
         torch.distributed.all_gather_into_tensor
     gather(out, tensor.to(where).contiguous().reshape(-1))
     return out.view(world_size(), *tensor.shape).to(tensor.device)
+
+
+@_collective
+def reduce_sum_to_(tensor: Tensor, dst: int) -> Tensor:
+    """Sum ``tensor`` over all ranks into rank ``dst``'s copy, in place (identity alone).
+
+    One ``torch.distributed.reduce``: only ``dst`` needs the sum (the owner of a layer's
+    state), so nothing comes back to the others; their ``tensor`` is left unspecified (the
+    backend may use it as work space) and should be dropped. Every rank must call it.
+    """
+    if not is_distributed():
+        return tensor
+    if not 0 <= dst < world_size():
+        raise ValueError(f"reduce_sum_to_: dst {dst} is not a rank of {world_size()}")
+    where = _comm_device(tensor)
+    direct = where == tensor.device and tensor.is_contiguous()
+    staged = tensor if direct else tensor.to(where).contiguous()
+    torch.distributed.reduce(staged, dst=dst)
+    if not direct and rank() == dst:
+        tensor.copy_(staged)
+    return tensor
 
 
 @_collective

@@ -21,11 +21,29 @@ How layer-wise OBS maps onto curvprune's roles (OBC Eq. 1–3, SparseGPT §3):
 * **Schedule**: ``oneshot`` (or ``sequential``) with ``calibration = "auto"`` runs stage by
   stage, each stage calibrated on the outputs of the stages already pruned (the papers'
   sequential mode, :mod:`curvprune.pipeline.stages`).
+
+**Under torch.distributed** the layers of a fit are split over the ranks (docs/distributed.md):
+
+1. every layer has one owner rank (:meth:`SparseGPTEstimator.layer_owners`: greedy, balanced
+   by the sweep's cost, :mod:`curvprune_sparsegpt.owners`), the same on every rank;
+2. each rank accumulates Σxxᵀ of every layer on its slice of the calibration samples; one
+   all-reduce shares the counts, and each layer's sum goes to its owner alone
+   (:func:`curvprune.distributed.reduce_sum_to_`); the other ranks drop it;
+3. the owner factors H̃ and sweeps the layer; one all-gather (:meth:`~SparseGPTEstimator._owned`)
+   brings every layer's pruned weights, keep-mask and loss to every rank, so each rank returns
+   the selection of one process. The queries work the same way: the owners compute their
+   layers' pieces, which are all-gathered (every rank must call them alike).
+
+One all-gather of the owners' pieces, not one broadcast per layer from its owner: a stage's
+results travel in one collective whatever its number of layers, at the cost of padding every
+rank's piece to the largest (the assignment balances cost, so the largest piece is at most
+about the largest layer plus a 1/W share).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -40,6 +58,7 @@ from curvprune import (
     LayerwiseMask,
     MaskApplier,
     NMMask,
+    NumericalError,
     ParamLayout,
     Selection,
     distributed,
@@ -47,6 +66,7 @@ from curvprune import (
 from curvprune_sparsegpt.hessian import InverseFactor, LayerHessian, inverse_factor
 from curvprune_sparsegpt.masks import PruneResult
 from curvprune_sparsegpt.obc import obc
+from curvprune_sparsegpt.owners import balanced_owners, sweep_costs
 from curvprune_sparsegpt.sweep import sparsegpt
 
 __all__ = ["SparseGPTConfig", "SparseGPTEstimator"]
@@ -119,6 +139,12 @@ def _matrix_shapes(layout: ParamLayout) -> Iterable[tuple[int, int]]:
             yield int(shape[0]), math.prod(int(x) for x in shape[1:])
 
 
+def _aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to 8, so that every piece of a gathered byte buffer starts at an
+    offset its dtype can be viewed at."""
+    return -(-nbytes // 8) * 8
+
+
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device)
@@ -154,13 +180,18 @@ class SparseGPTEstimator(CurvatureEstimator):
 
     def __init__(self, config: SparseGPTConfig | None = None) -> None:
         super().__init__(config or SparseGPTConfig())
-        self._hessians: list[LayerHessian] = []
+        #: each layer's accumulator; after :meth:`fit`, None where another rank owns the layer
+        self._hessians: list[LayerHessian | None] = []
         self._kinds: list[str] = []
         self._shapes: list[torch.Size] = []
         self._factors: dict[int, InverseFactor] = {}
+        self._owners: list[int] = []
+        self._counts: list[int] = []  # input vectors of each layer, over all ranks
         self._n = 0
         #: ½·tr(ΔW·H̃·ΔWᵀ) of each layer pruned by :meth:`obs_select` (the layer error).
         self.layer_losses: dict[str, float] = {}
+        #: seconds this rank spent factoring and sweeping its own layers (the per-rank report)
+        self.inner_seconds = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------
     @property
@@ -170,7 +201,17 @@ class SparseGPTEstimator(CurvatureEstimator):
 
     def _setup(self) -> None:
         self._hessians, self._kinds, self._shapes, self._factors = [], [], [], {}
+        self._owners, self._counts = [], []
         self._n = 0
+
+    @classmethod
+    def layer_owners(
+        cls, layout: ParamLayout, config: EstimatorConfig, world: int
+    ) -> list[int]:
+        """Each layer's owner among ``world`` ranks: greedy, balanced by the cost of its sweep
+        (``rows·d² + d³``, OBC-exact ``rows·d³``; :mod:`curvprune_sparsegpt.owners`)."""
+        algorithm = getattr(config, "algorithm", "sparsegpt")
+        return balanced_owners(sweep_costs(_matrix_shapes(layout), algorithm), world)
 
     def _update(self, grads: Tensor) -> None:
         raise self.unsupported(
@@ -190,13 +231,15 @@ class SparseGPTEstimator(CurvatureEstimator):
         """Collect H = 2XXᵀ/n for every selected layer over ``num_grads`` samples.
 
         The loss is not used (layer-wise OBS needs only the layers' inputs). Under
-        torch.distributed the sums and counts are all-reduced, so ranks that each saw a slice
-        of the samples (sequential calibration) or all of them agree with one process.
+        torch.distributed ``batches`` are this rank's slices of the samples: the counts are
+        all-reduced and each layer's sum is reduced to the layer's owner
+        (:meth:`layer_owners`), which then holds the H of one process.
         """
         self._require_setup("fit")
         modules = dict(model.named_modules())
         layers: list[nn.Module] = []
         self._setup()
+        self._owners = type(self).layer_owners(layout, self.config, distributed.world_size())
         for name in layout.names:
             owner, _, leaf = name.rpartition(".")
             module = modules.get(owner)
@@ -238,19 +281,30 @@ class SparseGPTEstimator(CurvatureEstimator):
         self._reduce(seen)
 
     def _reduce(self, seen: int) -> None:
-        """Sum Σxxᵀ and the counts of every layer over the ranks."""
-        count = torch.tensor([float(seen)], dtype=torch.float64, device=self.device)
-        distributed.all_reduce_sum_(count)
-        self._n = int(count.item())
-        for acc in self._hessians:
-            if not distributed.is_distributed():
-                continue
-            total = torch.tensor([float(acc.num_samples)], dtype=torch.float64, device=self.device)
-            acc.hessian.mul_(acc.num_samples)
-            distributed.all_reduce_sum_(acc.hessian)
-            distributed.all_reduce_sum_(total)
-            acc.num_samples = int(total.item())
-            acc.hessian.div_(max(acc.num_samples, 1))
+        """Share the counts with every rank and send each layer's Σxxᵀ to its owner.
+
+        One all-reduce of the samples and of every layer's input vectors (every rank knows
+        them all, so a layer no input reached is refused on every rank alike); then per layer
+        one reduce of ``n_r·H_r`` (twice this rank's Σxxᵀ) to the owner, which divides by the
+        total count: the running mean of one process, up to the summation order. The other
+        ranks drop their H.
+        """
+        local = [0 if acc is None else acc.num_samples for acc in self._hessians]
+        counts = torch.tensor([float(seen), *map(float, local)], dtype=torch.float64)
+        distributed.all_reduce_sum_(counts)
+        self._n = int(counts[0].item())
+        self._counts = [int(c) for c in counts[1:].tolist()]
+        if distributed.world_size() > 1:
+            me = distributed.rank()
+            for i, acc in enumerate(self._hessians):
+                assert acc is not None  # fit has just made every one
+                acc.hessian.mul_(acc.num_samples)
+                distributed.reduce_sum_to_(acc.hessian, self._owners[i])
+                if self._owners[i] == me:
+                    acc.num_samples = self._counts[i]
+                    acc.hessian.div_(max(acc.num_samples, 1))
+                else:
+                    self._hessians[i] = None
         if self._n == 0:
             raise ConfigError("estimator 'sparsegpt' got no calibration samples @ data")
 
@@ -258,39 +312,108 @@ class SparseGPTEstimator(CurvatureEstimator):
     def _factor(self, i: int) -> InverseFactor:
         if i not in self._factors:
             acc = self._hessians[i]
-            if acc.num_samples == 0:
+            if acc is None:
+                raise RuntimeError(f"layer {i} is owned by rank {self._owners[i]}, not this one")
+            self._factors[i] = inverse_factor(acc.hessian, percdamp=self.config.damping)
+        return self._factors[i]
+
+    def _require_fit(self, layers: Iterable[int] = ()) -> None:
+        """Refuse a query before :meth:`fit`, or one about ``layers`` no input reached."""
+        if len(self._hessians) != len(self.sizes) or len(self._counts) != len(self.sizes):
+            raise self.unsupported("a query before fit(model, batches, ...)", "call fit first")
+        for i in layers:
+            if self._counts[i] == 0:
                 raise ConfigError(
                     f"no calibration input reached the layer of {i}th selected parameter; it is "
                     "not used by the model's forward @ prune.targets"
                 )
-            self._factors[i] = inverse_factor(acc.hessian, percdamp=self.config.damping)
-        return self._factors[i]
 
-    def _require_fit(self) -> None:
-        if len(self._hessians) != len(self.sizes):
-            raise self.unsupported("a query before fit(model, batches, ...)", "call fit first")
+    def _owned(
+        self,
+        work: Callable[[int], tuple[Tensor, ...]],
+        layers: Sequence[int],
+        spec: Callable[[int], Sequence[tuple[tuple[int, ...], torch.dtype]]],
+    ) -> dict[int, tuple[Tensor, ...]]:
+        """``work(i)`` for this rank's layers among ``layers``, then every layer's on every rank.
+
+        ``spec(i)``: the shapes and dtypes of ``work(i)``'s tensors, known to every rank. A
+        failure on one owner is agreed on first (one tiny all-reduce) so that every rank raises
+        instead of waiting for it; then one all-gather of the owners' tensors as raw bytes, in
+        rank order and layer order within a rank (:func:`curvprune.distributed.all_gather_rows`).
+        Every rank must call it alike; in one process it is ``work`` on every layer.
+        """
+        me = distributed.rank()
+        local: dict[int, tuple[Tensor, ...]] = {}
+        failure: Exception | None = None
+        try:
+            for i in layers:
+                if self._owners[i] == me:
+                    started = time.perf_counter()
+                    local[i] = work(i)
+                    self.inner_seconds += time.perf_counter() - started
+        except Exception as exc:  # noqa: BLE001 - raised below, once every rank knows
+            failure = exc
+        if distributed.any_rank(failure is not None):
+            raise failure or NumericalError(
+                "another rank failed on the layers it owns (estimator 'sparsegpt'); see its error"
+            )
+        world = distributed.world_size()
+        if world == 1:
+            return local
+        order = sorted(layers, key=lambda i: (self._owners[i], i))
+        sizes = {i: [math.prod(shape) * dtype.itemsize for shape, dtype in spec(i)] for i in order}
+        counts = [sum(_aligned(n) for i in order if self._owners[i] == r for n in sizes[i])
+                  for r in range(world)]
+        mine: list[Tensor] = []
+        for i in order:
+            for t in local.pop(i, ()):
+                raw = t.contiguous().reshape(-1).view(torch.uint8)
+                mine += [raw, raw.new_zeros(_aligned(raw.numel()) - raw.numel())]
+        device = mine[0].device if mine else self.device
+        send = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.uint8, device=device)
+        del mine
+        every = distributed.all_gather_rows(send, counts)
+        del send
+        out: dict[int, tuple[Tensor, ...]] = {}
+        at = 0
+        for i in order:
+            pieces = []
+            for (shape, dtype), size in zip(spec(i), sizes[i], strict=True):
+                pieces.append(every[at : at + size].view(dtype).reshape(shape))  # no copy
+                at += _aligned(size)
+            out[i] = tuple(pieces)
+        return out
 
     def _inverse_diagonal(self) -> Tensor:
         """diag(H̃⁻¹) of each layer, repeated over its rows: ``Σ_k U_kj²`` for H̃⁻¹ = UᵀU."""
-        self._require_fit()
-        pieces = []
-        for i, (kind, shape) in enumerate(zip(self._kinds, self._shapes, strict=True)):
+        layers = range(len(self.sizes))
+        self._require_fit(layers)
+
+        def piece(i: int) -> tuple[Tensor, ...]:
+            kind, shape = self._kinds[i], self._shapes[i]
             diag = self._factor(i).upper.square().sum(0).to(self.dtype)
             rows = _to_matrix(torch.empty(shape, device="meta"), kind).shape[0]
-            pieces.append(_from_matrix(diag.expand(rows, -1), kind, shape))
-        return torch.cat([p.reshape(-1) for p in pieces])
+            return (_from_matrix(diag.expand(rows, -1), kind, shape).reshape(-1),)
+
+        pieces = self._owned(piece, layers, lambda i: [((self.sizes[i],), self.dtype)])
+        return torch.cat([pieces[i][0] for i in layers])
 
     def _ihvp(self, v: Tensor) -> Tensor:
         """Row by row V·H̃⁻¹ (each row's block is its layer's H̃)."""
-        self._require_fit()
-        out = []
-        for i, piece in enumerate(torch.split(v, list(self.sizes), dim=1)):
+        layers = range(len(self.sizes))
+        self._require_fit(layers)
+        n = v.shape[0]
+        parts = torch.split(v, list(self.sizes), dim=1)
+
+        def solve(i: int) -> tuple[Tensor, ...]:
             kind, shape = self._kinds[i], self._shapes[i]
             upper = self._factor(i).upper.to(self.dtype)
-            matrix = _to_matrix(piece.reshape(v.shape[0], *shape), kind)
+            matrix = _to_matrix(parts[i].reshape(n, *shape), kind)
             solved = (matrix @ upper.t()) @ upper  # V·UᵀU
-            out.append(_from_matrix(solved, kind, shape).reshape(v.shape[0], -1))
-        return torch.cat(out, dim=1)
+            return (_from_matrix(solved, kind, shape).reshape(n, -1).to(self.dtype),)
+
+        out = self._owned(solve, layers, lambda i: [((n, self.sizes[i]), self.dtype)])
+        return torch.cat([out[i][0] for i in layers], dim=1)
 
     def obs_select(
         self, weights: Tensor, mask: Tensor, layout: ParamLayout, applier: MaskApplier, level: float
@@ -302,7 +425,9 @@ class SparseGPTEstimator(CurvatureEstimator):
         selection) or, with the mask's ``scope = "row"``, ``round(s·d_in)`` in every output
         row; ``nm``: round(level·m)
         of every m inputs pruned. Weights pruned before stay pruned and count. Any other
-        applier: None (refused earlier by :meth:`check_pipeline`).
+        applier: None (refused earlier by :meth:`check_pipeline`). Under torch.distributed each
+        rank sweeps the layers it owns and every rank gets every layer's result
+        (:meth:`_owned`).
         """
         self._require_fit()
         scope = "layer"
@@ -327,31 +452,47 @@ class SparseGPTEstimator(CurvatureEstimator):
             applier.groups(layout)  # the applier's own one-line error for indivisible inputs
         else:
             return None
-        new_weights, keep = weights.clone(), mask.clone()
-        for i, name in enumerate(layout.names):
+        # the layers with something to prune
+        todo = [i for i, level_i in enumerate(levels)
+                if (level_i != 0.0 if level_i is not None else prune_n != 0)]
+        self._require_fit(todo)
+
+        def sweep(i: int) -> tuple[Tensor, ...]:
             part = layout.slice(i)
             kind, shape = self._kinds[i], self._shapes[i]
-            if (levels[i] == 0.0) if levels[i] is not None else prune_n == 0:
-                continue  # nothing to prune in this layer
             w = _to_matrix(weights[part].reshape(shape), kind)
             prior = _to_matrix(mask[part].reshape(shape), kind)
-            factor, order = self._factor(i), None
+            order = None
             if prune_n and kind == "conv2d" and w.shape[1] != shape[1]:
                 # The nm mask groups m input channels at one kernel position: sweep the columns
                 # in (kh, kw, in) order so that each group is m consecutive columns.
                 order = torch.arange(w.shape[1], device=w.device).view(shape[1], -1).t().reshape(-1)
-                h = self._hessians[i].hessian[order][:, order]
-                factor = inverse_factor(h, percdamp=self.config.damping)
+                acc = self._hessians[i]
+                assert acc is not None  # this rank owns layer i
+                factor = inverse_factor(acc.hessian[order][:, order], percdamp=self.config.damping)
                 w, prior = w[:, order], prior[:, order]
+            else:
+                factor = self._factor(i)
             result = self._prune_layer(w, factor, prior, levels[i], prune_n, prune_m, scope)
             pruned_w, kept = result.weight.to(weights.dtype), result.mask & prior
             if order is not None:
                 back = torch.argsort(order)
                 pruned_w, kept = pruned_w[:, back], kept[:, back]
-            new_weights[part] = _from_matrix(pruned_w, kind, shape).reshape(-1)
-            keep[part] = _from_matrix(kept, kind, shape).reshape(-1)
+            loss = torch.full((1,), math.nan, dtype=torch.float64, device=weights.device)
             if result.loss is not None:
-                self.layer_losses[name] = float(result.loss.sum())
+                loss.fill_(float(result.loss.sum()))
+            return (_from_matrix(pruned_w, kind, shape).reshape(-1).to(weights.device),
+                    _from_matrix(kept, kind, shape).reshape(-1).to(weights.device), loss)
+
+        results = self._owned(sweep, todo, lambda i: [
+            ((layout.sizes[i],), weights.dtype), ((layout.sizes[i],), torch.bool),
+            ((1,), torch.float64)])
+        new_weights, keep = weights.clone(), mask.clone()
+        for i in todo:
+            part = layout.slice(i)
+            new_weights[part], keep[part], loss = results.pop(i)
+            if not math.isnan(float(loss)):
+                self.layer_losses[layout.names[i]] = float(loss)
         return Selection(keep=keep, update=new_weights - weights)
 
     def _row_length(self, i: int) -> int:
