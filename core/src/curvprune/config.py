@@ -181,6 +181,10 @@ class PruneConfig:
             that predicts a loss change and ``loss_samples`` > 0.
         gradient_chunk: samples per vectorised per-sample-gradient chunk; None sizes chunks to
             keep their gradients under ~256 MiB.
+        gradient_micro_batch: with an estimator's ``fisher_mini_batch`` > 1, samples of each
+            gradient's mini-batch run through the model at a time (the gradient is the
+            size-weighted mean of its micro-batches'); None: the whole mini-batch. Bounds the
+            activations of a chunk (BERT-base, 32 sequences of 128 tokens: 2.3 GiB at once).
         shard: under torch.distributed, ``"auto"`` splits the estimator's state over the ranks
             by weights when the estimator can be sharded (each rank holds 1/N of it, see
             docs/distributed.md); ``"off"`` keeps the whole state on every rank.
@@ -192,6 +196,9 @@ class PruneConfig:
     loss_samples: int = attrs.field(default=256, validator=attrs.validators.ge(0))
     audit_single: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     gradient_chunk: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
+    gradient_micro_batch: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
     )
     shard: Literal["auto", "off"] = attrs.field(

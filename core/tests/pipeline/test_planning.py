@@ -90,3 +90,19 @@ def test_the_activation_probe_covers_a_whole_chunk_of_mini_batches():
         "scorer": {"name": "obs"}, "prune": {"gradient_chunk": 4}})
     four = per_sample.plan(model, example=(x, y)).memory["activations"]  # 4 samples a chunk
     assert small == whole > four > 0
+
+
+def test_micro_batches_bound_the_probed_activations():
+    """``[prune] gradient_micro_batch`` runs chunk × micro samples at a time: the plan probes
+    exactly that many (here 4 × 2, as a mini-batch of 2 without micro-batches)."""
+    def plan(mini_batch, micro=None):
+        pipeline = Pipeline.from_config({
+            "estimator": {"name": "dense", "block_size": 8, "num_grads": 16,
+                          "fisher_mini_batch": mini_batch},
+            "scorer": {"name": "obs"},
+            "prune": {"gradient_chunk": 4, "gradient_micro_batch": micro}})
+        g = torch.Generator().manual_seed(0)
+        example = (torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g))
+        return pipeline.plan(DigitsMLP(), example=example).memory["activations"]
+
+    assert plan(8, micro=2) == plan(2) < plan(8)

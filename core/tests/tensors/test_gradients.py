@@ -151,6 +151,30 @@ def test_fisher_mini_batch_is_the_mean_of_per_sample_gradients(b):
     _assert_rows(rows, expected)
 
 
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])  # vmap; the closed form for nn.Linear
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_micro_batches_give_the_mini_batch_gradient(kind, micro):
+    """b = 5 samples per row in micro-batches of 1, 2 (5 = 2 + 2 + 1: unequal weights) or 4:
+    the same rows and losses as the whole mini-batch, and as the per-sample mean."""
+    model = _model(kind)
+    layout = select_parameters(model)
+    x, y = _inputs(15)
+    if kind == "mlp":
+        x = x.reshape(15, 64)
+    whole = GradientSource(model, layout, fisher_mini_batch=5, chunk_size=2)
+    parts = GradientSource(model, layout, fisher_mini_batch=5, chunk_size=2, micro_batch=micro)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    rows = _collect(parts, [(x, y)], 3)
+    passes = len(calls)
+    hook.remove()
+    assert passes == 2 * -(-5 // micro)  # two chunks, each in ⌈5 / micro⌉ passes
+    _assert_rows(rows, _collect(whole, [(x, y)], 3))
+    expected = _loop_grads(model, layout.names, x, y).reshape(3, 5, -1).mean(dim=1)
+    _assert_rows(rows, expected)
+    torch.testing.assert_close(parts.mean(), whole.mean(), rtol=1e-10, atol=1e-14)
+
+
 def test_chunk_size_does_not_change_rows():
     model = _model("cnn")
     layout = select_parameters(model)
@@ -355,6 +379,7 @@ def test_non_finite_loss_with_finite_gradients_is_reported():
     [
         ({"fisher_mini_batch": 0}, "fisher_mini_batch must be >= 1, got 0"),
         ({"fisher": "exact"}, "fisher must be 'empirical' or 'true', got 'exact'"),
+        ({"micro_batch": 0}, "micro_batch must be >= 1, got 0"),
     ],
 )
 def test_invalid_options(kwargs, message):

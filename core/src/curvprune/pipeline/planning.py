@@ -329,7 +329,9 @@ def make_plan(
             memory["gradients"] = fit_probe["samples"]
             memory["activations"] = fit_probe["activations"]
         elif example is not None:  # the chunk's forward and backward pass, measured
-            chunk_probe = _fit_probe(model, example, rows * cfg.fisher_mini_batch, device)
+            micro = pipeline.config.prune.gradient_micro_batch or cfg.fisher_mini_batch
+            chunk_probe = _fit_probe(model, example, rows * min(micro, cfg.fisher_mini_batch),
+                                     device)
             if chunk_probe:
                 memory["activations"] = chunk_probe["activations"]
         held = int(type(estimator).plan_held_bytes(layout, cfg))

@@ -415,6 +415,7 @@ class StepRunner:
             mask=self.masks.flat,
             chunk_size=pipeline.config.prune.gradient_chunk,
             generator=generator,
+            micro_batch=pipeline.config.prune.gradient_micro_batch,
         )
         # Under torch.distributed: "gather" estimators get every row on every rank (in the
         # single-process order); "sum" estimators and the mean see this rank's rows, then sum.

@@ -123,6 +123,11 @@ class GradientSource(RoundExchange):
         mask: bool ``[d]`` keep-mask; pruned coordinates of every row are zeroed.
         chunk_size: rows per vectorised chunk (None: :func:`default_chunk_size`; under
             torch.distributed also at most ⌈num_grads / W⌉, so that every rank gets work).
+        micro_batch: with ``fisher_mini_batch`` > 1, run at most this many samples of each
+            row's mini-batch through the model at a time and average the micro-batches'
+            gradients, weighted by their sizes (None: the whole mini-batch at once). Bounds a
+            chunk's activations to ``chunk_size × micro_batch`` samples; exact when the model
+            treats samples independently (eval mode: no batch statistics).
         generator: random generator for sampled labels (on the model's device); one draw from
             it seeds the per-chunk generators.
     """
@@ -138,6 +143,7 @@ class GradientSource(RoundExchange):
         mask: Tensor | None = None,
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
+        micro_batch: int | None = None,
     ) -> None:
         if fisher_mini_batch < 1:
             raise ConfigError(f"fisher_mini_batch must be >= 1, got {fisher_mini_batch}")
@@ -145,6 +151,9 @@ class GradientSource(RoundExchange):
             raise ConfigError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
         if chunk_size is not None and chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+        if micro_batch is not None and micro_batch < 1:
+            raise ConfigError(f"micro_batch must be >= 1, got {micro_batch}")
+        self.micro_batch = micro_batch
         self.model = model
         self.layout = layout
         self.loss_fn = loss_fn or default_loss
@@ -377,9 +386,40 @@ class GradientSource(RoundExchange):
             generator = torch.Generator(device=device)
             generator.manual_seed(seed)
             ys = self._sample_labels(xs, selected, frozen, generator)
-        rows = xs.shape[0] // self.fisher_mini_batch
-        xs = xs.reshape(rows, self.fisher_mini_batch, *xs.shape[1:])
-        ys = ys.reshape(rows, self.fisher_mini_batch, *ys.shape[1:])
+        b, micro = self.fisher_mini_batch, self.micro_batch
+        rows = xs.shape[0] // b
+        xs = xs.reshape(rows, b, *xs.shape[1:])
+        ys = ys.reshape(rows, b, *ys.shape[1:])
+        if factors or micro is None or micro >= b:
+            return self._rows_of(compute, selected, frozen, xs, ys, factors=factors)
+        # a mini-batch's mean-loss gradient as the weighted mean of its micro-batches' (the
+        # activations of rows × micro samples at a time; exact for a sample-wise forward)
+        flat = losses = column_sum = None
+        sums = True
+        for start in range(0, b, micro):
+            weight = (min(b, start + micro) - start) / b
+            part = slice(start, start + micro)
+            f, loss, c = self._rows_of(compute, selected, frozen, xs[:, part], ys[:, part])
+            flat = f.mul_(weight) if flat is None else flat.add_(f, alpha=weight)
+            losses = loss * weight if losses is None else losses.add_(loss, alpha=weight)
+            sums = sums and c is not None
+            if sums:
+                column_sum = c.mul_(weight) if column_sum is None else column_sum.add_(
+                    c, alpha=weight)
+            del f, c
+        return flat, losses, column_sum if sums else None
+
+    def _rows_of(
+        self,
+        compute: Callable[..., tuple[dict, Tensor]],
+        selected: dict[str, Tensor],
+        frozen: dict[str, Tensor],
+        xs: Tensor,
+        ys: Tensor,
+        *,
+        factors: bool = False,
+    ) -> Any:
+        """Rows of the mini-batches ``xs`` ``[rows, b, ...]`` (masked), as :meth:`_chunk_grads`."""
         flat, column_sum = None, None
         if self._closed_form is not None:
             try:
