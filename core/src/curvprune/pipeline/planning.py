@@ -49,8 +49,9 @@ share, its own chunk of full rows, and the round of W chunks' columns it receive
 the send buffer, a copy of the chunk in rank order unless it is one row, and the received
 columns); where the rows come in closed form (all-``nn.Linear`` models) the round's layer
 inputs and output gradients travel instead, and one chunk's columns are formed at a time
-(:mod:`curvprune.tensors.gradient_rounds`). Unsharded estimators hold the whole state on every
-rank; those that gather rows (``reduction = "gather"``) also hold a round of W gathered chunks
+(:mod:`curvprune.tensors.gradient_rounds`); scoring on the owners (:mod:`.owned`) holds four
+vectors of the share, or the gathered weights beside one. Unsharded estimators hold all on every
+rank, and those that gather rows (``reduction = "gather"``) a round of W gathered chunks
 (``gathered``). A layer-local estimator that gives each layer of a stage one owner rank
 (:meth:`~curvprune.CurvatureEstimator.layer_owners`, ``sparsegpt``) holds the whole stage's
 sums while they accumulate (``estimator_held``), then only its own layers' state: the plan
