@@ -85,12 +85,14 @@ def gather_columns(layout: ParamLayout, model: nn.Module, lo: int, hi: int) -> T
 def _write_gathered(layout: ParamLayout, model: nn.Module, every: Tensor,
                     bounds: Iterable[tuple[int, int]]) -> None:
     """Write rank r's piece ``every[r, :hi − lo]`` into the parameters' columns ``[lo, hi)``."""
-    params = layout.parameters(model)
-    for piece, (lo, hi) in zip(every, bounds, strict=True):
-        for param, start, size in zip(params, layout.offsets, layout.sizes):
+    for param, start, size in zip(layout.parameters(model), layout.offsets, layout.sizes):
+        flat = param.view(-1) if param.is_contiguous() else param.detach().reshape(-1).clone()
+        for piece, (lo, hi) in zip(every, bounds, strict=True):
             a, b = max(start, lo), min(start + size, hi)
             if a < b:
-                param.view(-1)[a - start : b - start].copy_(piece[a - lo : b - lo])
+                flat[a - start : b - start].copy_(piece[a - lo : b - lo])
+        if not param.is_contiguous():  # written through a copy
+            param.copy_(flat.view(param.shape))
 
 
 def prune_on_owners(
