@@ -39,6 +39,9 @@ from curvprune.cli import main as cli_main
 from curvprune.errors import ConfigError, NumericalError
 from curvprune.testing.distributed import free_port, run_distributed
 
+#: one worker spawns this module's ranks once (module-scoped fixtures; --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("distributed")
+
 N_SAMPLES = 96
 _PRUNE = {"sparsity": 0.6, "loss_samples": 32, "gradient_chunk": 8}
 

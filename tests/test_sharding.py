@@ -26,6 +26,9 @@ from curvprune.errors import ConfigError, NumericalError
 from curvprune.pipeline.sharding import ShardedEstimator, column_shares, piece_sizes
 from curvprune.testing.distributed import run_distributed
 
+#: one worker spawns this module's ranks once (module-scoped fixtures; --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("sharding")
+
 N_SAMPLES = 96
 
 

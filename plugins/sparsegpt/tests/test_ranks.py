@@ -33,6 +33,9 @@ from curvprune_sparsegpt import HessianError
 from curvprune_sparsegpt.estimator import SparseGPTConfig, SparseGPTEstimator
 from curvprune_sparsegpt.owners import balanced_owners, sweep_costs
 
+#: one worker spawns this module's ranks once (module-scoped fixtures; --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("sparsegpt-ranks")
+
 F64 = torch.float64
 RTOL, ATOL = 2.0**-22, 1e-9
 
